@@ -1,0 +1,10 @@
+"""Pure losses: no in-place edits of params, distributed gathers passed in as functions."""
+
+from fmm.losses.contrastive import (
+    MAX_LOGIT_SCALE,
+    contrastive_loss,
+    local_gather,
+    logit_scale_value,
+)
+
+__all__ = ["MAX_LOGIT_SCALE", "contrastive_loss", "local_gather", "logit_scale_value"]

@@ -1,0 +1,137 @@
+"""Multi-head self- and cross-attention through ``F.scaled_dot_product_attention``.
+
+Masks are boolean, ``True`` = may attend, broadcastable to ``[batch, heads, q_len, k_len]``;
+build them with :func:`padding_mask` and :func:`causal_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from fmm import random
+from fmm.nn.linear import init_linear, linear
+
+Params = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """Static shape of a multi-head attention layer.
+
+    ``kv_dim``: width of the attended-to sequence for cross-attention (``None``: self-attention).
+    ``dropout``: rate on the attention weights during training.
+    ``impl``: ``"sdpa"`` (fused kernels) or ``"math"`` (matmul + softmax; ``vmap`` batches it,
+    while SDPA's CPU kernels fall back to a per-example loop under ``vmap``).
+    """
+
+    dim: int
+    heads: int
+    kv_dim: int | None = None
+    bias: bool = True
+    dropout: float = 0.0
+    impl: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.impl not in ("sdpa", "math"):
+            raise ValueError(f"AttentionConfig: impl must be 'sdpa' or 'math', got {self.impl!r}")
+        if self.dim % self.heads:
+            raise ValueError(
+                f"AttentionConfig: dim={self.dim} is not divisible by heads={self.heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+def init_attention(
+    cfg: AttentionConfig, key: torch.Tensor, *, out_std: float | None = None, dtype=torch.float32
+) -> Params:
+    """Self-attention params ``{"qkv": [3*dim, dim], "out": [dim, dim]}``; cross-attention
+    params ``{"q": [dim, dim], "kv": [2*dim, kv_dim], "out": [dim, dim]}``."""
+    d, b = cfg.dim, cfg.bias
+    if cfg.kv_dim is None:
+        k_in, k_out = random.split(key)
+        return {
+            "qkv": init_linear(d, 3 * d, k_in, bias=b, dtype=dtype),
+            "out": init_linear(d, d, k_out, bias=b, std=out_std, dtype=dtype),
+        }
+    k_q, k_kv, k_out = random.split(key, 3)
+    return {
+        "q": init_linear(d, d, k_q, bias=b, dtype=dtype),
+        "kv": init_linear(cfg.kv_dim, 2 * d, k_kv, bias=b, dtype=dtype),
+        "out": init_linear(d, d, k_out, bias=b, std=out_std, dtype=dtype),
+    }
+
+
+def padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``valid: [B, k_len]`` (True = a real token) -> key mask ``[B, 1, 1, k_len]``."""
+    return valid.bool()[:, None, None, :]
+
+
+def causal_mask(
+    q_len: int, k_len: int, *, offset: int | torch.Tensor = 0, device=None
+) -> torch.Tensor:
+    """``[q_len, k_len]``: query ``i`` (at absolute position ``offset + i``) sees keys ``<= offset + i``."""
+    q = torch.arange(q_len, device=device)[:, None] + offset
+    return torch.arange(k_len, device=device)[None, :] <= q
+
+
+def attention(
+    params: Params,
+    x: torch.Tensor,
+    *,
+    cfg: AttentionConfig,
+    context: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+) -> torch.Tensor:
+    """Multi-head attention of ``x: [B, S, dim]`` over itself or over ``context: [B, T, kv_dim]``.
+
+    ``mask``: bool, broadcastable to ``[B, heads, S, T]``; ``causal``: add a lower-triangular
+    mask (self-attention without a cache). Returns ``[B, S, dim]``.
+
+    Example::
+
+        cfg = AttentionConfig(dim=8, heads=2)
+        y = attention(init_attention(cfg, fmm.random.key(0)), x, cfg=cfg, causal=True)
+    """
+    h = cfg.heads
+    if cfg.kv_dim is None:
+        q, k, v = rearrange(linear(params["qkv"], x), "b s (n h d) -> n b h s d", n=3, h=h)
+    else:
+        if context is None:
+            raise ValueError("attention: a cross-attention layer needs context=")
+        q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=h)
+        k, v = rearrange(linear(params["kv"], context), "b t (n h d) -> n b h t d", n=2, h=h)
+    if causal and mask is not None:
+        mask = mask & causal_mask(q.shape[-2], k.shape[-2], device=x.device)
+        causal = False
+    drop = cfg.dropout if train else 0.0
+    if drop > 0.0 and key is None:
+        raise ValueError("attention: dropout in training needs key=")
+    if drop > 0.0 or cfg.impl == "math":
+        out = _math_attention(q, k, v, mask, causal, drop, key)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return linear(params["out"], rearrange(out, "b h s d -> b s (h d)"))
+
+
+def _math_attention(q, k, v, mask, causal, rate, key):
+    # Also the dropout path: SDPA's own dropout draws from the global RNG, which a
+    # checkpoint recompute or a compiled graph would not reproduce.
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    if rate > 0.0:
+        weights = random.dropout(key, weights, rate)
+    return weights @ v

@@ -1,0 +1,173 @@
+"""Pre-norm transformer blocks and stacks (ViT / CLIP / GPT style).
+
+A block computes ``x + attn(norm1(x))`` [``+ cross(norm_cross(x), context)``] then
+``x + mlp(norm2(x))``. A stack is ``{"blocks": [block, ...]}``; the final norm, if any,
+belongs to the model that owns the stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fmm import random
+from fmm.nn.attention import AttentionConfig, attention, init_attention
+from fmm.nn.mlp import activation, init_mlp, mlp
+from fmm.nn.norm import init_layer_norm, layer_norm
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """Static shape of a transformer stack.
+
+    ``cross_dim``: if set, every block also cross-attends to a context of that width.
+    ``dropout``: residual-branch dropout; ``attn_dropout``: on attention weights.
+    ``attn_impl``: ``"sdpa"`` or ``"math"`` (see :class:`fmm.nn.AttentionConfig`).
+    """
+
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    cross_dim: int | None = None
+    attn_impl: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(
+                f"TransformerConfig: width={self.width} is not divisible by heads={self.heads}"
+            )
+        if self.layers < 0:
+            raise ValueError(f"TransformerConfig: layers must be >= 0, got {self.layers}")
+        activation(self.act)  # fail at construction, not at the first forward
+
+    @property
+    def self_attention(self) -> AttentionConfig:
+        return AttentionConfig(
+            dim=self.width, heads=self.heads, dropout=self.attn_dropout, impl=self.attn_impl
+        )
+
+    @property
+    def cross_attention(self) -> AttentionConfig:
+        return AttentionConfig(
+            dim=self.width,
+            heads=self.heads,
+            kv_dim=self.cross_dim,
+            dropout=self.attn_dropout,
+            impl=self.attn_impl,
+        )
+
+    @property
+    def hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+def init_block(cfg: TransformerConfig, key: torch.Tensor, *, dtype=torch.float32) -> Params:
+    """Params of one block: ``norm1, attn, [norm_cross, cross,] norm2, mlp``."""
+    # Residual outputs start small so the sum over layers keeps unit scale (GPT-2's rule).
+    out_std = cfg.width**-0.5 * (2 * max(cfg.layers, 1)) ** -0.5
+    dev = key.device
+    params: Params = {
+        "norm1": init_layer_norm(cfg.width, device=dev, dtype=dtype),
+        "attn": init_attention(
+            cfg.self_attention, random.fold_in(key, "attn"), out_std=out_std, dtype=dtype
+        ),
+    }
+    if cfg.cross_dim is not None:
+        params["norm_cross"] = init_layer_norm(cfg.width, device=dev, dtype=dtype)
+        params["cross"] = init_attention(
+            cfg.cross_attention, random.fold_in(key, "cross"), out_std=out_std, dtype=dtype
+        )
+    params["norm2"] = init_layer_norm(cfg.width, device=dev, dtype=dtype)
+    params["mlp"] = init_mlp(
+        cfg.width, cfg.hidden, random.fold_in(key, "mlp"), out_std=out_std, dtype=dtype
+    )
+    return params
+
+
+def init_transformer(cfg: TransformerConfig, key: torch.Tensor, *, dtype=torch.float32) -> Params:
+    """``{"blocks": [block_0, ..., block_{layers-1}]}``; block ``i`` uses ``fold_in(key, i)``."""
+    return {
+        "blocks": [init_block(cfg, random.fold_in(key, i), dtype=dtype) for i in range(cfg.layers)]
+    }
+
+
+def _residual(x, branch, cfg: TransformerConfig, key, name, train):
+    if train and cfg.dropout > 0.0:
+        branch = random.dropout(random.fold_in(key, name), branch, cfg.dropout)
+    return x + branch
+
+
+def block(
+    params: Params,
+    x: torch.Tensor,
+    *,
+    cfg: TransformerConfig,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+) -> torch.Tensor:
+    """One pre-norm block. ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
+
+    ``mask``/``context_mask``: bool, broadcastable to ``[B, heads, S, S]`` / ``[B, heads, S, T]``.
+    ``key`` is needed only for dropout in training.
+    """
+    stochastic = train and (cfg.dropout > 0.0 or cfg.attn_dropout > 0.0)
+    if stochastic and key is None:
+        raise ValueError("block: dropout in training needs key=")
+    sub = (lambda name: random.fold_in(key, name)) if stochastic else (lambda name: None)
+    eps = cfg.norm_eps
+    h = attention(
+        params["attn"],
+        layer_norm(params["norm1"], x, eps=eps),
+        cfg=cfg.self_attention,
+        mask=mask,
+        causal=causal,
+        key=sub("attn"),
+        train=train,
+    )
+    x = _residual(x, h, cfg, key, "attn_out", train)
+    if cfg.cross_dim is not None:
+        h = attention(
+            params["cross"],
+            layer_norm(params["norm_cross"], x, eps=eps),
+            cfg=cfg.cross_attention,
+            context=context,
+            mask=context_mask,
+            key=sub("cross"),
+            train=train,
+        )
+        x = _residual(x, h, cfg, key, "cross_out", train)
+    h = mlp(params["mlp"], layer_norm(params["norm2"], x, eps=eps), act=cfg.act)
+    return _residual(x, h, cfg, key, "mlp_out", train)
+
+
+def transformer(
+    params: Params,
+    x: torch.Tensor,
+    *,
+    cfg: TransformerConfig,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+    **block_kwargs: Any,
+) -> torch.Tensor:
+    """Apply every block in order. ``x: [B, S, width]`` -> ``[B, S, width]``.
+
+    ``block_kwargs`` (``mask``, ``causal``, ``context``, ``context_mask``) go to each
+    :func:`block`; block ``i`` draws dropout from ``fold_in(key, i)``.
+    """
+    for i, bp in enumerate(params["blocks"]):
+        k = random.fold_in(key, i) if key is not None else None
+        x = block(bp, x, cfg=cfg, key=k, train=train, **block_kwargs)
+    return x

@@ -1,0 +1,149 @@
+"""CLIP's static configuration and its presets (the builders)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from fmm.nn import TransformerConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class CLIPConfig:
+    """Every static choice of a CLIP model: a ViT image tower and a causal text tower.
+
+    The dataclass is CLIP's component builder: pass any sizes. Presets below fix the
+    published ones. Hashable, so ``torch.compile`` guards on it cheaply.
+    """
+
+    embed_dim: int
+    # image tower (ViT)
+    image_size: int
+    patch_size: int
+    image_width: int
+    image_layers: int
+    image_heads: int
+    in_channels: int = 3
+    # text tower
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    # shared
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    init_logit_scale: float = math.log(1 / 0.07)
+    attn_impl: str = "sdpa"  # "math" vmaps without a per-example loop (per-example grads)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"CLIPConfig: image_size={self.image_size} is not a multiple of "
+                f"patch_size={self.patch_size}"
+            )
+        for name in ("embed_dim", "image_size", "patch_size", "context_length", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CLIPConfig: {name} must be positive, got {getattr(self, name)}")
+        # Building the tower configs validates widths, heads and the activation now.
+        self.image_transformer, self.text_transformer  # noqa: B018
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def image_transformer(self) -> TransformerConfig:
+        return TransformerConfig(
+            width=self.image_width,
+            layers=self.image_layers,
+            heads=self.image_heads,
+            mlp_ratio=self.mlp_ratio,
+            act=self.act,
+            norm_eps=self.norm_eps,
+            attn_impl=self.attn_impl,
+        )
+
+    @property
+    def text_transformer(self) -> TransformerConfig:
+        return TransformerConfig(
+            width=self.text_width,
+            layers=self.text_layers,
+            heads=self.text_heads,
+            mlp_ratio=self.mlp_ratio,
+            act=self.act,
+            norm_eps=self.norm_eps,
+            attn_impl=self.attn_impl,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready fields (for ``config.json``)."""
+        return asdict(self)
+
+
+_OPENAI_TEXT = dict(
+    context_length=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8
+)
+
+
+def clip_vit_b16() -> CLIPConfig:
+    """OpenAI CLIP ViT-B/16: 224 px, patch 16, width 768 x 12 layers, text 512 x 12, embed 512."""
+    return CLIPConfig(
+        embed_dim=512,
+        image_size=224,
+        patch_size=16,
+        image_width=768,
+        image_layers=12,
+        image_heads=12,
+        **_OPENAI_TEXT,
+    )
+
+
+def clip_vit_b32() -> CLIPConfig:
+    """OpenAI CLIP ViT-B/32: as B/16 with 32-pixel patches."""
+    return CLIPConfig(
+        embed_dim=512,
+        image_size=224,
+        patch_size=32,
+        image_width=768,
+        image_layers=12,
+        image_heads=12,
+        **_OPENAI_TEXT,
+    )
+
+
+def clip_vit_l14() -> CLIPConfig:
+    """OpenAI CLIP ViT-L/14: 224 px, patch 14, width 1024 x 24, text 768 x 12 (12 heads), embed 768."""
+    return CLIPConfig(
+        embed_dim=768,
+        image_size=224,
+        patch_size=14,
+        image_width=1024,
+        image_layers=24,
+        image_heads=16,
+        context_length=77,
+        vocab_size=49408,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+    )
+
+
+def clip_tiny(*, vocab_size: int = 64, context_length: int = 16) -> CLIPConfig:
+    """A CLIP sized for the built-in shapes world on a laptop CPU (32 px images, ~1.2M params)."""
+    return CLIPConfig(
+        embed_dim=64,
+        image_size=32,
+        patch_size=4,
+        image_width=128,
+        image_layers=3,
+        image_heads=4,
+        context_length=context_length,
+        vocab_size=vocab_size,
+        text_width=128,
+        text_layers=3,
+        text_heads=4,
+        act="gelu",
+    )

@@ -1,0 +1,183 @@
+"""CLIP as pure functions: ``init``, ``encode_image``, ``encode_text``, ``apply``, ``loss``.
+
+Param tree (PyTorch layouts, so converters are key maps)::
+
+    image.patch.weight          [width, 3, patch, patch]   (no bias, as in OpenAI CLIP)
+    image.cls                   [width]
+    image.pos                   [grid*grid + 1, width]
+    image.norm_pre / norm_post  layer norms
+    image.transformer.blocks.N  pre-norm blocks
+    image.proj.weight           [embed, width]
+    text.token.weight           [vocab, width]
+    text.pos                    [context, width]
+    text.transformer.blocks.N
+    text.norm_final
+    text.proj.weight            [embed, width]
+    logit_scale                 []   log inverse temperature
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+
+from fmm import nn, random
+from fmm.losses import contrastive_loss, local_gather, logit_scale_value
+from fmm.losses.contrastive import Gather
+from models.clip.config import CLIPConfig
+
+Params = dict[str, Any]
+
+
+def init(cfg: CLIPConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
+    """Fresh params for ``cfg``; every leaf's key is folded from its path, so the result is a
+    pure function of ``(cfg, key)``. Pass a key on the ``meta`` device to get shapes only.
+
+    Example: ``params = init(clip_tiny(), fmm.random.key(0))``.
+    """
+    ki, kt = random.fold_in(key, "image"), random.fold_in(key, "text")
+    wi, wt, dev = cfg.image_width, cfg.text_width, key.device
+    image = {
+        "patch": nn.init_patch_embed(
+            cfg.patch_size,
+            cfg.in_channels,
+            wi,
+            random.fold_in(ki, "patch"),
+            bias=False,
+            dtype=dtype,
+        ),
+        "cls": random.normal(random.fold_in(ki, "cls"), (wi,), dtype=dtype) * wi**-0.5,
+        "pos": random.normal(random.fold_in(ki, "pos"), (cfg.grid**2 + 1, wi), dtype=dtype)
+        * wi**-0.5,
+        "norm_pre": nn.init_layer_norm(wi, device=dev, dtype=dtype),
+        "transformer": nn.init_transformer(
+            cfg.image_transformer, random.fold_in(ki, "transformer"), dtype=dtype
+        ),
+        "norm_post": nn.init_layer_norm(wi, device=dev, dtype=dtype),
+        "proj": nn.init_linear(
+            wi, cfg.embed_dim, random.fold_in(ki, "proj"), bias=False, dtype=dtype
+        ),
+    }
+    text = {
+        "token": nn.init_embedding(
+            cfg.vocab_size, wt, random.fold_in(kt, "token"), std=0.02, dtype=dtype
+        ),
+        "pos": nn.init_learned_positions(
+            cfg.context_length, wt, random.fold_in(kt, "pos"), std=0.01, dtype=dtype
+        ),
+        "transformer": nn.init_transformer(
+            cfg.text_transformer, random.fold_in(kt, "transformer"), dtype=dtype
+        ),
+        "norm_final": nn.init_layer_norm(wt, device=dev, dtype=dtype),
+        "proj": nn.init_linear(
+            wt, cfg.embed_dim, random.fold_in(kt, "proj"), bias=False, dtype=dtype
+        ),
+    }
+    logit_scale = torch.full((), cfg.init_logit_scale, dtype=dtype, device=dev)
+    return {"image": image, "text": text, "logit_scale": logit_scale}
+
+
+def _check_images(images: torch.Tensor, cfg: CLIPConfig) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(
+            f"images must be a floating-point tensor [batch, channels, H, W], got {got}"
+        )
+    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(
+            f"images must have shape [batch, {', '.join(map(str, want))}], got {list(images.shape)}"
+        )
+
+
+def _check_tokens(tokens: torch.Tensor, cfg: CLIPConfig) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"tokens must be an int64 tensor [batch, seq], got {got}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, seq], got {list(tokens.shape)}")
+    if tokens.shape[1] > cfg.context_length:
+        raise ValueError(
+            f"tokens has seq={tokens.shape[1]} but the context_length is {cfg.context_length}: "
+            f"got {list(tokens.shape)}, want [batch, <= {cfg.context_length}]"
+        )
+
+
+def image_features(params: Params, images: torch.Tensor, *, cfg: CLIPConfig) -> torch.Tensor:
+    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``."""
+    _check_images(images, cfg)
+    p = params["image"]
+    x = nn.patch_embed(p["patch"], images)
+    cls = repeat(p["cls"], "d -> b 1 d", b=x.shape[0]).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + p["pos"]
+    x = nn.layer_norm(p["norm_pre"], x, eps=cfg.norm_eps)
+    x = nn.transformer(p["transformer"], x, cfg=cfg.image_transformer)
+    return nn.layer_norm(p["norm_post"], x, eps=cfg.norm_eps)
+
+
+def text_features(params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig) -> torch.Tensor:
+    """The text tower's causal token sequence after the final norm: ``[B, T] -> [B, T, width]``."""
+    _check_tokens(tokens, cfg)
+    p = params["text"]
+    x = nn.embed(p["token"], tokens) + p["pos"][: tokens.shape[1]]
+    x = nn.transformer(p["transformer"], x, cfg=cfg.text_transformer, causal=True)
+    return nn.layer_norm(p["norm_final"], x, eps=cfg.norm_eps)
+
+
+def encode_image(
+    params: Params, images: torch.Tensor, *, cfg: CLIPConfig, normalize: bool = True
+) -> torch.Tensor:
+    """Image embeddings ``[B, 3, H, W] -> [B, embed]``, unit norm unless ``normalize=False``.
+
+    Example: ``encode_image(params, torch.rand(2, 3, 224, 224), cfg=clip_vit_b16())``.
+    """
+    x = nn.pool_cls(image_features(params, images, cfg=cfg))
+    x = nn.linear(params["image"]["proj"], x)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def encode_text(
+    params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig, normalize: bool = True
+) -> torch.Tensor:
+    """Text embeddings ``[B, T] (int64) -> [B, embed]`` read at the end-of-text token (the
+    largest id in each row), unit norm unless ``normalize=False``."""
+    x = nn.pool_eot(text_features(params, tokens, cfg=cfg), tokens)
+    x = nn.linear(params["text"]["proj"], x)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def apply(
+    params: Params, images: torch.Tensor, tokens: torch.Tensor, *, cfg: CLIPConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both towers: ``(image_embeds [B, E], text_embeds [B, E], scale [])`` where
+    ``scale * image_embeds @ text_embeds.T`` are CLIP's logits."""
+    if images.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"images and tokens must have the same batch size, got images {list(images.shape)} "
+            f"and tokens {list(tokens.shape)}"
+        )
+    return (
+        encode_image(params, images, cfg=cfg),
+        encode_text(params, tokens, cfg=cfg),
+        logit_scale_value(params["logit_scale"]),
+    )
+
+
+def loss(
+    params: Params,
+    batch: dict[str, torch.Tensor],
+    *,
+    cfg: CLIPConfig,
+    gather: Gather = local_gather,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Contrastive loss of ``batch = {"images": [B,3,H,W], "tokens": [B,T]}``.
+
+    Returns ``(loss [], metrics)`` with ``metrics["logit_scale"]`` the clamped scale, so it
+    plugs straight into ``train.step.make_train_step``.
+    """
+    img, txt, scale = apply(params, batch["images"], batch["tokens"], cfg=cfg)
+    value = contrastive_loss(img, txt, params["logit_scale"], gather=gather)
+    return value, {"logit_scale": scale.detach()}
