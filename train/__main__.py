@@ -1,0 +1,26 @@
+"""``python -m train <task> [options]``: the command line of fmm's recipes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.recipes import clip
+
+TASKS = {
+    "clip": (clip, "train a tiny CLIP on the built-in shapes world and evaluate it zero-shot"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description="fmm training recipes")
+    sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, (recipe, help_text) in TASKS.items():
+        recipe.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    TASKS[args.task][0].run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

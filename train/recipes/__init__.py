@@ -1,0 +1,1 @@
+"""One readable file per task. Each recipe exposes ``add_arguments(parser)`` and ``run(args)``."""
