@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/clip-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=1500, help="optimizer steps (default: %(default)s)"
+        "--steps", type=int, default=600, help="optimizer steps (default: %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup",
         type=int,
-        default=100,
+        default=50,
         help="linear warmup steps before the cosine decay (default: %(default)s)",
     )
     parser.add_argument(
