@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from fmm import tree
+
 Params = Any
 Grads = Any
 Updates = Any
@@ -47,21 +49,6 @@ class Optimizer(NamedTuple):
 
     init: Callable[[Params], State]
     update: Callable[[Grads, State, Params], tuple[Updates, State]]
-
-
-def _dotted(key_path: tuple) -> str:
-    """``(MappingKey('blocks'), SequenceKey(3), ...)`` -> ``"blocks.3..."`` (state_dict style)."""
-    parts = []
-    for entry in key_path:
-        if isinstance(entry, pytree.MappingKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, pytree.SequenceKey):
-            parts.append(str(entry.idx))
-        elif isinstance(entry, pytree.GetAttrKey):
-            parts.append(entry.name)
-        else:
-            parts.append(str(entry))
-    return ".".join(parts)
 
 
 def _init_count(params: Params) -> torch.Tensor:
@@ -90,13 +77,13 @@ def _check_nonneg(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def global_norm(tree: Any) -> torch.Tensor:
-    """The L2 norm of all leaves of ``tree`` taken together, as a 0-d tensor.
+def global_norm(grads: Any) -> torch.Tensor:
+    """The L2 norm of all leaves of ``grads`` (any tree) taken together, as a 0-d tensor.
 
     Accumulates in at least float32 (so bf16 grads do not overflow the sum of squares).
     An empty tree has norm 0.
     """
-    leaves = pytree.tree_leaves(tree)
+    leaves = pytree.tree_leaves(grads)
     if not leaves:
         return torch.zeros(())
     dtype = reduce(torch.promote_types, (x.dtype for x in leaves), torch.float32)
@@ -246,7 +233,7 @@ def adamw(
     log_b2 = math.log(b2) if b2 > 0 else -math.inf
 
     def decays(path: tuple, p: torch.Tensor) -> bool:
-        return decay_mask(_dotted(path)) if decay_mask is not None else p.ndim >= 2
+        return decay_mask(tree.path_str(path)) if decay_mask is not None else p.ndim >= 2
 
     def init(params: Params) -> State:
         return {
