@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -40,6 +41,58 @@ def plot_loss(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def plot_class_accuracy(
+    correct: torch.Tensor,
+    labels: torch.Tensor,
+    rows: list[str],
+    cols: list[str],
+    path: str | Path,
+    *,
+    unseen: torch.Tensor | None = None,
+    title: str = "",
+) -> None:
+    """Save a ``rows x cols`` heatmap of per-class accuracy (PNG), atomically.
+
+    ``correct``, ``labels``: ``[N]`` (label = row * len(cols) + col); ``unseen``: ``[N]`` bool,
+    classes never seen in training get a box.
+    """
+    n = len(rows) * len(cols)
+    hits = torch.zeros(n).index_add_(0, labels, correct.float())
+    counts = torch.zeros(n).index_add_(0, labels, torch.ones(len(labels)))
+    grid = (hits / counts.clamp_min(1)).reshape(len(rows), len(cols))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(cols), 1.0 + 0.5 * len(rows)), dpi=110)
+    image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=30)
+    ax.set_yticks(range(len(rows)), rows)
+    for r in range(len(rows)):
+        for c in range(len(cols)):
+            value = grid[r, c].item()
+            ax.text(
+                c,
+                r,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value < 0.6 else "black",
+            )
+    if unseen is not None:
+        for label in labels[unseen].unique().tolist():
+            r, c = divmod(label, len(cols))
+            ax.add_patch(
+                plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(
+        title
+        + ("\n(red boxes: combinations never seen in training)" if unseen is not None else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -24,11 +24,12 @@ def run_dir(tmp_path_factory):
 
 def test_main_job_writes_every_output(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert {"metrics.json", "loss.png", "params.safetensors", "config.json", "tokenizer.json"} <= names
+    assert {"metrics.json", "loss.png", "zero_shot.png", "params.safetensors", "config.json", "tokenizer.json"} <= names
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["train_seconds"] > 0
     assert 0.0 <= metrics["zero_shot_top1"] <= 1.0 and metrics["final_loss"] > 0
-    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("loss.png", "zero_shot.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_saved_run_reloads_and_scores_the_same(run_dir):

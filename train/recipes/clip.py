@@ -18,9 +18,9 @@ from tqdm import tqdm
 import fmm
 from models import clip
 from train import checkpoint, optim
-from train.data import WordTokenizer, WorldConfig, scene_stream
+from train.data import WordTokenizer, WorldConfig, is_holdout, scene_stream
 from train.evaluate import zero_shot_accuracy
-from train.plots import plot_loss
+from train.plots import plot_class_accuracy, plot_loss
 from train.step import init_state, make_train_step
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
@@ -171,6 +171,15 @@ def run(args: argparse.Namespace) -> dict:
     plot_loss(
         losses, out / "loss.png", title=f"CLIP on shapes world: zero-shot top-1 {acc['top1']:.3f}"
     )
+    plot_class_accuracy(
+        acc["predictions"] == acc["labels"],
+        acc["labels"],
+        list(world.colors),
+        list(world.shapes),
+        out / "zero_shot.png",
+        unseen=is_holdout(world, acc["labels"]),
+        title=f"zero-shot accuracy per class on held-out images (top-1 {acc['top1']:.3f})",
+    )
     checkpoint.write_json(out / "metrics.json", metrics)
     print(
         json.dumps(
@@ -185,7 +194,9 @@ def run(args: argparse.Namespace) -> dict:
             }
         )
     )
-    print(f"wrote {out}/metrics.json, loss.png, params.safetensors, config.json, tokenizer.json")
+    print(
+        f"wrote {out}/: metrics.json loss.png zero_shot.png params.safetensors config.json tokenizer.json"
+    )
     return metrics
 
 
