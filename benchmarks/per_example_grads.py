@@ -21,45 +21,33 @@ import dataclasses
 import warnings
 
 import torch
-import torch.nn.functional as F
 from _common import max_abs_diff, median_ms, micro_config, random_batch
 
 import fmm
 from models import clip
 
 
-def example_loss(params, image, tokens, index, bank_images, bank_texts, *, cfg):
-    """Example ``index``'s symmetric InfoNCE term against the batch's detached embeddings."""
-    img = clip.encode_image(params, image[None], cfg=cfg)[0]
-    txt = clip.encode_text(params, tokens[None], cfg=cfg)[0]
-    own = (torch.arange(len(bank_texts), device=index.device) == index)[:, None]
-    texts, images = torch.where(own, txt, bank_texts), torch.where(own, img, bank_images)
-    scale = fmm.losses.logit_scale_value(params["logit_scale"])
-    return 0.5 * (
-        F.cross_entropy(scale * texts @ img, index) + F.cross_entropy(scale * images @ txt, index)
-    )
-
-
-def banks(params, batch, cfg):
-    """The batch's image and text embeddings ``[B, E]``, computed once as constants."""
-    with torch.no_grad():
-        images = clip.encode_image(params, batch["images"], cfg=cfg)
-        return images, clip.encode_text(params, batch["tokens"], cfg=cfg)
-
-
 def vmap_grads(params, batch, cfg):
     """All B per-example gradients in one vectorised call: leaves ``[B, ...]``."""
-    grad_one = torch.func.grad(example_loss)
+    grad_one = torch.func.grad(clip.example_loss)
     batched = torch.func.vmap(grad_one, in_dims=(None, 0, 0, 0, None, None))
     index = torch.arange(len(batch["images"]))
     return batched(
-        params, batch["images"], batch["tokens"], index, *banks(params, batch, cfg), cfg=cfg
+        params,
+        batch["images"],
+        batch["tokens"],
+        index,
+        *clip.detached_embeddings(params, batch, cfg=cfg),
+        cfg=cfg,
     )
 
 
 def loop_grads(params, batch, cfg):
     """The same gradients, one ``grad`` call per example (the baseline)."""
-    grad_one, bank = torch.func.grad(example_loss), banks(params, batch, cfg)
+    grad_one, bank = (
+        torch.func.grad(clip.example_loss),
+        clip.detached_embeddings(params, batch, cfg=cfg),
+    )
     images, tokens = batch["images"], batch["tokens"]
     grads = [
         grad_one(params, images[i], tokens[i], torch.tensor(i), *bank, cfg=cfg)

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 import fmm
 from models import clip
@@ -35,36 +34,12 @@ from train.data import WordTokenizer, WorldConfig, scene_stream
 from train.optim import global_norm
 
 
-def example_loss(params, image, tokens, index, bank_images, bank_texts, *, cfg):
-    """Example ``index``'s InfoNCE term: ``image [3, H, W]``, ``tokens [T]`` against the
-    batch's detached embeddings ``bank_images``, ``bank_texts`` ``[B, E]``."""
-    img = clip.encode_image(params, image[None], cfg=cfg)[0]
-    txt = clip.encode_text(params, tokens[None], cfg=cfg)[0]
-    # Swap the live embeddings into the example's own row, so the positive pair's logit
-    # carries the gradient while the negatives stay constants. `where` (not indexed
-    # assignment) keeps this a pure function that vmap batches over `index`.
-    own = (torch.arange(len(bank_texts), device=index.device) == index)[:, None]
-    texts = torch.where(own, txt, bank_texts)
-    images = torch.where(own, img, bank_images)
-    scale = fmm.losses.logit_scale_value(params["logit_scale"])
-    return 0.5 * (
-        F.cross_entropy(scale * texts @ img, index) + F.cross_entropy(scale * images @ txt, index)
-    )
-
-
-def detached_embeddings(params, batch, cfg):
-    """The batch's image and text embeddings ``[B, E]``, computed once as constants."""
-    with torch.no_grad():
-        images = clip.encode_image(params, batch["images"], cfg=cfg)
-        return images, clip.encode_text(params, batch["tokens"], cfg=cfg)
-
-
 def per_example_grads(params, batch, cfg):
     """Every example's gradient and loss: ``(grads, losses [B])``, where each leaf of
     ``grads`` gains a leading ``[B]`` axis."""
     images, tokens = batch["images"], batch["tokens"]
-    banks = detached_embeddings(params, batch, cfg)
-    grad_one = torch.func.grad_and_value(example_loss)
+    banks = clip.detached_embeddings(params, batch, cfg=cfg)
+    grad_one = torch.func.grad_and_value(clip.example_loss)
     # in_dims: params shared (None); image, tokens and index mapped (0); the banks shared.
     batched = torch.func.vmap(grad_one, in_dims=(None, 0, 0, 0, None, None))
     return batched(params, images, tokens, torch.arange(len(images)), *banks, cfg=cfg)
@@ -73,8 +48,8 @@ def per_example_grads(params, batch, cfg):
 def loop_grads(params, batch, cfg):
     """The same gradients one example at a time: the reference that vmap must match."""
     images, tokens = batch["images"], batch["tokens"]
-    banks = detached_embeddings(params, batch, cfg)
-    grad_one = torch.func.grad(example_loss)
+    banks = clip.detached_embeddings(params, batch, cfg=cfg)
+    grad_one = torch.func.grad(clip.example_loss)
     grads = [
         grad_one(params, images[i], tokens[i], torch.tensor(i), *banks, cfg=cfg)
         for i in range(len(images))

@@ -10,6 +10,7 @@ from models.clip.model import (
     loss,
     text_features,
 )
+from models.clip.per_example import detached_embeddings, example_loss
 
 PRESETS = {
     "clip_vit_b16": clip_vit_b16,
@@ -26,8 +27,10 @@ __all__ = [
     "clip_vit_b16",
     "clip_vit_b32",
     "clip_vit_l14",
+    "detached_embeddings",
     "encode_image",
     "encode_text",
+    "example_loss",
     "image_features",
     "init",
     "loss",

@@ -200,3 +200,12 @@ def test_unknown_preset_and_bad_config():
         models.get_config("clip_vit_b17")
     with pytest.raises(ValueError, match="patch_size"):
         dataclasses.replace(SMALL, image_size=13)
+
+
+def test_example_losses_average_to_the_batch_loss(params):
+    batch = {"images": _images(3, 4), "tokens": _tokens(4, 4)}
+    bank = clip.detached_embeddings(params, batch, cfg=SMALL)
+    terms = vmap(lambda i, t, k: clip.example_loss(params, i, t, k, *bank, cfg=SMALL))(
+        batch["images"], batch["tokens"], torch.arange(4)
+    )
+    torch.testing.assert_close(terms.mean(), clip.loss(params, batch, cfg=SMALL)[0])

@@ -1,0 +1,59 @@
+"""One example's share of CLIP's contrastive loss, for per-example gradients.
+
+CLIP's loss couples a batch (each example's negatives are the others). Example ``i``'s
+term here is its image against every caption and its caption against every image, with
+the *other* examples' embeddings computed once and held constant. The mean of the terms
+equals :func:`models.clip.loss`, and ``vmap(grad(example_loss))`` gives every example's
+gradient in one pass (as differentially private training needs).
+
+Example::
+
+    bank = detached_embeddings(params, batch, cfg=cfg)
+    grads = vmap(grad(example_loss), in_dims=(None, 0, 0, 0, None, None))(
+        params, batch["images"], batch["tokens"], torch.arange(B), *bank, cfg=cfg)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fmm.losses import logit_scale_value
+from models.clip.config import CLIPConfig
+from models.clip.model import Params, encode_image, encode_text
+
+
+def detached_embeddings(
+    params: Params, batch: dict[str, torch.Tensor], *, cfg: CLIPConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's ``(image_embeds [B, E], text_embeds [B, E])``, computed without grad."""
+    with torch.no_grad():
+        return (
+            encode_image(params, batch["images"], cfg=cfg),
+            encode_text(params, batch["tokens"], cfg=cfg),
+        )
+
+
+def example_loss(
+    params: Params,
+    image: torch.Tensor,
+    tokens: torch.Tensor,
+    index: torch.Tensor,
+    bank_images: torch.Tensor,
+    bank_texts: torch.Tensor,
+    *,
+    cfg: CLIPConfig,
+) -> torch.Tensor:
+    """Example ``index``'s symmetric InfoNCE term. ``image [3, H, W]``, ``tokens [T]``,
+    ``index []`` int64, banks ``[B, E]`` from :func:`detached_embeddings`. Returns ``[]``."""
+    img = encode_image(params, image[None], cfg=cfg)[0]
+    txt = encode_text(params, tokens[None], cfg=cfg)[0]
+    # Swap the live embeddings into the example's own row so the positive pair carries the
+    # gradient while the negatives stay constants; `where` rather than an indexed
+    # assignment keeps this pure, so vmap batches it over `index`.
+    own = (torch.arange(len(bank_texts), device=index.device) == index)[:, None]
+    texts, images = torch.where(own, txt, bank_texts), torch.where(own, img, bank_images)
+    scale = logit_scale_value(params["logit_scale"])
+    return 0.5 * (
+        F.cross_entropy(scale * texts @ img, index) + F.cross_entropy(scale * images @ txt, index)
+    )
