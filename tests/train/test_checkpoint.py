@@ -58,7 +58,7 @@ def test_missing_run_and_corrupt_config(tmp_path, params):
         checkpoint.load(tmp_path)
     checkpoint.save(tmp_path, params, config={})
     (tmp_path / checkpoint.CONFIG_FILE).write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt .*config.json"):
+    with pytest.raises(CheckpointError, match=r"corrupt .*config\.json"):
         checkpoint.load(tmp_path)
 
 
