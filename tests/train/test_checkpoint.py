@@ -18,7 +18,9 @@ def params():
 
 def _equal(a, b):
     fa, fb = fmm.tree.flatten(a), fmm.tree.flatten(b)
-    return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) and fa[k].dtype == fb[k].dtype for k in fa)
+    return fa.keys() == fb.keys() and all(
+        torch.equal(fa[k], fb[k]) and fa[k].dtype == fb[k].dtype for k in fa
+    )
 
 
 def test_save_then_load_is_bit_exact(tmp_path, params):

@@ -24,7 +24,14 @@ def run_dir(tmp_path_factory):
 
 def test_main_job_writes_every_output(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert {"metrics.json", "loss.png", "zero_shot.png", "params.safetensors", "config.json", "tokenizer.json"} <= names
+    assert {
+        "metrics.json",
+        "loss.png",
+        "zero_shot.png",
+        "params.safetensors",
+        "config.json",
+        "tokenizer.json",
+    } <= names
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["train_seconds"] > 0
     assert 0.0 <= metrics["zero_shot_top1"] <= 1.0 and metrics["final_loss"] > 0
@@ -36,7 +43,9 @@ def test_saved_run_reloads_and_scores_the_same(run_dir):
     cfg, params, tokenizer = load_run(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     encode = lambda images: clip.encode_image(params, normalize_images(images), cfg=cfg)
-    embed = lambda texts: clip.encode_text(params, tokenizer.encode(texts, cfg.context_length), cfg=cfg)
+    embed = lambda texts: clip.encode_text(
+        params, tokenizer.encode(texts, cfg.context_length), cfg=cfg
+    )
     with torch.no_grad():
         acc = zero_shot_accuracy(WorldConfig(), encode, embed, n_per_class=1, seed=1)
     assert acc["top1"] == metrics["zero_shot_top1"]
@@ -47,7 +56,10 @@ def test_saved_run_reloads_and_scores_the_same(run_dir):
 
 def test_help_explains_every_flag():
     out = subprocess.run(
-        [sys.executable, "-m", "train", "clip", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "train", "clip", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for flag in ("--out", "--steps", "--batch-size", "--lr", "--seed", "--compile", "--no-compile"):
         assert flag in out
