@@ -54,29 +54,19 @@ class CLIPConfig:
         """Patches per side."""
         return self.image_size // self.patch_size
 
+    def _tower(self, width: int, layers: int, heads: int) -> TransformerConfig:
+        return TransformerConfig(
+            width=width, layers=layers, heads=heads, mlp_ratio=self.mlp_ratio, act=self.act,
+            norm_eps=self.norm_eps, attn_impl=self.attn_impl,
+        )  # fmt: skip
+
     @property
     def image_transformer(self) -> TransformerConfig:
-        return TransformerConfig(
-            width=self.image_width,
-            layers=self.image_layers,
-            heads=self.image_heads,
-            mlp_ratio=self.mlp_ratio,
-            act=self.act,
-            norm_eps=self.norm_eps,
-            attn_impl=self.attn_impl,
-        )
+        return self._tower(self.image_width, self.image_layers, self.image_heads)
 
     @property
     def text_transformer(self) -> TransformerConfig:
-        return TransformerConfig(
-            width=self.text_width,
-            layers=self.text_layers,
-            heads=self.text_heads,
-            mlp_ratio=self.mlp_ratio,
-            act=self.act,
-            norm_eps=self.norm_eps,
-            attn_impl=self.attn_impl,
-        )
+        return self._tower(self.text_width, self.text_layers, self.text_heads)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready fields (for ``config.json``)."""
