@@ -51,9 +51,11 @@ def _grads_autograd(loss_fn: LossFn, params: Any, batch: Any, key: torch.Tensor)
 
 
 def _grads_func(loss_fn: LossFn, params: Any, batch: Any, key: torch.Tensor):
-    grads, (loss, metrics) = torch.func.grad(
-        lambda p: (lambda out: (out[0], out))(loss_fn(p, batch, key)), has_aux=True
-    )(params)
+    def loss_and_aux(p):
+        loss, metrics = loss_fn(p, batch, key)
+        return loss, (loss.detach(), metrics)
+
+    grads, (loss, metrics) = torch.func.grad(loss_and_aux, has_aux=True)(params)
     return grads, loss, metrics
 
 

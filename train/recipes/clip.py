@@ -205,6 +205,6 @@ def load_run(run_dir: str | Path) -> tuple[clip.CLIPConfig, dict, WordTokenizer]
     config = checkpoint.load_config(run_dir)
     cfg = clip.CLIPConfig(**config["clip"])
     like = clip.init(cfg, fmm.random.key(0).to("meta"))
-    params, _ = checkpoint.load(run_dir, like=like)
+    params = checkpoint.load_params(Path(run_dir) / checkpoint.PARAMS_FILE, like=like)
     tokenizer = WordTokenizer.from_json((Path(run_dir) / "tokenizer.json").read_text())
     return cfg, params, tokenizer
