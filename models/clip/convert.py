@@ -1,0 +1,525 @@
+"""CLIP weights from and to the reference layouts: OpenAI/open_clip, Hugging Face, TorchMultimodal.
+
+Each format is one rule list (:mod:`fmm.convert`) mapping our dotted names to theirs, so
+import and export are the same table read both ways. Conversions are strict: a state dict
+of another size or family raises one :class:`fmm.convert.ConversionError` that lists every
+missing, unexpected and mis-shaped key, and nothing is returned half-converted.
+
+Example::
+
+    params, cfg = load_pretrained("ViT-B-16.pt", format="open_clip")
+    img = encode_image(params, images, cfg=cfg)
+
+    sd = to_hf(params, cfg)               # a transformers CLIPModel state dict
+    params2 = from_hf(sd, cfg)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from fmm import random
+from fmm.convert import (
+    ConversionError,
+    Rule,
+    concat,
+    export_state_dict,
+    import_state_dict,
+    same,
+    strip_prefix,
+    transpose,
+)
+from models.clip.config import CLIPConfig
+from models.clip.model import init
+
+Params = dict[str, Any]
+FORMATS = ("open_clip", "hf", "torchmultimodal")
+
+# Entries of OpenAI's original checkpoints and of Hugging Face's that are not parameters.
+_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+_HF_EXTRAS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
+
+
+def _weight_bias(ours: str, theirs: str) -> list[Rule]:
+    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
+
+
+def _block_rules(ours: str, theirs: str, names: Mapping[str, str], fused_qkv: bool) -> list[Rule]:
+    """One transformer block; ``names`` maps our sub-layers to theirs."""
+    rules = _weight_bias(f"{ours}.norm1", f"{theirs}.{names['norm1']}")
+    rules += _weight_bias(f"{ours}.norm2", f"{theirs}.{names['norm2']}")
+    for sub in ("out", "fc1", "fc2"):
+        rules += _weight_bias(
+            f"{ours}.{'attn.out' if sub == 'out' else 'mlp.' + sub}", f"{theirs}.{names[sub]}"
+        )
+    for part in ("weight", "bias"):
+        if fused_qkv:
+            rules.append(same(f"{ours}.attn.qkv.{part}", f"{theirs}.{names['qkv']}_{part}"))
+        else:
+            qkv = [f"{theirs}.{names[p]}.{part}" for p in ("q", "k", "v")]
+            rules.append(concat(f"{ours}.attn.qkv.{part}", qkv))
+    return rules
+
+
+_OPENAI_BLOCK = dict(
+    norm1="ln_1", norm2="ln_2", qkv="attn.in_proj", out="attn.out_proj", fc1="mlp.c_fc",
+    fc2="mlp.c_proj",
+)  # fmt: skip
+_HF_BLOCK = dict(
+    norm1="layer_norm1", norm2="layer_norm2", q="self_attn.q_proj", k="self_attn.k_proj",
+    v="self_attn.v_proj", out="self_attn.out_proj", fc1="mlp.fc1", fc2="mlp.fc2",
+)  # fmt: skip
+_TMM_BLOCK = dict(
+    norm1="norm1", norm2="norm2", qkv="self_attn.in_proj", out="self_attn.out_proj",
+    fc1="linear1", fc2="linear2",
+)  # fmt: skip
+
+
+def _towers(cfg: CLIPConfig, image: str, text: str, names: Mapping[str, str], fused: bool):
+    rules = []
+    for i in range(cfg.image_layers):
+        rules += _block_rules(f"image.transformer.blocks.{i}", image.format(i), names, fused)
+    for i in range(cfg.text_layers):
+        rules += _block_rules(f"text.transformer.blocks.{i}", text.format(i), names, fused)
+    return rules
+
+
+def open_clip_rules(cfg: CLIPConfig) -> list[Rule]:
+    """Our names <-> the OpenAI layout that open_clip's ``CLIP`` uses."""
+    return [
+        same("image.patch.weight", "visual.conv1.weight"),
+        same("image.cls", "visual.class_embedding"),
+        same("image.pos", "visual.positional_embedding"),
+        *_weight_bias("image.norm_pre", "visual.ln_pre"),
+        *_weight_bias("image.norm_post", "visual.ln_post"),
+        Rule("image.proj.weight", ("visual.proj",), transpose, transpose),
+        same("text.token.weight", "token_embedding.weight"),
+        same("text.pos", "positional_embedding"),
+        *_weight_bias("text.norm_final", "ln_final"),
+        Rule("text.proj.weight", ("text_projection",), transpose, transpose),
+        same("logit_scale", "logit_scale"),
+        *_towers(
+            cfg, "visual.transformer.resblocks.{}", "transformer.resblocks.{}", _OPENAI_BLOCK, True
+        ),
+    ]
+
+
+def hf_rules(cfg: CLIPConfig) -> list[Rule]:
+    """Our names <-> ``transformers.CLIPModel``."""
+    v, t = "vision_model", "text_model"
+    return [
+        same("image.patch.weight", f"{v}.embeddings.patch_embedding.weight"),
+        same("image.cls", f"{v}.embeddings.class_embedding"),
+        same("image.pos", f"{v}.embeddings.position_embedding.weight"),
+        *_weight_bias("image.norm_pre", f"{v}.pre_layrnorm"),  # sic: HF's spelling
+        *_weight_bias("image.norm_post", f"{v}.post_layernorm"),
+        same("image.proj.weight", "visual_projection.weight"),
+        same("text.token.weight", f"{t}.embeddings.token_embedding.weight"),
+        same("text.pos", f"{t}.embeddings.position_embedding.weight"),
+        *_weight_bias("text.norm_final", f"{t}.final_layer_norm"),
+        same("text.proj.weight", "text_projection.weight"),
+        same("logit_scale", "logit_scale"),
+        *_towers(cfg, f"{v}.encoder.layers.{{}}", f"{t}.encoder.layers.{{}}", _HF_BLOCK, False),
+    ]
+
+
+def torchmultimodal_rules(cfg: CLIPConfig) -> list[Rule]:
+    """Our names <-> TorchMultimodal's ``CLIP(encoder_a=CLIPViTEncoder, encoder_b=CLIPTextEncoder)``.
+
+    TorchMultimodal keeps the temperature in its loss module, not in ``CLIP``: the rules
+    cover everything but ``logit_scale``.
+    """
+    a, b = "encoder_a", "encoder_b"
+    return [
+        same("image.patch.weight", f"{a}.conv.weight"),
+        same("image.cls", f"{a}.cls_token_embedding"),
+        same("image.pos", f"{a}.positional_embedding"),
+        *_weight_bias("image.norm_pre", f"{a}.ln_pre"),
+        *_weight_bias("image.norm_post", f"{a}.ln_post"),
+        Rule("image.proj.weight", (f"{a}.projection",), transpose, transpose),
+        same("text.token.weight", f"{b}.token_embedding.weight"),
+        same("text.pos", f"{b}.positional_embedding"),
+        *_weight_bias("text.norm_final", f"{b}.ln_final"),
+        same("text.proj.weight", f"{b}.projection.weight"),
+        *_towers(cfg, f"{a}.encoder.layers.{{}}", f"{b}.encoder.layers.{{}}", _TMM_BLOCK, True),
+    ]
+
+
+def _like(cfg: CLIPConfig) -> Params:
+    return init(cfg, random.key(0).to("meta"))
+
+
+def _check_format_of(state_dict: Mapping[str, Any], expected: str) -> None:
+    found = detect_format(state_dict)
+    if found is not None and found != expected:
+        raise ConversionError(
+            f"this state dict is in the {found!r} layout, not {expected!r}: "
+            f"use format={found!r} (from_{found})"
+        )
+
+
+def from_open_clip(
+    state_dict: Mapping[str, torch.Tensor], cfg: CLIPConfig, *, dtype=torch.float32
+) -> Params:
+    """Params from an OpenAI / open_clip ``CLIP`` state dict (``module.`` prefixes and the
+    non-parameter entries of OpenAI's original files are accepted)."""
+    sd = strip_prefix(state_dict, "module.")
+    _check_format_of(sd, "open_clip")
+    return import_state_dict(
+        sd, open_clip_rules(cfg), like=_like(cfg), source="open_clip",
+        ignore=_OPENAI_EXTRAS, dtype=dtype,
+    )  # fmt: skip
+
+
+def from_hf(
+    state_dict: Mapping[str, torch.Tensor], cfg: CLIPConfig, *, dtype=torch.float32
+) -> Params:
+    """Params from a ``transformers.CLIPModel`` state dict."""
+    sd = strip_prefix(state_dict, "module.")
+    _check_format_of(sd, "hf")
+    return import_state_dict(
+        sd, hf_rules(cfg), like=_like(cfg), source="hf", ignore=_HF_EXTRAS, dtype=dtype
+    )
+
+
+def from_torchmultimodal(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: CLIPConfig,
+    *,
+    logit_scale: float | None = None,
+    dtype=torch.float32,
+) -> Params:
+    """Params from a TorchMultimodal ``CLIP`` state dict.
+
+    Its ``CLIP`` module has no temperature (it lives in ``ContrastiveLossWithTemperature``):
+    pass that loss's ``logit_scale`` (log inverse temperature) or get ``cfg.init_logit_scale``.
+    """
+    sd = strip_prefix(state_dict, "module.")
+    _check_format_of(sd, "torchmultimodal")
+    like = _like(cfg)
+    scale = like.pop("logit_scale")
+    params = import_state_dict(
+        sd, torchmultimodal_rules(cfg), like=like, source="torchmultimodal", dtype=dtype
+    )
+    value = cfg.init_logit_scale if logit_scale is None else float(logit_scale)
+    params["logit_scale"] = torch.tensor(value, dtype=dtype or torch.float32).reshape(scale.shape)
+    return params
+
+
+def to_open_clip(params: Params, cfg: CLIPConfig) -> dict[str, torch.Tensor]:
+    """An open_clip ``CLIP`` state dict of ``params`` (loads with ``strict=True``)."""
+    return export_state_dict(params, open_clip_rules(cfg))
+
+
+def to_hf(params: Params, cfg: CLIPConfig) -> dict[str, torch.Tensor]:
+    """A ``transformers.CLIPModel`` state dict of ``params``."""
+    return export_state_dict(params, hf_rules(cfg))
+
+
+def to_torchmultimodal(params: Params, cfg: CLIPConfig) -> dict[str, torch.Tensor]:
+    """A TorchMultimodal ``CLIP`` state dict of ``params`` (the temperature is not part of it)."""
+    return export_state_dict(params, torchmultimodal_rules(cfg))
+
+
+_MARKERS = {
+    "open_clip": "visual.conv1.weight",
+    "hf": "vision_model.embeddings.patch_embedding.weight",
+    "torchmultimodal": "encoder_a.conv.weight",
+}
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str | None:
+    """Which of :data:`FORMATS` a CLIP state dict is in, or ``None`` if none matches."""
+    for name, marker in _MARKERS.items():
+        if marker in state_dict:
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------- configs
+
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh"}
+
+
+def _mlp_ratio(name: str, pairs: list[tuple[int, int]]) -> float:
+    ratios = {hidden / width for width, hidden in pairs}
+    if len(ratios) != 1:
+        raise ValueError(
+            f"{name}: the two towers use different MLP ratios {sorted(ratios)}; "
+            f"CLIPConfig has one mlp_ratio"
+        )
+    ratio = ratios.pop()
+    for width, hidden in pairs:
+        if int(width * ratio) != hidden:
+            raise ValueError(f"{name}: MLP width {hidden} is not width {width} x ratio {ratio}")
+    return ratio
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj[key] if isinstance(obj, Mapping) else getattr(obj, key)
+
+
+def config_from_hf(hf_config: Any) -> CLIPConfig:
+    """Our config from a ``transformers.CLIPConfig`` (or its ``config.json`` as a dict/path)."""
+    if isinstance(hf_config, (str, Path)):
+        hf_config = json.loads(Path(hf_config).read_text())
+    vision, text = _get(hf_config, "vision_config"), _get(hf_config, "text_config")
+    acts = {_get(vision, "hidden_act"), _get(text, "hidden_act")}
+    if len(acts) != 1 or next(iter(acts)) not in _HF_ACTS:
+        raise ValueError(f"config_from_hf: unsupported hidden_act {sorted(acts)}")
+    epses = {_get(vision, "layer_norm_eps"), _get(text, "layer_norm_eps")}
+    if len(epses) != 1:
+        raise ValueError(f"config_from_hf: towers differ in layer_norm_eps {sorted(epses)}")
+    return CLIPConfig(
+        embed_dim=_get(hf_config, "projection_dim"),
+        image_size=_get(vision, "image_size"),
+        patch_size=_get(vision, "patch_size"),
+        image_width=_get(vision, "hidden_size"),
+        image_layers=_get(vision, "num_hidden_layers"),
+        image_heads=_get(vision, "num_attention_heads"),
+        in_channels=_get(vision, "num_channels"),
+        context_length=_get(text, "max_position_embeddings"),
+        vocab_size=_get(text, "vocab_size"),
+        text_width=_get(text, "hidden_size"),
+        text_layers=_get(text, "num_hidden_layers"),
+        text_heads=_get(text, "num_attention_heads"),
+        mlp_ratio=_mlp_ratio(
+            "config_from_hf",
+            [
+                (_get(vision, "hidden_size"), _get(vision, "intermediate_size")),
+                (_get(text, "hidden_size"), _get(text, "intermediate_size")),
+            ],
+        ),
+        act=_HF_ACTS[acts.pop()],
+        norm_eps=epses.pop(),
+        init_logit_scale=float(_get(hf_config, "logit_scale_init_value")),
+    )
+
+
+# open_clip's model configs for the ViT CLIPs (its model_configs/*.json), as plain data.
+_OPENAI_TEXT = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+OPEN_CLIP_CONFIGS: dict[str, dict] = {
+    "ViT-B-32": dict(
+        embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
+        text_cfg=_OPENAI_TEXT,
+    ),
+    "ViT-B-16": dict(
+        embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=16),
+        text_cfg=_OPENAI_TEXT,
+    ),
+    "ViT-L-14": dict(
+        embed_dim=768, vision_cfg=dict(image_size=224, layers=24, width=1024, patch_size=14),
+        text_cfg=dict(_OPENAI_TEXT, width=768, heads=12),
+    ),
+    "ViT-L-14-336": dict(
+        embed_dim=768, vision_cfg=dict(image_size=336, layers=24, width=1024, patch_size=14),
+        text_cfg=dict(_OPENAI_TEXT, width=768, heads=12),
+    ),
+    "ViT-H-14": dict(
+        embed_dim=1024,
+        vision_cfg=dict(image_size=224, layers=32, width=1280, head_width=80, patch_size=14),
+        text_cfg=dict(_OPENAI_TEXT, width=1024, heads=16, layers=24),
+    ),
+}  # fmt: skip
+
+
+def config_from_open_clip(name_or_dict: str | Mapping | Path) -> CLIPConfig:
+    """Our config from an open_clip model name (``"ViT-B-16"``, ``"ViT-B-16-quickgelu"``, any
+    of :data:`OPEN_CLIP_CONFIGS`), an open_clip model-config dict, or a path to its JSON.
+
+    open_clip's default activation is exact GELU; OpenAI's weights need ``-quickgelu``
+    (or ``"quick_gelu": true`` in the dict).
+    """
+    quick = False
+    if isinstance(name_or_dict, Path) or (
+        isinstance(name_or_dict, str) and name_or_dict.endswith(".json")
+    ):
+        spec = json.loads(Path(name_or_dict).read_text())
+    elif isinstance(name_or_dict, str):
+        name = name_or_dict.removesuffix("-quickgelu")
+        quick = name != name_or_dict
+        if name not in OPEN_CLIP_CONFIGS:
+            raise ValueError(
+                f"config_from_open_clip: unknown model name {name_or_dict!r}; known: "
+                f"{sorted(OPEN_CLIP_CONFIGS)} (optionally with -quickgelu), or pass its config dict"
+            )
+        spec = OPEN_CLIP_CONFIGS[name]
+    else:
+        spec = dict(name_or_dict)
+    vision, text = spec["vision_cfg"], spec["text_cfg"]
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise ValueError("config_from_open_clip: ResNet image towers are not supported")
+    ratio = vision.get("mlp_ratio", 4.0)
+    if text.get("mlp_ratio", 4.0) != ratio:
+        raise ValueError("config_from_open_clip: the towers use different mlp_ratio")
+    return CLIPConfig(
+        embed_dim=spec["embed_dim"],
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        image_width=vision["width"],
+        image_layers=vision["layers"],
+        image_heads=vision["width"] // vision.get("head_width", 64),
+        context_length=text.get("context_length", 77),
+        vocab_size=text.get("vocab_size", 49408),
+        text_width=text["width"],
+        text_layers=text["layers"],
+        text_heads=text["heads"],
+        mlp_ratio=ratio,
+        act="quick_gelu" if quick or spec.get("quick_gelu", False) else "gelu",
+    )
+
+
+class _Probe(NamedTuple):
+    """Where a format keeps the tensors whose shapes give the config."""
+
+    patch: str  # conv weight [width, 3, patch, patch]
+    image_pos: str  # [grid² + 1, width]
+    image_block: str  # a per-block key with "{}" for the index
+    token: str  # [vocab, text_width]
+    text_pos: str  # [context, text_width]
+    text_block: str
+    image_fc1: str  # first MLP weight of image block 0: [hidden, width]
+    embed_dim: Callable[[Mapping[str, torch.Tensor]], int]
+
+
+_PROBES = {
+    "open_clip": _Probe(
+        "visual.conv1.weight", "visual.positional_embedding",
+        "visual.transformer.resblocks.{}.ln_1.weight", "token_embedding.weight",
+        "positional_embedding", "transformer.resblocks.{}.ln_1.weight",
+        "visual.transformer.resblocks.0.mlp.c_fc.weight",
+        lambda sd: sd["visual.proj"].shape[1],
+    ),
+    "hf": _Probe(
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.position_embedding.weight",
+        "vision_model.encoder.layers.{}.layer_norm1.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.{}.layer_norm1.weight",
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+        lambda sd: sd["visual_projection.weight"].shape[0],
+    ),
+    "torchmultimodal": _Probe(
+        "encoder_a.conv.weight", "encoder_a.positional_embedding",
+        "encoder_a.encoder.layers.{}.norm1.weight", "encoder_b.token_embedding.weight",
+        "encoder_b.positional_embedding", "encoder_b.encoder.layers.{}.norm1.weight",
+        "encoder_a.encoder.layers.0.linear1.weight",
+        lambda sd: sd["encoder_a.projection"].shape[1],
+    ),
+}  # fmt: skip
+
+
+def config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], format: str, *, act: str = "quick_gelu"
+) -> CLIPConfig:
+    """Infer the config from weight shapes, as OpenAI's loader does. Heads are width / 64
+    (the convention of every published CLIP); ``act`` cannot be read off weights (OpenAI's
+    and Hugging Face's CLIPs use ``quick_gelu``)."""
+    _check_format(format)
+    sd = strip_prefix(state_dict, "module.")
+    found = detect_format(sd)
+    if found != format:
+        hint = f": use format={found!r}" if found else ""
+        raise ConversionError(
+            f"format={format!r} but the state dict is in {found or 'no known CLIP'} layout{hint}"
+        )
+    probe = _PROBES[format]
+    try:
+
+        def depth(pattern: str) -> int:
+            n = 0
+            while pattern.format(n) in sd:
+                n += 1
+            return n
+
+        width, channels, patch, _ = sd[probe.patch].shape
+        vocab, text_width = sd[probe.token].shape
+        return CLIPConfig(
+            embed_dim=probe.embed_dim(sd),
+            image_size=math.isqrt(sd[probe.image_pos].shape[0] - 1) * patch,
+            patch_size=patch,
+            image_width=width,
+            image_layers=depth(probe.image_block),
+            image_heads=width // 64,
+            in_channels=channels,
+            context_length=sd[probe.text_pos].shape[0],
+            vocab_size=vocab,
+            text_width=text_width,
+            text_layers=depth(probe.text_block),
+            text_heads=text_width // 64,
+            mlp_ratio=sd[probe.image_fc1].shape[0] / width,
+            act=act,
+        )
+    except KeyError as e:
+        raise ConversionError(
+            f"{format} state dict lacks {e.args[0]!r}: cannot infer its config"
+        ) from e
+
+
+# ----------------------------------------------------------------------------- files
+
+_FROM = {"open_clip": from_open_clip, "hf": from_hf, "torchmultimodal": from_torchmultimodal}
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors``, ``.pt``/``.pth``/``.bin`` (``torch.save`` or a
+    TorchScript archive such as OpenAI's originals) file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as e:
+            if "TorchScript" not in str(e) and "zip archive" not in str(e):
+                raise
+            obj = torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as e:  # the file's own reader says what is wrong; we name the file
+        raise ConversionError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    format: str,
+    cfg: CLIPConfig | None = None,
+    act: str = "quick_gelu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Params, CLIPConfig]:
+    """``(params, cfg)`` from a checkpoint file a user already has.
+
+    ``format``: one of :data:`FORMATS`. ``cfg``: the model's config; if omitted, a Hugging
+    Face ``config.json`` beside the file is used, else the sizes are read off the weights
+    (see :func:`config_from_state_dict`; ``act`` then names the activation).
+    """
+    _check_format(format)
+    state_dict = read_state_dict(path)
+    if cfg is None:
+        beside = Path(path).with_name("config.json")
+        if format == "hf" and beside.is_file():
+            cfg = config_from_hf(beside)
+        else:
+            cfg = config_from_state_dict(state_dict, format, act=act)
+    return _FROM[format](state_dict, cfg, dtype=dtype), cfg
