@@ -1,0 +1,560 @@
+"""Autoregressive decoding with an explicit, preallocated key/value cache.
+
+The cache is a pytree the caller owns::
+
+    {"layers": [{"k": [B, heads, max_len, head_dim], "v": ...,      # self-attention
+                 "ck": [B, heads, ctx_len, head_dim], "cv": ...},   # cross-attention (optional)
+                ...],
+     "pos":   int64 [B]   tokens seen per sequence (the next token's position id),
+     "start": int64 [B]   the slot of each sequence's first real token,
+     "context_mask": bool [B, ctx_len]                               (cross-attention only)}
+
+**Prompts of different lengths are left-padded** (right-aligned): a batch of prompts is one
+``[B, S]`` tensor whose row ``b`` holds ``S - lengths[b]`` padding tokens and then its
+prompt. Slot ``j`` of row ``b`` holds the token at position id ``j - start[b]``; slots
+before ``start[b]`` are masked out as keys, so padding never changes a result, and after
+the prefill every row writes its next token to the same slot.
+
+A decoding step attends over the whole preallocated cache with a boolean mask built from
+``start`` and ``pos`` (explicit offsets, no ``is_causal``), so a step costs the same at
+position 10 and 1000 and, with ``pos`` a tensor, a compiled step never recompiles.
+
+The functions are generic over a :class:`DecoderSpec`: how a model embeds tokens at given
+positions, where its pre-norm blocks (:mod:`fmm.nn.transformer`'s layout) live, and its
+output head. A model family provides one (``models.gpt.decoder_spec(cfg)``); every ``cfg=``
+below takes a spec or a config with a ``decoder_spec`` attribute.
+
+Example::
+
+    spec = models.gpt.decoder_spec(cfg)
+    out = generate(params, prompt, cfg=spec, max_new_tokens=32, key=fmm.random.key(0),
+                   temperature=0.8, top_k=40, eos_id=50256)
+    out.tokens   # [B, 32], pad_id after each row's end-of-sequence token
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from fmm import random
+from fmm.nn.linear import linear
+from fmm.nn.mlp import mlp
+from fmm.nn.norm import layer_norm
+from fmm.nn.transformer import TransformerConfig
+
+Params = dict[str, Any]
+Cache = dict[str, Any]
+
+__all__ = [
+    "DecoderSpec",
+    "Generation",
+    "Sampling",
+    "decode_step",
+    "generate",
+    "greedy",
+    "init_cache",
+    "prefill",
+    "sample",
+    "top_k_mask",
+    "top_p_mask",
+]
+
+
+def _blocks_of(params: Params) -> Sequence[Params]:
+    return params["transformer"]["blocks"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderSpec:
+    """What decoding needs to know about a decoder-only model (hashable, so compile guards
+    on it cheaply; build it once per config, e.g. with ``functools.cache``).
+
+    ``transformer``: the stack's config; its blocks are pre-norm :func:`fmm.nn.block`s.
+    ``embed(params, tokens [B, S], positions [B, S]) -> [B, S, width]``: token (and position)
+    embedding; ``positions`` are per-sequence position ids, 0 at each prompt's first token.
+    ``head(params, h [B, S, width]) -> logits [B, S, vocab]``: final norm and output layer.
+    ``blocks(params)``: the list of block params (default ``params["transformer"]["blocks"]``).
+    ``max_positions``: the longest sequence ``embed`` supports (``None``: unbounded).
+    """
+
+    transformer: TransformerConfig
+    embed: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
+    head: Callable[[Params, torch.Tensor], torch.Tensor]
+    blocks: Callable[[Params], Sequence[Params]] = _blocks_of
+    max_positions: int | None = None
+
+
+def _as_spec(cfg: Any) -> DecoderSpec:
+    if isinstance(cfg, DecoderSpec):
+        return cfg
+    spec = getattr(cfg, "decoder_spec", None)
+    if isinstance(spec, DecoderSpec):
+        return spec
+    raise TypeError(
+        f"cfg must be a DecoderSpec or a config with a decoder_spec attribute, "
+        f"got {type(cfg).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def init_cache(
+    cfg: Any,
+    batch: int,
+    max_len: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    context_len: int | None = None,
+) -> Cache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt included).
+
+    ``k``/``v``: zeros ``[batch, heads, max_len, head_dim]`` per layer; ``pos``/``start``:
+    zeros ``[batch]``. A model with cross-attention also gets ``ck``/``cv``
+    ``[batch, heads, context_len, head_dim]``, filled by :func:`prefill`.
+
+    Example: ``cache = init_cache(spec, 4, 128)``.
+    """
+    spec = _as_spec(cfg)
+    t = spec.transformer
+    if batch < 1:
+        raise ValueError(f"init_cache: batch must be >= 1, got {batch}")
+    if max_len < 1:
+        raise ValueError(f"init_cache: max_len must be >= 1, got {max_len}")
+    if spec.max_positions is not None and max_len > spec.max_positions:
+        raise ValueError(
+            f"init_cache: max_len={max_len} exceeds the model's {spec.max_positions} positions"
+        )
+    cross = t.cross_dim is not None
+    if cross and (context_len is None or context_len < 1):
+        raise ValueError(
+            f"init_cache: a cross-attending model needs context_len >= 1, got {context_len}"
+        )
+    head_dim = t.width // t.heads
+
+    def zeros(length: int) -> torch.Tensor:
+        return torch.zeros(batch, t.heads, length, head_dim, dtype=dtype, device=device)
+
+    layers = []
+    for _ in range(t.layers):
+        layer = {"k": zeros(max_len), "v": zeros(max_len)}
+        if cross:
+            layer["ck"], layer["cv"] = zeros(context_len), zeros(context_len)
+        layers.append(layer)
+    cache: Cache = {
+        "layers": layers,
+        "pos": torch.zeros(batch, dtype=torch.int64, device=device),
+        "start": torch.zeros(batch, dtype=torch.int64, device=device),
+    }
+    if cross:
+        cache["context_mask"] = torch.ones(batch, context_len, dtype=torch.bool, device=device)
+    return cache
+
+
+def _write(buf: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, donate: bool):
+    """``buf [B, H, L, D]`` with ``new [B, H, S, D]`` at ``slots [B, S]`` along L."""
+    index = slots[:, None, :, None].expand(new.shape)
+    # Donated buffers belong to the loop that allocated them: writing one slot in place keeps
+    # a step O(1) in memory traffic instead of copying the whole cache.
+    return buf.scatter_(2, index, new) if donate else buf.scatter(2, index, new)
+
+
+def _self_mask(slots: torch.Tensor, start: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``[B, 1, S, max_len]``: the query in slot ``s`` sees real keys in slots ``<= s``.
+
+    A padding query also sees itself, so its softmax row is never empty: an all-masked row
+    would be NaN, and NaN * 0 attention weight in a later layer is still NaN.
+    """
+    j = torch.arange(max_len, device=slots.device)
+    s = slots[:, :, None]
+    visible = ((j >= start[:, None, None]) & (j <= s)) | (j == s)
+    return visible[:, None]
+
+
+def _run(
+    params: Params,
+    tokens: torch.Tensor,
+    cache: Cache,
+    spec: DecoderSpec,
+    slots: torch.Tensor,
+    start: torch.Tensor,
+    positions: torch.Tensor,
+    donate: bool,
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> tuple[torch.Tensor, list[Params]]:
+    t = spec.transformer
+    x = spec.embed(params, tokens, positions)
+    mask = _self_mask(slots, start, cache["layers"][0]["k"].shape[2]) if t.layers else None
+    cmask = cache["context_mask"][:, None, None, :] if "context_mask" in cache else None
+    layers = []
+    for i, (bp, layer) in enumerate(zip(spec.blocks(params), cache["layers"])):
+        h = layer_norm(bp["norm1"], x, eps=t.norm_eps)
+        q, k, v = rearrange(
+            linear(bp["attn"]["qkv"], h), "b s (n h d) -> n b h s d", n=3, h=t.heads
+        )
+        k_all = _write(layer["k"], slots, k, donate)
+        v_all = _write(layer["v"], slots, v, donate)
+        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        x = x + linear(bp["attn"]["out"], rearrange(a, "b h s d -> b s (h d)"))
+        new = {**layer, "k": k_all, "v": v_all}
+        if t.cross_dim is not None:
+            ck, cv = cross_kv[i] if cross_kv is not None else (layer["ck"], layer["cv"])
+            new["ck"], new["cv"] = ck, cv
+            h = layer_norm(bp["norm_cross"], x, eps=t.norm_eps)
+            q = rearrange(linear(bp["cross"]["q"], h), "b s (h d) -> b h s d", h=t.heads)
+            a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cmask)
+            x = x + linear(bp["cross"]["out"], rearrange(a, "b h s d -> b s (h d)"))
+        x = x + mlp(bp["mlp"], layer_norm(bp["norm2"], x, eps=t.norm_eps), act=t.act)
+        layers.append(new)
+    return spec.head(params, x), layers
+
+
+def _check_batch(name: str, tokens: torch.Tensor, cache: Cache) -> None:
+    b = cache["pos"].shape[0]
+    if tokens.shape[0] != b:
+        raise ValueError(
+            f"{name}: tokens have batch {tokens.shape[0]} but the cache was built for batch {b} "
+            f"(tokens {list(tokens.shape)}, cache pos {list(cache['pos'].shape)})"
+        )
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: tokens must be int64 ids, got {tokens.dtype}")
+
+
+def prefill(
+    params: Params,
+    tokens: torch.Tensor,
+    cache: Cache,
+    *,
+    cfg: Any,
+    lengths: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    donate: bool = False,
+) -> tuple[torch.Tensor, Cache]:
+    """Run ``tokens: [B, S]`` through the model, writing their keys/values into the cache.
+
+    ``lengths: [B]``: real tokens per row of a left-padded batch (first prefill only; default
+    all ``S``). On a cache that already holds tokens, ``tokens`` continue every row (a
+    chunked prefill). ``context: [B, T, cross_dim]`` (cross-attending models, first prefill)
+    fills the cross-attention keys/values once; ``context_mask: [B, T]`` marks real ones.
+    ``donate``: the cache's buffers may be overwritten (pass it only for a cache nobody else
+    reads); by default the caller's cache is left untouched.
+
+    Returns ``(logits [B, S, vocab], new_cache)``; logits at padding slots are meaningless.
+
+    Example: ``logits, cache = prefill(params, prompt, init_cache(spec, 2, 64), cfg=spec)``.
+    """
+    spec = _as_spec(cfg)
+    if tokens.dim() != 2:
+        raise ValueError(f"prefill: tokens must be [batch, seq], got shape {list(tokens.shape)}")
+    _check_batch("prefill", tokens, cache)
+    batch, seq = tokens.shape
+    if seq == 0:
+        raise ValueError("prefill: the prompt is empty (tokens of shape [batch, 0])")
+    max_len = cache["layers"][0]["k"].shape[2] if cache["layers"] else None
+    filled = cache["start"] + cache["pos"]
+    fresh = not torch.compiler.is_compiling() and not bool(filled.any())
+    if not torch.compiler.is_compiling() and max_len is not None:
+        end = int(filled.max()) + seq
+        if end > max_len:
+            raise ValueError(
+                f"prefill: the prompt needs {end} cache slots ({seq} new tokens after "
+                f"{end - seq} cached) but the cache has max_len={max_len}"
+            )
+    if lengths is not None:
+        if not fresh:
+            raise ValueError("prefill: lengths= is only allowed on an empty cache")
+        lengths = torch.as_tensor(lengths, device=tokens.device)
+        if lengths.shape != (batch,):
+            raise ValueError(
+                f"prefill: lengths must be [batch]=[{batch}], got {list(lengths.shape)}"
+            )
+        if bool((lengths < 1).any()) or bool((lengths > seq).any()):
+            raise ValueError(
+                f"prefill: every length must be in [1, {seq}] (a row may not be empty), "
+                f"got {lengths.tolist()}"
+            )
+        start = (seq - lengths).to(torch.int64)
+    else:
+        start = cache["start"]
+    slots = filled[:, None] + torch.arange(seq, device=tokens.device)
+    positions = (slots - start[:, None]).clamp(min=0)
+
+    t = spec.transformer
+    cross_kv = None
+    new_cache: Cache = {"start": start}
+    if t.cross_dim is not None and context is not None:
+        want_t = cache["layers"][0]["ck"].shape[2]
+        if context.shape != (batch, want_t, t.cross_dim):
+            raise ValueError(
+                f"prefill: context must be [batch, context_len, cross_dim]="
+                f"{[batch, want_t, t.cross_dim]}, got {list(context.shape)}"
+            )
+        cross_kv = []
+        for bp in spec.blocks(params):
+            ck, cv = rearrange(
+                linear(bp["cross"]["kv"], context), "b t (n h d) -> n b h t d", n=2, h=t.heads
+            )
+            cross_kv.append((ck, cv))
+        cm = torch.ones(batch, want_t, dtype=torch.bool, device=tokens.device)
+        if context_mask is not None:
+            if context_mask.shape != (batch, want_t):
+                raise ValueError(
+                    f"prefill: context_mask must be [batch, context_len]={[batch, want_t]}, "
+                    f"got {list(context_mask.shape)}"
+                )
+            cm = context_mask.bool()
+        new_cache["context_mask"] = cm
+    elif t.cross_dim is not None and fresh:
+        raise ValueError("prefill: a cross-attending model needs context= at the first prefill")
+    elif "context_mask" in cache:
+        new_cache["context_mask"] = cache["context_mask"]
+
+    run_cache = {**cache, **new_cache}
+    logits, layers = _run(
+        params, tokens, run_cache, spec, slots, start, positions, donate, cross_kv
+    )
+    new_cache.update(layers=layers, pos=slots[:, -1] + 1 - start)
+    return logits, {**cache, **new_cache}
+
+
+def decode_step(
+    params: Params, token: torch.Tensor, cache: Cache, *, cfg: Any, donate: bool = False
+) -> tuple[torch.Tensor, Cache]:
+    """Feed one token per sequence, ``token: [B]`` (or ``[B, 1]``), after a :func:`prefill`.
+
+    Returns ``(logits [B, vocab], new_cache)`` with ``pos`` advanced by one. Pure unless
+    ``donate`` (then the cache's buffers are written in place: only for a cache the caller
+    will not read again, as in :func:`generate`). Eagerly, writing past ``max_len`` raises;
+    compiled, the caller must keep ``start + pos < max_len``.
+
+    Example: ``logits, cache = decode_step(params, logits.argmax(-1), cache, cfg=spec)``.
+    """
+    spec = _as_spec(cfg)
+    if token.dim() == 2 and token.shape[1] == 1:
+        token = token[:, 0]
+    if token.dim() != 1:
+        raise ValueError(
+            f"decode_step: token must be [batch] or [batch, 1], got {list(token.shape)}"
+        )
+    _check_batch("decode_step", token, cache)
+    slots = (cache["start"] + cache["pos"])[:, None]
+    if not torch.compiler.is_compiling() and cache["layers"]:
+        max_len = cache["layers"][0]["k"].shape[2]
+        if int(slots.max()) >= max_len:
+            raise ValueError(f"decode_step: the cache is full (max_len={max_len})")
+    logits, layers = _run(
+        params, token[:, None], cache, spec, slots, cache["start"], cache["pos"][:, None],
+        donate, None,
+    )  # fmt: skip
+    return logits[:, 0], {**cache, "layers": layers, "pos": cache["pos"] + 1}
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token: ``logits [..., vocab] -> int64 [...]``."""
+    return logits.argmax(dim=-1)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``[..., vocab]``: True for the ``k`` largest logits (and any tied with the k-th)."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    k = min(k, logits.shape[-1])
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits >= kth
+
+
+def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool ``[..., vocab]``: the smallest set of most likely tokens whose probability sums to
+    at least ``p`` (nucleus sampling); the most likely token is always in it."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep_sorted = mass_before < p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample(
+    logits: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of ``logits: [..., vocab]`` -> int64 ``[...]``.
+
+    ``temperature == 0`` is greedy. Otherwise the logits are divided by ``temperature``,
+    restricted to :func:`top_k_mask` then :func:`top_p_mask`, and sampled with the Gumbel-max
+    trick from ``key`` (the same key always draws the same tokens, eager or compiled).
+
+    Example: ``tok = sample(logits, fmm.random.key(0), temperature=0.8, top_p=0.9)``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return greedy(logits)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(~top_k_mask(logits, top_k), float("-inf"))
+    if top_p is not None:
+        logits = logits.masked_fill(~top_p_mask(logits, top_p), float("-inf"))
+    u = random.uniform(key, logits.shape).clamp(min=1e-12)
+    return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """A sampler's static settings (see :func:`sample`); ``temperature=0`` is greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"Sampling: temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"Sampling: top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"Sampling: top_p must be in (0, 1], got {self.top_p}")
+
+    def __call__(self, logits: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return sample(logits, key, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+class Generation(NamedTuple):
+    """``tokens``: int64 ``[B, max_new_tokens]``, ``pad_id`` after a row's EOS;
+    ``lengths``: int64 ``[B]``, new tokens per row up to and including its EOS."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _pick(logits, done, key, sampling: Sampling, eos_id, pad_id):
+    tok = sampling(logits, key)
+    tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+    if eos_id is not None:
+        done = done | (tok == eos_id)
+    return tok, done
+
+
+def _advance(params, token, cache, done, key, spec, sampling, eos_id, pad_id):
+    """One generation step: feed ``token``, pick the next one. Compiled as one graph."""
+    logits, cache = decode_step(params, token, cache, cfg=spec, donate=True)
+    tok, done = _pick(logits, done, key, sampling, eos_id, pad_id)
+    return tok, done, cache
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_advance(backend: str) -> Callable:
+    # One compiled function per backend for the whole process: dynamo's cache lives on it,
+    # so a second generate() with the same shapes reuses the graph instead of recompiling.
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_advance, fullgraph=True, dynamic=False, backend=backend)
+    return _COMPILED[backend]
+
+
+def generate(
+    params: Params,
+    prompt: torch.Tensor,
+    *,
+    cfg: Any,
+    max_new_tokens: int,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    lengths: torch.Tensor | None = None,
+    max_len: int | None = None,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    compile: bool | str = False,
+) -> Generation:
+    """Continue each prompt of ``prompt: [B, S]`` (left-padded; ``lengths: [B]`` real tokens
+    per row) by ``max_new_tokens`` tokens.
+
+    Sampling: ``temperature=0`` (default) is greedy; otherwise pass ``key`` (with optional
+    ``top_k``/``top_p``). A row stops at ``eos_id`` (later tokens are ``pad_id``); the loop
+    ends early once every row has. ``max_len``: the cache size (default ``S +
+    max_new_tokens - 1``; fix it to reuse one compiled step across prompt lengths).
+    ``compile``: ``True`` compiles the decode step with inductor (or name a backend); it
+    compiles once per shape and is reused by later calls. The cache is private to the call,
+    so ``generate`` can be called any number of times. ``context``/``context_mask``: for
+    cross-attending models (see :func:`prefill`).
+
+    Returns a :class:`Generation` ``(tokens [B, max_new_tokens], lengths [B])``.
+
+    Example::
+
+        out = generate(params, prompt, cfg=spec, max_new_tokens=16, key=fmm.random.key(0),
+                       temperature=1.0, top_p=0.9, eos_id=2, compile=True)
+    """
+    spec = _as_spec(cfg)
+    if prompt.dim() != 2:
+        raise ValueError(f"generate: prompt must be [batch, seq], got shape {list(prompt.shape)}")
+    batch, seq = prompt.shape
+    if seq == 0:
+        raise ValueError("generate: the prompt is empty (shape [batch, 0])")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature > 0 and key is None:
+        raise ValueError("generate: sampling with temperature > 0 needs key=")
+    need = seq + max_new_tokens - 1
+    max_len = need if max_len is None else max_len
+    if need > max_len:
+        raise ValueError(
+            f"generate: a prompt of {seq} tokens plus {max_new_tokens} new ones needs "
+            f"max_len >= {need}, got max_len={max_len}"
+        )
+    leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"] if spec.transformer.layers else None
+    dtype = leaf.dtype if leaf is not None else torch.float32
+    ctx_len = None if context is None else context.shape[1]
+    cache = init_cache(spec, batch, max_len, dtype=dtype, device=prompt.device, context_len=ctx_len)
+    logits, cache = prefill(
+        params, prompt, cache, cfg=spec, lengths=lengths, context=context,
+        context_mask=context_mask, donate=True,
+    )  # fmt: skip
+    keys = random.split(key if key is not None else random.key(0).to(prompt.device), max_new_tokens)
+    done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+    tok, done = _pick(logits[:, -1], done, keys[0], sampling, eos_id, pad_id)
+    out = [tok]
+    backend = "inductor" if compile is True else compile
+    step = _compiled_advance(backend) if backend else _advance
+    for i in range(1, max_new_tokens):
+        if eos_id is not None and bool(done.all()):
+            break
+        tok, done, cache = step(params, tok, cache, done, keys[i], spec, sampling, eos_id, pad_id)
+        out.append(tok)
+    tokens = torch.stack(out, dim=1)
+    if tokens.shape[1] < max_new_tokens:
+        fill = tokens.new_full((batch, max_new_tokens - tokens.shape[1]), pad_id)
+        tokens = torch.cat([tokens, fill], dim=1)
+    if eos_id is None:
+        new_lengths = torch.full((batch,), max_new_tokens, dtype=torch.int64, device=prompt.device)
+    else:
+        hit = tokens == eos_id
+        first = torch.where(hit.any(1), hit.int().argmax(1) + 1, max_new_tokens)
+        new_lengths = first.to(torch.int64)
+    return Generation(tokens, new_lengths)

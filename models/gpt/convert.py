@@ -1,0 +1,137 @@
+"""GPT weights from and to Hugging Face's ``transformers.GPT2LMHeadModel``.
+
+Hugging Face's GPT-2 stores its projections as ``Conv1D`` weights ``[in, out]``: each is
+transposed into our ``[out, in]``. Its fused ``c_attn`` already stacks q, k, v along the
+output axis, as our ``attn.qkv`` does. ``lm_head.weight`` is tied to ``wte`` (accepted and
+ignored on import, written on export), and the causal-mask buffers ``attn.bias`` /
+``attn.masked_bias`` that older versions save are accepted and ignored. Conversions are
+strict: one :class:`fmm.convert.ConversionError` lists every missing, unexpected and
+mis-shaped key.
+
+Example::
+
+    cfg = config_from_hf(hf_model.config)
+    params = from_hf(hf_model.state_dict(), cfg)
+    hf_model.load_state_dict(to_hf(params, cfg))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fmm import random
+from fmm.convert import (
+    ConversionError,
+    Rule,
+    export_state_dict,
+    import_state_dict,
+    same,
+    strip_prefix,
+    transpose,
+)
+from models.gpt.config import GPTConfig
+from models.gpt.model import init
+
+Params = dict[str, Any]
+
+_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def _conv1d(ours: str, theirs: str) -> list[Rule]:
+    return [
+        Rule(f"{ours}.weight", (f"{theirs}.weight",), to_ours=transpose, to_theirs=transpose),
+        same(f"{ours}.bias", f"{theirs}.bias"),
+    ]
+
+
+def _norm(ours: str, theirs: str) -> list[Rule]:
+    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
+
+
+def hf_rules(cfg: GPTConfig) -> list[Rule]:
+    """The key map between our params and a ``GPT2LMHeadModel`` state dict (tied head aside)."""
+    rules = [
+        same("token.weight", "transformer.wte.weight"),
+        same("pos", "transformer.wpe.weight"),
+        *_norm("norm_final", "transformer.ln_f"),
+    ]
+    for i in range(cfg.layers):
+        ours, theirs = f"transformer.blocks.{i}", f"transformer.h.{i}"
+        rules += _norm(f"{ours}.norm1", f"{theirs}.ln_1")
+        rules += _norm(f"{ours}.norm2", f"{theirs}.ln_2")
+        rules += _conv1d(f"{ours}.attn.qkv", f"{theirs}.attn.c_attn")
+        rules += _conv1d(f"{ours}.attn.out", f"{theirs}.attn.c_proj")
+        rules += _conv1d(f"{ours}.mlp.fc1", f"{theirs}.mlp.c_fc")
+        rules += _conv1d(f"{ours}.mlp.fc2", f"{theirs}.mlp.c_proj")
+    return rules
+
+
+def _buffers(cfg: GPTConfig) -> list[str]:
+    names = ["lm_head.weight"]
+    for i in range(cfg.layers):
+        names += [f"transformer.h.{i}.attn.bias", f"transformer.h.{i}.attn.masked_bias"]
+    return names
+
+
+def from_hf(state_dict: Mapping[str, torch.Tensor], cfg: GPTConfig) -> Params:
+    """Our params from a ``GPT2LMHeadModel`` (or bare ``GPT2Model``) state dict.
+
+    Raises :class:`fmm.convert.ConversionError` listing every missing, unexpected and
+    mis-shaped key, or if ``lm_head.weight`` is present but differs from ``wte`` (an untied
+    head has no place in our tree).
+    """
+    sd = dict(state_dict)
+    if not any(k.startswith("transformer.") for k in sd):
+        sd = {f"transformer.{k}": v for k, v in sd.items()}  # GPT2Model has no prefix
+    sd = strip_prefix(sd, "module.")
+    head = sd.get("lm_head.weight")
+    wte = sd.get("transformer.wte.weight")
+    tied = head is None or wte is None or head.shape != wte.shape or torch.equal(head, wte)
+    if not tied:
+        raise ConversionError(
+            "hf: lm_head.weight differs from transformer.wte.weight; GPT ties them"
+        )
+    like = init(cfg, random.key(0).to("meta"))
+    return import_state_dict(sd, hf_rules(cfg), like=like, source="hf", ignore=_buffers(cfg))
+
+
+def to_hf(params: Params, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A ``GPT2LMHeadModel`` state dict of ``params`` (``lm_head.weight`` = ``wte``), ready
+    for ``load_state_dict``."""
+    sd = export_state_dict(params, hf_rules(cfg))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def config_from_hf(hf_config: Any) -> GPTConfig:
+    """A :class:`GPTConfig` from a ``transformers.GPT2Config`` (or anything with its fields).
+
+    Raises ``ValueError`` for GPT-2 variants this model does not implement.
+    """
+    act = getattr(hf_config, "activation_function", "gelu_new")
+    if act not in _ACTS:
+        raise ValueError(f"config_from_hf: unsupported activation_function {act!r}")
+    for flag in (
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+        "add_cross_attention",
+    ):
+        if getattr(hf_config, flag, False):
+            raise ValueError(f"config_from_hf: {flag}=True is not supported")
+    if not getattr(hf_config, "scale_attn_weights", True):
+        raise ValueError("config_from_hf: scale_attn_weights=False is not supported")
+    width = hf_config.n_embd
+    inner = getattr(hf_config, "n_inner", None) or 4 * width
+    return GPTConfig(
+        vocab_size=hf_config.vocab_size,
+        context_length=hf_config.n_positions,
+        width=width,
+        layers=hf_config.n_layer,
+        heads=hf_config.n_head,
+        mlp_ratio=inner / width,
+        act=_ACTS[act],
+        norm_eps=hf_config.layer_norm_epsilon,
+    )
