@@ -278,7 +278,7 @@ def prefill(
             )
         if bool((lengths < 1).any()) or bool((lengths > seq).any()):
             raise ValueError(
-                f"prefill: every length must be in [1, {seq}] (a row may not be empty), "
+                f"prefill: every entry of lengths must be in [1, {seq}] (no empty row), "
                 f"got {lengths.tolist()}"
             )
         start = (seq - lengths).to(torch.int64)
@@ -448,18 +448,20 @@ class Generation(NamedTuple):
 
 
 def _pick(logits, done, key, sampling: Sampling, eos_id, pad_id):
+    """``(output token, token to feed back, done)``: a finished row outputs ``pad_id`` but
+    keeps feeding its sampled token, so ``pad_id`` need not be a valid input id."""
     tok = sampling(logits, key)
-    tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+    out = torch.where(done, torch.full_like(tok, pad_id), tok)
     if eos_id is not None:
         done = done | (tok == eos_id)
-    return tok, done
+    return out, tok, done
 
 
 def _advance(params, token, cache, done, key, spec, sampling, eos_id, pad_id):
     """One generation step: feed ``token``, pick the next one. Compiled as one graph."""
     logits, cache = decode_step(params, token, cache, cfg=spec, donate=True)
-    tok, done = _pick(logits, done, key, sampling, eos_id, pad_id)
-    return tok, done, cache
+    out, tok, done = _pick(logits, done, key, sampling, eos_id, pad_id)
+    return out, tok, done, cache
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -538,15 +540,17 @@ def generate(
     )  # fmt: skip
     keys = random.split(key if key is not None else random.key(0).to(prompt.device), max_new_tokens)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-    tok, done = _pick(logits[:, -1], done, keys[0], sampling, eos_id, pad_id)
-    out = [tok]
+    first, tok, done = _pick(logits[:, -1], done, keys[0], sampling, eos_id, pad_id)
+    out = [first]
     backend = "inductor" if compile is True else compile
     step = _compiled_advance(backend) if backend else _advance
     for i in range(1, max_new_tokens):
         if eos_id is not None and bool(done.all()):
             break
-        tok, done, cache = step(params, tok, cache, done, keys[i], spec, sampling, eos_id, pad_id)
-        out.append(tok)
+        new, tok, done, cache = step(
+            params, tok, cache, done, keys[i], spec, sampling, eos_id, pad_id
+        )
+        out.append(new)
     tokens = torch.stack(out, dim=1)
     if tokens.shape[1] < max_new_tokens:
         fill = tokens.new_full((batch, max_new_tokens - tokens.shape[1]), pad_id)
