@@ -1,4 +1,5 @@
-"""Built-in data: the procedural shapes world and its word-level tokenizer."""
+"""Built-in data: the procedural shapes world, its word-level tokenizer, and the CLIP BPE
+and BERT WordPiece tokenizers for pretrained text towers."""
 
 from train.data.shapes import (
     COLOR_RGB,
@@ -12,11 +13,13 @@ from train.data.shapes import (
     scene_stream,
     vocabulary,
 )
-from train.data.tokenizer import WordTokenizer
+from train.data.tokenizers import CLIPTokenizer, WordPieceTokenizer, WordTokenizer
 
 __all__ = [
     "COLOR_RGB",
+    "CLIPTokenizer",
     "Scenes",
+    "WordPieceTokenizer",
     "WordTokenizer",
     "WorldConfig",
     "class_names",
