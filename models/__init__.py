@@ -11,10 +11,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from models import clip
+from models import clip, gpt
 
 REGISTRY: dict[str, Callable[[], Any]] = {**clip.PRESETS}
 _FAMILIES = {clip.CLIPConfig: clip}
+REGISTRY.update(gpt.PRESETS)
+_FAMILIES[gpt.GPTConfig] = gpt
 
 
 def get_config(name: str, **overrides: Any) -> Any:
@@ -34,4 +36,4 @@ def family_of(cfg: Any) -> ModuleType:
         raise TypeError(f"no model family for config type {type(cfg).__name__}") from None
 
 
-__all__ = ["REGISTRY", "clip", "family_of", "get_config"]
+__all__ = ["REGISTRY", "clip", "family_of", "get_config", "gpt"]
