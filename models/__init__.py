@@ -11,12 +11,16 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from models import clip, gpt
+from models import clip, gpt, mmgpt, vqvae
 
 REGISTRY: dict[str, Callable[[], Any]] = {**clip.PRESETS}
 _FAMILIES = {clip.CLIPConfig: clip}
 REGISTRY.update(gpt.PRESETS)
 _FAMILIES[gpt.GPTConfig] = gpt
+REGISTRY.update(vqvae.PRESETS)
+_FAMILIES[vqvae.VQVAEConfig] = vqvae
+REGISTRY.update(mmgpt.PRESETS)
+_FAMILIES[mmgpt.MMGPTConfig] = mmgpt
 
 
 def get_config(name: str, **overrides: Any) -> Any:
@@ -36,4 +40,4 @@ def family_of(cfg: Any) -> ModuleType:
         raise TypeError(f"no model family for config type {type(cfg).__name__}") from None
 
 
-__all__ = ["REGISTRY", "clip", "family_of", "get_config", "gpt"]
+__all__ = ["REGISTRY", "clip", "family_of", "get_config", "gpt", "mmgpt", "vqvae"]

@@ -1,0 +1,194 @@
+"""The multimodal GPT as pure functions: ``init``, ``apply``, ``loss``, ``generate_images``.
+
+A sequence is ``text_len`` caption tokens then ``image_len`` VQ-VAE codes in raster order,
+all in one id space (image code ``c`` is id ``text_vocab + c``). Param tree::
+
+    text.token.weight     [text_vocab, width]    per-modality embeddings
+    image.token.weight    [image_vocab, width]
+    pos                   [seq_len, width]       learned positions
+    transformer.blocks.N  pre-norm causal blocks
+    norm_final
+    text.head.weight      [text_vocab, width]    per-modality output heads
+    image.head.weight     [image_vocab, width]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from fmm import nn, random
+from models.mmgpt.config import MMGPTConfig
+
+Params = dict[str, Any]
+MODALITIES = ("text", "image")
+
+
+def init(cfg: MMGPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
+    """Fresh params for ``cfg``, each subtree keyed by its path.
+
+    Example: ``params = init(mmgpt_shapes(), fmm.random.key(0))``.
+    """
+    w, dev = cfg.width, key.device
+    kt, ki = random.fold_in(key, "text"), random.fold_in(key, "image")
+
+    def modality(k: torch.Tensor, vocab: int) -> Params:
+        return {
+            "token": nn.init_embedding(vocab, w, random.fold_in(k, "token"), dtype=dtype),
+            "head": nn.init_linear(w, vocab, random.fold_in(k, "head"), bias=False, dtype=dtype),
+        }
+
+    return {
+        "text": modality(kt, cfg.text_vocab),
+        "image": modality(ki, cfg.image_vocab),
+        "pos": nn.init_learned_positions(
+            cfg.seq_len, w, random.fold_in(key, "pos"), std=0.02, dtype=dtype
+        ),
+        "transformer": nn.init_transformer(
+            cfg.transformer, random.fold_in(key, "transformer"), dtype=dtype
+        ),
+        "norm_final": nn.init_layer_norm(w, device=dev, dtype=dtype),
+    }
+
+
+def _check_tokens(tokens: torch.Tensor, cfg: MMGPTConfig, name: str = "tokens") -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{name} must be an int64 tensor [batch, seq], got {got}")
+    if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= cfg.seq_len:
+        raise ValueError(
+            f"{name} must have shape [batch, 1..{cfg.seq_len}], got {list(tokens.shape)}"
+        )
+
+
+def modality_mask(cfg: MMGPTConfig, modality: str, *, device=None) -> torch.Tensor:
+    """Bool ``[vocab_size]``: True at the ids of ``modality`` (``"text"`` or ``"image"``).
+
+    Example: ``mask_logits(logits, modality_mask(cfg, "image"))`` can only sample image codes.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    is_image = torch.arange(cfg.vocab_size, device=device) >= cfg.text_vocab
+    return is_image if modality == "image" else ~is_image
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits [..., vocab]`` with every id where ``allowed [vocab]`` is False set to ``-inf``,
+    so no sampler (greedy, temperature, top-k, top-p) can pick it."""
+    if allowed.shape != logits.shape[-1:]:
+        raise ValueError(
+            f"allowed must have shape [{logits.shape[-1]}] to match logits {list(logits.shape)}, "
+            f"got {list(allowed.shape)}"
+        )
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def embed_tokens(
+    params: Params, tokens: torch.Tensor, *, cfg: MMGPTConfig, offset: int = 0
+) -> torch.Tensor:
+    """Per-modality token embeddings plus positions ``offset..``: ``[B, S] -> [B, S, width]``."""
+    is_image = tokens >= cfg.text_vocab
+    # Clamp so both lookups are in range; `where` keeps the right one for each id.
+    text = nn.embed(params["text"]["token"], tokens.clamp(max=cfg.text_vocab - 1))
+    image = nn.embed(params["image"]["token"], (tokens - cfg.text_vocab).clamp(min=0))
+    x = torch.where(is_image[..., None], image, text)
+    return x + params["pos"][offset : offset + tokens.shape[1]]
+
+
+def output_logits(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
+    """Both heads on final features ``h: [B, S, width]``: ``[B, S, vocab_size]`` (text ids first)."""
+    return torch.cat(
+        [nn.linear(params["text"]["head"], h), nn.linear(params["image"]["head"], h)], dim=-1
+    )
+
+
+def features(
+    params: Params,
+    tokens: torch.Tensor,
+    *,
+    cfg: MMGPTConfig,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+) -> torch.Tensor:
+    """Causal features after the final norm: ``tokens [B, S]`` (unified ids) -> ``[B, S, width]``."""
+    _check_tokens(tokens, cfg)
+    x = embed_tokens(params, tokens, cfg=cfg)
+    x = nn.transformer(
+        params["transformer"], x, cfg=cfg.transformer, causal=True, key=key, train=train
+    )
+    return nn.layer_norm(params["norm_final"], x, eps=cfg.norm_eps)
+
+
+def apply(
+    params: Params,
+    tokens: torch.Tensor,
+    *,
+    cfg: MMGPTConfig,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+) -> torch.Tensor:
+    """Next-token logits of a causal forward: ``tokens [B, S]`` -> ``[B, S, vocab_size]``.
+
+    Position ``i``'s logits predict token ``i + 1``; mask them with :func:`modality_mask`
+    to the modality expected there.
+    """
+    return output_logits(params, features(params, tokens, cfg=cfg, key=key, train=train), cfg=cfg)
+
+
+def sequence(text: torch.Tensor, codes: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
+    """One id sequence from ``text [B, text_len]`` and ``codes [B, image_len]`` (or
+    ``[B, h, w]``, read in raster order): ``[B, seq_len]``."""
+    codes = codes.reshape(codes.shape[0], -1)
+    if text.ndim != 2 or text.shape[1] != cfg.text_len:
+        raise ValueError(f"text must have shape [batch, {cfg.text_len}], got {list(text.shape)}")
+    if codes.shape != (text.shape[0], cfg.image_len):
+        raise ValueError(
+            f"codes must hold {cfg.image_len} codes for each of the {text.shape[0]} captions, "
+            f"got {list(codes.shape)}"
+        )
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= cfg.image_vocab):
+        raise ValueError(
+            f"codes must lie in [0, {cfg.image_vocab}), got range "
+            f"[{int(codes.min())}, {int(codes.max())}]"
+        )
+    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= cfg.text_vocab):
+        raise ValueError(
+            f"text ids must lie in [0, {cfg.text_vocab}), got range "
+            f"[{int(text.min())}, {int(text.max())}]"
+        )
+    return torch.cat([text, codes + cfg.text_vocab], dim=1)
+
+
+def loss(
+    params: Params,
+    batch: dict[str, torch.Tensor],
+    *,
+    cfg: MMGPTConfig,
+    key: torch.Tensor | None = None,
+    train: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Caption -> image next-token loss of ``batch = {"text": [B, text_len], "codes": [B, image_len]}``.
+
+    Image positions are scored by the image head alone (the logits mask made exact), text
+    positions by the text head with weight ``cfg.text_loss_weight``. Returns
+    ``(loss [], {"image_nll", "image_accuracy"})`` for ``train.step.make_train_step``.
+    """
+    seq = sequence(batch["text"], batch["codes"], cfg=cfg)
+    h = features(params, seq[:, :-1], cfg=cfg, key=key, train=train)
+    t = cfg.text_len
+    # Features at positions t-1 .. seq_len-2 predict the image tokens.
+    image_logits = nn.linear(params["image"]["head"], h[:, t - 1 :])
+    targets = seq[:, t:] - cfg.text_vocab
+    image_nll = F.cross_entropy(rearrange(image_logits, "b s v -> (b s) v"), targets.reshape(-1))
+    total = image_nll
+    if cfg.text_loss_weight > 0 and t > 1:
+        text_logits = nn.linear(params["text"]["head"], h[:, : t - 1])
+        text_nll = F.cross_entropy(
+            rearrange(text_logits, "b s v -> (b s) v"), seq[:, 1:t].reshape(-1)
+        )
+        total = total + cfg.text_loss_weight * text_nll
+    accuracy = (image_logits.argmax(-1) == targets).float().mean()
+    return total, {"image_nll": image_nll.detach(), "image_accuracy": accuracy.detach()}

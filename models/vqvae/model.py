@@ -1,0 +1,203 @@
+"""VQ-VAE as pure functions: ``init``, ``encode``, ``decode``, ``apply``, ``loss``,
+``update_codebook``.
+
+Images are pixels ``[B, C, H, W]`` in ``[0, 1]``; codes are int64 ``[B, grid, grid]``.
+Param tree (PyTorch layouts)::
+
+    encoder.down.N.weight     [channels[N], prev, 4, 4]     stride-2 convolutions
+    encoder.res.N.conv1/conv2 residual blocks at the code resolution
+    encoder.out.weight        [code_dim, channels[-1], 1, 1]
+    codebook.weight           [codebook_size, code_dim]     set by update_codebook, never by grads
+    decoder.inp.weight        [channels[-1], code_dim, 3, 3]
+    decoder.res.N.conv1/conv2
+    decoder.up.N.weight       [prev, next, 4, 4]            stride-2 transposed convolutions
+
+The codebook's EMA statistics are not params: they are the state returned by
+:func:`init_codebook_state` and threaded through :func:`update_codebook`.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from fmm import random
+from fmm.losses.vq import commitment_loss, reconstruction_loss
+from fmm.nn import codebook as vq
+from fmm.nn import conv
+from models.vqvae.config import VQVAEConfig
+
+Params = dict[str, Any]
+State = dict[str, torch.Tensor]
+
+# Centre pixels so the first convolution sees zero-mean inputs; decode adds it back.
+_PIXEL_SHIFT = 0.5
+
+
+def init(cfg: VQVAEConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
+    """Fresh params for ``cfg``, each subtree keyed by its path.
+
+    Example: ``params = init(vqvae_shapes(), fmm.random.key(0))``.
+    """
+    ke, kd = random.fold_in(key, "encoder"), random.fold_in(key, "decoder")
+    top = cfg.channels[-1]
+    widths = (cfg.in_channels, *cfg.channels)
+    encoder = {
+        "down": [
+            conv.init_conv2d(c_in, c_out, 4, random.fold_in(ke, f"down.{i}"), dtype=dtype)
+            for i, (c_in, c_out) in enumerate(pairwise(widths))
+        ],
+        "res": [
+            conv.init_res_block(top, cfg.res_hidden, random.fold_in(ke, f"res.{i}"), dtype=dtype)
+            for i in range(cfg.res_blocks)
+        ],
+        "out": conv.init_conv2d(top, cfg.code_dim, 1, random.fold_in(ke, "out"), dtype=dtype),
+    }
+    rev = widths[::-1]
+    decoder = {
+        "inp": conv.init_conv2d(cfg.code_dim, top, 3, random.fold_in(kd, "inp"), dtype=dtype),
+        "res": [
+            conv.init_res_block(top, cfg.res_hidden, random.fold_in(kd, f"res.{i}"), dtype=dtype)
+            for i in range(cfg.res_blocks)
+        ],
+        "up": [
+            conv.init_conv_transpose2d(c_in, c_out, 4, random.fold_in(kd, f"up.{i}"), dtype=dtype)
+            for i, (c_in, c_out) in enumerate(pairwise(rev))
+        ],
+    }
+    book = vq.init_codebook(
+        cfg.codebook_size, cfg.code_dim, random.fold_in(key, "codebook"), dtype=dtype
+    )
+    return {"encoder": encoder, "codebook": book, "decoder": decoder}
+
+
+def init_codebook_state(params: Params) -> State:
+    """The codebook's EMA statistics ``{"cluster_size": [K], "embed_sum": [K, code_dim]}``."""
+    return vq.init_ema_state(params["codebook"])
+
+
+def _check_images(images: torch.Tensor, cfg: VQVAEConfig) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"images must be a float tensor [batch, channels, H, W], got {got}")
+    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(
+            f"images must have shape [batch, {', '.join(map(str, want))}], got {list(images.shape)}"
+        )
+
+
+def encode_latents(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
+    """Continuous encoder outputs, channels last: ``[B, C, H, W] -> [B, grid, grid, code_dim]``."""
+    _check_images(images, cfg)
+    p = params["encoder"]
+    h = images - _PIXEL_SHIFT
+    for i, layer in enumerate(p["down"]):
+        h = conv.conv2d(layer, h, stride=2, padding=1)
+        if i < len(p["down"]) - 1:
+            h = F.relu(h)
+    for block in p["res"]:
+        h = conv.res_block(block, h)
+    h = conv.conv2d(p["out"], F.relu(h))
+    return rearrange(h, "b d h w -> b h w d")
+
+
+def decode_latents(params: Params, z_q: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
+    """Pixels from code vectors: ``[B, grid, grid, code_dim] -> [B, C, H, W]`` (not clamped)."""
+    if z_q.ndim != 4 or z_q.shape[-1] != cfg.code_dim:
+        raise ValueError(
+            f"z_q must have shape [batch, h, w, {cfg.code_dim}], got {list(z_q.shape)}"
+        )
+    p = params["decoder"]
+    h = conv.conv2d(p["inp"], rearrange(z_q, "b h w d -> b d h w"), padding=1)
+    for block in p["res"]:
+        h = conv.res_block(block, h)
+    for layer in p["up"]:
+        h = conv.conv_transpose2d(layer, F.relu(h), stride=2, padding=1)
+    return h + _PIXEL_SHIFT
+
+
+def encode(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
+    """Discrete codes of ``images: [B, C, H, W]`` in ``[0, 1]``: int64 ``[B, grid, grid]``.
+
+    Example: ``codes = encode(params, torch.rand(2, 3, 32, 32), cfg=vqvae_shapes())  # [2, 8, 8]``.
+    """
+    return vq.nearest_codes(params["codebook"], encode_latents(params, images, cfg=cfg))
+
+
+def decode(params: Params, codes: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
+    """Pixels of ``codes``: int64 ``[B, grid, grid]`` -> ``[B, C, H, W]`` (about ``[0, 1]``)."""
+    if codes.ndim != 3 or tuple(codes.shape[1:]) != (cfg.grid, cfg.grid):
+        raise ValueError(
+            f"codes must have shape [batch, {cfg.grid}, {cfg.grid}], got {list(codes.shape)}"
+        )
+    return decode_latents(params, vq.lookup(params["codebook"], codes), cfg=cfg)
+
+
+def apply(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> dict[str, torch.Tensor]:
+    """Encode, quantise (straight-through) and decode ``images: [B, C, H, W]``.
+
+    Returns ``{"reconstruction": [B, C, H, W], "codes": [B, g, g], "z": [B, g, g, D],
+    "z_q": [B, g, g, D]}``.
+    """
+    z = encode_latents(params, images, cfg=cfg)
+    z_st, codes, z_q = vq.quantize(params["codebook"], z)
+    return {
+        "reconstruction": decode_latents(params, z_st, cfg=cfg),
+        "codes": codes,
+        "z": z,
+        "z_q": z_q,
+    }
+
+
+def loss(
+    params: Params, batch: dict[str, torch.Tensor], *, cfg: VQVAEConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``reconstruction MSE + commitment * commitment loss`` of ``batch = {"images": [B, C, H, W]}``.
+
+    Returns ``(loss [], metrics)`` with ``recon_mse``, ``commitment`` and the batch's code
+    ``perplexity``, so it plugs into ``train.step.make_train_step``. The codebook gets no
+    gradient: :func:`update_codebook` moves it.
+    """
+    out = apply(params, batch["images"], cfg=cfg)
+    recon = reconstruction_loss(out["reconstruction"], batch["images"])
+    commit = commitment_loss(out["z"], out["z_q"])
+    usage = vq.code_usage(out["codes"], cfg.codebook_size)
+    metrics = {
+        "recon_mse": recon.detach(),
+        "commitment": commit.detach(),
+        "perplexity": usage["perplexity"],
+    }
+    return recon + cfg.commitment * commit, metrics
+
+
+def update_codebook(
+    params: Params,
+    state: State,
+    images: torch.Tensor,
+    *,
+    cfg: VQVAEConfig,
+    key: torch.Tensor,
+) -> tuple[Params, State, dict[str, torch.Tensor]]:
+    """One EMA step of the codebook on ``images: [B, C, H, W]``, then dead-code restarts.
+
+    Pure: returns ``(new_params, new_state, {"restarted": [] int64})``; ``params`` and
+    ``state`` are left untouched. Call it after each optimizer step.
+
+    Example::
+
+        state, metrics = step(state, batch)
+        params, ema, _ = update_codebook(state["params"], ema, batch["images"], cfg=cfg, key=k)
+    """
+    with torch.no_grad():
+        z = encode_latents(params, images, cfg=cfg)
+        codes = vq.nearest_codes(params["codebook"], z)
+        state = vq.ema_update(state, z, codes, decay=cfg.decay)
+        state, dead = vq.restart_dead_codes(state, z, key, threshold=cfg.dead_threshold)
+        weight = vq.codebook_from_ema(state, eps=cfg.eps)
+    new_params = {**params, "codebook": {"weight": weight}}
+    return new_params, state, {"restarted": dead.sum()}

@@ -1,0 +1,176 @@
+"""Generate images from a caption with a trained multimodal GPT, and score them with CLIP.
+
+``python -m train generate --ckpt runs/mmgpt --prompt "a red circle above a blue square"
+--n 8 --out grid.png`` samples ``--n`` images, writes them as a PNG grid and, with
+``--clip runs/clip``, prints the fraction whose colour and shape CLIP recognises as the
+prompt's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import fmm
+from models import clip, mmgpt, vqvae
+from train import checkpoint
+from train.data import WordTokenizer, WorldConfig, class_names, prompt_templates
+from train.evaluate import class_embeddings
+from train.plots_generation import save_image_grid
+
+VQVAE_FILE = "vqvae.safetensors"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ckpt", type=Path, required=True, help="run directory of `python -m train mmgpt`"
+    )
+    parser.add_argument(
+        "--prompt", default="a red circle", help="caption to draw (default: %(default)r)"
+    )
+    parser.add_argument("--n", type=int, default=8, help="images to sample (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="PNG grid to write (default: <ckpt>/generated.png)"
+    )
+    parser.add_argument(
+        "--clip", type=Path, default=None, help="a `python -m train clip` run to score the images"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="0 for greedy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k likeliest codes (default: all)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> dict:
+    """Everything a saved ``mmgpt`` run needs to draw: ``{"cfg", "params", "vqvae_cfg",
+    "vqvae_params", "tokenizer", "world"}``, every params file checked key by key."""
+    run_dir = Path(run_dir)
+    config = checkpoint.load_config(run_dir)
+    if config.get("model") != "mmgpt":
+        raise checkpoint.CheckpointError(
+            f"{run_dir} holds a {config.get('model')!r} run, not an 'mmgpt' one"
+        )
+    cfg = mmgpt.MMGPTConfig(**config["mmgpt"])
+    vq_cfg = vqvae.VQVAEConfig.from_dict(config["vqvae"])
+    meta = fmm.random.key(0).to("meta")
+    params = checkpoint.load_params(run_dir / checkpoint.PARAMS_FILE, like=mmgpt.init(cfg, meta))
+    vq_params = checkpoint.load_params(run_dir / VQVAE_FILE, like=vqvae.init(vq_cfg, meta))
+    to = lambda tree: fmm.tree.map(lambda x: x.to(device), tree)
+    return {
+        "cfg": cfg,
+        "params": to(params),
+        "vqvae_cfg": vq_cfg,
+        "vqvae_params": to(vq_params),
+        "tokenizer": WordTokenizer.from_json((run_dir / "tokenizer.json").read_text()),
+        "world": world_from_dict(config["world"]),
+    }
+
+
+def world_from_dict(d: dict) -> WorldConfig:
+    """Inverse of ``dataclasses.asdict(world)`` after a JSON round trip (lists back to tuples)."""
+    fix = lambda k, v: (
+        tuple(map(tuple, v)) if k == "holdout" else tuple(v) if isinstance(v, list) else v
+    )
+    return WorldConfig(**{k: fix(k, v) for k, v in d.items()})
+
+
+def draw(
+    run: dict, prompts: list[str], *, key: torch.Tensor, temperature: float = 1.0, top_k=None
+) -> torch.Tensor:
+    """Images ``[len(prompts), 3, H, W]`` (pixels clamped to ``[0, 1]``), one per prompt."""
+    cfg, vq_cfg = run["cfg"], run["vqvae_cfg"]
+    device = fmm.tree.leaves(run["params"])[0].device
+    text = run["tokenizer"].encode(prompts, cfg.text_len).to(device)
+    codes = mmgpt.generate_images(
+        run["params"], text, cfg=cfg, key=key.to(device), temperature=temperature, top_k=top_k
+    )
+    with torch.no_grad():
+        grid = codes.reshape(len(prompts), vq_cfg.grid, vq_cfg.grid)
+        return vqvae.decode(run["vqvae_params"], grid, cfg=vq_cfg).clamp(0, 1)
+
+
+def clip_classifier(
+    clip_dir: str | Path, world: WorldConfig, *, device: torch.device | str = "cpu"
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A zero-shot colour x shape classifier from a ``python -m train clip`` run:
+    ``images [N, 3, H, W]`` in ``[0, 1]`` -> class ids ``[N]`` (``color * n_shapes + shape``)."""
+    from train.recipes.clip import load_run as load_clip_run
+    from train.recipes.clip import normalize_images
+
+    cfg, params, tokenizer = load_clip_run(clip_dir)
+    params = fmm.tree.map(lambda x: x.to(device), params)
+    with torch.no_grad():
+        classes = class_embeddings(
+            lambda texts: clip.encode_text(
+                params, tokenizer.encode(texts, cfg.context_length).to(device), cfg=cfg
+            ),
+            class_names(world),
+            prompt_templates(),
+        )
+
+    def classify(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            emb = clip.encode_image(params, normalize_images(images).to(device), cfg=cfg)
+            return (emb @ classes.T).argmax(-1).cpu()
+
+    return classify
+
+
+def prompt_classes(prompt: str, world: WorldConfig) -> list[int]:
+    """Class ids of the (colour, shape) pairs a prompt names, in order: "a red circle above a
+    blue square" -> [red circle, blue square]. A shape takes the last colour before it."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    found, colour = [], None
+    for word in words:
+        if word in world.colors:
+            colour = world.colors.index(word)
+        elif word in world.shapes and colour is not None:
+            found.append(colour * len(world.shapes) + world.shapes.index(word))
+            colour = None
+    return found
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Sample, save the grid, score with CLIP if asked; returns the printed summary."""
+    if args.n < 1:
+        raise SystemExit(f"--n must be >= 1, got {args.n}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_run(args.ckpt, device=device)
+    world = loaded["world"]
+    targets = prompt_classes(args.prompt, world)
+    images = draw(
+        loaded,
+        [args.prompt] * args.n,
+        key=fmm.random.key(args.seed),
+        temperature=args.temperature,
+        top_k=args.top_k,
+    )
+    summary: dict = {"prompt": args.prompt, "n": args.n}
+    if args.clip is not None:
+        if not targets:
+            raise SystemExit(
+                f"--prompt {args.prompt!r} names no colour-shape pair of the shapes world "
+                f"(colours {world.colors}, shapes {world.shapes}): nothing to score"
+            )
+        predicted = clip_classifier(args.clip, world, device=device)(images)
+        hits = torch.isin(predicted, torch.tensor(targets))
+        names = class_names(world)
+        summary["clip_predictions"] = [names[i] for i in predicted.tolist()]
+        summary["consistency"] = round(hits.float().mean().item(), 4)
+    out = args.out or args.ckpt / "generated.png"
+    title = f"{args.prompt!r}" + (
+        f": CLIP agrees on {summary['consistency']:.0%}" if "consistency" in summary else ""
+    )
+    save_image_grid(images, out, columns=min(args.n, 8), title=title)
+    summary["out"] = str(out)
+    print(json.dumps(summary))
+    return summary
