@@ -2,7 +2,7 @@
 and heads and a logits mask restricting sampling to the output modality."""
 
 from models.mmgpt.config import MMGPTConfig, mmgpt_shapes
-from models.mmgpt.generate import generate_images, sample_logits
+from models.mmgpt.generate import generate_images, image_decoder_spec
 from models.mmgpt.model import (
     MODALITIES,
     apply,
@@ -26,12 +26,12 @@ __all__ = [
     "embed_tokens",
     "features",
     "generate_images",
+    "image_decoder_spec",
     "init",
     "loss",
     "mask_logits",
     "mmgpt_shapes",
     "modality_mask",
     "output_logits",
-    "sample_logits",
     "sequence",
 ]

@@ -1,42 +1,45 @@
-"""Caption -> image sampling for the multimodal GPT.
+"""Caption -> image sampling for the multimodal GPT, through :mod:`fmm.decoding`'s KV cache.
 
-Every image position's logits are masked to image ids (:func:`models.mmgpt.modality_mask`)
-before sampling, so a text token can never be drawn where an image code belongs.
+The decoding spec's head masks every text id to ``-inf`` (:func:`models.mmgpt.modality_mask`),
+so whatever the sampler (greedy, temperature, top-k, top-p), a text token can never be drawn
+where an image code belongs: after a caption, every generated token is an image token.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from fmm import random
+from fmm import decoding
+from fmm.nn import embed, layer_norm
 from models.mmgpt.config import MMGPTConfig
-from models.mmgpt.model import Params, _check_tokens, apply, mask_logits, modality_mask
+from models.mmgpt.model import Params, _check_tokens, mask_logits, modality_mask, output_logits
 
 
-def sample_logits(
-    logits: torch.Tensor,
-    key: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-) -> torch.Tensor:
-    """One id per row of ``logits [B, vocab]``: greedy when ``temperature == 0``, else a draw
-    from ``softmax(logits / temperature)`` restricted to the ``top_k`` largest. ``[B]`` int64.
+def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg: MMGPTConfig):
+    # embed_tokens at explicit per-sequence positions (decoding passes them as a tensor).
+    is_image = tokens >= cfg.text_vocab
+    text = embed(params["text"]["token"], tokens.clamp(max=cfg.text_vocab - 1))
+    image = embed(params["image"]["token"], (tokens - cfg.text_vocab).clamp(min=0))
+    return torch.where(is_image[..., None], image, text) + params["pos"][positions]
 
-    Ids whose logit is ``-inf`` are never drawn (Gumbel-max with an explicit key).
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(-1)
-    if top_k is not None:
-        if not 1 <= top_k <= logits.shape[-1]:
-            raise ValueError(f"top_k must be in [1, {logits.shape[-1]}], got {top_k}")
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    u = random.uniform(key, logits.shape, dtype=torch.float64).clamp_min(1e-300).to(logits.device)
-    gumbel = -torch.log(-torch.log(u))
-    return (logits.double() / temperature + gumbel).argmax(-1)
+
+def _image_head(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
+    logits = output_logits(params, layer_norm(params["norm_final"], h, eps=cfg.norm_eps), cfg=cfg)
+    return mask_logits(logits, modality_mask(cfg, "image", device=logits.device))
+
+
+@functools.cache
+def image_decoder_spec(cfg: MMGPTConfig) -> decoding.DecoderSpec:
+    """How :mod:`fmm.decoding` runs this model to draw images: logits over the whole
+    ``vocab_size`` with text ids masked out. Cached per config, so compile guards hold."""
+    return decoding.DecoderSpec(
+        transformer=cfg.transformer,
+        embed=functools.partial(_embed, cfg=cfg),
+        head=functools.partial(_image_head, cfg=cfg),
+        max_positions=cfg.seq_len,
+    )
 
 
 def generate_images(
@@ -44,34 +47,42 @@ def generate_images(
     text: torch.Tensor,
     *,
     cfg: MMGPTConfig,
-    key: torch.Tensor,
+    key: torch.Tensor | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample ``image_len`` image codes after each caption of ``text [B, text_len]``.
 
     Returns int64 codes ``[B, image_len]`` in ``[0, image_vocab)`` (raster order; reshape to
-    the VQ-VAE grid and ``models.vqvae.decode`` them). Step ``i`` draws with
-    ``fold_in(key, i)``, so the same key gives the same images, call after call.
+    the VQ-VAE grid and ``models.vqvae.decode`` them). ``temperature=0`` is greedy; otherwise
+    ``key`` is needed, and the same key draws the same images, call after call.
 
     Example::
 
-        codes = generate_images(params, tok.encode(["a red circle"] * 8, 16), cfg=cfg, key=k)
+        codes = generate_images(params, tok.encode(["a red circle"] * 8, 16), cfg=cfg,
+                                key=fmm.random.key(0))
         images = models.vqvae.decode(vq_params, codes.reshape(8, 8, 8), cfg=vq_cfg)
     """
     _check_tokens(text, cfg, "text")
     if text.shape[1] != cfg.text_len:
         raise ValueError(f"text must have shape [batch, {cfg.text_len}], got {list(text.shape)}")
     if int(text.max()) >= cfg.text_vocab or int(text.min()) < 0:
-        raise ValueError(f"text ids must lie in [0, {cfg.text_vocab}), got {text.tolist()[:2]}...")
-    allowed = modality_mask(cfg, "image", device=text.device)
-    seq = text
+        raise ValueError(
+            f"text ids must lie in [0, {cfg.text_vocab}), got range "
+            f"[{int(text.min())}, {int(text.max())}]"
+        )
     with torch.no_grad():
-        for i in range(cfg.image_len):
-            # Without a KV cache each step re-reads the whole prefix: fine at 80 tokens.
-            logits = mask_logits(apply(params, seq, cfg=cfg)[:, -1], allowed)
-            token = sample_logits(
-                logits, random.fold_in(key, i), temperature=temperature, top_k=top_k
-            )
-            seq = torch.cat([seq, token[:, None]], dim=1)
-    return seq[:, cfg.text_len :] - cfg.text_vocab
+        out = decoding.generate(
+            params,
+            text,
+            cfg=image_decoder_spec(cfg),
+            max_new_tokens=cfg.image_len,
+            key=key,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            compile=compile,
+        )
+    return out.tokens - cfg.text_vocab
