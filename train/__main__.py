@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.recipes import clip
+from train.recipes import clip, generate, mmgpt, vqvae
 
 TASKS = {
     "clip": (clip, "train a tiny CLIP on the built-in shapes world and evaluate it zero-shot"),
+    "vqvae": (vqvae, "train a VQ-VAE image tokeniser on the shapes world"),
+    "mmgpt": (
+        mmgpt,
+        "train a multimodal GPT caption -> image on VQ-VAE tokens of the shapes world",
+    ),
+    "generate": (generate, "draw images for a caption with a trained mmgpt run, scored by CLIP"),
 }
 
 
