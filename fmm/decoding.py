@@ -188,6 +188,7 @@ def _run(
     positions: torch.Tensor,
     donate: bool,
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, list[Params]]:
     t = spec.transformer
     x = spec.embed(params, tokens, positions)
@@ -213,7 +214,8 @@ def _run(
             x = x + linear(bp["cross"]["out"], rearrange(a, "b h s d -> b s (h d)"))
         x = x + mlp(bp["mlp"], layer_norm(bp["norm2"], x, eps=t.norm_eps), act=t.act)
         layers.append(new)
-    return spec.head(params, x), layers
+    # The output layer is often the largest matmul: skip it where no one reads the logits.
+    return spec.head(params, x[:, -1:] if last_only else x), layers
 
 
 def _check_batch(name: str, tokens: torch.Tensor, cache: Cache) -> None:
@@ -237,6 +239,7 @@ def prefill(
     context: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
     donate: bool = False,
+    last_only: bool = False,
 ) -> tuple[torch.Tensor, Cache]:
     """Run ``tokens: [B, S]`` through the model, writing their keys/values into the cache.
 
@@ -247,7 +250,10 @@ def prefill(
     ``donate``: the cache's buffers may be overwritten (pass it only for a cache nobody else
     reads); by default the caller's cache is left untouched.
 
-    Returns ``(logits [B, S, vocab], new_cache)``; logits at padding slots are meaningless.
+    ``last_only``: compute logits for the last position only (all a generation loop needs).
+
+    Returns ``(logits [B, S, vocab], new_cache)`` (``[B, 1, vocab]`` with ``last_only``);
+    logits at padding slots are meaningless.
 
     Example: ``logits, cache = prefill(params, prompt, init_cache(spec, 2, 64), cfg=spec)``.
     """
@@ -319,7 +325,7 @@ def prefill(
 
     run_cache = {**cache, **new_cache}
     logits, layers = _run(
-        params, tokens, run_cache, spec, slots, start, positions, donate, cross_kv
+        params, tokens, run_cache, spec, slots, start, positions, donate, cross_kv, last_only
     )
     new_cache.update(layers=layers, pos=slots[:, -1] + 1 - start)
     return logits, {**cache, **new_cache}
@@ -536,7 +542,7 @@ def generate(
     cache = init_cache(spec, batch, max_len, dtype=dtype, device=prompt.device, context_len=ctx_len)
     logits, cache = prefill(
         params, prompt, cache, cfg=spec, lengths=lengths, context=context,
-        context_mask=context_mask, donate=True,
+        context_mask=context_mask, donate=True, last_only=True,
     )  # fmt: skip
     keys = random.split(key if key is not None else random.key(0).to(prompt.device), max_new_tokens)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)

@@ -139,6 +139,16 @@ def test_decode_step_leaves_the_callers_cache_untouched_unless_donated():
     assert torch.equal(new2["layers"][0]["k"], new["layers"][0]["k"])
 
 
+def test_prefill_last_only_gives_the_last_positions_logits():
+    params, tokens = _params(), _tokens(3, 2, 7)
+    full, _ = decoding.prefill(params, tokens, decoding.init_cache(SPEC, 2, 7), cfg=SPEC)
+    last, _ = decoding.prefill(
+        params, tokens, decoding.init_cache(SPEC, 2, 7), cfg=SPEC, last_only=True
+    )
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+
+
 def test_generate_is_repeatable_for_a_key_and_varies_across_keys():
     params, prompt = _params(), _tokens(4, 3, 5)
     kw = dict(cfg=SPEC, max_new_tokens=12, temperature=1.0, top_k=6)

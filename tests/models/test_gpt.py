@@ -1,6 +1,8 @@
 """GPT: published sizes, Hugging Face GPT-2 parity on identical weights, converter strictness."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,12 @@ def test_gpt_config_is_its_own_decoder_spec_and_decodes_like_apply():
         steps.append(step[:, None])
     want = gpt.apply(params, tokens, cfg=cfg)
     torch.testing.assert_close(torch.cat(steps, 1), want, atol=1e-5, rtol=0)
+
+
+def test_the_decoding_guide_snippets_run():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "decoding.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippets) >= 3
+    namespace = {}
+    for code in snippets:
+        exec(code, namespace)  # our own documentation
