@@ -254,6 +254,8 @@ def _read_clip_merges(path: Path) -> list[tuple[str, str]]:
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
+        if lines[-1] == "":  # a final newline
+            lines.pop()
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise ValueError(
             f"path {str(path)!r} is not a gzip-compressed BPE merges file such as "
@@ -376,13 +378,15 @@ class CLIPTokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """The cleaned text of ids [seq] (a row of `__call__` or `encode`'s list).
 
-        Reads up to the first <end_of_text> (the zeros after it are padding) and drops the
-        specials. Words come back lower-cased and split as CLIP split them, one space apart.
+        Drops the specials and the zeros after the last <end_of_text> (padding). Words come back lower-cased and split as CLIP split them, one space apart.
         Example: `tok.decode(tok("A photo of a CAT!")[0])` is "a photo of a cat !".
         """
         ids = _as_ids(ids, self.vocab_size)
-        if self.eot_id in ids:
-            ids = ids[: ids.index(self.eot_id)]
+        # Only zeros after the last <end_of_text> are padding: an <end_of_text> typed in the
+        # text (encode keeps it) is followed by more words, whose last id ends a word (>= 256).
+        end = len(ids) - ids[::-1].index(self.eot_id) - 1 if self.eot_id in ids else len(ids)
+        if not any(ids[end + 1 :]):
+            ids = ids[:end]
         return self._tok.decode(ids, skip_special_tokens=True).removesuffix(" ")
 
     def __repr__(self) -> str:
