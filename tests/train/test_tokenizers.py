@@ -5,6 +5,7 @@ transformers' BERT WordPiece tokenizer, id for id, on a corpus built to break th
 import gzip
 import json
 import os
+import pickle
 import re
 import shutil
 import unicodedata
@@ -309,6 +310,15 @@ def test_wordpiece_bad_inputs_name_the_argument(tmp_path, wordpiece, merges_path
         wordpiece([None])
     with pytest.raises(ValueError, match="ids"):
         wordpiece.decode([-1])
+
+
+def test_tokenizers_pickle_for_data_loader_workers(clip, wordpiece):
+    texts = CORPUS[:50]
+    wordpiece(texts, max_length=16)  # a configured pipeline is cached, and travels too
+    clip_again, wordpiece_again = pickle.loads(pickle.dumps((clip, wordpiece)))
+    torch.testing.assert_close(clip_again(texts), clip(texts), rtol=0, atol=0)
+    _assert_same_batch(wordpiece_again(texts, max_length=16), wordpiece(texts, max_length=16))
+    assert clip_again.encode("!<end_of_text>") == clip.encode("!<end_of_text>")
 
 
 def test_word_tokenizer_moved_with_the_others():

@@ -378,7 +378,9 @@ class CLIPTokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """The cleaned text of ids [seq] (a row of `__call__` or `encode`'s list).
 
-        Drops the specials and the zeros after the last <end_of_text> (padding). Words come back lower-cased and split as CLIP split them, one space apart.
+        Drops the specials and the zeros after the last <end_of_text> (padding). Words come
+        back lower-cased and split as CLIP split them, one space apart.
+
         Example: `tok.decode(tok("A photo of a CAT!")[0])` is "a photo of a cat !".
         """
         ids = _as_ids(ids, self.vocab_size)
