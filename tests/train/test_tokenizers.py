@@ -285,7 +285,7 @@ def test_wordpiece_special_ids(wordpiece):
     assert wordpiece([], max_length=8, padding="max_length")["input_ids"].shape == (0, 8)
 
 
-def test_wordpiece_bad_inputs_name_the_argument(tmp_path, wordpiece, merges_path):
+def test_wordpiece_bad_inputs_name_the_argument(tmp_path, wordpiece, merges_path, clip):
     with pytest.raises(FileNotFoundError, match="path"):
         WordPieceTokenizer.from_file(tmp_path / "vocab.txt")
     with pytest.raises(ValueError, match="gzip"):
@@ -298,6 +298,10 @@ def test_wordpiece_bad_inputs_name_the_argument(tmp_path, wordpiece, merges_path
     broken.write_text('{"not": "a tokenizer"}')
     with pytest.raises(ValueError, match=r"tokenizer\.json"):
         WordPieceTokenizer.from_file(broken)
+    clip_json = tmp_path / "clip.json"
+    clip_json.write_text(clip._tok.to_str())
+    with pytest.raises(ValueError, match="WordPiece model, got BPE"):
+        WordPieceTokenizer.from_file(clip_json)
     with pytest.raises(ValueError, match="lowercase"):
         WordPieceTokenizer.from_file(MINILM / "tokenizer.json", lowercase=True)
     with pytest.raises(ValueError, match="padding"):

@@ -491,7 +491,10 @@ class WordPieceTokenizer:
                 tok = Tokenizer.from_str(text)
             except Exception as e:  # the Rust side raises a bare Exception
                 raise ValueError(f"path {str(path)!r} is not a valid tokenizer.json: {e}") from None
-            return cls(tok)
+            try:
+                return cls(tok)
+            except ValueError as e:
+                raise ValueError(f"path {str(path)!r}: {e}") from None
         if lowercase is not None and not isinstance(lowercase, bool):
             raise TypeError(f"lowercase must be a bool or None, got {lowercase!r}")
         vocab = _read_wordpiece_vocab(path, text)
