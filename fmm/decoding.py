@@ -89,6 +89,12 @@ class DecoderSpec:
     blocks: Callable[[Params], Sequence[Params]] = _blocks_of
     max_positions: int | None = None
 
+    def __post_init__(self) -> None:
+        t = self.transformer
+        # The cached block below is the pre-norm one; a post-norm stack would decode wrongly.
+        if getattr(t, "post_norm", False) or not getattr(t, "norm_first", True):
+            raise ValueError("DecoderSpec: cached decoding supports pre-norm transformers only")
+
 
 def _as_spec(cfg: Any) -> DecoderSpec:
     if isinstance(cfg, DecoderSpec):
