@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from fmm import decoding
+from fmm import decoding, random
 from fmm.nn import embed, layer_norm
 from models.mmgpt.config import MMGPTConfig
 from models.mmgpt.model import Params, _check_tokens, mask_logits, modality_mask, output_logits
@@ -51,6 +51,8 @@ def generate_images(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    guidance: float = 1.0,
+    null_text: torch.Tensor | None = None,
     compile: bool = False,
 ) -> torch.Tensor:
     """Sample ``image_len`` image codes after each caption of ``text [B, text_len]``.
@@ -58,6 +60,10 @@ def generate_images(
     Returns int64 codes ``[B, image_len]`` in ``[0, image_vocab)`` (raster order; reshape to
     the VQ-VAE grid and ``models.vqvae.decode`` them). ``temperature=0`` is greedy; otherwise
     ``key`` is needed, and the same key draws the same images, call after call.
+
+    ``guidance != 1`` is classifier-free guidance: the image logits become
+    ``uncond + guidance * (cond - uncond)``, where ``uncond`` continues ``null_text``
+    (``[1 or B, text_len]``, the empty caption the model was trained on with caption dropout).
 
     Example::
 
@@ -73,6 +79,18 @@ def generate_images(
             f"text ids must lie in [0, {cfg.text_vocab}), got range "
             f"[{int(text.min())}, {int(text.max())}]"
         )
+    if guidance != 1.0:
+        if null_text is None or null_text.ndim != 2 or null_text.shape[1] != cfg.text_len:
+            got = None if null_text is None else list(null_text.shape)
+            raise ValueError(
+                f"guidance={guidance} needs null_text of shape [1 or batch, {cfg.text_len}], "
+                f"got {got}"
+            )
+        with torch.no_grad():
+            return _guided(
+                params, text, null_text.expand(len(text), -1), cfg=cfg, key=key, scale=guidance,
+                sampling=decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p),
+            )  # fmt: skip
     with torch.no_grad():
         out = decoding.generate(
             params,
@@ -86,3 +104,26 @@ def generate_images(
             compile=compile,
         )
     return out.tokens - cfg.text_vocab
+
+
+def _guided(params, text, null_text, *, cfg: MMGPTConfig, key, scale: float, sampling):
+    # A thin loop over fmm.decoding's prefill/decode_step: conditional and unconditional rows
+    # share one cache, and both are fed the token drawn from the guided logits.
+    spec = image_decoder_spec(cfg)
+    if sampling.temperature > 0 and key is None:
+        raise ValueError("generate_images: sampling with temperature > 0 needs key=")
+    b, tv = len(text), cfg.text_vocab
+    dtype = params["pos"].dtype
+    cache = decoding.init_cache(spec, 2 * b, cfg.seq_len - 1, dtype=dtype, device=text.device)
+    logits, cache = decoding.prefill(params, torch.cat([text, null_text]), cache, cfg=spec)
+    logits = logits[:, -1]
+    keys = random.split(key if key is not None else random.key(0), cfg.image_len)
+    codes = []
+    for i in range(cfg.image_len):
+        # Only the image slice is combined and sampled (text ids are -inf in both halves).
+        cond, uncond = logits[:b, tv:], logits[b:, tv:]
+        code = sampling(uncond + scale * (cond - uncond), keys[i].to(text.device))
+        codes.append(code)
+        if i + 1 < cfg.image_len:
+            logits, cache = decoding.decode_step(params, (code + tv).repeat(2), cache, cfg=spec)
+    return torch.stack(codes, dim=1)

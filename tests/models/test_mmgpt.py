@@ -74,8 +74,10 @@ def test_loss_scores_image_tokens_only(params):
 
 
 @given(seed=st.integers(0, 10_000), temperature=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
-       top_k=st.sampled_from([None, 1, 3, 18]))  # fmt: skip
-def test_logits_mask_never_samples_a_text_token_in_an_image_position(seed, temperature, top_k):
+       top_k=st.sampled_from([None, 1, 3, 18]), guidance=st.sampled_from([1.0, 0.0, 2.5]))  # fmt: skip
+def test_logits_mask_never_samples_a_text_token_in_an_image_position(
+    seed, temperature, top_k, guidance
+):
     params = mmgpt.init(CFG, fmm.random.key(seed % 7))
     # A text head that dwarfs the image head: unmasked, every sample would be a text id.
     params = {
@@ -86,8 +88,9 @@ def test_logits_mask_never_samples_a_text_token_in_an_image_position(seed, tempe
         0, CFG.text_vocab, (4, CFG.text_len), generator=torch.Generator().manual_seed(seed)
     )
     codes = mmgpt.generate_images(
-        params, text, cfg=CFG, key=fmm.random.key(seed), temperature=temperature, top_k=top_k
-    )
+        params, text, cfg=CFG, key=fmm.random.key(seed), temperature=temperature, top_k=top_k,
+        guidance=guidance, null_text=text[:1],
+    )  # fmt: skip
     assert codes.shape == (4, CFG.image_len)
     assert int(codes.min()) >= 0 and int(codes.max()) < CFG.image_vocab
 
@@ -117,6 +120,30 @@ def test_prefill_and_decode_steps_equal_the_full_causal_forward(params):
     finite = torch.isfinite(full)
     assert torch.equal(finite, torch.isfinite(got))
     torch.testing.assert_close(got[finite], full[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_combines_conditional_and_unconditional_logits(params):
+    text, null = _batch()["text"], torch.tensor([[2, 10, 0, 0, 0]])
+    plain = mmgpt.generate_images(params, text, cfg=CFG, temperature=0.0)
+    near_one = mmgpt.generate_images(
+        params, text, cfg=CFG, temperature=0.0, guidance=1.0 + 1e-6, null_text=null
+    )
+    assert torch.equal(plain, near_one)
+    # greedy with guidance 2 by full forwards: 2 * cond - uncond at every step
+    scale, codes = (
+        2.0,
+        mmgpt.generate_images(params, text, cfg=CFG, temperature=0.0, guidance=2.0, null_text=null),
+    )
+    cond, uncond = text, null.expand(3, -1)
+    tv = CFG.text_vocab
+    for _ in range(CFG.image_len):
+        lc = mmgpt.apply(params, cond, cfg=CFG)[:, -1, tv:]
+        lu = mmgpt.apply(params, uncond, cfg=CFG)[:, -1, tv:]
+        nxt = (lu + scale * (lc - lu)).argmax(-1, keepdim=True) + tv
+        cond, uncond = torch.cat([cond, nxt], 1), torch.cat([uncond, nxt], 1)
+    assert torch.equal(codes, cond[:, CFG.text_len :] - tv)
+    with pytest.raises(ValueError, match="needs null_text"):
+        mmgpt.generate_images(params, text, cfg=CFG, key=fmm.random.key(0), guidance=2.0)
 
 
 def test_generating_twice_with_one_key_gives_the_same_images(params):
