@@ -43,10 +43,12 @@ def save_image_grid(
     columns: int = 8,
     title: str = "",
     row_labels: list[str] | None = None,
+    column_labels: list[str] | None = None,
 ) -> None:
     """Save ``images: [N, C, H, W]`` (pixels in ``[0, 1]``) as a PNG grid, atomically.
 
-    ``row_labels``: one caption per grid row, written at its left.
+    ``row_labels``: one caption per grid row, written at its left; ``column_labels``: one
+    per column, written above it.
     """
     grid = tile(images, columns)
     rows = -(-images.shape[0] // columns)
@@ -56,9 +58,18 @@ def save_image_grid(
     fig = plt.figure(
         figsize=(left + width * scale * 0.25 + 0.2, height * scale * 0.25 + 0.6), dpi=110
     )
-    ax = fig.add_axes((left / fig.get_figwidth(), 0.02, 1 - (left + 0.2) / fig.get_figwidth(), 0.9))
+    ax = fig.add_axes(
+        (left / fig.get_figwidth(), 0.02, 1 - (left + 0.2) / fig.get_figwidth(), 0.86)
+    )
     ax.imshow(grid.numpy(), interpolation="nearest")
-    ax.set_xticks([])
+    if column_labels:
+        w = images.shape[-1] + 1
+        ax.set_xticks(
+            [1 + w * c + w / 2 for c in range(columns)], column_labels[:columns], fontsize=8
+        )
+        ax.xaxis.tick_top()
+    else:
+        ax.set_xticks([])
     if row_labels:
         h = images.shape[-2] + 1
         ax.set_yticks([1 + h * r + h / 2 for r in range(rows)], row_labels[:rows], fontsize=8)

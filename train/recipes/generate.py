@@ -24,6 +24,7 @@ from train.evaluate import class_embeddings
 from train.plots_generation import save_image_grid
 
 VQVAE_FILE = "vqvae.safetensors"
+GUIDANCE = 3.0  # classifier-free guidance scale; measured best of 1, 2, 3, 5 (docs/generation.md)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--top-k", type=int, default=None, help="sample among the k likeliest codes (default: all)"
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=GUIDANCE,
+        help="classifier-free guidance scale against the empty caption; 1 turns it off "
+        "(default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -84,14 +92,30 @@ def world_from_dict(d: dict) -> WorldConfig:
 
 
 def draw(
-    run: dict, prompts: list[str], *, key: torch.Tensor, temperature: float = 1.0, top_k=None
+    run: dict,
+    prompts: list[str],
+    *,
+    key: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
-    """Images ``[len(prompts), 3, H, W]`` (pixels clamped to ``[0, 1]``), one per prompt."""
+    """Images ``[len(prompts), 3, H, W]`` (pixels clamped to ``[0, 1]``), one per prompt.
+
+    ``guidance``: classifier-free guidance scale against the empty caption (1: none).
+    """
     cfg, vq_cfg = run["cfg"], run["vqvae_cfg"]
     device = fmm.tree.leaves(run["params"])[0].device
     text = run["tokenizer"].encode(prompts, cfg.text_len).to(device)
     codes = mmgpt.generate_images(
-        run["params"], text, cfg=cfg, key=key.to(device), temperature=temperature, top_k=top_k
+        run["params"],
+        text,
+        cfg=cfg,
+        key=key.to(device),
+        temperature=temperature,
+        top_k=top_k,
+        guidance=guidance,
+        null_text=run["tokenizer"].encode([""], cfg.text_len).to(device),
     )
     with torch.no_grad():
         grid = codes.reshape(len(prompts), vq_cfg.grid, vq_cfg.grid)
@@ -153,8 +177,9 @@ def run(args: argparse.Namespace) -> dict:
         key=fmm.random.key(args.seed),
         temperature=args.temperature,
         top_k=args.top_k,
+        guidance=args.guidance,
     )
-    summary: dict = {"prompt": args.prompt, "n": args.n}
+    summary: dict = {"prompt": args.prompt, "n": args.n, "guidance": args.guidance}
     if args.clip is not None:
         if not targets:
             raise SystemExit(

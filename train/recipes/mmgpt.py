@@ -25,7 +25,7 @@ from train.data import WordTokenizer, WorldConfig, class_names, eval_set, is_hol
 from train.plots import plot_loss
 from train.plots_generation import save_image_grid
 from train.recipes import vqvae as vqvae_recipe
-from train.recipes.generate import VQVAE_FILE, clip_classifier, draw
+from train.recipes.generate import GUIDANCE, VQVAE_FILE, clip_classifier, draw
 from train.step import init_state, make_train_step
 
 TEXT_LEN = 16  # <sot> + the longest shapes-world caption (12 words) + <eot>, with room
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/mmgpt-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=600, help="optimizer steps (default: %(default)s)"
+        "--steps", type=int, default=900, help="optimizer steps (default: %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
@@ -67,6 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="seed for init, data and sampling (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.1,
+        help="share of training captions replaced by the empty caption, which teaches the "
+        "unconditional model classifier-free guidance needs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=GUIDANCE,
+        help="classifier-free guidance scale for the scored drawings; 1 is plain sampling "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--eval-per-class",
@@ -103,6 +117,7 @@ def score(classify, world: WorldConfig, run: dict, args, device) -> dict:
                 key=fmm.random.fold_in(fmm.random.key(args.seed), i),
                 temperature=args.temperature,
                 top_k=args.top_k,
+                guidance=args.guidance,
             ).cpu()
             for i in range(0, len(prompts), 128)
         ]
@@ -129,6 +144,11 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(
             f"--steps, --batch-size and --eval-per-class must be >= 1, got {args.steps}, "
             f"{args.batch_size} and {args.eval_per_class}"
+        )
+    if not 0.0 <= args.caption_dropout < 1.0 or args.guidance < 0:
+        raise SystemExit(
+            f"--caption-dropout must be in [0, 1) and --guidance >= 0, got "
+            f"{args.caption_dropout} and {args.guidance}"
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -168,6 +188,7 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     stream = scene_stream(world, args.batch_size, seed=args.seed)
+    drop = torch.Generator().manual_seed(args.seed + 1)
     losses: list[float] = []
     started = time.perf_counter()
     with tqdm(range(args.steps), desc="train mmgpt", unit="step", dynamic_ncols=True) as bar:
@@ -175,8 +196,14 @@ def run(args: argparse.Namespace) -> dict:
             scenes = next(stream)
             with torch.no_grad():
                 codes = vqvae.encode(vq_params, scenes.images.to(device), cfg=vq_cfg)
+            captions = [
+                "" if u < args.caption_dropout else c
+                for u, c in zip(
+                    torch.rand(len(scenes.captions), generator=drop).tolist(), scenes.captions
+                )
+            ]
             batch = {
-                "text": tokenizer.encode(scenes.captions, cfg.text_len).to(device),
+                "text": tokenizer.encode(captions, cfg.text_len).to(device),
                 "codes": codes.reshape(len(codes), -1),
             }
             state, metrics = step(state, batch)
@@ -232,10 +259,13 @@ def run(args: argparse.Namespace) -> dict:
         title = f"one drawing per caption 'a <colour> <shape>' (CLIP agrees on {result['consistency']:.0%})"
     else:
         names = class_names(world)
-        first = draw(loaded, [f"a {n}" for n in names], key=fmm.random.key(args.seed)).cpu()
+        first = draw(
+            loaded, [f"a {n}" for n in names], key=fmm.random.key(args.seed), guidance=args.guidance
+        ).cpu()
         title = "one drawing per caption 'a <colour> <shape>'"
     save_image_grid(
         first, out / "samples.png", columns=len(world.shapes), row_labels=list(world.colors),
+        column_labels=list(world.shapes),
         title=title,
     )  # fmt: skip
     plot_loss(losses, out / "loss.png", title="multimodal GPT: image-token NLL (caption -> image)")
