@@ -1,8 +1,12 @@
-"""Pre-norm transformer blocks and stacks (ViT / CLIP / GPT style).
+"""Transformer blocks and stacks, pre-norm (ViT / CLIP / GPT) or post-norm (BERT / ALBEF).
 
-A block computes ``x + attn(norm1(x))`` [``+ cross(norm_cross(x), context)``] then
-``x + mlp(norm2(x))``. A stack is ``{"blocks": [block, ...]}``; the final norm, if any,
-belongs to the model that owns the stack.
+A pre-norm block (``norm_first=True``, the default) computes ``x + attn(norm1(x))``
+[``+ cross(norm_cross(x), context)``] then ``x + mlp(norm2(x))``. A post-norm block
+(``norm_first=False``) normalises after each residual sum instead:
+``x = norm1(x + attn(x))`` [``x = norm_cross(x + cross(x, context))``] then
+``x = norm2(x + mlp(x))``. Both use the same param names, so one converter layout serves
+either. A stack is ``{"blocks": [block, ...]}``; the final norm of a pre-norm stack, if
+any, belongs to the model that owns the stack.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ class TransformerConfig:
     ``cross_dim``: if set, every block also cross-attends to a context of that width.
     ``dropout``: residual-branch dropout; ``attn_dropout``: on attention weights.
     ``attn_impl``: ``"sdpa"`` or ``"math"`` (see :class:`fmm.nn.AttentionConfig`).
+    ``norm_first``: pre-norm (True) or post-norm (False) blocks; see the module docstring.
+    ``mlp_dim``: the MLP's hidden width, overriding ``int(width * mlp_ratio)`` (checkpoints
+    such as BERT's state it as an integer, which a float ratio need not reproduce).
     """
 
     width: int
@@ -39,6 +46,8 @@ class TransformerConfig:
     attn_dropout: float = 0.0
     cross_dim: int | None = None
     attn_impl: str = "sdpa"
+    norm_first: bool = True
+    mlp_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -47,6 +56,8 @@ class TransformerConfig:
             )
         if self.layers < 0:
             raise ValueError(f"TransformerConfig: layers must be >= 0, got {self.layers}")
+        if self.mlp_dim is not None and self.mlp_dim < 1:
+            raise ValueError(f"TransformerConfig: mlp_dim must be positive, got {self.mlp_dim}")
         activation(self.act)  # fail at construction, not at the first forward
 
     @property
@@ -67,6 +78,8 @@ class TransformerConfig:
 
     @property
     def hidden(self) -> int:
+        if self.mlp_dim is not None:
+            return self.mlp_dim
         return int(self.width * self.mlp_ratio)
 
 
@@ -118,7 +131,8 @@ def block(
     key: torch.Tensor | None = None,
     train: bool = False,
 ) -> torch.Tensor:
-    """One pre-norm block. ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
+    """One block (pre- or post-norm by ``cfg.norm_first``).
+    ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
 
     ``mask``/``context_mask``: bool, broadcastable to ``[B, heads, S, S]`` / ``[B, heads, S, T]``.
     ``key`` is needed only for dropout in training.
@@ -127,6 +141,10 @@ def block(
     if stochastic and key is None:
         raise ValueError("block: dropout in training needs key=")
     sub = (lambda name: random.fold_in(key, name)) if stochastic else (lambda name: None)
+    if not cfg.norm_first:
+        return _post_norm_block(
+            params, x, cfg, mask, causal, context, context_mask, key, sub, train
+        )
     eps = cfg.norm_eps
     h = attention(
         params["attn"],
@@ -151,6 +169,34 @@ def block(
         x = _residual(x, h, cfg, key, "cross_out", train)
     h = mlp(params["mlp"], layer_norm(params["norm2"], x, eps=eps), act=cfg.act)
     return _residual(x, h, cfg, key, "mlp_out", train)
+
+
+def _post_norm_block(params, x, cfg, mask, causal, context, context_mask, key, sub, train):
+    # Same params and dropout key names as the pre-norm path; only where the norms sit moves.
+    eps = cfg.norm_eps
+    h = attention(
+        params["attn"],
+        x,
+        cfg=cfg.self_attention,
+        mask=mask,
+        causal=causal,
+        key=sub("attn"),
+        train=train,
+    )
+    x = layer_norm(params["norm1"], _residual(x, h, cfg, key, "attn_out", train), eps=eps)
+    if cfg.cross_dim is not None:
+        h = attention(
+            params["cross"],
+            x,
+            cfg=cfg.cross_attention,
+            context=context,
+            mask=context_mask,
+            key=sub("cross"),
+            train=train,
+        )
+        x = layer_norm(params["norm_cross"], _residual(x, h, cfg, key, "cross_out", train), eps=eps)
+    h = mlp(params["mlp"], x, act=cfg.act)
+    return layer_norm(params["norm2"], _residual(x, h, cfg, key, "mlp_out", train), eps=eps)
 
 
 def transformer(

