@@ -392,3 +392,19 @@ def test_golden_param_spec(name):
     assert got == want, (
         "param names/shapes changed: if deliberate, run tests/scripts/make_golden.py"
     )
+
+
+def test_apply_compiles_as_one_graph_without_recompiling(small_params):
+    # The "eager" backend checks that dynamo traces apply whole (fullgraph) and guards on
+    # the config cheaply, without paying for inductor's code generation in the suite.
+    f = torch.compile(bert.sentence_embedding, fullgraph=True, backend="eager")
+    ids, mask, types = _batch(SMALL, s=9)
+    want = bert.sentence_embedding(
+        small_params, ids, cfg=SMALL, attention_mask=mask, token_type_ids=types
+    )
+    torch.testing.assert_close(
+        f(small_params, ids, cfg=SMALL, attention_mask=mask, token_type_ids=types), want
+    )
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        other = (ids + 1) % SMALL.vocab_size
+        f(small_params, other, cfg=SMALL, attention_mask=mask, token_type_ids=types)
