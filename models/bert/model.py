@@ -59,7 +59,7 @@ def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
 
 
 def _check_ids(name: str, ids: torch.Tensor, high: int, shape: torch.Size | None) -> None:
-    if ids.dtype in (torch.bool,) or ids.dtype.is_floating_point or ids.is_complex():
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.is_complex():
         raise ValueError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
     if shape is None:
         if ids.dim() != 2 or ids.shape[1] == 0:
