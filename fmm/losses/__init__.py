@@ -6,5 +6,7 @@ from fmm.losses.contrastive import (
     local_gather,
     logit_scale_value,
 )
+from fmm.losses.vq import commitment_loss, reconstruction_loss
 
 __all__ = ["MAX_LOGIT_SCALE", "contrastive_loss", "local_gather", "logit_scale_value"]
+__all__ += ["commitment_loss", "reconstruction_loss"]
