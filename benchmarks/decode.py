@@ -134,10 +134,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--layers", type=int, default=12, help="GPT-2 small has 12")
-    parser.add_argument("--step-tokens", type=int, default=8, help="steps per per-token timing")
+    parser.add_argument("--step-tokens", type=int, default=16, help="steps per per-token timing")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=0, help="untimed calls per method")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--only-steps", action="store_true", help="skip the tokens/s table (per-token ratio only)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 layers, context 48, batch 1")
     args = parser.parse_args()
     if args.quick:
@@ -183,7 +186,13 @@ def run_batch(model, params, cfg, batch, args) -> None:
     compile_s = time.perf_counter() - start
     print(f"\nbatch {batch}: prompt {args.prompt_len} -> context {args.context} ({new} new tokens)")
     print(f"fmm compiled: first call (compiles the decode step) {compile_s:.1f} s")
-    tokens, short = {}, prompt[:, : args.prompt_len]
+    if not args.only_steps:
+        tokens_per_second(fns, prompt[:, : args.prompt_len], new, batch, args)
+    per_token_ratio(fns, prompt, args)
+
+
+def tokens_per_second(fns, short, new, batch, args) -> None:
+    tokens = {}
 
     def call(name, fn):
         def run():
@@ -205,6 +214,8 @@ def run_batch(model, params, cfg, batch, args) -> None:
     agree = {n: f"{(t == ref).float().mean().item():.3f}" for n, t in tokens.items()}
     print(f"greedy tokens equal to transformers' (fraction): {agree}")
 
+
+def per_token_ratio(fns, prompt, args) -> None:
     early, late, n = 64, args.context - args.step_tokens - 1, args.step_tokens
     if late <= early:
         return
