@@ -177,3 +177,14 @@ def test_bad_configs_and_cross_attention_inputs_are_errors():
         fusion.cross_attention_fusion(p, torch.randn(2, 3, 4), torch.randn(2, 5, 4), cfg=cfg)
     with pytest.raises(ValueError, match="different batch"):
         fusion.cross_attention_fusion(p, torch.randn(2, 3, 4), torch.randn(1, 5, 3), cfg=cfg)
+
+
+def test_docs_fusion_snippets_run():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "fusion.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/fusion.md", "exec"), {})
