@@ -40,7 +40,10 @@ def encode_all(
     params: Mapping[str, Any], inputs: Mapping[str, Any], *, encoders: Mapping[str, Part]
 ) -> dict[str, Any]:
     """``{name: encoders[name](params[name], inputs[name])}`` over sorted names; the input
-    and encoder names must match exactly."""
+    and encoder names must match exactly.
+
+    Example: ``encode_all({"image": p}, {"image": x}, encoders={"image": nn.linear})``.
+    """
     names = _check_names(inputs, encoders, "encode_all", "encoders")
     for name in names:
         if name not in params:
