@@ -9,9 +9,12 @@ The same architecture with only the image encoder is the image-only baseline, so
 printout shows what the caption adds on held-out scenes (one object each, including
 colour/shape combinations never rendered in training).
 
-Run from the repo root (about a minute on 2 CPU cores)::
+Run from the repo root (about 1.5-2 minutes on 2 CPU cores, both runs)::
 
     python examples/late_fusion.py --steps 200 --fusion deepset
+
+With these defaults it printed held-out accuracy 1.000 (image+caption) vs 0.482 (image
+only): the caption names the shape, the 200-step conv net is still learning it.
 """
 
 from __future__ import annotations
