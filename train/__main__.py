@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.recipes import clip, generate, mmgpt, vqvae
+from train.recipes import clip, generate, mmgpt, vqvae, zeroshot
 
 TASKS = {
     "clip": (clip, "train a tiny CLIP on the built-in shapes world and evaluate it zero-shot"),
@@ -15,6 +15,7 @@ TASKS = {
         "train a multimodal GPT caption -> image on VQ-VAE tokens of the shapes world",
     ),
     "generate": (generate, "draw images for a caption with a trained mmgpt run, scored by CLIP"),
+    "zeroshot": (zeroshot, "rank labels for your images with pretrained CLIP weights"),
 }
 
 
