@@ -1,0 +1,283 @@
+"""ALBEF's losses as pure functions: contrastive with momentum distillation (ITC), image-text
+matching on hard negatives (ITM), masked language modelling (MLM), and the VQA loss.
+
+The generic MLM / ITM losses of ``fmm.losses`` (FLAVA's work) had not landed when these were
+written; the ITM and MLM pieces here are the ALBEF-specific ones to merge with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fmm import random
+from models.albef import model as M
+from models.albef.config import ALBEFConfig
+
+Params = dict[str, Any]
+IGNORE = -100
+# Integer key streams: folding in a string hashes it on the host, which a compiled step
+# cannot trace.
+_STREAMS = {
+    name: i
+    for i, name in enumerate(("text", "fuse_pos", "neg", "fuse_neg", "mlm", "text_mlm", "fuse_mlm"))
+}
+
+
+def itc_similarities(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    temp: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_feat @ text_all.T / temp, text_feat @ image_all.T / temp)``: ``[B, N]`` each,
+    for unit features ``[B, E]`` against the momentum batch + queue ``[N, E]``."""
+    if image_feat.shape != text_feat.shape or image_all.shape != text_all.shape:
+        raise ValueError(
+            f"itc_similarities: image_feat {list(image_feat.shape)} / text_feat "
+            f"{list(text_feat.shape)} and image_all {list(image_all.shape)} / text_all "
+            f"{list(text_all.shape)} must pair up"
+        )
+    if image_feat.shape[-1] != image_all.shape[-1]:
+        raise ValueError(
+            f"itc_similarities: features are {image_feat.shape[-1]}-d but the candidates are "
+            f"{image_all.shape[-1]}-d"
+        )
+    return image_feat @ text_all.T / temp, text_feat @ image_all.T / temp
+
+
+def positive_targets(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` rows summing to 1: uniform over the candidates whose id equals the row's
+    (``idx [B]`` against ``idx_all [N]``; a row always finds itself in ``idx_all[:B]``)."""
+    pos = (idx[:, None] == idx_all[None, :]).to(torch.float32)
+    return pos / pos.sum(1, keepdim=True)
+
+
+def itc_loss(
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    sim_i2t_m: torch.Tensor | None = None,
+    sim_t2i_m: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies against soft targets
+    ``(1 - alpha) * targets + alpha * softmax(sim_m)`` (momentum distillation). All ``[B, N]``;
+    returns a 0-d loss, symmetric under swapping the two directions.
+
+    Example: ``itc_loss(s_i2t, s_t2i, torch.eye(B))`` is CLIP's loss at ``alpha=0``.
+    """
+    if sim_i2t.shape != sim_t2i.shape or targets.shape != sim_i2t.shape:
+        raise ValueError(
+            f"itc_loss: sim_i2t {list(sim_i2t.shape)}, sim_t2i {list(sim_t2i.shape)} and "
+            f"targets {list(targets.shape)} must have one shape"
+        )
+    t_i2t = t_t2i = targets
+    if alpha > 0.0:
+        if sim_i2t_m is None or sim_t2i_m is None:
+            raise ValueError("itc_loss: alpha > 0 needs sim_i2t_m= and sim_t2i_m=")
+        t_i2t = alpha * sim_i2t_m.detach().softmax(1) + (1 - alpha) * targets
+        t_t2i = alpha * sim_t2i_m.detach().softmax(1) + (1 - alpha) * targets
+    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(1).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+def sample_categorical(key: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``logits [B, N]`` drawn with probability ``softmax(logits)``
+    (``-inf`` = never), by the Gumbel-max trick: on device, no host sync, reproducible from
+    ``key`` (``torch.multinomial`` would draw from the global generator). Returns ``[B]``."""
+    u = random.uniform(key, logits.shape, dtype=torch.float32).clamp(1e-12, 1.0 - 1e-7)
+    return (logits.float() - torch.log(-torch.log(u))).argmax(dim=1)
+
+
+def hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, idx: torch.Tensor, key: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALBEF's hard-negative mining within the batch: for each image a text drawn with
+    probability ``softmax(sim_i2t)`` and for each text an image by ``softmax(sim_t2i)``, never
+    one with the same id. ``sim_*: [B, B]`` (batch columns only), ``idx: [B]``.
+
+    Returns ``(negative text index per image, negative image index per text)``, ``[B]`` each.
+    A row with no other id in the batch falls back to a uniform pick among the other rows.
+    """
+    b = idx.shape[0]
+    if b < 2 or sim_i2t.shape != (b, b) or sim_t2i.shape != (b, b):
+        raise ValueError(
+            f"hard_negatives: need a batch >= 2 and sims [{b}, {b}], got sim_i2t "
+            f"{list(sim_i2t.shape)} and sim_t2i {list(sim_t2i.shape)}"
+        )
+    same = idx[:, None] == idx[None, :]
+    eye = torch.eye(b, dtype=torch.bool, device=idx.device)
+    fallback = torch.zeros(b, b, device=idx.device).masked_fill(eye, float("-inf"))
+    picks = []
+    for stream, sim in enumerate((sim_i2t, sim_t2i)):
+        logits = sim.detach().float().masked_fill(same, float("-inf"))
+        logits = torch.where(same.all(1, keepdim=True), fallback, logits)
+        picks.append(sample_categorical(random.fold_in(key, stream), logits))
+    return picks[0], picks[1]
+
+
+def itm_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of matched pairs ``pos_logits [B, 2]`` (label 1) and mismatched pairs
+    ``neg_logits [N, 2]`` (label 0), averaged over all pairs. Returns ``(loss, accuracy)``."""
+    if pos_logits.ndim != 2 or pos_logits.shape[1] != 2 or neg_logits.shape[1:] != (2,):
+        raise ValueError(
+            f"itm_loss: logits must be [pairs, 2], got pos {list(pos_logits.shape)} and "
+            f"neg {list(neg_logits.shape)}"
+        )
+    logits = torch.cat([pos_logits, neg_logits])
+    labels = torch.cat(
+        [
+            torch.ones(pos_logits.shape[0], dtype=torch.int64, device=logits.device),
+            torch.zeros(neg_logits.shape[0], dtype=torch.int64, device=logits.device),
+        ]
+    )
+    accuracy = (logits.argmax(1) == labels).float().mean()
+    return F.cross_entropy(logits, labels), accuracy.detach()
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    maskable: torch.Tensor,
+    prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption: each ``maskable [B, S]`` token is chosen with ``prob``; a chosen
+    token becomes ``mask_id`` (80%), a random id (10%) or stays (10%).
+
+    Returns ``(corrupted ids [B, S], labels [B, S])`` with labels ``-100`` where not chosen.
+    """
+    if maskable.shape != input_ids.shape:
+        raise ValueError(
+            f"mask_tokens: maskable {list(maskable.shape)} must match input_ids "
+            f"{list(input_ids.shape)}"
+        )
+    u = random.uniform(random.fold_in(key, 0), input_ids.shape)
+    chosen = (u < prob) & maskable.bool()
+    how = random.uniform(random.fold_in(key, 1), input_ids.shape)
+    rand_ids = (random.uniform(random.fold_in(key, 2), input_ids.shape) * vocab_size).long()
+    rand_ids = rand_ids.clamp(max=vocab_size - 1)
+    out = torch.where(chosen & (how < 0.8), mask_id, input_ids)
+    out = torch.where(chosen & (how >= 0.8) & (how < 0.9), rand_ids, out)
+    return out, torch.where(chosen, input_ids, IGNORE)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose ``labels [B, S]`` are not -100
+    (``logits [B, S, V]``); 0 when nothing is masked, so a batch never yields NaN."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"mlm_loss: logits {list(logits.shape)} must be labels {list(labels.shape)} + [vocab]"
+        )
+    ce = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return ce / (labels != IGNORE).sum().clamp(min=1)
+
+
+def pretrain_loss(
+    params: Params,
+    batch: dict[str, Any],
+    key: torch.Tensor,
+    *,
+    cfg: ALBEFConfig,
+    mask_id: int,
+    train: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ALBEF's pretraining objective ITC + ITM + MLM on a batch of matched pairs.
+
+    ``batch``: ``images [B, C, H, W]``, ``input_ids [B, S]`` (token 0 is [CLS]),
+    ``attention_mask [B, S]``, ``idx [B]`` (example ids >= 0; equal ids count as positives),
+    the momentum features ``image_feat_m, text_feat_m [B, E]`` (:func:`momentum_features`)
+    and ``queue`` (:func:`models.albef.state.init_queue`). ``key`` draws the ITM negatives,
+    the MLM corruption and dropout. Returns ``(loss [], metrics)`` for
+    ``train.step.make_train_step``.
+    """
+    ids, mask, idx = batch["input_ids"], batch["attention_mask"], batch["idx"]
+    queue, temp = batch["queue"], M.temperature(params)
+    kd = lambda name: random.fold_in(key, name) if train else None
+    image = M.encode_image(params, batch["images"], cfg=cfg)
+    text = M.encode_text(
+        params, ids, cfg=cfg, attention_mask=mask, key=kd(_STREAMS["text"]), train=train
+    )
+
+    # ITC against the momentum batch + queue, targets softened by the momentum model.
+    image_all = torch.cat([batch["image_feat_m"], queue["image"]])
+    text_all = torch.cat([batch["text_feat_m"], queue["text"]])
+    targets = positive_targets(idx, torch.cat([idx, queue["idx"]]))
+    sim_i2t, sim_t2i = itc_similarities(
+        M.image_embedding(params, image), M.text_embedding(params, text), image_all, text_all, temp
+    )
+    with torch.no_grad():
+        sim_i2t_m, sim_t2i_m = itc_similarities(
+            batch["image_feat_m"], batch["text_feat_m"], image_all, text_all, temp
+        )
+    itc = itc_loss(
+        sim_i2t, sim_t2i, targets, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m, alpha=cfg.alpha
+    )
+
+    # ITM: matched pairs against the hardest-looking mismatches of the same batch.
+    b = ids.shape[0]
+    fuse = lambda t, i, m, name: M.fuse(
+        params, t, i, cfg=cfg, attention_mask=m, key=kd(name), train=train
+    )
+    fused = fuse(text, image, mask, _STREAMS["fuse_pos"])
+    neg_text, neg_image = hard_negatives(
+        sim_i2t[:, :b], sim_t2i[:, :b], idx, random.fold_in(key, _STREAMS["neg"])
+    )
+    fused_neg = fuse(
+        torch.cat([text, text[neg_text]]),
+        torch.cat([image[neg_image], image]),
+        torch.cat([mask, mask[neg_text]]),
+        _STREAMS["fuse_neg"],
+    )
+    itm, itm_acc = itm_loss(M.itm_logits(params, fused), M.itm_logits(params, fused_neg))
+
+    # MLM: predict corrupted tokens from the rest of the text and the image.
+    position = torch.arange(ids.shape[1], device=ids.device)
+    maskable = mask.bool() & (position > 0) & (ids != cfg.text.pad_id)
+    corrupt, labels = mask_tokens(
+        ids, random.fold_in(key, _STREAMS["mlm"]), mask_id=mask_id, vocab_size=cfg.text.vocab_size,
+        maskable=maskable,
+    )  # fmt: skip
+    text_mlm = M.encode_text(
+        params, corrupt, cfg=cfg, attention_mask=mask, key=kd(_STREAMS["text_mlm"]), train=train
+    )
+    mlm = mlm_loss(
+        M.mlm_logits(params, fuse(text_mlm, image, mask, _STREAMS["fuse_mlm"]), cfg=cfg), labels
+    )
+
+    metrics = {"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()}
+    return itc + itm + mlm, {**metrics, "itm_accuracy": itm_acc, "temp": temp.detach()}
+
+
+def vqa_loss(
+    params: Params,
+    batch: dict[str, Any],
+    key: torch.Tensor | None = None,
+    *,
+    cfg: ALBEFConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of answer classes. ``batch``: ``images [B, C, H, W]``, ``input_ids
+    [B, S]`` (questions), ``attention_mask [B, S]``, ``answers [B]`` int64 in
+    ``[0, cfg.num_answers)``. Returns ``(loss [], {"accuracy": []})``."""
+    logits = M.vqa(
+        params, batch["images"], batch["input_ids"], cfg=cfg, attention_mask=batch["attention_mask"]
+    )
+    answers = batch["answers"]
+    if answers.shape != logits.shape[:1]:
+        raise ValueError(
+            f"vqa_loss: answers must be [{logits.shape[0]}], got {list(answers.shape)}"
+        )
+    accuracy = (logits.argmax(1) == answers).float().mean().detach()
+    return F.cross_entropy(logits, answers), {"accuracy": accuracy}

@@ -1,0 +1,111 @@
+"""ALBEF's train-time state as explicit pytrees, updated by pure functions.
+
+``momentum``: an exponential moving average of the encoders and projections
+(:data:`models.albef.model.MOMENTUM_PARTS`); it provides soft contrastive targets and the
+features that enter the queues. ``queue``: the last ``cfg.queue_size`` momentum features
+of each modality, with the ids of the examples they came from (so an example seen again
+is not counted as its own negative)::
+
+    {"image": [Q, embed], "text": [Q, embed], "idx": [Q] int64 (-1 = empty), "ptr": [] int64}
+
+Every update returns new tensors and leaves its inputs untouched, so a train step that
+carries this state is a pure function and compiles without graph breaks or host syncs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fmm import random, tree
+from models.albef.config import ALBEFConfig
+from models.albef.model import (
+    MOMENTUM_PARTS,
+    encode_image,
+    encode_text,
+    image_embedding,
+    text_embedding,
+)
+
+Tree = Any
+EMPTY_ID = -1
+
+
+def init_momentum(params: Tree) -> Tree:
+    """The momentum encoders at step 0: copies of ``params``' encoders and projections."""
+    missing = [p for p in MOMENTUM_PARTS if p not in params]
+    if missing:
+        raise ValueError(f"init_momentum: params lack {missing}; got keys {sorted(params)}")
+    return tree.map(lambda x: x.detach().clone(), {p: params[p] for p in MOMENTUM_PARTS})
+
+
+def momentum_update(momentum: Tree, params: Tree, *, m: float) -> Tree:
+    """``m * momentum + (1 - m) * params`` leafwise, as new tensors (inputs untouched).
+
+    Example: ``momentum = momentum_update(momentum, state["params"], m=cfg.momentum)``.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum_update: m must lie in [0, 1], got {m}")
+    current = {p: params[p] for p in momentum}
+    return tree.map(lambda a, b: a.detach() * m + b.detach() * (1.0 - m), momentum, current)
+
+
+def init_queue(cfg: ALBEFConfig, key: torch.Tensor, *, dtype=torch.float32) -> Tree:
+    """Queues of random unit features (as ALBEF starts them) with empty ids; ``ptr`` 0."""
+    q, e, dev = cfg.queue_size, cfg.embed_dim, key.device
+    return {
+        "image": F.normalize(
+            random.normal(random.fold_in(key, "image"), (q, e), dtype=dtype), dim=-1
+        ),
+        "text": F.normalize(
+            random.normal(random.fold_in(key, "text"), (q, e), dtype=dtype), dim=-1
+        ),
+        "idx": torch.full((q,), EMPTY_ID, dtype=torch.int64, device=dev),
+        "ptr": torch.zeros((), dtype=torch.int64, device=dev),
+    }
+
+
+def enqueue(
+    queue: Tree, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor
+) -> Tree:
+    """Write a batch of momentum features ``[B, embed]`` and ids ``[B]`` at ``ptr``
+    (wrapping around) and advance ``ptr`` by ``B``: a new queue, the old one untouched.
+
+    The slots are ``(ptr + arange(B)) % Q`` computed on device, so no host sync and no
+    requirement that ``Q`` be a multiple of ``B``.
+    """
+    q = queue["image"].shape[0]
+    if image_feat.shape != text_feat.shape or image_feat.shape[1:] != queue["image"].shape[1:]:
+        raise ValueError(
+            f"enqueue: image_feat {list(image_feat.shape)} and text_feat "
+            f"{list(text_feat.shape)} must both be [batch, {queue['image'].shape[1]}]"
+        )
+    if idx.shape != image_feat.shape[:1]:
+        raise ValueError(f"enqueue: idx must be [{image_feat.shape[0]}], got {list(idx.shape)}")
+    if image_feat.shape[0] > q:
+        raise ValueError(f"enqueue: batch {image_feat.shape[0]} exceeds the queue size {q}")
+    slots = (queue["ptr"] + torch.arange(image_feat.shape[0], device=idx.device)) % q
+    return {
+        "image": queue["image"].index_copy(0, slots, image_feat.detach().to(queue["image"].dtype)),
+        "text": queue["text"].index_copy(0, slots, text_feat.detach().to(queue["text"].dtype)),
+        "idx": queue["idx"].index_copy(0, slots, idx.to(torch.int64)),
+        "ptr": (queue["ptr"] + image_feat.shape[0]) % q,
+    }
+
+
+@torch.no_grad()
+def momentum_features(
+    momentum: Tree,
+    images: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    cfg: ALBEFConfig,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm image and text embeddings ``([B, embed], [B, embed])`` of the momentum
+    encoders: the distillation targets and the features that enter the queues."""
+    image = encode_image(momentum, images, cfg=cfg)
+    text = encode_text(momentum, input_ids, cfg=cfg, attention_mask=attention_mask)
+    return image_embedding(momentum, image), text_embedding(momentum, text)

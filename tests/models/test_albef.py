@@ -1,0 +1,382 @@
+"""ALBEF: parity with TorchMultimodal's encoders, pure momentum/queue state, loss laws,
+hard negatives without host syncs, retrieval and VQA heads, errors, golden specs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmm
+import models
+from fmm.convert import ConversionError
+from models import albef as A
+from models.albef import convert as C
+from models.bert import BertConfig
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+META = fmm.random.key(0).to("meta")
+W, HEADS, MLP, VOCAB = 24, 3, 40, 50
+TEXT = BertConfig(
+    vocab_size=VOCAB, width=W, layers=2, heads=HEADS, mlp_dim=MLP, max_positions=16,
+    dropout=0.0, attn_dropout=0.0, pooler=False,
+)  # fmt: skip
+CFG = A.ALBEFConfig(
+    image_size=20, patch_size=5, image_width=W, image_layers=2, image_heads=HEADS,
+    image_mlp_dim=MLP, text=TEXT, fusion_layers=2, embed_dim=8, queue_size=12, num_answers=5,
+)  # fmt: skip
+
+
+def _tmm_model(dropout: float):
+    from tests.reference import reference
+
+    ie = reference("torchmultimodal.models.albef.image_encoder")
+    me = reference("torchmultimodal.models.albef.multimodal_encoder")
+    bt = reference("torchmultimodal.modules.encoders.bert_text_encoder")
+    mm = reference("torchmultimodal.models.albef.model")
+    torch.manual_seed(0)
+    model = mm.ALBEFModel(
+        ie.ALBEFVisionEncoder(
+            image_size=20, patch_size=5, num_hidden_layers=2, num_attention_heads=HEADS,
+            hidden_size=W, mlp_dim=MLP,
+        ),
+        bt.bert_text_encoder(
+            hidden_size=W, num_hidden_layers=2, num_attention_heads=HEADS,
+            intermediate_size=MLP, vocab_size=VOCAB, max_position_embeddings=16, dropout=dropout,
+        ),
+        me.ALBEFMultimodalEncoder(
+            hidden_size=W, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=MLP
+        ),
+    )  # fmt: skip
+    with torch.no_grad():  # random weights everywhere, norms included, so nothing hides
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval(), mm
+
+
+@pytest.fixture(scope="module")
+def tmm():
+    return _tmm_model(dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return A.init(CFG, fmm.random.key(0))
+
+
+def _inputs(b=3, s=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 3, 20, 20, generator=g)
+    ids = torch.randint(1, VOCAB, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0
+    return images, ids, mask
+
+
+def test_encoders_match_torchmultimodal_albef_on_identical_random_weights(tmm):
+    model, _ = tmm
+    parts = C.from_tmm(model.state_dict(), CFG)
+    params = {**A.init(CFG, fmm.random.key(1)), **parts["params"]}
+    images, ids, mask = _inputs()
+    with torch.no_grad():
+        want = model(images, ids, mask)
+    got = A.apply(params, images, ids, cfg=CFG, attention_mask=mask)
+    # TorchMultimodal steps its momentum encoders inside forward; ours is the pure update.
+    momentum = A.momentum_update(parts["momentum"], params, m=0.995)
+    got_m = A.apply(momentum, images, ids, cfg=CFG, attention_mask=mask)
+    real = mask.bool()  # padded positions are computed but meaningless on both sides
+    for ours, theirs in ((got, ""), (got_m, "_m")):
+        torch.testing.assert_close(
+            ours["image"], getattr(want, f"image_embeddings{theirs}"), atol=1e-5, rtol=0
+        )
+        for name, field in (("text", "text_embeddings"), ("fused", "multimodal_embeddings")):
+            torch.testing.assert_close(
+                ours[name][real], getattr(want, field + theirs)[real], atol=1e-5, rtol=0
+            )
+
+
+def test_state_dict_round_trips_exactly_with_and_without_similarity(tmm):
+    model, mm = tmm
+    sd = model.state_dict()
+    parts = C.from_tmm(sd, CFG)
+    back = C.to_tmm(
+        {**A.init(CFG, META), **parts["params"]}, CFG, momentum=parts["momentum"], text_mlp_out=3
+    )
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+    sim = mm.ALBEFModelWithSimilarity(
+        model, torch.nn.Linear(W, 8), torch.nn.Linear(W, 8), embed_size=8, queue_size=12
+    )
+    sim.queue_ptr[0] = 5
+    sim.idx_queue[0, :5] = torch.arange(5)
+    sd = sim.state_dict()
+    parts = C.from_tmm(sd, CFG)
+    assert parts["queue"]["ptr"].item() == 5 and parts["queue"]["idx"][5].item() == -1
+    torch.testing.assert_close(parts["queue"]["image"], sd["image_queue"].T)
+    back = C.to_tmm(
+        {**A.init(CFG, META), **parts["params"]},
+        CFG,
+        momentum=parts["momentum"],
+        queue=parts["queue"],
+        text_mlp_out=3,
+    )
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k].to(sd[k].dtype), sd[k]), k
+
+
+def test_a_bad_state_dict_lists_every_missing_and_mis_shaped_key(tmm):
+    sd = dict(tmm[0].state_dict())
+    del sd["multimodal_encoder.layer.1.cross_attention.key.bias"]
+    sd["vision_encoder.encoder.class_token"] = torch.zeros(1, 1, W + 1)
+    with pytest.raises(ConversionError) as err:
+        C.from_tmm(sd, CFG)
+    msg = str(err.value)
+    assert "missing: multimodal_encoder.layer.1.cross_attention.key.bias" in msg
+    assert "mismatched vision_encoder.encoder.class_token" in msg
+
+
+def test_momentum_update_is_a_pure_ema_that_leaves_the_old_state_untouched(params):
+    momentum = A.init_momentum(params)
+    moved = fmm.tree.map(lambda x: x + 1.0, params)
+    before = fmm.tree.map(torch.clone, momentum)
+    new = A.momentum_update(momentum, moved, m=0.9)
+    for k, v in fmm.tree.flatten(momentum).items():
+        assert torch.equal(v, fmm.tree.flatten(before)[k])  # old state untouched
+        torch.testing.assert_close(fmm.tree.flatten(new)[k], v + 0.1)
+    assert set(new) == set(A.MOMENTUM_PARTS)
+    same = A.momentum_update(momentum, moved, m=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(fmm.tree.leaves(same), fmm.tree.leaves(momentum)))
+
+
+def test_enqueue_wraps_around_and_leaves_the_old_queue_untouched():
+    queue = A.init_queue(CFG, fmm.random.key(0))
+    queue = {**queue, "ptr": torch.tensor(10)}
+    before = fmm.tree.map(torch.clone, queue)
+    feats = F.normalize(torch.randn(4, 8), dim=-1)
+    new = A.enqueue(queue, feats, -feats, torch.tensor([7, 8, 9, 10]))
+    assert all(torch.equal(queue[k], before[k]) for k in queue)
+    assert new["ptr"].item() == 2
+    torch.testing.assert_close(new["image"][[10, 11, 0, 1]], feats)
+    torch.testing.assert_close(new["text"][[10, 11, 0, 1]], -feats)
+    assert new["idx"].tolist() == [9, 10] + [-1] * 8 + [7, 8]
+    assert torch.equal(new["image"][2:10], queue["image"][2:10])
+
+
+def test_itc_loss_is_symmetric_finite_and_clip_at_alpha_zero():
+    g = torch.Generator().manual_seed(0)
+    s_i2t, s_t2i = torch.randn(5, 9, generator=g) * 50, torch.randn(5, 9, generator=g) * 50
+    m_i2t, m_t2i = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    targets = A.positive_targets(
+        torch.arange(5), torch.cat([torch.arange(5), torch.full((4,), -1)])
+    )
+    a = A.itc_loss(s_i2t, s_t2i, targets, sim_i2t_m=m_i2t, sim_t2i_m=m_t2i, alpha=0.4)
+    b = A.itc_loss(s_t2i, s_i2t, targets, sim_i2t_m=m_t2i, sim_t2i_m=m_i2t, alpha=0.4)
+    assert torch.isfinite(a) and torch.equal(a, b)
+    labels = torch.arange(5)
+    clip = 0.5 * (F.cross_entropy(s_i2t, labels) + F.cross_entropy(s_t2i, labels))
+    torch.testing.assert_close(A.itc_loss(s_i2t, s_t2i, targets), clip)
+    # Distillation moves the loss toward the momentum model's soft targets.
+    assert not torch.allclose(a, A.itc_loss(s_i2t, s_t2i, targets))
+
+
+def test_positive_targets_share_mass_between_equal_ids():
+    t = A.positive_targets(torch.tensor([3, 4]), torch.tensor([3, 4, 3, -1]))
+    assert t.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
+def test_hard_negatives_follow_the_similarity_and_never_pick_an_equal_id():
+    sim = torch.tensor([[0.0, 2.0, 0.0, -30.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4])
+    idx = torch.tensor([0, 1, 2, 2])
+    counts = torch.zeros(4, 4)
+    for i in range(300):
+        t, im = A.hard_negatives(sim, sim, idx, fmm.random.key(i))
+        counts[torch.arange(4), t] += 1
+        assert (idx[t] != idx).all() and (idx[im] != idx).all()
+    freq = counts / 300
+    want0 = (
+        torch.tensor([0.0, 2.0, 0.0, -30.0])
+        .masked_fill(torch.tensor([1, 0, 0, 0]).bool(), -1e9)
+        .softmax(0)
+    )
+    torch.testing.assert_close(freq[0], want0, atol=0.08, rtol=0)
+    # Rows 2 and 3 share an id, so each may only pick rows 0 or 1.
+    assert counts[2, 2:].sum() == 0 and counts[3, 2:].sum() == 0
+
+
+def test_hard_negatives_trace_as_one_graph_so_there_is_no_host_sync():
+    # fullgraph=True fails on .item()/.tolist() or a Python branch on a tensor value.
+    f = torch.compile(A.hard_negatives, fullgraph=True, backend="eager")
+    sim = torch.randn(6, 6)
+    idx = torch.tensor([0, 1, 2, 2, 4, 5])
+    got = f(sim, sim.T, idx, fmm.random.key(3))
+    want = A.hard_negatives(sim, sim.T, idx, fmm.random.key(3))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_batch_of_one_id_falls_back_to_any_other_row():
+    t, im = A.hard_negatives(
+        torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), fmm.random.key(0)
+    )
+    assert (t != torch.arange(3)).all() and (im != torch.arange(3)).all()
+
+
+def test_mask_tokens_only_touches_maskable_positions():
+    ids = torch.randint(3, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = False
+    out, labels = A.mask_tokens(
+        ids, fmm.random.key(0), mask_id=1, vocab_size=VOCAB, maskable=maskable, prob=0.5
+    )
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and 0.3 < chosen.float().mean() < 0.65
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(out[~chosen], ids[~chosen])
+    assert (out[chosen] == 1).float().mean() > 0.6
+    assert A.mlm_loss(torch.zeros(2, 3, VOCAB), torch.full((2, 3), -100)) == 0
+
+
+def _pretrain_batch(params, b=4):
+    images, ids, mask = _inputs(b=b, s=9, seed=1)
+    ids[:, 0] = 2
+    momentum = A.init_momentum(params)
+    fi, ft = A.momentum_features(momentum, images, ids, cfg=CFG, attention_mask=mask)
+    queue = A.init_queue(CFG, fmm.random.key(5))
+    return dict(images=images, input_ids=ids, attention_mask=mask, idx=torch.arange(b),
+                image_feat_m=fi, text_feat_m=ft, queue=queue)  # fmt: skip
+
+
+def test_pretrain_loss_is_finite_and_reaches_every_trained_part(params):
+    batch = _pretrain_batch(params)
+    grads = torch.func.grad(
+        lambda p: A.pretrain_loss(p, batch, fmm.random.key(0), cfg=CFG, mask_id=1)[0]
+    )(params)
+    loss, metrics = A.pretrain_loss(params, batch, fmm.random.key(0), cfg=CFG, mask_id=1)
+    assert torch.isfinite(loss) and set(metrics) >= {"itc", "itm", "mlm", "itm_accuracy"}
+    torch.testing.assert_close(loss, metrics["itc"] + metrics["itm"] + metrics["mlm"])
+    for part in (
+        "image",
+        "text",
+        "fusion",
+        "vision_proj",
+        "text_proj",
+        "temp",
+        "itm_head",
+        "mlm_head",
+    ):
+        norm = sum(g.abs().sum() for g in fmm.tree.leaves(grads[part]))
+        assert torch.isfinite(norm) and norm > 0, part
+
+
+def test_outputs_are_independent_across_the_batch(params):
+    images, ids, mask = _inputs(b=3)
+    full = A.apply(params, images, ids, cfg=CFG, attention_mask=mask)
+    one = A.apply(params, images[2:], ids[2:], cfg=CFG, attention_mask=mask[2:])
+    for k in full:
+        torch.testing.assert_close(full[k][2:], one[k], atol=1e-5, rtol=1e-5)
+
+
+def test_rank_texts_reranks_the_contrastive_top_k_by_itm(params):
+    images, ids, mask = _inputs(b=3)
+    scores = A.rank_texts(params, images, ids, cfg=CFG, attention_mask=mask, k=2)
+    sim = (
+        A.image_embedding(params, A.encode_image(params, images, cfg=CFG))
+        @ A.text_embedding(params, A.encode_text(params, ids, cfg=CFG, attention_mask=mask)).T
+    )
+    top = sim.topk(2, dim=1).indices
+    reranked = torch.zeros_like(sim, dtype=torch.bool).scatter(1, top, True)
+    assert ((scores[reranked] >= 0) & (scores[reranked] <= 1)).all()
+    torch.testing.assert_close(scores[~reranked], sim[~reranked] - 1)
+    fused = A.fuse(params, A.encode_text(params, ids, cfg=CFG, attention_mask=mask)[top[0, :1]],
+                   A.encode_image(params, images[:1], cfg=CFG), cfg=CFG, attention_mask=mask[top[0, :1]])  # fmt: skip
+    torch.testing.assert_close(scores[0, top[0, 0]], A.itm_logits(params, fused).softmax(-1)[0, 1])
+
+
+def test_vqa_loss_trains_the_answer_head(params):
+    images, ids, mask = _inputs(b=3)
+    batch = dict(images=images, input_ids=ids, attention_mask=mask, answers=torch.tensor([0, 4, 2]))
+    loss, metrics = A.vqa_loss(params, batch, cfg=CFG)
+    assert torch.isfinite(loss) and 0 <= metrics["accuracy"] <= 1
+    g = torch.func.grad(lambda p: A.vqa_loss(p, batch, cfg=CFG)[0])(params)
+    assert g["vqa_head"]["fc2"]["weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda p: A.encode_image(p, torch.rand(2, 3, 16, 16), cfg=CFG),
+            r"images must have shape \[batch, 3, 20, 20\]",
+        ),
+        (
+            lambda p: A.apply(
+                p, torch.rand(2, 3, 20, 20), torch.ones(3, 4, dtype=torch.long), cfg=CFG
+            ),
+            "same batch size",
+        ),
+        (lambda p: A.vqa_logits({}, torch.zeros(1, 2, W)), "no 'vqa_head'"),
+        (
+            lambda p: A.itc_similarities(
+                torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(5, 7), torch.zeros(5, 7), 0.1
+            ),
+            "8-d but the candidates are 7-d",
+        ),
+        (
+            lambda p: A.enqueue(
+                A.init_queue(CFG, fmm.random.key(0)),
+                torch.zeros(2, 7),
+                torch.zeros(2, 7),
+                torch.zeros(2),
+            ),
+            r"must both be \[batch, 8\]",
+        ),
+        (
+            lambda p: A.hard_negatives(
+                torch.zeros(3, 3), torch.zeros(3, 2), torch.zeros(3), fmm.random.key(0)
+            ),
+            r"sims \[3, 3\]",
+        ),
+        (lambda p: A.itm_loss(torch.zeros(2, 3), torch.zeros(2, 2)), r"\[pairs, 2\]"),
+        (lambda p: A.init_momentum({"image": 1}), r"params lack \['text'"),
+        (
+            lambda p: A.ALBEFConfig(
+                **{
+                    **CFG.__dict__,
+                    "text": BertConfig(vocab_size=5, width=8, layers=1, heads=2, mlp_dim=8),
+                }
+            ),
+            "pooler=False",
+        ),
+    ],
+)
+def test_bad_inputs_raise_errors_naming_the_argument(params, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(params)
+
+
+def test_config_round_trips_through_a_plain_dict():
+    assert A.ALBEFConfig.from_dict(json.loads(json.dumps(CFG.to_dict()))) == CFG
+
+
+def test_base_preset_has_the_published_dimensions():
+    cfg = A.albef_base()
+    assert (cfg.image_width, cfg.image_layers, cfg.image_heads, cfg.patch_size) == (768, 12, 12, 16)
+    assert (cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.fusion_layers) == (768, 6, 12, 6)
+    assert (cfg.embed_dim, cfg.queue_size, cfg.momentum, cfg.alpha) == (256, 65536, 0.995, 0.4)
+
+
+@pytest.mark.parametrize("name", sorted(A.PRESETS))
+def test_golden_param_spec(name):
+    cfg = models.get_config(name)
+    p = models.family_of(cfg).init(cfg, META)
+    got = {
+        k: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+        for k, v in fmm.tree.flatten(p).items()
+    }
+    want = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert got == want, (
+        "param names/shapes changed: if deliberate, run tests/scripts/make_golden.py"
+    )
