@@ -1,0 +1,315 @@
+"""FLAVA: TorchMultimodal parity on identical random weights, converter strictness and
+round trip, the pretraining objective, laws (masking, padding) and errors at the boundary."""
+
+import dataclasses
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+import fmm
+import models
+from fmm.convert import ConversionError
+from fmm.losses import IGNORE, masked_cross_entropy
+from models import clip, flava, vqvae
+from tests.reference import reference
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+# Odd, unequal widths so a transposed, mis-split or swapped weight cannot pass by shape.
+SMALL = flava.FLAVAConfig(
+    image_size=12, patch_size=4, image_width=24, image_layers=2, image_heads=3,
+    image_mlp_dim=40, vocab_size=23, max_positions=9, text_width=18, text_layers=2,
+    text_heads=3, text_mlp_dim=37, mm_width=30, mm_layers=2, mm_heads=5, mm_mlp_dim=44,
+    embed_dim=10, image_vocab_size=13,
+)  # fmt: skip
+
+
+def _tmm_kwargs(cfg):
+    return dict(
+        image_hidden_size=cfg.image_width, image_num_attention_heads=cfg.image_heads,
+        image_num_hidden_layers=cfg.image_layers, image_intermediate_size=cfg.image_mlp_dim,
+        image_size=cfg.image_size, patch_size=cfg.patch_size,
+        text_hidden_size=cfg.text_width, text_num_attention_heads=cfg.text_heads,
+        text_num_hidden_layers=cfg.text_layers, text_intermediate_size=cfg.text_mlp_dim,
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions,
+        multimodal_hidden_size=cfg.mm_width, multimodal_num_attention_heads=cfg.mm_heads,
+        multimodal_num_hidden_layers=cfg.mm_layers, multimodal_intermediate_size=cfg.mm_mlp_dim,
+        text_and_image_proj_size=cfg.embed_dim,
+    )  # fmt: skip
+
+
+def _tmm_flava(cfg, *, seed=0, dtype=torch.float64):
+    """A random-weight TorchMultimodal ``FLAVAModel`` built directly (no downloads), with
+    every tensor perturbed so a dropped bias, norm or token shows."""
+    tmm = reference("torchmultimodal.models.flava.model")
+    torch.manual_seed(seed)
+    model = tmm.flava_model(**_tmm_kwargs(cfg)).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = _tmm_flava(SMALL)
+    params = flava.from_torchmultimodal(model.state_dict(), SMALL, dtype=None)
+    return model, params
+
+
+def _inputs(cfg, b=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g, dtype=dtype)
+    ids = torch.randint(1, cfg.vocab_size, (b, cfg.max_positions - 2), generator=g)
+    ids[0, 4:] = cfg.pad_id  # padding, which both text encoders must ignore
+    patch_mask = torch.rand(b, cfg.num_patches, generator=g) < 0.5
+    return images, ids, patch_mask
+
+
+def test_encoders_match_torchmultimodal_on_identical_weights(small):
+    model, params = small
+    images, ids, patch_mask = _inputs(SMALL)
+    with torch.no_grad():
+        ref = model(
+            image=images, text=ids, image_patches_mask=patch_mask, text_masked=ids,
+            skip_unmasked_mm_encoder=False,
+        )  # fmt: skip
+        ours = flava.apply(params, images, ids, cfg=SMALL)
+        image_m = flava.encode_image(params["image"], images, cfg=SMALL, patch_mask=patch_mask)
+        text = flava.encode_text(params["text"], ids, cfg=SMALL)
+        mm_m = flava.encode_multimodal(params, image_m.hidden, text.hidden, cfg=SMALL)
+    close = partial(torch.testing.assert_close, rtol=0, atol=1e-5)
+    close(ours["image"], ref.image.last_hidden_state)
+    close(ours["text"], ref.text.last_hidden_state)
+    close(ours["multimodal"], ref.multimodal.last_hidden_state)
+    close(ours["image_embed"], ref.projected_image_embeddings)
+    close(ours["text_embed"], ref.projected_text_embeddings)
+    close(image_m.sequence, ref.image_masked.last_hidden_state)
+    close(image_m.hidden, ref.image_masked.hidden_states[-1])
+    close(text.hidden, ref.text.hidden_states[-1])
+    close(mm_m, ref.multimodal_masked.last_hidden_state)
+    close(flava.pooler(params["image"], ours["image"]), ref.image.pooler_output)
+    close(flava.pooler(params["text"], ours["text"]), ref.text.pooler_output)
+    close(flava.pooler(params["mm"], ours["multimodal"]), ref.multimodal.pooler_output)
+
+
+def test_real_width_layers_match_torchmultimodal_in_float32():
+    """One layer per encoder at the published width (768, 12 heads, MLP 3072)."""
+    cfg = dataclasses.replace(
+        flava.flava_model(), image_size=32, image_layers=1, text_layers=1, mm_layers=1,
+        vocab_size=50, max_positions=12, embed_dim=768,
+    )  # fmt: skip
+    model = _tmm_flava(cfg, seed=1, dtype=torch.float32)
+    params = flava.from_torchmultimodal(model.state_dict(), cfg)
+    images, ids, patch_mask = _inputs(cfg, b=2, seed=1, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(image=images, text=ids, image_patches_mask=patch_mask, text_masked=ids)
+        image_m = flava.encode_image(params["image"], images, cfg=cfg, patch_mask=patch_mask)
+        text = flava.encode_text(params["text"], ids, cfg=cfg)
+        mm = flava.encode_multimodal(params, image_m.hidden, text.hidden, cfg=cfg)
+    close = partial(torch.testing.assert_close, rtol=0, atol=1e-5)
+    close(image_m.sequence, ref.image_masked.last_hidden_state)
+    close(text.sequence, ref.text_masked.last_hidden_state)
+    close(mm, ref.multimodal_masked.last_hidden_state)
+
+
+def test_heads_match_torchmultimodal_loss_heads():
+    losses = reference("torchmultimodal.modules.losses.flava")
+    torch.manual_seed(2)
+    mlm = losses.MaskedPredictionHead(hidden_size=18, vocab_size=23).double()
+    itm = losses.ITMLoss(hidden_size=30).double()
+    ours_mlm = {
+        "transform": {"weight": mlm.dense.weight, "bias": mlm.dense.bias},
+        "norm": {"weight": mlm.layer_norm.weight, "bias": mlm.layer_norm.bias},
+        "decoder": {"weight": mlm.decoder.weight, "bias": mlm.bias},
+    }
+    ours_itm = {
+        "pooler": {"weight": itm.pooler.dense.weight, "bias": itm.pooler.dense.bias},
+        "out": {"weight": itm.cls.seq_relationship.weight, "bias": itm.cls.seq_relationship.bias},
+    }
+    h_text, h_mm = torch.randn(2, 5, 18, dtype=torch.float64), torch.randn(2, 7, 30).double()
+    labels = torch.tensor([1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(flava.masked_head(ours_mlm, h_text), mlm(h_text))
+        ref_itm = itm(h_mm, labels)
+        torch.testing.assert_close(flava.itm_head(ours_itm, h_mm), ref_itm.logits)
+        torch.testing.assert_close(
+            fmm.losses.matching_loss(flava.itm_head(ours_itm, h_mm), labels), ref_itm.loss
+        )
+
+
+def test_converter_round_trip_is_exact_and_loads_strictly():
+    model = _tmm_flava(SMALL, seed=3, dtype=torch.float32)
+    sd = model.state_dict()
+    back = flava.to_torchmultimodal(flava.from_torchmultimodal(sd, SMALL), SMALL)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    model.load_state_dict(back, strict=True)
+
+
+def test_converter_lists_every_bad_key_of_another_size_or_family(small):
+    model, _ = small
+    sd = dict(model.state_dict())
+    sd.pop("mm_encoder.pooler.dense.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    wider = dataclasses.replace(SMALL, text_width=21, text_heads=3)
+    with pytest.raises(ConversionError) as err:
+        flava.from_torchmultimodal(sd, wider)
+    msg = str(err.value)
+    assert "missing: mm_encoder.pooler.dense.bias" in msg
+    assert "unexpected: extra.weight" in msg
+    assert "mismatched text_encoder.layernorm.weight: expected [21], got [18]" in msg
+    clip_sd = clip.init(clip.clip_tiny(), fmm.random.key(0))
+    with pytest.raises(ConversionError, match=r"missing: image_encoder\.embeddings\.cls_token"):
+        flava.from_torchmultimodal(fmm.tree.flatten(clip_sd), SMALL)
+
+
+@pytest.mark.parametrize("name", ["flava_model", "flava_tiny"])
+def test_presets_have_the_published_dimensions_and_golden_specs(name):
+    cfg = models.get_config(name)
+    if name == "flava_model":
+        assert (cfg.image_width, cfg.text_width, cfg.mm_width) == (768, 768, 768)
+        assert (cfg.image_layers, cfg.text_layers, cfg.mm_layers) == (12, 12, 6)
+        assert (cfg.image_heads, cfg.text_heads, cfg.mm_heads) == (12, 12, 12)
+    p = models.family_of(cfg).init(cfg, fmm.random.key(0).to("meta"))
+    got = {
+        k: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+        for k, v in fmm.tree.flatten(p).items()
+    }
+    assert got == json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+def test_an_all_false_patch_mask_changes_nothing_and_masking_changes_only_via_tokens(small):
+    _, params = small
+    images, _, _ = _inputs(SMALL)
+    plain = flava.encode_image(params["image"], images, cfg=SMALL).sequence
+    none = torch.zeros(3, SMALL.num_patches, dtype=torch.bool)
+    torch.testing.assert_close(
+        flava.encode_image(params["image"], images, cfg=SMALL, patch_mask=none).sequence, plain
+    )
+    # Fully masked images all look alike: only the mask token and positions remain.
+    full = flava.encode_image(params["image"], images, cfg=SMALL, patch_mask=~none).sequence
+    torch.testing.assert_close(full[0], full[1])
+
+
+def test_text_and_multimodal_outputs_ignore_trailing_padding(small):
+    _, params = small
+    images, ids, _ = _inputs(SMALL)
+    short = ids[:, :5].clone()
+    short[0, 4:] = SMALL.pad_id
+    padded = torch.cat([short, torch.full((3, 2), SMALL.pad_id)], dim=1)
+    a = flava.apply(params, images, short, cfg=SMALL, attention_mask=short != SMALL.pad_id)
+    b = flava.apply(params, images, padded, cfg=SMALL, attention_mask=padded != SMALL.pad_id)
+    real = short != SMALL.pad_id
+    torch.testing.assert_close(a["text"][real], b["text"][:, :5][real])
+    torch.testing.assert_close(a["multimodal"][:, 0], b["multimodal"][:, 0])
+    torch.testing.assert_close(a["text_embed"], b["text_embed"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = flava.flava_tiny(vocab_size=30, max_positions=10, image_vocab_size=16)
+    params = flava.init(cfg, fmm.random.key(0))
+    pcfg = flava.PretrainConfig(mask_id=29, special_ids=(1, 2, 28), text_mask_rate=0.3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 28, (6, 10), generator=g)
+    ids[:, 0], ids[:, 7], ids[:, 8:] = 2, 28, 0
+    batch = {"images": torch.rand(6, 3, 32, 32, generator=g), "tokens": ids}
+    return cfg, params, pcfg, batch
+
+
+def test_pretraining_loss_is_finite_pure_and_reaches_every_param(tiny):
+    cfg, params, pcfg, batch = tiny
+    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=4, codebook_size=16)
+    fn = partial(flava.pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
+    leaves = fmm.tree.map(lambda x: x.detach().requires_grad_(True), params)
+    loss, metrics = fn(leaves, batch, fmm.random.key(5))
+    assert set(flava.TASKS) <= metrics.keys()
+    assert all(torch.isfinite(metrics[t]) and metrics[t] > 0 for t in flava.TASKS)
+    torch.testing.assert_close(loss.detach(), sum(metrics[t] for t in flava.TASKS))
+    loss.backward()
+    no_grad = [
+        k
+        for k, v in fmm.tree.flatten(leaves).items()
+        if v.grad is None or not v.grad.abs().sum() > 0
+    ]
+    # The mask token is used, mm poolers and the unused image/text poolers are not.
+    assert sorted(no_grad) == [
+        f"{m}.pooler.{w}" for m in ("image", "mm", "text") for w in ("bias", "weight")
+    ]
+    again, _ = fn(params, batch, fmm.random.key(5))
+    torch.testing.assert_close(again, loss.detach())
+    other, _ = fn(params, batch, fmm.random.key(6))
+    assert not torch.equal(other, loss.detach())
+
+
+def test_mim_targets_come_from_any_tokenizer_such_as_our_vqvae(tiny):
+    cfg, params, pcfg, batch = tiny
+    vq_cfg = vqvae.vqvae_shapes()  # 32 px -> 8 x 8 codes: one per FLAVA patch
+    vq_params = vqvae.init(vq_cfg, fmm.random.key(2))
+    cfg = dataclasses.replace(cfg, image_vocab_size=vq_cfg.codebook_size)
+    params = flava.init(cfg, fmm.random.key(0))
+    tok = partial(vqvae.encode, vq_params, cfg=vq_cfg)
+    mask = torch.zeros(6, cfg.num_patches, dtype=torch.bool)
+    mask[:, ::3] = True
+    labels = flava.mim_targets(tok, batch["images"], mask, cfg=cfg)
+    assert torch.equal(labels[mask], tok(batch["images"]).reshape(6, -1)[mask])
+    assert (labels[~mask] == IGNORE).all()
+    loss, metrics = flava.pretraining_loss(
+        params, batch, fmm.random.key(0), cfg=cfg, pcfg=pcfg, image_tokenizer=tok
+    )
+    assert torch.isfinite(loss) and metrics["mim"] > 0
+    # mmm scores only matching pairs: with every pair a negative it has nothing to score.
+    neg = dataclasses.replace(pcfg, itm_negative_rate=1.0)
+    _, m = flava.pretraining_loss(
+        params, batch, fmm.random.key(0), cfg=cfg, pcfg=neg, image_tokenizer=tok
+    )
+    assert m["mmm_text"] == 0 and m["mmm_image"] == 0 and m["mlm"] > 0
+    assert masked_cross_entropy(torch.zeros(1, 1, 3), torch.full((1, 1), IGNORE)) == 0
+
+
+def test_embeddings_compile_as_one_graph(tiny):
+    cfg, params, _, batch = tiny
+    fn = torch.compile(partial(flava.embed_image, cfg=cfg), fullgraph=True, backend="eager")
+    torch.testing.assert_close(
+        fn(params, batch["images"]), flava.embed_image(params, batch["images"], cfg=cfg)
+    )
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    cfg, params, pcfg, batch = tiny
+    images, ids = batch["images"], batch["tokens"]
+    with pytest.raises(
+        ValueError, match=r"images must be \[batch, 3, 32, 32\], got \[6, 3, 16, 16\]"
+    ):
+        flava.encode_image(params["image"], images[:, :, :16, :16], cfg=cfg)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 30\)"):
+        flava.encode_text(params["text"], ids + 100, cfg=cfg)
+    with pytest.raises(ValueError, match="max_positions=10"):
+        flava.encode_text(params["text"], torch.ones(2, 11, dtype=torch.long), cfg=cfg)
+    with pytest.raises(ValueError, match="needs both images and input_ids"):
+        flava.apply(params, images, None, cfg=cfg)
+    with pytest.raises(ValueError, match="text_hidden is missing"):
+        flava.encode_multimodal(params, torch.zeros(6, 65, 64), None, cfg=cfg)
+    with pytest.raises(
+        ValueError, match=r"text_hidden must be \[batch, seq, 64\], got \[6, 10, 48\]"
+    ):
+        flava.encode_multimodal(params, torch.zeros(6, 65, 64), torch.zeros(6, 10, 48), cfg=cfg)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        flava.apply(params, images[:2], ids, cfg=cfg)
+    with pytest.raises(ValueError, match=r"patch_mask must be \[batch, patches\] = \[6, 64\]"):
+        flava.encode_image(
+            params["image"], images, cfg=cfg, patch_mask=torch.zeros(6, 63, dtype=torch.bool)
+        )
+    bad_tok = lambda x: torch.zeros(x.shape[0], 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"one code per patch: \[batch, 8, 8\]"):
+        flava.pretraining_loss(
+            params, batch, fmm.random.key(0), cfg=cfg, pcfg=pcfg, image_tokenizer=bad_tok
+        )
+    with pytest.raises(ValueError, match="image_size=30 is not a multiple of patch_size=4"):
+        dataclasses.replace(cfg, image_size=30)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        flava.PretrainConfig(mask_id=1, weights=(("mlm", 1.0), ("nsp", 1.0)))
