@@ -1,8 +1,9 @@
 """ALBEF's losses as pure functions: contrastive with momentum distillation (ITC), image-text
 matching on hard negatives (ITM), masked language modelling (MLM), and the VQA loss.
 
-The generic MLM / ITM losses of ``fmm.losses`` (FLAVA's work) had not landed when these were
-written; the ITM and MLM pieces here are the ALBEF-specific ones to merge with them.
+The generic pieces come from ``fmm.losses`` (masked cross-entropy, token masking, the
+matching loss); what is ALBEF's own lives here: the queue-aware contrastive targets, the
+distillation, and hard negatives mined from the similarity matrix.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fmm import random
+from fmm.losses import mask_tokens, masked_cross_entropy, matching_accuracy, matching_loss
 from models.albef import model as M
 from models.albef.config import ALBEFConfig
 
 Params = dict[str, Any]
-IGNORE = -100
 # Integer key streams: folding in a string hashes it on the host, which a compiled step
 # cannot trace.
 _STREAMS = {
@@ -125,7 +126,7 @@ def hard_negatives(
 def itm_loss(
     pos_logits: torch.Tensor, neg_logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of matched pairs ``pos_logits [B, 2]`` (label 1) and mismatched pairs
+    """Matching loss of matched pairs ``pos_logits [B, 2]`` (label 1) and mismatched pairs
     ``neg_logits [N, 2]`` (label 0), averaged over all pairs. Returns ``(loss, accuracy)``."""
     if pos_logits.ndim != 2 or pos_logits.shape[1] != 2 or neg_logits.shape[1:] != (2,):
         raise ValueError(
@@ -139,50 +140,7 @@ def itm_loss(
             torch.zeros(neg_logits.shape[0], dtype=torch.int64, device=logits.device),
         ]
     )
-    accuracy = (logits.argmax(1) == labels).float().mean()
-    return F.cross_entropy(logits, labels), accuracy.detach()
-
-
-def mask_tokens(
-    input_ids: torch.Tensor,
-    key: torch.Tensor,
-    *,
-    mask_id: int,
-    vocab_size: int,
-    maskable: torch.Tensor,
-    prob: float = 0.15,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's corruption: each ``maskable [B, S]`` token is chosen with ``prob``; a chosen
-    token becomes ``mask_id`` (80%), a random id (10%) or stays (10%).
-
-    Returns ``(corrupted ids [B, S], labels [B, S])`` with labels ``-100`` where not chosen.
-    """
-    if maskable.shape != input_ids.shape:
-        raise ValueError(
-            f"mask_tokens: maskable {list(maskable.shape)} must match input_ids "
-            f"{list(input_ids.shape)}"
-        )
-    u = random.uniform(random.fold_in(key, 0), input_ids.shape)
-    chosen = (u < prob) & maskable.bool()
-    how = random.uniform(random.fold_in(key, 1), input_ids.shape)
-    rand_ids = (random.uniform(random.fold_in(key, 2), input_ids.shape) * vocab_size).long()
-    rand_ids = rand_ids.clamp(max=vocab_size - 1)
-    out = torch.where(chosen & (how < 0.8), mask_id, input_ids)
-    out = torch.where(chosen & (how >= 0.8) & (how < 0.9), rand_ids, out)
-    return out, torch.where(chosen, input_ids, IGNORE)
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose ``labels [B, S]`` are not -100
-    (``logits [B, S, V]``); 0 when nothing is masked, so a batch never yields NaN."""
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"mlm_loss: logits {list(logits.shape)} must be labels {list(labels.shape)} + [vocab]"
-        )
-    ce = F.cross_entropy(
-        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-    return ce / (labels != IGNORE).sum().clamp(min=1)
+    return matching_loss(logits, labels), matching_accuracy(logits, labels).detach()
 
 
 def pretrain_loss(
@@ -247,15 +205,13 @@ def pretrain_loss(
     position = torch.arange(ids.shape[1], device=ids.device)
     maskable = mask.bool() & (position > 0) & (ids != cfg.text.pad_id)
     corrupt, labels = mask_tokens(
-        ids, random.fold_in(key, _STREAMS["mlm"]), mask_id=mask_id, vocab_size=cfg.text.vocab_size,
-        maskable=maskable,
-    )  # fmt: skip
+        random.fold_in(key, _STREAMS["mlm"]), ids, rate=0.15, mask_id=mask_id, allowed=maskable
+    )
     text_mlm = M.encode_text(
         params, corrupt, cfg=cfg, attention_mask=mask, key=kd(_STREAMS["text_mlm"]), train=train
     )
-    mlm = mlm_loss(
-        M.mlm_logits(params, fuse(text_mlm, image, mask, _STREAMS["fuse_mlm"]), cfg=cfg), labels
-    )
+    fused_mlm = fuse(text_mlm, image, mask, _STREAMS["fuse_mlm"])
+    mlm = masked_cross_entropy(M.mlm_logits(params, fused_mlm, cfg=cfg), labels)
 
     metrics = {"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()}
     return itc + itm + mlm, {**metrics, "itm_accuracy": itm_acc, "temp": temp.detach()}

@@ -225,20 +225,6 @@ def test_a_batch_of_one_id_falls_back_to_any_other_row():
     assert (t != torch.arange(3)).all() and (im != torch.arange(3)).all()
 
 
-def test_mask_tokens_only_touches_maskable_positions():
-    ids = torch.randint(3, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
-    maskable = torch.ones_like(ids, dtype=torch.bool)
-    maskable[:, 0] = False
-    out, labels = A.mask_tokens(
-        ids, fmm.random.key(0), mask_id=1, vocab_size=VOCAB, maskable=maskable, prob=0.5
-    )
-    chosen = labels != -100
-    assert not chosen[:, 0].any() and 0.3 < chosen.float().mean() < 0.65
-    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(out[~chosen], ids[~chosen])
-    assert (out[chosen] == 1).float().mean() > 0.6
-    assert A.mlm_loss(torch.zeros(2, 3, VOCAB), torch.full((2, 3), -100)) == 0
-
-
 def _pretrain_batch(params, b=4):
     images, ids, mask = _inputs(b=b, s=9, seed=1)
     ids[:, 0] = 2
