@@ -1,0 +1,26 @@
+"""Serving: an asyncio engine with dynamic batching in front of a model, and an HTTP app.
+
+- :mod:`fmm.serve.engine`: :class:`Batcher` / :class:`Engine` (max batch, max wait, bounded
+  queue refusing with :class:`Overloaded`, timeouts and cancellation, store lookups).
+- :mod:`fmm.serve.service`: :class:`ServedModel` (a model's functions) and :class:`Service`
+  (every endpoint's logic, HTTP-free).
+- :mod:`fmm.serve.app`: ``create_app(service)``, the FastAPI app (imports fastapi lazily).
+
+``python -m train serve --ckpt DIR`` wires a trained checkpoint to all of it.
+"""
+
+from fmm.serve.engine import Batcher, Engine, EngineClosed, Overloaded
+from fmm.serve.metrics import Metrics, percentile
+from fmm.serve.service import NotServed, ServedModel, Service
+
+__all__ = [
+    "Batcher",
+    "Engine",
+    "EngineClosed",
+    "Metrics",
+    "NotServed",
+    "Overloaded",
+    "ServedModel",
+    "Service",
+    "percentile",
+]

@@ -1,0 +1,237 @@
+"""``python -m train serve --ckpt DIR``: serve a trained run over HTTP.
+
+::
+
+    python -m train serve --ckpt runs/clip --store runs/clip/store.sqlite [--quantize int8]
+
+A ``python -m train clip`` run serves text and image embeddings, zero-shot labels and (with
+``--store``) top-k search; a ``python -m train mmgpt`` run serves image generation with the
+codes streamed as server-sent events. Routes and status codes: :mod:`fmm.serve.app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+import fmm
+from fmm import decoding
+from fmm.losses import logit_scale_value
+from fmm.serve import ServedModel, Service
+from models import clip, mmgpt, vqvae
+from train import checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ckpt", type=Path, required=True, help="run directory of `python -m train clip|mmgpt`"
+    )
+    parser.add_argument(
+        "--quantize", choices=("none", "int8"), default="none",
+        help="int8 weight-only quantization of the linear layers (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--store", type=Path, default=None,
+        help="SQLite embedding store: computed embeddings are kept and served from it, and "
+        "/v1/search searches it (default: none)",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="most items per model call (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0,
+        help="how long a request waits for others to batch with (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-queue", type=int, default=1024,
+        help="items queued or running before requests are refused with 503 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout-s", type=float, default=30.0,
+        help="per-request budget; past it the answer is 504 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-body-mb", type=float, default=8.0,
+        help="largest request body accepted; larger ones get 413 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _fingerprint(config: dict, params: dict) -> str:
+    from fmm.store import model_fingerprint
+
+    return model_fingerprint(config, params)
+
+
+def _maybe_quantize(params: dict, quantize: str) -> dict:
+    if quantize == "none":
+        return params
+    from fmm import quant
+
+    return quant.quantize(params)
+
+
+def clip_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
+    """A :class:`ServedModel` of a ``python -m train clip`` run: text and image embeddings.
+
+    Images arrive as ``[3, H, W]`` in ``[0, 1]`` and are normalised as in training.
+    """
+    from train.recipes.clip import load_run, normalize_images
+
+    cfg, params, tokenizer = load_run(run_dir)
+    params = _maybe_quantize(fmm.tree.map(lambda x: x.to(device), params), quantize)
+    config = {**checkpoint.load_config(run_dir), "quantize": quantize}
+
+    def embed_text(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer.encode(texts, cfg.context_length).to(device)
+        return clip.encode_text(params, tokens, cfg=cfg)
+
+    def embed_image(images: list[torch.Tensor]) -> torch.Tensor:
+        batch = normalize_images(torch.stack(images)).to(device)
+        return clip.encode_image(params, batch, cfg=cfg)
+
+    return ServedModel(
+        name="clip",
+        fingerprint=_fingerprint(config, params),
+        dim=cfg.embed_dim,
+        embed_text=embed_text,
+        embed_image=embed_image,
+        image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+        logit_scale=float(logit_scale_value(params["logit_scale"])),
+        info={"run": str(run_dir), "quantize": quantize, "clip": cfg.to_dict()},
+    )
+
+
+def _png_base64(image: torch.Tensor) -> str:
+    from PIL import Image
+
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def stream_image_codes(
+    run: dict,
+    prompt: str,
+    *,
+    stop: threading.Event,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    guidance: float = 1.0,
+    seed: int = 0,
+) -> Iterator[dict]:
+    """Image codes for ``prompt`` one at a time (``{"index", "token"}``), then
+    ``{"done": True, "tokens": [image_len], "image_png": base64}``; stops once ``stop`` is set.
+
+    Draws what ``models.mmgpt.generate_images`` draws for the same ``seed`` (greedy at
+    ``temperature=0``), as a loop over ``fmm.decoding.prefill``/``decode_step`` so that each
+    code can leave before the next is computed. ``guidance != 1`` runs the empty caption
+    beside the prompt in the same cache (classifier-free guidance).
+    """
+    cfg, params, tok = run["cfg"], run["params"], run["tokenizer"]
+    spec, tv = mmgpt.image_decoder_spec(cfg), cfg.text_vocab
+    device = params["pos"].device
+    rows = tok.encode([prompt], cfg.text_len)
+    if guidance != 1.0:
+        rows = torch.cat([rows, tok.encode([""], cfg.text_len)])
+    rows = rows.to(device)
+    sampling = decoding.Sampling(temperature=temperature, top_k=top_k)
+    cache = decoding.init_cache(
+        spec, len(rows), cfg.seq_len - 1, dtype=params["pos"].dtype, device=device
+    )
+    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True)
+    logits = logits[:, -1]
+    keys = fmm.random.split(fmm.random.key(seed), cfg.image_len)
+    codes: list[int] = []
+    for i in range(cfg.image_len):
+        if guidance == 1.0:  # as decoding.generate: sample the full, text-masked vocab
+            code = sampling(logits, keys[i].to(device)) - tv
+        else:  # as mmgpt's guided loop: combine and sample the image slice only
+            cond, uncond = logits[:1, tv:], logits[1:, tv:]
+            code = sampling(uncond + guidance * (cond - uncond), keys[i].to(device))
+        codes.append(int(code[0]))
+        yield {"index": i, "token": codes[-1]}
+        if stop.is_set():
+            return
+        if i + 1 < cfg.image_len:
+            logits, cache = decoding.decode_step(
+                params, (code + tv).repeat(len(rows)), cache, cfg=spec
+            )
+    grid = torch.tensor(codes, device=device).reshape(1, run["vqvae_cfg"].grid, -1)
+    image = vqvae.decode(run["vqvae_params"], grid, cfg=run["vqvae_cfg"])[0]
+    yield {"done": True, "tokens": codes, "image_png": _png_base64(image)}
+
+
+def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
+    """A :class:`ServedModel` of a ``python -m train mmgpt`` run: streamed image generation."""
+    from train.recipes.generate import load_run
+
+    run = load_run(run_dir, device=device)
+    run["params"] = _maybe_quantize(run["params"], quantize)
+    config = {**checkpoint.load_config(run_dir), "quantize": quantize}
+    return ServedModel(
+        name="mmgpt",
+        fingerprint=_fingerprint(config, {"mmgpt": run["params"], "vqvae": run["vqvae_params"]}),
+        generate=lambda prompt, **options: stream_image_codes(run, prompt, **options),
+        info={"run": str(run_dir), "quantize": quantize, "image_len": run["cfg"].image_len},
+    )
+
+
+def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
+    """The :class:`ServedModel` for whatever run ``run_dir`` holds (``clip`` or ``mmgpt``)."""
+    kind = checkpoint.load_config(run_dir).get("model")
+    builders = {"clip": clip_model, "mmgpt": mmgpt_model}
+    if kind not in builders:
+        raise checkpoint.CheckpointError(
+            f"{run_dir} holds a {kind!r} run; `serve` serves {sorted(builders)} runs"
+        )
+    return builders[kind](run_dir, quantize=quantize, device=device)
+
+
+def build_service(args: argparse.Namespace) -> Service:
+    """The :class:`Service` the flags describe (model, store, batching limits)."""
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise SystemExit(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.ckpt, quantize=args.quantize, device=device)
+    store = None
+    if args.store is not None:
+        from fmm.store import EmbeddingStore
+
+        store = EmbeddingStore(args.store, model.fingerprint, dim=model.dim)
+    return Service(
+        model, store=store, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, timeout_s=args.timeout_s,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the run and serve it until interrupted."""
+    import uvicorn
+
+    from fmm.serve.app import create_app
+
+    service = build_service(args)
+    app = create_app(service, max_body_bytes=int(args.max_body_mb * 2**20))
+    print(
+        f"serving {service.model.name} from {args.ckpt} on http://{args.host}:{args.port} "
+        f"(fingerprint {service.model.fingerprint[:12]}, quantize={args.quantize}, "
+        f"store={args.store}); OpenAPI at /docs"
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if service.store is not None:
+            service.store.close()
