@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.recipes import clip, generate, mmgpt, vqvae, zeroshot
+from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
 
 TASKS = {
     "clip": (clip, "train a tiny CLIP on the built-in shapes world and evaluate it zero-shot"),
@@ -16,6 +16,7 @@ TASKS = {
     ),
     "generate": (generate, "draw images for a caption with a trained mmgpt run, scored by CLIP"),
     "zeroshot": (zeroshot, "rank labels for your images with pretrained CLIP weights"),
+    "serve": (serve, "serve a clip or mmgpt run over HTTP: embeddings, search, generation"),
 }
 
 
