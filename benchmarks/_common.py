@@ -39,6 +39,21 @@ def median_ms(fn, *, warmup: int, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(calls: dict, *, warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms of each ``calls[name]()``, timed round-robin (one call of each per round)
+    so that a load change on a shared machine hits every contender alike."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random images and tokens, with the end-of-text id (the largest) once in every row."""
     g = torch.Generator().manual_seed(seed)

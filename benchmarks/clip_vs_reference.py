@@ -11,7 +11,8 @@ and AdamW (lr 1e-3, weight decay 0.1), for every contender:
 
 All start from identical weights (ours exported with ``models.clip.convert``) and the same
 batch; the first losses are printed side by side as a check that they compute the same
-thing. Same process, same threads, medians of ``--repeats`` steps after ``--warmup``.
+thing. Same process, same threads, medians of ``--repeats`` steps after ``--warmup``, timed
+round-robin (one step of each contender per round) so load changes hit all alike.
 The activation is quick_gelu for all, TorchMultimodal's only choice.
 
 Run from the repo root (needs the parity extras, see README)::
@@ -30,8 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
-from _common import OPTIMIZER, median_ms, random_batch
+from _common import OPTIMIZER, interleaved_ms, random_batch
 from train_step import CONFIGS
 
 import fmm
@@ -163,9 +163,8 @@ def main() -> None:
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()}")
     print(f"config {args.config} ({fmm.tree.count(params):,} params), batch {args.batch_size}")
 
-    ms, first_loss = {}, {}
+    steps, first_loss = {}, {}
     for name, build in contenders(cfg, params, args.compile).items():
-        torch._dynamo.reset()
         step = build()
         start = time.perf_counter()
         try:
@@ -173,9 +172,11 @@ def main() -> None:
         except Exception as e:  # a reference that does not compile is a result, not a crash
             print(f"{name:24s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             continue
-        first = time.perf_counter() - start
-        ms[name] = median_ms(lambda s=step: s(batch), warmup=args.warmup, repeats=args.repeats)
-        print(f"{name:24s} first step {first:6.1f} s, loss {first_loss[name]:.6f}")
+        steps[name] = lambda s=step: s(batch)
+        print(
+            f"{name:24s} first step {time.perf_counter() - start:6.1f} s, loss {first_loss[name]:.6f}"
+        )
+    ms = interleaved_ms(steps, warmup=args.warmup, repeats=args.repeats)
 
     references = [n for n in ms if not n.startswith("fmm")]
     best = min(references, key=ms.get) if references else None
