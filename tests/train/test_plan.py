@@ -1,0 +1,193 @@
+"""``train.plan``: counts from real inits, the activation estimate held to measured saved
+tensors, FSDP sharding, errors, and the ``python -m train plan`` table."""
+
+import functools
+
+import pytest
+import torch
+
+import fmm
+import models
+from fmm import nn
+from models import bert, clip, gpt, mmgpt
+from train import plan
+from train.__main__ import main
+
+FP32, BF16 = plan.PRECISIONS["fp32"], plan.PRECISIONS["bf16-mixed"]
+# What the estimate may miss: int64 position indices, a causal bool mask, CLIP's [B, B]
+# logits and pooled vectors (a few per cent at these tiny sizes, less at real ones).
+TOLERANCE = 0.03
+BATCH = 3
+
+
+@functools.cache
+def _real(name):
+    cfg = models.get_config(name)
+    return cfg, models.family_of(cfg).init(cfg, fmm.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "clip_tiny", "bert_tiny", "mmgpt_shapes"])
+def test_param_counts_equal_a_real_init(name):
+    _, params = _real(name)
+    p = plan.plan(name, world_sizes=(2,))
+    assert p.num_params == fmm.tree.count(params)
+    block0 = fmm.tree.count(
+        (params["image"] if name == "clip_tiny" else params)["transformer"]["blocks"][0]
+    )
+    assert p.largest_block == block0
+    blocks = sum(
+        fmm.tree.count(b)
+        for owner in ([params["image"], params["text"]] if name == "clip_tiny" else [params])
+        for b in owner["transformer"]["blocks"]
+    )
+    assert p.outside_blocks == p.num_params - blocks
+
+
+def _loss_fn(name, cfg, dtype):
+    g = torch.Generator().manual_seed(0)
+    if name == "gpt_tiny":
+        tokens = torch.randint(0, cfg.vocab_size, (BATCH, cfg.context_length + 1), generator=g)
+        return lambda p: gpt.loss(p, tokens, cfg=cfg)
+    if name == "clip_tiny":
+        batch = {
+            "images": torch.rand(BATCH, 3, cfg.image_size, cfg.image_size, generator=g).to(dtype),
+            "tokens": torch.randint(0, cfg.vocab_size, (BATCH, cfg.context_length), generator=g),
+        }
+        return lambda p: clip.loss(p, batch, cfg=cfg)
+    if name == "bert_tiny":  # dropout 0.1 and attention dropout: masks and [S, S] weights
+        ids = torch.randint(0, cfg.vocab_size, (BATCH, cfg.max_positions), generator=g)
+        return lambda p: bert.apply(p, ids, cfg=cfg, train=True, key=fmm.random.key(1))
+    batch = {
+        "text": torch.randint(0, cfg.text_vocab, (BATCH, cfg.text_len), generator=g),
+        "codes": torch.randint(0, cfg.image_vocab, (BATCH, cfg.image_len), generator=g),
+    }
+    return lambda p: mmgpt.loss(p, batch, cfg=cfg, train=True, key=fmm.random.key(1))
+
+
+@pytest.mark.parametrize(
+    ("name", "precision"),
+    [
+        ("gpt_tiny", "fp32"),
+        ("clip_tiny", "fp32"),
+        ("bert_tiny", "fp32"),
+        ("mmgpt_shapes", "fp32"),
+        ("gpt_tiny", "bf16-mixed"),
+        ("clip_tiny", "bf16-mixed"),
+    ],
+)
+def test_activation_estimate_matches_the_measured_saved_tensors(name, precision):
+    prec = plan.PRECISIONS[precision]
+    dtype = torch.bfloat16 if prec.compute == 2 else torch.float32
+    cfg, params = _real(name)
+    params = fmm.tree.cast(params, dtype)
+    measured = plan.saved_activation_bytes(_loss_fn(name, cfg, dtype), params)
+    estimate = plan.activation_bytes(plan.layout(name), batch=BATCH, precision=prec)
+    assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)
+
+
+@pytest.mark.parametrize(
+    "tcfg",
+    [
+        nn.TransformerConfig(width=40, layers=2, heads=5, act="quick_gelu", cross_dim=24),
+        nn.TransformerConfig(width=40, layers=2, heads=5, act="relu", attn_impl="math"),
+        nn.TransformerConfig(
+            width=40, layers=2, heads=4, mlp_dim=56, dropout=0.2, attn_dropout=0.1, cross_dim=40
+        ),
+    ],
+    ids=["quick_gelu-cross", "relu-math", "dropout-cross"],
+)
+def test_block_estimate_matches_the_measured_saved_tensors(tcfg):
+    s, t = 11, 7
+    x = torch.randn(BATCH, s, tcfg.width)
+    context = torch.randn(BATCH, t, tcfg.cross_dim) if tcfg.cross_dim else None
+    params = nn.init_transformer(tcfg, fmm.random.key(0))
+    measured = plan.saved_activation_bytes(
+        lambda p: nn.transformer(
+            p, x, cfg=tcfg, context=context, train=True, key=fmm.random.key(2)
+        ),
+        params,
+    )
+    stack = plan.Stack("s", tcfg, s, context=t if context is not None else 0)
+    # the context is read by every block but stored once, outside them
+    shared = 0 if context is None else BATCH * t * tcfg.cross_dim * 4
+    estimate = tcfg.layers * BATCH * plan.block_activation_bytes(stack, FP32) + shared
+    assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)
+
+
+def test_checkpointing_keeps_block_inputs_and_one_recomputed_block():
+    lay = plan.layout("gpt2_small", seq=256)
+    full = plan.activation_bytes(lay, batch=2, precision=BF16)
+    ckpt = plan.activation_bytes(lay, batch=2, precision=BF16, checkpoint=True)
+    (stack,) = lay.stacks
+    block = plan.block_activation_bytes(stack, BF16)
+    inputs = stack.cfg.layers * stack.seq * stack.cfg.width * 2
+    assert full - ckpt == 2 * (stack.cfg.layers * block - inputs - block)
+    assert ckpt < full / 2  # 12 blocks of 256 tokens: checkpointing is worth it
+
+
+def test_fsdp_shards_state_by_world_size_and_ddp_replicates_it():
+    p = plan.plan("gpt2_small", world_sizes=(1, 8, 64), precision="fp32")
+    rows = {(r.strategy, r.world_size): r for r in p.rows}
+    ddp = [rows["DDP", n] for n in (1, 8, 64)]
+    assert len({(r.params, r.grads, r.optimizer) for r in ddp}) == 1
+    assert ddp[0].params == ddp[0].grads == 4 * p.num_params
+    assert ddp[0].optimizer == 8 * p.num_params
+    gathered = (p.outside_blocks + 2 * p.largest_block) * 4
+    for n in (1, 8, 64):
+        r = rows["FSDP", n]
+        assert r.optimizer == 8 * -(-p.num_params // n)  # ceil(P / N) per rank
+        assert r.params - gathered == pytest.approx(4 * p.num_params / n, rel=1e-6)
+        assert r.grads - 4 * p.largest_block == pytest.approx(4 * p.num_params / n, rel=1e-6)
+        assert r.activations == ddp[0].activations  # the same per-rank batch
+    assert rows["FSDP", 64].total < rows["FSDP", 8].total < rows["DDP", 8].total
+
+
+def test_mixed_precision_adds_a_bf16_copy_and_halves_activations():
+    fp32 = plan.plan("gpt_tiny", world_sizes=(4,), precision="fp32").rows[0]
+    mixed = plan.plan("gpt_tiny", world_sizes=(4,), precision="bf16-mixed").rows[0]
+    assert fp32.strategy == mixed.strategy == "DDP"
+    assert mixed.params == fp32.params * 6 // 4 and mixed.grads == fp32.grads
+    assert fp32.activations / 2 < mixed.activations < fp32.activations
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "no_such_model"}, "--model: unknown model 'no_such_model'"),
+        ({"name": "vqvae_shapes"}, "--model: 'vqvae_shapes' is a VQVAEConfig"),
+        (
+            {"name": "gpt_tiny", "world_sizes": (0,)},
+            r"--world-size must be integers >= 1, got \[0\]",
+        ),
+        ({"name": "gpt_tiny", "world_sizes": ()}, "--world-size"),
+        ({"name": "gpt_tiny", "precision": "fp16"}, "--precision must be one of .*got 'fp16'"),
+        ({"name": "gpt_tiny", "batch": 0}, "--batch must be >= 1, got 0"),
+        ({"name": "gpt_tiny", "seq": 65}, r"--seq must be in \[1, 64\]"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan.plan(kwargs.pop("name"), **kwargs)
+
+
+def test_cli_prints_the_table_for_a_flava_native_size(capsys):
+    main(["plan", "--model", "flava_1.8b_like", "--world-size", "8", "64", "--batch", "4"])
+    out = capsys.readouterr().out
+    assert "GiB per rank" in out and "not counted" in out
+    assert "image 32 x 1280" in out and "text 32 x 1280" in out and "multimodal 16 x 1280" in out
+    count = int(out.split("(", 1)[1].split(")", 1)[0].replace(",", ""))
+    assert 1.5e9 < count < 1.9e9  # FLAVA's heads and image tokenizer excluded
+    rows = [cells for line in out.splitlines() if (cells := line.split())[1:2] in (["8"], ["64"])]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("DDP", "8"),
+        ("FSDP", "8"),
+        ("DDP", "64"),
+        ("FSDP", "64"),
+    ]
+    for cells in rows:
+        params, grads, adamw, activ, activ_ckpt, total, total_ckpt = map(float, cells[2:])
+        assert total == pytest.approx(params + grads + adamw + activ, abs=0.021)
+        assert total_ckpt == pytest.approx(params + grads + adamw + activ_ckpt, abs=0.021)
+        assert activ_ckpt < activ
+    # bf16-mixed DDP: 2 + 4 bytes of params per param
+    assert float(rows[0][2]) == pytest.approx(6 * count / plan.GiB, abs=0.006)

@@ -1,0 +1,48 @@
+"""``python -m train plan``: per-rank training memory of a model too large for this machine.
+
+::
+
+    python -m train plan --model flava_10b_like --world-size 8 64 --batch 8
+    python -m train plan --model gpt2_medium --world-size 1 8 --seq 512 --precision fp32
+
+builds the model on the meta device (no memory) and prints its parameter count and, per
+world size, the GiB per rank for params, gradients and AdamW state under DDP and FSDP, and
+for activations with and without per-block checkpointing. The memory model and its
+assumptions are in :mod:`train.plan` and printed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from train import plan as planning
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="a preset (gpt2_small, clip_vit_l14, ...) or "
+        f"a FLAVA native size ({', '.join(planning.FLAVA_NATIVE)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--world-size", type=int, nargs="+", default=[1, 8], help="ranks, one or more (default 1 8)"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="examples per rank (default 8)")
+    parser.add_argument(
+        "--seq", type=int, default=None, help="tokens per example (text tokens for CLIP/FLAVA); "
+        "default: the model's context",
+    )  # fmt: skip
+    parser.add_argument(
+        "--precision", default="bf16-mixed", help=f"one of {sorted(planning.PRECISIONS)}"
+    )
+
+
+def run(args: argparse.Namespace) -> planning.Plan:
+    result = planning.plan(
+        args.model,
+        world_sizes=args.world_size,
+        batch=args.batch,
+        seq=args.seq,
+        precision=args.precision,
+    )
+    print(planning.format_plan(result))
+    return result
