@@ -18,7 +18,8 @@ from tokenizers import Regex, pre_tokenizers
 
 import train.data
 from tests.reference import reference
-from train.data.tokenizers import _CLIP_PATTERN, CLIPTokenizer, WordPieceTokenizer
+from train.data.tokenizers import CLIPTokenizer, WordPieceTokenizer
+from train.data.tokenizers.clip import _CLIP_PATTERN
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
