@@ -11,6 +11,7 @@ any, belongs to the model that owns the stack.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from fmm.nn.mlp import activation, init_mlp, mlp
 from fmm.nn.norm import init_layer_norm, layer_norm
 
 Params = dict[str, Any]
+BlockFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,14 +208,21 @@ def transformer(
     cfg: TransformerConfig,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
     **block_kwargs: Any,
 ) -> torch.Tensor:
     """Apply every block in order. ``x: [B, S, width]`` -> ``[B, S, width]``.
 
     ``block_kwargs`` (``mask``, ``causal``, ``context``, ``context_mask``) go to each
     :func:`block`; block ``i`` draws dropout from ``fold_in(key, i)``.
+
+    ``block_fn``: what runs one block, called as ``block_fn(block_params, x, cfg=, key=,
+    train=, **block_kwargs)``; default :func:`block`. It is the seam where
+    ``fmm.adapter`` routes each block through its own module (FSDP2 sharding, activation
+    checkpointing) while the math stays :func:`block`.
     """
+    run = block if block_fn is None else block_fn
     for i, bp in enumerate(params["blocks"]):
         k = random.fold_in(key, i) if key is not None else None
-        x = block(bp, x, cfg=cfg, key=k, train=train, **block_kwargs)
+        x = run(bp, x, cfg=cfg, key=k, train=train, **block_kwargs)
     return x

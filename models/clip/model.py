@@ -27,6 +27,7 @@ from einops import repeat
 from fmm import nn, random
 from fmm.losses import contrastive_loss, local_gather, logit_scale_value
 from fmm.losses.contrastive import Gather
+from fmm.nn.transformer import BlockFn
 from models.clip.config import CLIPConfig
 
 Params = dict[str, Any]
@@ -106,51 +107,75 @@ def _check_tokens(tokens: torch.Tensor, cfg: CLIPConfig) -> None:
         )
 
 
-def image_features(params: Params, images: torch.Tensor, *, cfg: CLIPConfig) -> torch.Tensor:
-    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``."""
+def image_features(
+    params: Params, images: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
+) -> torch.Tensor:
+    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``.
+
+    ``block_fn`` runs each transformer block (see :func:`fmm.nn.transformer`); ``fmm.adapter``
+    passes one to shard or checkpoint blocks. Default: :func:`fmm.nn.block`."""
     _check_images(images, cfg)
     p = params["image"]
     x = nn.patch_embed(p["patch"], images)
     cls = repeat(p["cls"], "d -> b 1 d", b=x.shape[0]).to(x.dtype)
     x = torch.cat([cls, x], dim=1) + p["pos"]
     x = nn.layer_norm(p["norm_pre"], x, eps=cfg.norm_eps)
-    x = nn.transformer(p["transformer"], x, cfg=cfg.image_transformer)
+    x = nn.transformer(p["transformer"], x, cfg=cfg.image_transformer, block_fn=block_fn)
     return nn.layer_norm(p["norm_post"], x, eps=cfg.norm_eps)
 
 
-def text_features(params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig) -> torch.Tensor:
+def text_features(
+    params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
+) -> torch.Tensor:
     """The text tower's causal token sequence after the final norm: ``[B, T] -> [B, T, width]``."""
     _check_tokens(tokens, cfg)
     p = params["text"]
     x = nn.embed(p["token"], tokens) + p["pos"][: tokens.shape[1]]
-    x = nn.transformer(p["transformer"], x, cfg=cfg.text_transformer, causal=True)
+    x = nn.transformer(
+        p["transformer"], x, cfg=cfg.text_transformer, causal=True, block_fn=block_fn
+    )
     return nn.layer_norm(p["norm_final"], x, eps=cfg.norm_eps)
 
 
 def encode_image(
-    params: Params, images: torch.Tensor, *, cfg: CLIPConfig, normalize: bool = True
+    params: Params,
+    images: torch.Tensor,
+    *,
+    cfg: CLIPConfig,
+    normalize: bool = True,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Image embeddings ``[B, 3, H, W] -> [B, embed]``, unit norm unless ``normalize=False``.
 
     Example: ``encode_image(params, torch.rand(2, 3, 224, 224), cfg=clip_vit_b16())``.
     """
-    x = nn.pool_cls(image_features(params, images, cfg=cfg))
+    x = nn.pool_cls(image_features(params, images, cfg=cfg, block_fn=block_fn))
     x = nn.linear(params["image"]["proj"], x)
     return F.normalize(x, dim=-1) if normalize else x
 
 
 def encode_text(
-    params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig, normalize: bool = True
+    params: Params,
+    tokens: torch.Tensor,
+    *,
+    cfg: CLIPConfig,
+    normalize: bool = True,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Text embeddings ``[B, T] (int64) -> [B, embed]`` read at the end-of-text token (the
     largest id in each row), unit norm unless ``normalize=False``."""
-    x = nn.pool_eot(text_features(params, tokens, cfg=cfg), tokens)
+    x = nn.pool_eot(text_features(params, tokens, cfg=cfg, block_fn=block_fn), tokens)
     x = nn.linear(params["text"]["proj"], x)
     return F.normalize(x, dim=-1) if normalize else x
 
 
 def apply(
-    params: Params, images: torch.Tensor, tokens: torch.Tensor, *, cfg: CLIPConfig
+    params: Params,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    cfg: CLIPConfig,
+    block_fn: BlockFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both towers: ``(image_embeds [B, E], text_embeds [B, E], scale [])`` where
     ``scale * image_embeds @ text_embeds.T`` are CLIP's logits."""
@@ -160,8 +185,8 @@ def apply(
             f"and tokens {list(tokens.shape)}"
         )
     return (
-        encode_image(params, images, cfg=cfg),
-        encode_text(params, tokens, cfg=cfg),
+        encode_image(params, images, cfg=cfg, block_fn=block_fn),
+        encode_text(params, tokens, cfg=cfg, block_fn=block_fn),
         logit_scale_value(params["logit_scale"]),
     )
 
@@ -172,12 +197,13 @@ def loss(
     *,
     cfg: CLIPConfig,
     gather: Gather = local_gather,
+    block_fn: BlockFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Contrastive loss of ``batch = {"images": [B,3,H,W], "tokens": [B,T]}``.
 
     Returns ``(loss [], metrics)`` with ``metrics["logit_scale"]`` the clamped scale, so it
     plugs straight into ``train.step.make_train_step``.
     """
-    img, txt, scale = apply(params, batch["images"], batch["tokens"], cfg=cfg)
+    img, txt, scale = apply(params, batch["images"], batch["tokens"], cfg=cfg, block_fn=block_fn)
     value = contrastive_loss(img, txt, params["logit_scale"], gather=gather)
     return value, {"logit_scale": scale.detach()}
