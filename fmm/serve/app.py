@@ -25,30 +25,26 @@ import time
 from typing import Any
 
 from fmm.serve.engine import Overloaded
+from fmm.serve.metrics import Metrics
 from fmm.serve.service import NotServed, Service
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 
-def _limit_body(app: Any, max_bytes: int) -> Any:
-    """ASGI middleware: read at most ``max_bytes`` of a request body, else answer 413."""
+def _front_door(app: Any, max_bytes: int, metrics: Metrics) -> Any:
+    """ASGI middleware: answer 413 to a body over ``max_bytes`` (read no further), and count
+    every response's status and latency. Plain ASGI, as Starlette's ``BaseHTTPMiddleware``
+    costs a task and a stream per request."""
 
     async def too_large(send: Any, got: str) -> None:
         body = json.dumps(
             {"detail": f"request body is {got} bytes; this server accepts at most {max_bytes}"}
         ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def middleware(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
+    async def read_body(scope: dict, receive: Any, send: Any) -> Any:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             return await too_large(send, length.decode())
@@ -72,6 +68,25 @@ def _limit_body(app: Any, max_bytes: int) -> Any:
             return await receive()
 
         return await app(scope, replay, send)
+
+    async def middleware(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_and_watch(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await read_body(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")  # set by the router; None: unknown path (bounded labels)
+            metrics.count(f"http {status}")
+            path = route.path if route is not None else "unmatched"
+            metrics.observe_latency(path, time.perf_counter() - started)
 
     return middleware
 
@@ -117,30 +132,23 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def _timeout(_request: Request, _e: TimeoutError) -> JSONResponse:
         return error(504, f"the request took longer than the server's {service.timeout}s budget")
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Any:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"  # bounded label set
-        service.metrics.count(f"http {response.status_code}")
-        service.metrics.observe_latency(path, time.perf_counter() - started)
-        return response
-
     def images_of(payloads: list, name: str) -> list:
         return [
             service.check_image(schemas.decode_image(p, model.image_shape, f"{name}[{i}]"))
             for i, p in enumerate(payloads)
         ]
 
-    def embedded(vectors: Any, hits: list[bool]) -> dict:
-        return {
-            "model": model.name,
-            "fingerprint": model.fingerprint,
-            "dim": vectors.shape[1],
-            "embeddings": vectors.tolist(),
-            "cached": hits,
-        }
+    def embedded(vectors: Any, hits: list[bool]) -> JSONResponse:
+        # Returned as a response so FastAPI skips walking the float lists to encode them.
+        return JSONResponse(
+            {
+                "model": model.name,
+                "fingerprint": model.fingerprint,
+                "dim": vectors.shape[1],
+                "embeddings": vectors.tolist(),
+                "cached": hits,
+            }
+        )
 
     @app.post("/v1/embed/text", summary="Unit-norm text embeddings [n, dim]")
     async def embed_text(body: schemas.EmbedText):
@@ -211,4 +219,4 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def metrics():
         return service.snapshot()
 
-    return _limit_body(app, max_body_bytes)
+    return _front_door(app, max_body_bytes, service.metrics)
