@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
+from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
 
 TASKS = {
@@ -17,6 +18,10 @@ TASKS = {
     ),
     "generate": (generate, "draw images for a caption with a trained mmgpt run, scored by CLIP"),
     "zeroshot": (zeroshot, "rank labels for your images with pretrained CLIP weights"),
+    "flava": (
+        flava_recipe,
+        "pretrain a tiny FLAVA on the shapes world: contrastive, MLM, MIM, ITM and MMM at once",
+    ),
     "serve": (serve, "serve a clip or mmgpt run over HTTP: embeddings, search, generation"),
     "plan": (plan_recipe, "per-rank memory of training a model under DDP and FSDP (meta device)"),
 }

@@ -133,10 +133,11 @@ def flava_model() -> FLAVAConfig:
 def flava_tiny(
     *, vocab_size: int = 64, max_positions: int = 16, image_vocab_size: int = 64
 ) -> FLAVAConfig:
-    """A FLAVA for the shapes world on a laptop CPU: 32 px images in 4 px patches (8 x 8),
-    width 64, 2 layers per encoder, 4 heads, MLP 128, 64-d embeddings."""
+    """A FLAVA for the shapes world on a laptop CPU: 32 px images in 8 px patches (4 x 4,
+    the grid of ``models.vqvae.vqvae_shapes_4x4``), width 64, 2 layers per encoder, 4 heads,
+    MLP 128, 64-d embeddings."""
     return FLAVAConfig(
-        image_size=32, patch_size=4, image_width=64, image_layers=2, image_heads=4,
+        image_size=32, patch_size=8, image_width=64, image_layers=2, image_heads=4,
         image_mlp_dim=128, vocab_size=vocab_size, max_positions=max_positions,
         text_width=64, text_layers=2, text_heads=4, text_mlp_dim=128, mm_width=64,
         mm_layers=2, mm_heads=4, mm_mlp_dim=128, embed_dim=64,

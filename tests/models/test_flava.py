@@ -223,7 +223,7 @@ def tiny():
 
 def test_pretraining_loss_is_finite_pure_and_reaches_every_param(tiny):
     cfg, params, pcfg, batch = tiny
-    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=4, codebook_size=16)
+    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=8, codebook_size=16)
     fn = partial(flava.pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
     leaves = fmm.tree.map(lambda x: x.detach().requires_grad_(True), params)
     loss, metrics = fn(leaves, batch, fmm.random.key(5))
@@ -248,7 +248,7 @@ def test_pretraining_loss_is_finite_pure_and_reaches_every_param(tiny):
 
 def test_mim_targets_come_from_any_tokenizer_such_as_our_vqvae(tiny):
     cfg, params, pcfg, batch = tiny
-    vq_cfg = vqvae.vqvae_shapes()  # 32 px -> 8 x 8 codes: one per FLAVA patch
+    vq_cfg = vqvae.vqvae_shapes_4x4()  # 32 px -> 4 x 4 codes: one per FLAVA patch
     vq_params = vqvae.init(vq_cfg, fmm.random.key(2))
     cfg = dataclasses.replace(cfg, image_vocab_size=vq_cfg.codebook_size)
     params = flava.init(cfg, fmm.random.key(0))
@@ -293,23 +293,23 @@ def test_bad_inputs_raise_clear_errors(tiny):
     with pytest.raises(ValueError, match="needs both images and input_ids"):
         flava.apply(params, images, None, cfg=cfg)
     with pytest.raises(ValueError, match="text_hidden is missing"):
-        flava.encode_multimodal(params, torch.zeros(6, 65, 64), None, cfg=cfg)
+        flava.encode_multimodal(params, torch.zeros(6, 17, 64), None, cfg=cfg)
     with pytest.raises(
         ValueError, match=r"text_hidden must be \[batch, seq, 64\], got \[6, 10, 48\]"
     ):
-        flava.encode_multimodal(params, torch.zeros(6, 65, 64), torch.zeros(6, 10, 48), cfg=cfg)
+        flava.encode_multimodal(params, torch.zeros(6, 17, 64), torch.zeros(6, 10, 48), cfg=cfg)
     with pytest.raises(ValueError, match="different batch sizes"):
         flava.apply(params, images[:2], ids, cfg=cfg)
-    with pytest.raises(ValueError, match=r"patch_mask must be \[batch, patches\] = \[6, 64\]"):
+    with pytest.raises(ValueError, match=r"patch_mask must be \[batch, patches\] = \[6, 16\]"):
         flava.encode_image(
-            params["image"], images, cfg=cfg, patch_mask=torch.zeros(6, 63, dtype=torch.bool)
+            params["image"], images, cfg=cfg, patch_mask=torch.zeros(6, 15, dtype=torch.bool)
         )
-    bad_tok = lambda x: torch.zeros(x.shape[0], 4, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"one code per patch: \[batch, 8, 8\]"):
+    bad_tok = lambda x: torch.zeros(x.shape[0], 2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"one code per patch: \[batch, 4, 4\]"):
         flava.pretraining_loss(
             params, batch, fmm.random.key(0), cfg=cfg, pcfg=pcfg, image_tokenizer=bad_tok
         )
-    with pytest.raises(ValueError, match="image_size=30 is not a multiple of patch_size=4"):
+    with pytest.raises(ValueError, match="image_size=30 is not a multiple of patch_size=8"):
         dataclasses.replace(cfg, image_size=30)
     with pytest.raises(ValueError, match="unknown tasks"):
         flava.PretrainConfig(mask_id=1, weights=(("mlm", 1.0), ("nsp", 1.0)))
