@@ -313,3 +313,14 @@ def test_bad_inputs_raise_clear_errors(tiny):
         dataclasses.replace(cfg, image_size=30)
     with pytest.raises(ValueError, match="unknown tasks"):
         flava.PretrainConfig(mask_id=1, weights=(("mlm", 1.0), ("nsp", 1.0)))
+
+
+def test_docs_flava_snippets_run():
+    import re
+
+    text = (Path(__file__).parents[2] / "docs" / "flava_albef.md").read_text()
+    section = text.split("## FLAVA", 1)[1].split("\n## ", 1)[0]  # ALBEF's section follows
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/flava_albef.md", "exec"), {})
