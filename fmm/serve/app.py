@@ -196,6 +196,8 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
                     yield f"data: {json.dumps(event)}\n\n"
             except Exception as e:  # the status line is sent: report in-band, end the stream
                 yield f"data: {json.dumps({'error': f'{type(e).__name__}: {e}'})}\n\n"
+            finally:  # also on a client that went away: stop the model now, not at GC
+                await events.aclose()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

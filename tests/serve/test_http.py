@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -235,3 +236,31 @@ def test_guided_stream_draws_what_generate_images_draws_and_stops_when_asked(tmp
     next(stream)
     stop.set()
     assert list(stream) == []  # no further codes once stopped
+
+
+def test_a_client_that_leaves_stops_its_generation_and_frees_the_slot():
+    produced, stopped = [], threading.Event()
+
+    def slow(prompt, *, stop, **options):
+        for i in range(200):
+            if stop.is_set():
+                stopped.set()
+                return
+            produced.append(i)
+            yield {"index": i, "token": i}
+            time.sleep(0.02)
+
+    model = ServedModel(name="slow", fingerprint="0" * 64, generate=slow)
+    service = Service(model, max_generations=1)
+    with running(create_app(service)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        with client.stream("POST", "/v1/generate", json={"prompt": "x"}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            busy = client.post("/v1/generate", json={"prompt": "y"})
+            assert busy.status_code == 503 and "generations running" in busy.json()["detail"]
+        assert stopped.wait(5)  # the generator saw the stop flag after the client left
+        deadline = time.monotonic() + 5
+        while client.get("/metrics").json()["generations_running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/metrics").json()["generations_running"] == 0
+    assert len(produced) < 200
