@@ -64,10 +64,11 @@ def itc_loss(
     *,
     sim_i2t_m: torch.Tensor | None = None,
     sim_t2i_m: torch.Tensor | None = None,
-    alpha: float = 0.0,
+    alpha: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """Mean of the image->text and text->image cross-entropies against soft targets
-    ``(1 - alpha) * targets + alpha * softmax(sim_m)`` (momentum distillation). All ``[B, N]``;
+    ``(1 - alpha) * targets + alpha * softmax(sim_m)`` (momentum distillation; ``alpha`` a
+    float or a 0-d tensor, e.g. ramped up over the first steps). All ``[B, N]``;
     returns a 0-d loss, symmetric under swapping the two directions.
 
     Example: ``itc_loss(s_i2t, s_t2i, torch.eye(B))`` is CLIP's loss at ``alpha=0``.
@@ -78,7 +79,8 @@ def itc_loss(
             f"targets {list(targets.shape)} must have one shape"
         )
     t_i2t = t_t2i = targets
-    if alpha > 0.0:
+    # A tensor alpha (ramped by the caller) always mixes, so no branch reads its value.
+    if isinstance(alpha, torch.Tensor) or alpha != 0.0:
         if sim_i2t_m is None or sim_t2i_m is None:
             raise ValueError("itc_loss: alpha > 0 needs sim_i2t_m= and sim_t2i_m=")
         t_i2t = alpha * sim_i2t_m.detach().softmax(1) + (1 - alpha) * targets
@@ -157,7 +159,8 @@ def pretrain_loss(
     ``batch``: ``images [B, C, H, W]``, ``input_ids [B, S]`` (token 0 is [CLS]),
     ``attention_mask [B, S]``, ``idx [B]`` (example ids >= 0; equal ids count as positives),
     the momentum features ``image_feat_m, text_feat_m [B, E]`` (:func:`momentum_features`)
-    and ``queue`` (:func:`models.albef.state.init_queue`). ``key`` draws the ITM negatives,
+    and ``queue`` (:func:`models.albef.state.init_queue`); optionally ``alpha`` (0-d tensor,
+    default ``cfg.alpha``), the distillation weight. ``key`` draws the ITM negatives,
     the MLM corruption and dropout. Returns ``(loss [], metrics)`` for
     ``train.step.make_train_step``.
     """
@@ -180,9 +183,8 @@ def pretrain_loss(
         sim_i2t_m, sim_t2i_m = itc_similarities(
             batch["image_feat_m"], batch["text_feat_m"], image_all, text_all, temp
         )
-    itc = itc_loss(
-        sim_i2t, sim_t2i, targets, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m, alpha=cfg.alpha
-    )
+    alpha = batch.get("alpha", cfg.alpha)
+    itc = itc_loss(sim_i2t, sim_t2i, targets, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m, alpha=alpha)
 
     # ITM: matched pairs against the hardest-looking mismatches of the same batch.
     b = ids.shape[0]

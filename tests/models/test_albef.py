@@ -180,6 +180,15 @@ def test_itc_loss_is_symmetric_finite_and_clip_at_alpha_zero():
     labels = torch.arange(5)
     clip = 0.5 * (F.cross_entropy(s_i2t, labels) + F.cross_entropy(s_t2i, labels))
     torch.testing.assert_close(A.itc_loss(s_i2t, s_t2i, targets), clip)
+    # A ramped (tensor) alpha is the same weight, read without a host sync.
+    ramped = A.itc_loss(
+        s_i2t, s_t2i, targets, sim_i2t_m=m_i2t, sim_t2i_m=m_t2i, alpha=torch.tensor(0.4)
+    )
+    torch.testing.assert_close(ramped, a)
+    zero = A.itc_loss(
+        s_i2t, s_t2i, targets, sim_i2t_m=m_i2t, sim_t2i_m=m_t2i, alpha=torch.tensor(0.0)
+    )
+    torch.testing.assert_close(zero, A.itc_loss(s_i2t, s_t2i, targets))
     # Distillation moves the loss toward the momentum model's soft targets.
     assert not torch.allclose(a, A.itc_loss(s_i2t, s_t2i, targets))
 

@@ -1,0 +1,78 @@
+"""`python -m train albef`: questions and answers, the stateful ALBEF step, a few steps of
+each task end to end (files written, metrics in range, the run reloads)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import fmm
+from models import albef
+from train import optim
+from train.__main__ import main
+from train.data import WorldConfig
+from train.recipes import albef as recipe
+from train.step import init_state
+
+WORLD = WorldConfig()
+
+
+def test_questions_have_the_answer_of_the_scene():
+    colors, shapes = torch.tensor([0, 5, 2]), torch.tensor([0, 3, 4])
+    kinds, other = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    questions, answers = recipe.make_questions(WORLD, colors, shapes, kinds, other)
+    names = recipe.answer_names(WORLD)
+    assert questions == [
+        "what colour is the circle?",
+        "what shape is the blue object?",
+        "is the cross orange?",
+    ]
+    assert [names[a] for a in answers] == ["red", "diamond", "no"]
+    tok = recipe.tokenizer_for(WORLD)
+    assert tok.unk_id not in tok.encode(questions, recipe.CONTEXT)  # every word is known
+
+
+def test_the_albef_step_carries_momentum_and_queue_without_touching_the_old_state():
+    tok = recipe.tokenizer_for(WORLD)
+    cfg = albef.albef_tiny(vocab_size=tok.vocab_size, max_positions=recipe.CONTEXT, queue_size=12)
+    params = albef.init(cfg, fmm.random.key(0))
+    opt = optim.adamw(1e-3)
+    state = init_state(params, opt, key=fmm.random.key(1))
+    state["momentum"] = albef.init_momentum(params)
+    state["queue"] = albef.init_queue(cfg, fmm.random.key(2))
+    before = fmm.tree.map(torch.clone, state)
+    batch = recipe.retrieval_batch(WORLD, tok, 8, torch.Generator().manual_seed(0), seen=0)
+    step = recipe.make_albef_step(cfg, opt, mask_id=tok.unk_id)
+    new, metrics = step(state, batch)
+    for k, v in fmm.tree.flatten(before).items():
+        assert torch.equal(v, fmm.tree.flatten(state)[k]), k
+    assert new["queue"]["ptr"].item() == 8 and torch.equal(new["queue"]["idx"][:8], batch["idx"])
+    want = albef.momentum_update(state["momentum"], params, m=cfg.momentum)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fmm.tree.leaves(new["momentum"]), fmm.tree.leaves(want))
+    )
+    assert torch.isfinite(metrics["loss"]) and new["step"].item() == 1
+
+
+@pytest.mark.parametrize("task", recipe.TASKS)
+def test_a_few_steps_of_each_task_run_end_to_end(tmp_path, task, capsys):
+    out = tmp_path / task
+    args = ["albef", "--task", task, "--steps", "3", "--batch-size", "8", "--eval-per-class", "1"]
+    assert main([*args, "--out", str(out), "--rerank-k", "2"]) == 0
+    for name in ("metrics.json", "loss.png", "params.safetensors", "config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    headline = metrics["vqa_accuracy" if task == "vqa" else "image_to_text_r1"]
+    assert 0.0 <= headline <= 1.0 and metrics["goal"] == 0.8
+    cfg, params, tok = recipe.load_run(out)
+    assert (cfg.num_answers > 0) == (task == "vqa") == ("vqa_head" in params)
+    assert tok == recipe.tokenizer_for(WORLD)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused():
+    parser = argparse.ArgumentParser()
+    recipe.add_arguments(parser)
+    with pytest.raises(SystemExit, match="--batch-size"):
+        recipe.run(parser.parse_args(["--steps", "2", "--batch-size", "1"]))
