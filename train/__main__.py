@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from train.recipes import albef as albef_recipe
 from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
@@ -24,6 +25,10 @@ TASKS = {
     ),
     "serve": (serve, "serve a clip or mmgpt run over HTTP: embeddings, search, generation"),
     "plan": (plan_recipe, "per-rank memory of training a model under DDP and FSDP (meta device)"),
+    "albef": (
+        albef_recipe,
+        "train a tiny ALBEF on the shapes world: --task retrieval (image->text R@1) or vqa",
+    ),
 }
 
 
