@@ -22,13 +22,13 @@ def _save_tokenizer(run_dir: Path, tokenizer: WordTokenizer) -> None:
     (run_dir / "tokenizer.json").write_text(tokenizer.to_json())
 
 
-def tiny_clip_run(run_dir: Path) -> Path:
+def tiny_clip_run(run_dir: Path, *, width: int = 16) -> Path:
     """A random-weight CLIP run as ``python -m train clip`` lays it out (8 px images)."""
     tokenizer = WordTokenizer.for_world(WORLD)
     cfg = dataclasses.replace(
         clip.clip_tiny(vocab_size=tokenizer.vocab_size, context_length=12),
-        image_size=8, patch_size=4, image_width=16, image_layers=1, image_heads=2,
-        text_width=16, text_layers=1, text_heads=2, embed_dim=8,
+        image_size=8, patch_size=4, image_width=width, image_layers=1, image_heads=2,
+        text_width=width, text_layers=1, text_heads=2, embed_dim=8,
     )  # fmt: skip
     params = clip.init(cfg, fmm.random.key(0))
     config = {"model": "clip", "clip": cfg.to_dict(), "world": dataclasses.asdict(WORLD)}
