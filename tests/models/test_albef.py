@@ -375,3 +375,14 @@ def test_golden_param_spec(name):
     assert got == want, (
         "param names/shapes changed: if deliberate, run tests/scripts/make_golden.py"
     )
+
+
+def test_docs_albef_snippets_run():
+    import re
+
+    text = (Path(__file__).parents[2] / "docs" / "flava_albef.md").read_text()
+    section = text.split("## ALBEF", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/flava_albef.md", "exec"), {})
