@@ -20,10 +20,13 @@ from models.flava.model import (
 )
 from models.flava.pretrain import (
     TASKS,
+    Masks,
     PretrainConfig,
+    draw_masks,
     mim_targets,
     pretraining_loss,
     random_codebook_tokenizer,
+    task_losses,
 )
 
 PRESETS = {"flava_model": flava_model, "flava_tiny": flava_tiny}
@@ -33,8 +36,10 @@ __all__ = [
     "TASKS",
     "Encoded",
     "FLAVAConfig",
+    "Masks",
     "PretrainConfig",
     "apply",
+    "draw_masks",
     "embed_image",
     "embed_text",
     "encode_image",
@@ -56,6 +61,7 @@ __all__ = [
     "project_image",
     "project_text",
     "random_codebook_tokenizer",
+    "task_losses",
     "tmm_rules",
     "to_torchmultimodal",
 ]

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,114 @@ def mim_targets(
     return torch.where(patch_mask.bool(), codes, torch.full_like(codes, losses.IGNORE))
 
 
+class Masks(NamedTuple):
+    """What one step hides and pairs, all ``[B, ...]`` tensors: ``masked_tokens`` and
+    ``mlm_labels [B, S]``, ``patch_mask [B, patches]`` (bool) and ``mim_labels``, and the ITM
+    ``partner [B]`` (whose text each image is fused with) and ``itm_labels [B]``."""
+
+    masked_tokens: torch.Tensor
+    mlm_labels: torch.Tensor
+    patch_mask: torch.Tensor
+    mim_labels: torch.Tensor
+    partner: torch.Tensor
+    itm_labels: torch.Tensor
+
+
+def draw_masks(
+    batch: dict[str, torch.Tensor],
+    key: torch.Tensor,
+    *,
+    cfg: FLAVAConfig,
+    pcfg: PretrainConfig,
+    image_tokenizer: ImageTokenizer,
+) -> Masks:
+    """Draw the text and patch masks and the ITM pairs from ``key`` (pure), and read the
+    MIM targets off ``image_tokenizer``. ``batch`` as in :func:`pretraining_loss`."""
+    images, tokens = batch["images"], batch["tokens"]
+    b = images.shape[0]
+    if tokens.ndim != 2 or tokens.shape[0] != b:
+        raise ValueError(
+            f"batch['tokens'] must be [batch, seq] with batch {b} like the images, "
+            f"got {list(tokens.shape)}"
+        )
+    k = lambda name: random.fold_in(key, name)
+    maskable = tokens != cfg.pad_id
+    for special in pcfg.special_ids:
+        maskable = maskable & (tokens != special)
+    masked_tokens, mlm_labels = losses.mask_tokens(
+        k("text_mask"), tokens, rate=pcfg.text_mask_rate, mask_id=pcfg.mask_id, allowed=maskable
+    )
+    patch_mask = losses.random_mask(k("patch_mask"), (b, cfg.num_patches), pcfg.patch_mask_rate)
+    patch_mask = patch_mask.to(images.device)
+    mim_labels = mim_targets(
+        image_tokenizer, batch.get("tokenizer_images", images), patch_mask, cfg=cfg
+    )
+    partner, itm_labels = losses.negative_pairs(k("itm"), b, pcfg.itm_negative_rate)
+    return Masks(masked_tokens, mlm_labels, patch_mask, mim_labels, partner, itm_labels)
+
+
+def task_losses(
+    params: Params,
+    batch: dict[str, torch.Tensor],
+    masks: Masks,
+    key: torch.Tensor | None = None,
+    *,
+    cfg: FLAVAConfig,
+    train: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``({task: 0-d loss}, {"mlm_acc", "mim_acc", "itm_acc"})`` for one batch and its
+    ``masks``. ``key`` is needed only for dropout in training."""
+    images, tokens = batch["images"], batch["tokens"]
+    k = (lambda name: random.fold_in(key, name)) if key is not None else (lambda name: None)
+    valid = tokens != cfg.pad_id
+    enc = dict(cfg=cfg, train=train)
+    heads, out = params["heads"], {}
+    head = partial(masked_head, act=cfg.act, eps=cfg.head_norm_eps)
+
+    image = encode_image(params["image"], images, key=k("image"), **enc)
+    text = encode_text(params["text"], tokens, attention_mask=valid, key=k("text"), **enc)
+    image_emb = F.normalize(project_image(params, image.sequence), dim=-1)
+    text_emb = F.normalize(project_text(params, text.sequence), dim=-1)
+    out["contrastive"] = losses.contrastive_loss(image_emb, text_emb, heads["logit_scale"])
+
+    image_m = encode_image(
+        params["image"], images, patch_mask=masks.patch_mask, key=k("image_m"), **enc
+    )
+    text_m = encode_text(
+        params["text"], masks.masked_tokens, attention_mask=valid, key=k("text_m"), **enc
+    )
+    mlm_logits = head(heads["mlm"], text_m.sequence)
+    mim_logits = head(heads["mim"], image_m.sequence[:, 1:])
+    out["mlm"] = losses.masked_cross_entropy(mlm_logits, masks.mlm_labels)
+    out["mim"] = losses.masked_cross_entropy(mim_logits, masks.mim_labels)
+
+    partner = masks.partner
+    mm = encode_multimodal(
+        params, image_m.hidden, text_m.hidden[partner], text_mask=valid[partner],
+        key=k("mm"), **enc,
+    )  # fmt: skip
+    itm_logits = itm_head(heads["itm"], mm)
+    out["itm"] = losses.matching_loss(itm_logits, masks.itm_labels)
+
+    # Masked multimodal modelling is scored on matching pairs only: a negative's text does
+    # not describe its image. For a positive, partner[i] == i, so labels line up.
+    positive = masks.itm_labels.bool()[:, None]
+    unscored = lambda labels: torch.where(positive, labels, torch.full_like(labels, losses.IGNORE))
+    n_image = image_m.hidden.shape[1]  # class token + patches
+    out["mmm_text"] = losses.masked_cross_entropy(
+        head(heads["mmm_text"], mm[:, 1 + n_image :]), unscored(masks.mlm_labels)
+    )
+    out["mmm_image"] = losses.masked_cross_entropy(
+        head(heads["mmm_image"], mm[:, 2 : 1 + n_image]), unscored(masks.mim_labels)
+    )
+    accuracy = {
+        "mlm_acc": losses.masked_accuracy(mlm_logits.detach(), masks.mlm_labels),
+        "mim_acc": losses.masked_accuracy(mim_logits.detach(), masks.mim_labels),
+        "itm_acc": losses.matching_accuracy(itm_logits.detach(), masks.itm_labels),
+    }
+    return out, accuracy
+
+
 def pretraining_loss(
     params: Params,
     batch: dict[str, torch.Tensor],
@@ -155,73 +264,9 @@ def pretraining_loss(
         loss_fn = partial(pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
         step = train.step.make_train_step(loss_fn, optimizer)
     """
-    images, tokens = batch["images"], batch["tokens"]
-    b = images.shape[0]
-    if tokens.ndim != 2 or tokens.shape[0] != b:
-        raise ValueError(
-            f"batch['tokens'] must be [batch, seq] with batch {b} like the images, "
-            f"got {list(tokens.shape)}"
-        )
-    k = lambda name: random.fold_in(key, name)
-    valid = tokens != cfg.pad_id
-    maskable = valid
-    for special in pcfg.special_ids:
-        maskable = maskable & (tokens != special)
-    masked_tokens, mlm_labels = losses.mask_tokens(
-        k("text_mask"), tokens, rate=pcfg.text_mask_rate, mask_id=pcfg.mask_id, allowed=maskable
+    masks = draw_masks(batch, key, cfg=cfg, pcfg=pcfg, image_tokenizer=image_tokenizer)
+    out, accuracy = task_losses(
+        params, batch, masks, random.fold_in(key, "dropout"), cfg=cfg, train=train
     )
-    patch_mask = losses.random_mask(k("patch_mask"), (b, cfg.num_patches), pcfg.patch_mask_rate)
-    patch_mask = patch_mask.to(images.device)
-    mim_labels = mim_targets(
-        image_tokenizer, batch.get("tokenizer_images", images), patch_mask, cfg=cfg
-    )
-    enc = dict(cfg=cfg, train=train)
-    heads, out = params["heads"], {}
-
-    image = encode_image(params["image"], images, key=k("image"), **enc)
-    text = encode_text(params["text"], tokens, attention_mask=valid, key=k("text"), **enc)
-    image_emb = F.normalize(project_image(params, image.sequence), dim=-1)
-    text_emb = F.normalize(project_text(params, text.sequence), dim=-1)
-    out["contrastive"] = losses.contrastive_loss(image_emb, text_emb, heads["logit_scale"])
-
-    image_m = encode_image(params["image"], images, patch_mask=patch_mask, key=k("image_m"), **enc)
-    text_m = encode_text(
-        params["text"], masked_tokens, attention_mask=valid, key=k("text_m"), **enc
-    )
-    mlm_logits = masked_head(heads["mlm"], text_m.sequence, act=cfg.act, eps=cfg.head_norm_eps)
-    mim_logits = masked_head(
-        heads["mim"], image_m.sequence[:, 1:], act=cfg.act, eps=cfg.head_norm_eps
-    )
-    out["mlm"] = losses.masked_cross_entropy(mlm_logits, mlm_labels)
-    out["mim"] = losses.masked_cross_entropy(mim_logits, mim_labels)
-
-    partner, itm_labels = losses.negative_pairs(k("itm"), b, pcfg.itm_negative_rate)
-    mm = encode_multimodal(
-        params, image_m.hidden, text_m.hidden[partner], text_mask=valid[partner],
-        key=k("mm"), **enc,
-    )  # fmt: skip
-    itm_logits = itm_head(heads["itm"], mm)
-    out["itm"] = losses.matching_loss(itm_logits, itm_labels)
-
-    # Masked multimodal modelling is scored on matching pairs only: a negative's text does
-    # not describe its image. For a positive, partner[i] == i, so labels line up.
-    positive = itm_labels.bool()[:, None]
-    ignore = torch.full_like(mlm_labels, losses.IGNORE)
-    mmm_text_labels = torch.where(positive, mlm_labels, ignore)
-    mmm_image_labels = torch.where(positive, mim_labels, torch.full_like(mim_labels, losses.IGNORE))
-    n_image = image_m.hidden.shape[1]
-    mmm_text_logits = masked_head(
-        heads["mmm_text"], mm[:, 1 + n_image :], act=cfg.act, eps=cfg.head_norm_eps
-    )
-    mmm_image_logits = masked_head(
-        heads["mmm_image"], mm[:, 2 : 1 + n_image], act=cfg.act, eps=cfg.head_norm_eps
-    )
-    out["mmm_text"] = losses.masked_cross_entropy(mmm_text_logits, mmm_text_labels)
-    out["mmm_image"] = losses.masked_cross_entropy(mmm_image_logits, mmm_image_labels)
-
     total = sum(pcfg.weight(t) * out[t] for t in TASKS if pcfg.weight(t) != 0.0)
-    metrics = {t: out[t].detach() for t in TASKS}
-    metrics["mlm_acc"] = losses.masked_accuracy(mlm_logits.detach(), mlm_labels)
-    metrics["mim_acc"] = losses.masked_accuracy(mim_logits.detach(), mim_labels)
-    metrics["itm_acc"] = losses.matching_accuracy(itm_logits.detach(), itm_labels)
-    return total, metrics
+    return total, {**{t: out[t].detach() for t in TASKS}, **accuracy}

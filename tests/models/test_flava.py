@@ -324,3 +324,76 @@ def test_docs_flava_snippets_run():
     assert len(blocks) == 2
     for block in blocks:
         exec(compile(block, "docs/flava_albef.md", "exec"), {})
+
+
+def test_pretraining_task_losses_match_torchmultimodal_flava_loss():
+    """Our MLM, MIM, ITM, MMM and contrastive terms against TorchMultimodal's
+    ``FLAVAPretrainingLoss`` on identical weights, sequences, masks and pairs (one width
+    for every encoder, as its heads assume; no padding, which its multimodal encoder
+    would attend to)."""
+    tmm_losses = reference("torchmultimodal.modules.losses.flava")
+    cfg = dataclasses.replace(
+        SMALL, image_size=8, text_width=24, mm_width=24, mm_heads=3, text_layers=1,
+        image_layers=1, mm_layers=1, embed_dim=24,
+    )  # fmt: skip
+    model = _tmm_flava(cfg, seed=4)
+    params = flava.from_torchmultimodal(model.state_dict(), cfg, dtype=None)
+    params["heads"] = fmm.tree.map(
+        lambda x: x + 0.05 * torch.randn_like(x),
+        flava.init_heads(cfg, fmm.random.key(1), dtype=torch.float64),
+    )
+    ref = tmm_losses.FLAVAPretrainingLoss(hidden_size=24, text_vocab_size=23, image_vocab_size=13)
+    ref = ref.double().eval()
+    h = params["heads"]
+    with torch.no_grad():
+        for mod, ours in (
+            (ref.mlm_loss.cls, h["mlm"]), (ref.mim_loss.cls, h["mim"]),
+            (ref.mmm_loss.mlm.cls, h["mmm_text"]), (ref.mmm_loss.mim.cls, h["mmm_image"]),
+        ):  # fmt: skip
+            mod.dense.weight.copy_(ours["transform"]["weight"])
+            mod.dense.bias.copy_(ours["transform"]["bias"])
+            mod.layer_norm.weight.copy_(ours["norm"]["weight"])
+            mod.layer_norm.bias.copy_(ours["norm"]["bias"])
+            mod.decoder.weight.copy_(ours["decoder"]["weight"])
+            mod.bias.copy_(ours["decoder"]["bias"])
+        ref.itm_loss.pooler.dense.weight.copy_(h["itm"]["pooler"]["weight"])
+        ref.itm_loss.pooler.dense.bias.copy_(h["itm"]["pooler"]["bias"])
+        ref.itm_loss.cls.seq_relationship.weight.copy_(h["itm"]["out"]["weight"])
+        ref.itm_loss.cls.seq_relationship.bias.copy_(h["itm"]["out"]["bias"])
+        ref.contrastive_loss.logit_scale.copy_(h["logit_scale"])
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 22, (6, 7), generator=g)
+    batch = {"images": torch.rand(6, 3, 8, 8, generator=g, dtype=torch.float64), "tokens": ids}
+    pcfg = flava.PretrainConfig(mask_id=22, text_mask_rate=0.4, patch_mask_rate=0.5)
+    tok = flava.random_codebook_tokenizer(fmm.random.key(2), patch_size=4, codebook_size=13)
+    masks = flava.draw_masks(batch, fmm.random.key(3), cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
+    assert 0 < int(masks.itm_labels.sum()) < 6  # both positives and negatives
+    with torch.no_grad():
+        ours, _ = flava.task_losses(params, batch, masks, cfg=cfg)
+        images, p = batch["images"], masks.partner
+        plain = model(image=images, text=ids)
+        uni = model(image=images, text=ids, image_patches_mask=masks.patch_mask,
+                    text_masked=masks.masked_tokens, required_embedding="image")  # fmt: skip
+        text_m = model.encode_text(masks.masked_tokens)
+        fused = model(image=images, text=ids[p], image_patches_mask=masks.patch_mask,
+                      text_masked=masks.masked_tokens[p])  # fmt: skip
+        unimodal = ref(
+            image_masked_sequence=uni.image_masked.last_hidden_state,
+            text_masked_sequence=text_m.last_hidden_state,
+            mim_labels=masks.mim_labels, mlm_labels=masks.mlm_labels,
+            projected_image_embeddings=plain.projected_image_embeddings,
+            projected_text_embeddings=plain.projected_text_embeddings,
+        ).losses  # fmt: skip
+        multimodal = ref(
+            multimodal_masked_sequence=fused.multimodal_masked.last_hidden_state,
+            itm_labels=masks.itm_labels, mlm_labels=masks.mlm_labels,
+            mim_labels=masks.mim_labels,
+        ).losses  # fmt: skip
+    close = partial(torch.testing.assert_close, rtol=0, atol=1e-6)
+    close(ours["mlm"], unimodal.mlm_loss)
+    close(ours["mim"], unimodal.mim_loss)
+    close(ours["contrastive"], unimodal.global_contrastive_loss)
+    close(ours["itm"], multimodal.itm_loss)
+    close(ours["mmm_text"], multimodal.mmm_text_loss)
+    close(ours["mmm_image"], multimodal.mmm_image_loss)
