@@ -275,12 +275,14 @@ class Engine:
         keys: Sequence[str] | None = None,
         meta: Sequence[str | None] | None = None,
         timeout: float | None = None,
+        keep: bool = True,
     ) -> tuple[torch.Tensor, list[bool]]:
         """``(vectors [len(items), dim], hit per item)``: store hits first, the rest batched.
 
         ``keys``: one store key per item (``fmm.store.content_key``); without them (or
-        without a store) everything is computed. Raises ``KeyError`` for an unknown
-        ``kind``, :class:`Overloaded`, ``TimeoutError``.
+        without a store) everything is computed. ``keep=False``: look up, but do not store
+        what is computed (a search query is not an item). Raises ``KeyError`` for an
+        unknown ``kind``, :class:`Overloaded`, ``TimeoutError``.
         """
         if kind not in self.batchers:
             raise KeyError(f"unknown kind {kind!r}; this engine embeds {sorted(self.batchers)}")
@@ -303,7 +305,7 @@ class Engine:
         computed: list = []
         if miss:
             left = None if deadline is None else max(deadline - loop.time(), 0.0)
-            entries = [(items[i], keys[i], meta[i]) for i in miss]
+            entries = [(items[i], keys[i] if keep else None, meta[i]) for i in miss]
             computed = await self.batchers[kind].run(entries, timeout=left)
         rows: list = [hits.get(key) if key is not None else None for key in keys]
         for i, vector in zip(miss, computed):

@@ -177,13 +177,19 @@ class Service:
         self, *, k: int, text: str | None = None, vector: list[float] | None = None
     ) -> list[dict]:
         """Top-``k`` stored items by cosine to a text's embedding or a given vector:
-        ``[{"key", "score", "meta"}]``, best first (``meta``: the text, or ``"image"``)."""
+        ``[{"key", "score", "meta"}]``, best first (``meta``: the text, or ``"image"``).
+        A query text is looked up in the store but not added to it."""
         if self.store is None:
             raise NotServed("no store: start the server with --store PATH to search items")
         if (text is None) == (vector is None):
             raise ValueError("search needs exactly one of 'text' or 'vector'")
         if text is not None:
-            query = (await self.embed_text([text]))[0][0]
+            self.require("text")
+            keys = self._keys("text", [text])
+            vectors, _ = await self.engine.embed(
+                "text", [text], keys=keys, timeout=self.timeout, keep=False
+            )
+            query = vectors[0]
         else:
             query = torch.tensor(vector, dtype=torch.float32)
             if self.model.dim is not None and query.shape != (self.model.dim,):

@@ -107,6 +107,9 @@ def test_stored_items_are_found_by_text_and_vector_search(clip_server):
     hits = client.post("/v1/search", json={"text": "a purple hexagon", "k": 2}).json()["results"]
     assert hits[0]["key"] == keys[1] and hits[0]["meta"] == "a purple hexagon"
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5) and len(hits) == 2
+    before = len(clip_server[2].store)
+    client.post("/v1/search", json={"text": "a never stored caption", "k": 1})
+    assert len(clip_server[2].store) == before  # a query is not an item
     vector = client.post("/v1/embed/text", json={"texts": ["a yellow star"]}).json()
     top = client.post("/v1/search", json={"vector": vector["embeddings"][0], "k": 1}).json()
     assert top["results"][0]["key"] == keys[0]
