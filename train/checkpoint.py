@@ -276,9 +276,16 @@ def load_sharded(
         raise CheckpointError(f"checkpoint folder {folder} is missing")
     flat = _flat_state(state)
     _check_sharded(folder, flat)
+    targets = dict(flat)
     try:
         with _single_process_ok():
             dcp.load(flat, checkpoint_id=folder)
+        # DCP may swap a dict entry (0-d tensors, without a process group) instead of copying
+        # into it; the caller's tensors are the ones that must hold the values.
+        with torch.no_grad():
+            for k, v in flat.items():
+                if v is not targets[k]:
+                    targets[k].copy_(v)
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise CheckpointError(f"cannot load {folder}: {e}") from e
     try:

@@ -225,13 +225,14 @@ def shard_like(state: Any, params: Any) -> Any:
 
 
 def full_params(model: torch.nn.Module) -> Any:
-    """The whole param tree as plain tensors on every rank (gathers FSDP shards).
+    """A copy of the whole param tree as plain tensors on every rank (gathers FSDP shards).
 
-    Collective under FSDP: every rank must call it.
+    A snapshot: later steps do not change it. Collective under FSDP: every rank calls it.
     """
     adapter = model.module if hasattr(model, "module") else model
     return tree.map(
-        lambda p: (p.full_tensor() if isinstance(p, DTensor) else p).detach(), adapter.tree()
+        lambda p: p.full_tensor().detach() if isinstance(p, DTensor) else p.detach().clone(),
+        adapter.tree(),
     )
 
 

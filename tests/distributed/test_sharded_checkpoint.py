@@ -41,8 +41,9 @@ def test_round_trip_fills_the_template_in_place_and_keeps_the_newest(tmp_path):
         "step_00000003",
     ]
     template = _zeros_like(_state())
-    w = template["params"]["w"]
+    w, count = template["params"]["w"], template["opt_state"][1]["count"]
     step, extra = checkpoint.load_sharded(tmp_path, template)
+    assert template["opt_state"][1]["count"] is count and int(count) == 3  # 0-d, in place too
     assert step == 3 and extra == {"step": 3, "losses": [0.5] * 3}
     assert template["params"]["w"] is w and torch.equal(w, _state(3)["params"]["w"])
     assert torch.equal(template["opt_state"][1]["count"], torch.tensor(3))
