@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from fmm import tree
-from train.plan_layouts import FLAVA_NATIVE, Layout, Stack, layout, model_names
+from train.plan_layouts import ACT_SAVED, FLAVA_NATIVE, Layout, Stack, layout, model_names
 
 __all__ = [
     "FLAVA_NATIVE", "PRECISIONS", "STRATEGIES", "Layout", "Plan", "Precision", "Row", "Stack",
@@ -68,9 +68,6 @@ __all__ = [
 
 GiB = 1024**3
 STRATEGIES = ("DDP", "FSDP")
-# Values each activation keeps besides its input: quick_gelu keeps its sigmoid too; relu
-# keeps only its output, which the next layer saves anyway.
-_ACT_SAVED = {"gelu": 2, "gelu_tanh": 2, "silu": 2, "quick_gelu": 3, "relu": 1}
 _BLOCK_RE = re.compile(r"^(.*\bblocks\.\d+)\.")
 
 
@@ -96,7 +93,7 @@ def block_activation_bytes(stack: Stack, precision: Precision) -> int:
     docstring for the model). ``stack.cfg``'s dropout rates count as a training step."""
     c, cfg, s = precision.compute, stack.cfg, stack.seq
     d, h, f = cfg.width, cfg.heads, cfg.hidden
-    total = c * s * (8 * d + _ACT_SAVED[cfg.act] * f) + 4 * s * (4 + h)
+    total = c * s * (8 * d + ACT_SAVED[cfg.act] * f) + 4 * s * (4 + h)
     if cfg.dropout > 0:
         total += 2 * s * d  # bool masks of the two residual dropouts
     t = stack.context

@@ -1,6 +1,7 @@
 """Per-family layouts for :mod:`train.plan`: what the memory model needs to know of a model
 (its param tree built on the ``meta`` device, its transformer stacks, the activations
-outside the blocks), plus the FLAVA native-training sizes of the reference library.
+outside the blocks), plus FLAVA at the sizes of the reference library's native-training
+configs (``flava_1.8b``, ``flava_10b``).
 
 Example: ``layout("clip_vit_l14").stacks[0].seq == 257`` (256 patches and a class token).
 """
@@ -14,9 +15,13 @@ from typing import Any
 import torch
 
 import models
-from fmm import nn, random
+from fmm import random
 from fmm.nn import TransformerConfig
-from models import bert, clip, gpt, mmgpt
+from models import bert, clip, flava, gpt, mmgpt
+
+# Values each activation keeps besides its input: quick_gelu keeps its sigmoid too; relu
+# keeps only its output, which the next layer saves anyway.
+ACT_SAVED = {"gelu": 2, "gelu_tanh": 2, "silu": 2, "quick_gelu": 3, "relu": 1}
 
 
 @dataclass(frozen=True)
@@ -108,41 +113,63 @@ def _eval(cfg: TransformerConfig) -> TransformerConfig:
     return replace(cfg, dropout=0.0, attn_dropout=0.0)
 
 
-# The reference library's FLAVA native-training configs (examples/flava/native/configs):
-# three pre-norm stacks of one width and 16 heads; 224 px images in 16 px patches; BERT's
-# 30522 word vocabulary and 77-token captions (its VL_MAX_LENGTH_DEFAULT).
+# The reference library's FLAVA native-training configs (examples/flava/native/configs/
+# 1.8b.yaml and 10b.yaml): three pre-norm stacks of one width and 16 heads, 224 px images in
+# 16 px patches, BERT's 30522 word vocabulary; FLAVA's image-text data uses 77-token
+# captions (its VL_MAX_LENGTH_DEFAULT), the planner's default text length for FLAVA.
+FLAVA_TEXT_TOKENS = 77
+
+
+def _flava_native(width: int, mlp: int, layers: int, mm_layers: int) -> flava.FLAVAConfig:
+    return flava.FLAVAConfig(
+        image_width=width, image_layers=layers, image_heads=16, image_mlp_dim=mlp,
+        text_width=width, text_layers=layers, text_heads=16, text_mlp_dim=mlp,
+        mm_width=width, mm_layers=mm_layers, mm_heads=16, mm_mlp_dim=mlp,
+    )  # fmt: skip
+
+
 FLAVA_NATIVE = {
-    "flava_1.8b_like": dict(width=1280, mlp=5120, image_layers=32, text_layers=32, mm_layers=16),
-    "flava_10b_like": dict(width=2048, mlp=10240, image_layers=64, text_layers=64, mm_layers=40),
+    "flava_1.8b": lambda: _flava_native(1280, 5120, 32, 16),
+    "flava_10b": lambda: _flava_native(2048, 10240, 64, 40),
 }
 
 
-def _flava_like(name: str, seq: int | None, train: bool) -> Layout:
-    del train
-    spec = FLAVA_NATIVE[name]
-    w = spec["width"]
-    towers = clip.CLIPConfig(
-        embed_dim=768, image_size=224, patch_size=16, image_width=w,
-        image_layers=spec["image_layers"], image_heads=16, context_length=77,
-        vocab_size=30522, text_width=w, text_layers=spec["text_layers"], text_heads=16,
-        mlp_ratio=spec["mlp"] / w, act="gelu",
+def _masked_head(tokens: int, width: int, vocab: int, act: str) -> list[tuple[int, int | None]]:
+    # dense output, activation output, norm output (+ float32 stats), log-probabilities
+    return [(tokens * width * (ACT_SAVED[act] + 1), None), (2 * tokens, 4), (tokens * vocab, None)]
+
+
+def _flava_layout(name: str, cfg: flava.FLAVAConfig, seq: int | None, train: bool) -> Layout:
+    """One step of ``models.flava.pretraining_loss``: image and text encoders twice (plain
+    for the contrastive loss, masked for MLM/MIM/ITM/MMM), the multimodal encoder once on
+    the masked pair, and the MLM, MIM and two MMM heads over every token."""
+    if seq is None:
+        seq = min(FLAVA_TEXT_TOKENS, cfg.max_positions)
+    s_t = _check_seq(seq, cfg.max_positions, "text tokens")
+    s_i, d_i, d_t, d_m = cfg.num_patches + 1, cfg.image_width, cfg.text_width, cfg.mm_width
+    s_m = 1 + s_i + s_t
+    it, tt, mt = (
+        t if train else _eval(t)
+        for t in (cfg.image_transformer, cfg.text_transformer, cfg.mm_transformer)
+    )
+    stacks = (
+        Stack("image", it, s_i), Stack("image masked", it, s_i),
+        Stack("text", tt, s_t), Stack("text masked", tt, s_t), Stack("multimodal", mt, s_m),
     )  # fmt: skip
-    mm_cfg = TransformerConfig(
-        width=w, layers=spec["mm_layers"], heads=16, mlp_dim=spec["mlp"], act="gelu"
-    )
-    base = _clip_layout(name, towers, seq, train=False)
-    s_txt = base.stacks[1].seq
-    s_mm = base.stacks[0].seq + s_txt + 1  # [cls, image tokens, text tokens]
-    params = dict(base.params)
-    params["multimodal"] = nn.init_transformer(mm_cfg, random.fold_in(_meta_key(), "mm"))
-    edges = (*base.edges, (2 * s_mm * w, None))  # the concatenated input and final norm
-    note = (
-        f"{name}: FLAVA native-training sizes as CLIP towers (ViT image, text) plus a "
-        f"{spec['mm_layers']}-block multimodal stack over [cls, image, text]; FLAVA's "
-        "pretraining heads and its frozen image tokenizer are not counted"
-    )
-    stacks = (*base.stacks, Stack("multimodal", mm_cfg, s_mm))
-    return Layout(name, params, stacks, edges, note)
+    edges = [
+        (cfg.in_channels * cfg.image_size**2, None), (s_i, 1),  # pixels, patch mask
+        (4 * s_i * d_i, None), (4 * s_i, 4),  # final norms' inputs and outputs, twice
+        (2 * s_t, 8), (s_t, 1), (2 * s_t * d_t, None), (4 * s_t, 4),  # ids, pad mask, embed norms
+        (5 * s_t * d_t, None), (4 * s_t, 4),  # final norms, twice; the ITM-shuffled hidden
+        (2 * s_m * d_m, None), (2 * s_m, 4),  # the multimodal final norm
+        *_masked_head(s_t, d_t, cfg.vocab_size, cfg.act),
+        *_masked_head(s_i - 1, d_i, cfg.image_vocab_size, cfg.act),
+        *_masked_head(s_t, d_m, cfg.vocab_size, cfg.act),
+        *_masked_head(s_i - 1, d_m, cfg.image_vocab_size, cfg.act),
+    ]  # fmt: skip
+    if train and cfg.dropout > 0:  # a mask on each of the five stacks' inputs
+        edges.append((2 * s_i * d_i + 2 * s_t * d_t + s_m * d_m, 1))
+    return Layout(name, flava.init(cfg, _meta_key()), stacks, tuple(edges))
 
 
 _LAYOUTS: dict[type, Callable[..., Layout]] = {
@@ -150,6 +177,7 @@ _LAYOUTS: dict[type, Callable[..., Layout]] = {
     gpt.GPTConfig: _gpt_layout,
     mmgpt.MMGPTConfig: _mmgpt_layout,
     bert.BertConfig: _bert_layout,
+    flava.FLAVAConfig: _flava_layout,
 }
 
 
@@ -169,19 +197,21 @@ def layout(name: str, *, seq: int | None = None, train: bool = True) -> Layout:
     native size), params built by the family's ``init`` on the meta device.
 
     ``seq``: tokens per example (the text tokens for CLIP/FLAVA), default the model's
-    context. ``train``: count dropout masks (the activations of a training step).
+    context (77 text tokens for FLAVA, as in its image-text pretraining). ``train``: count dropout masks (the activations of a training step).
 
     Example: ``layout("gpt2_small", seq=512).stacks[0].seq == 512``.
     """
     if name in FLAVA_NATIVE:
-        return _flava_like(name, seq, train)
-    if name not in models.REGISTRY:
+        cfg = FLAVA_NATIVE[name]()
+    elif name in models.REGISTRY:
+        cfg = models.get_config(name)
+    else:
         raise ValueError(f"--model: unknown model {name!r}; choose one of {model_names()}")
-    cfg = models.get_config(name)
     build = _LAYOUTS.get(type(cfg))
     if build is None:
         raise ValueError(
-            f"--model: {name!r} is a {type(cfg).__name__}, which has no transformer blocks "
-            f"to plan; choose one of {model_names()}"
+            f"--model: {name!r} is a {type(cfg).__name__}, for which the planner has no "
+            f"layout (it plans {', '.join(sorted(t.__name__ for t in _LAYOUTS))}); choose one "
+            f"of {model_names()}"
         )
     return build(name, cfg, seq, train)
