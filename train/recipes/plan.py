@@ -2,7 +2,7 @@
 
 ::
 
-    python -m train plan --model flava_10b_like --world-size 8 64 --batch 8
+    python -m train plan --model flava_10b --world-size 8 64 --batch 8
     python -m train plan --model gpt2_medium --world-size 1 8 --seq 512 --precision fp32
 
 builds the model on the meta device (no memory) and prints its parameter count and, per
