@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-mb", type=float, default=8.0,
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-connections", type=int, default=2048,
+        help="open connections before uvicorn answers 503 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-generations", type=int, default=2,
+        help="concurrent generations before 503 (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -199,11 +207,14 @@ def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
 
 def build_service(args: argparse.Namespace) -> Service:
     """The :class:`Service` the flags describe (model, store, batching limits)."""
-    for name in ("max_batch", "max_queue", "port"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            raise SystemExit(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-            )
+    for name in ("max_batch", "max_queue", "max_connections", "max_generations"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_wait_ms < 0 or args.timeout_s <= 0 or args.max_body_mb <= 0:
+        raise SystemExit(
+            f"--max-wait-ms must be >= 0 and --timeout-s, --max-body-mb > 0, got "
+            f"{args.max_wait_ms}, {args.timeout_s}, {args.max_body_mb}"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.ckpt, quantize=args.quantize, device=device)
     store = None
@@ -213,7 +224,7 @@ def build_service(args: argparse.Namespace) -> Service:
         store = EmbeddingStore(args.store, model.fingerprint, dim=model.dim)
     return Service(
         model, store=store, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, timeout_s=args.timeout_s,
+        max_queue=args.max_queue, timeout_s=args.timeout_s, max_generations=args.max_generations,
     )  # fmt: skip
 
 
@@ -231,7 +242,10 @@ def run(args: argparse.Namespace) -> None:
         f"store={args.store}); OpenAPI at /docs"
     )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="info",
+            limit_concurrency=args.max_connections,
+        )  # fmt: skip
     finally:
         if service.store is not None:
             service.store.close()

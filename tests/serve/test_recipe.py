@@ -1,0 +1,32 @@
+"""`python -m train serve`: flags are checked before anything loads, and a run it cannot
+serve is named."""
+
+import pytest
+
+from tests.serve._runs import tiny_clip_run
+from train import checkpoint
+from train.__main__ import main
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-batch", "0", "--max-batch must be >= 1"),
+        ("--max-queue", "0", "--max-queue must be >= 1"),
+        ("--max-wait-ms", "-1", "--max-wait-ms must be >= 0"),
+        ("--timeout-s", "0", "--timeout-s, --max-body-mb > 0"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["serve", "--ckpt", str(tmp_path), flag, value])
+
+
+def test_a_run_of_another_kind_is_refused_by_name(tmp_path):
+    run_dir = tiny_clip_run(tmp_path / "run")
+    config = checkpoint.load_config(run_dir)
+    checkpoint.write_json(run_dir / checkpoint.CONFIG_FILE, {**config, "model": "vqvae"})
+    with pytest.raises(checkpoint.CheckpointError, match="holds a 'vqvae' run"):
+        main(["serve", "--ckpt", str(run_dir), "--port", "0"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"no config\.json"):
+        main(["serve", "--ckpt", str(tmp_path / "missing"), "--port", "0"])
