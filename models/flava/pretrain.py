@@ -21,6 +21,7 @@ The image tokenizer is any function ``images [B, C, H, W] -> codes [B, grid, gri
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +46,17 @@ Params = dict[str, Any]
 ImageTokenizer = Callable[[torch.Tensor], torch.Tensor]
 
 TASKS = ("contrastive", "mlm", "mim", "itm", "mmm_text", "mmm_image")
+
+
+def _salt(name: str) -> int:
+    # fold_in(key, _salt(name)) == fold_in(key, name), computed once at import: a Python
+    # int folds in under torch.compile, while hashing a string there breaks the graph.
+    raw = name.encode()
+    return zlib.crc32(raw) | (zlib.crc32(b"fmm:" + raw) << 32)
+
+
+_SALTS = {n: _salt(n) for n in ("text_mask", "patch_mask", "itm", "dropout")}
+_SALTS.update({n: _salt(n) for n in ("image", "text", "image_m", "text_m", "mm")})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +176,7 @@ def draw_masks(
             f"batch['tokens'] must be [batch, seq] with batch {b} like the images, "
             f"got {list(tokens.shape)}"
         )
-    k = lambda name: random.fold_in(key, name)
+    k = lambda name: random.fold_in(key, _SALTS[name])
     maskable = tokens != cfg.pad_id
     for special in pcfg.special_ids:
         maskable = maskable & (tokens != special)
@@ -192,7 +204,7 @@ def task_losses(
     """``({task: 0-d loss}, {"mlm_acc", "mim_acc", "itm_acc"})`` for one batch and its
     ``masks``. ``key`` is needed only for dropout in training."""
     images, tokens = batch["images"], batch["tokens"]
-    k = (lambda name: random.fold_in(key, name)) if key is not None else (lambda name: None)
+    k = (lambda name: random.fold_in(key, _SALTS[name])) if key is not None else (lambda n: None)
     valid = tokens != cfg.pad_id
     enc = dict(cfg=cfg, train=train)
     heads, out = params["heads"], {}
@@ -265,8 +277,7 @@ def pretraining_loss(
         step = train.step.make_train_step(loss_fn, optimizer)
     """
     masks = draw_masks(batch, key, cfg=cfg, pcfg=pcfg, image_tokenizer=image_tokenizer)
-    out, accuracy = task_losses(
-        params, batch, masks, random.fold_in(key, "dropout"), cfg=cfg, train=train
-    )
+    dropout = random.fold_in(key, _SALTS["dropout"]) if train and cfg.dropout > 0 else None
+    out, accuracy = task_losses(params, batch, masks, dropout, cfg=cfg, train=train)
     total = sum(pcfg.weight(t) * out[t] for t in TASKS if pcfg.weight(t) != 0.0)
     return total, {**{t: out[t].detach() for t in TASKS}, **accuracy}

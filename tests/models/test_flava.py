@@ -14,6 +14,7 @@ import models
 from fmm.convert import ConversionError
 from fmm.losses import IGNORE, masked_cross_entropy
 from models import clip, flava, vqvae
+from models.flava import pretrain
 from tests.reference import reference
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -271,12 +272,21 @@ def test_mim_targets_come_from_any_tokenizer_such_as_our_vqvae(tiny):
     assert masked_cross_entropy(torch.zeros(1, 1, 3), torch.full((1, 1), IGNORE)) == 0
 
 
-def test_embeddings_compile_as_one_graph(tiny):
-    cfg, params, _, batch = tiny
-    fn = torch.compile(partial(flava.embed_image, cfg=cfg), fullgraph=True, backend="eager")
-    torch.testing.assert_close(
-        fn(params, batch["images"]), flava.embed_image(params, batch["images"], cfg=cfg)
-    )
+def test_pretraining_loss_traces_as_one_graph_with_the_same_values(tiny):
+    """The whole objective (masks, tokenizer, negatives, encoders, heads) captures as one
+    graph, so a compiled train step never falls back to eager."""
+    cfg, params, pcfg, batch = tiny
+    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=8, codebook_size=16)
+    fn = partial(flava.pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    key = fmm.random.key(7)
+    loss, metrics = compiled(params, batch, key)
+    want, want_metrics = fn(params, batch, key)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(metrics, want_metrics)
+    # the precomputed salts fold in exactly as the names they stand for
+    for name, salt in pretrain._SALTS.items():
+        assert torch.equal(fmm.random.fold_in(key, salt), fmm.random.fold_in(key, name))
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
