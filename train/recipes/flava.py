@@ -42,12 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/flava-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=400, help="optimizer steps (default: %(default)s)"
+        "--steps", type=int, default=250, help="optimizer steps (default: %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=64,
+        default=48,
         help="image-caption pairs per step (default: %(default)s)",
     )
     parser.add_argument(
