@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,10 @@ def test_gather_without_a_process_group_is_the_identity():
     x = torch.randn(3, 4)
     y, offset = D.all_gather_with_grad(x)
     assert y is x and offset == 0
+
+
+def test_the_adapter_snippet_of_the_scale_guide_runs():
+    text = (Path(__file__).resolve().parents[2] / "docs/scale.md").read_text()
+    block = text.split("```python\n")[1].split("```")[0]
+    assert "ModelAdapter" in block
+    exec(compile(block, "docs/scale.md", "exec"), {})
