@@ -9,7 +9,8 @@ shapes-world run written to a temporary folder), then, from this process:
    (one httpx connection each). Every answer is checked against ``encode_text`` computed
    here: *lost* = no 200 answer, *wrong* = an embedding off by more than 1e-4. Prints
    p50/p99 latency, throughput, ``speedup`` = concurrent / one-by-one throughput (goal >= 5)
-   and the batch sizes the server reports at ``/metrics``;
+   and the batch sizes the server reports at ``/metrics``; then the same burst through
+   ``fmm.serve.Service`` in this process, without HTTP (what the HTTP layer costs);
 3. **store hit vs recompute**, in process: the served model's ``encode_text`` on one
    caption against ``EmbeddingStore.get`` of its stored vector (in-memory LRU, then a cold
    SQLite read from a fresh store), and the same for ``--hit-items`` captions at once; over
@@ -193,6 +194,29 @@ async def load_test(args, run_dir: Path, world: WorldConfig, direct) -> dict:
     return out
 
 
+def engine_figure(args, run_dir: Path, world: WorldConfig) -> tuple[float, dict]:
+    """The same burst through ``fmm.serve.Service`` in this process, without HTTP: where
+    the HTTP layer's cost shows (requests/s, server batches)."""
+    from fmm.serve import Service
+    from train.recipes import serve
+
+    model = serve.clip_model(run_dir)
+    texts = captions(world, args.requests, offset=10_000)
+
+    async def burst() -> tuple[float, dict]:
+        service = Service(model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          max_queue=4 * args.requests)  # fmt: skip
+        await service.embed_text(["warm up"])
+        start = time.perf_counter()
+        await asyncio.gather(*(service.embed_text([t]) for t in texts))
+        seconds = time.perf_counter() - start
+        batches = service.snapshot()["batches"]["text"]
+        await service.aclose()
+        return args.requests / seconds, batches
+
+    return asyncio.run(burst())
+
+
 def store_figures(args, run_dir: Path, world: WorldConfig, encode) -> dict:
     """In-process: recompute vs LRU hit vs cold SQLite read, one caption and a batch."""
     from fmm.store import EmbeddingStore, content_key, model_fingerprint
@@ -308,6 +332,11 @@ def main() -> None:
               f"speedup {conc_tput / seq_tput:.1f}x (goal >= 5)")  # fmt: skip
         print(f"server batches: {batches['calls']} calls, mean size {batches['mean_size']}, "
               f"max {batches['max_size']} (--max-batch {args.max_batch})")  # fmt: skip
+
+        rate, inproc = engine_figure(args, run_dir, world)
+        print(f"same burst in process through fmm.serve.Service (no HTTP): {rate:.1f} req/s | "
+              f"{inproc['calls']} batches, mean size {inproc['mean_size']} | HTTP keeps "
+              f"{conc_tput / rate:.2f} of it")  # fmt: skip
 
         s = store_figures(args, run_dir, world, encode)
         print("\n== store hit vs recompute (in process; goal >= 100x) ==")
