@@ -14,7 +14,9 @@ file (the only ``nn.Module`` code in fmm) wraps a tree without re-implementing a
   ``block_fn`` it hands to ``fn`` routes block ``i`` through that child's ``__call__``. So
   ``fully_shard`` can shard each block then the root (FSDP2 unshards a block's params in
   its pre-forward hook), and ``checkpoint=True`` recomputes each block in backward. The
-  block's math stays :func:`fmm.nn.block`.
+  block's math stays :func:`fmm.nn.block`. :meth:`ModelAdapter.prefill` and
+  :meth:`ModelAdapter.decode_step` are cached-decoding entry points over
+  :mod:`fmm.decoding`, with the cache an explicit pytree the caller owns.
 
 Example::
 
@@ -34,6 +36,7 @@ gradients equal plain ones.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -166,6 +169,20 @@ def _run_block(block_params: Tree, x: torch.Tensor, **kwargs: Any) -> torch.Tens
     return _block(block_params, x, **kwargs)
 
 
+@contextlib.contextmanager
+def _unsharded(model: tnn.Module):
+    # Decoding reads every block's params from the root, outside the blocks' forward hooks,
+    # so FSDP2 modules (they have unshard/reshard) are gathered explicitly for the call.
+    sharded = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+
+
 class ModelAdapter(ParamTree):
     """A model as a module: the params registered as in :class:`ParamTree`, ``forward``
     calling the pure ``fn(params, *args, block_fn=..., **kwargs)``.
@@ -201,6 +218,29 @@ class ModelAdapter(ParamTree):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._fn(self._forward_tree(self), *args, block_fn=_run_block, **kwargs)
+
+    def prefill(self, tokens: torch.Tensor, cache: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """:func:`fmm.decoding.prefill` on this module's params: ``tokens: [B, S]`` ->
+        ``(logits, new_cache)``. The cache is the caller's explicit pytree; pass ``cfg=`` (a
+        :class:`fmm.decoding.DecoderSpec` or a config with one) and the other keywords of
+        ``prefill``. Runs without grad; under FSDP2 the params are gathered for the call.
+
+        Example: ``logits, cache = model.prefill(prompt, init_cache(...), cfg=spec)``.
+        """
+        from fmm import decoding
+
+        with torch.no_grad(), _unsharded(self):
+            return decoding.prefill(self.tree(), tokens, cache, **kwargs)
+
+    def decode_step(
+        self, token: torch.Tensor, cache: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """:func:`fmm.decoding.decode_step` on this module's params: ``token: [B]`` ->
+        ``(logits [B, vocab], new_cache)``. Same conventions as :meth:`prefill`."""
+        from fmm import decoding
+
+        with torch.no_grad(), _unsharded(self):
+            return decoding.decode_step(self.tree(), token, cache, **kwargs)
 
     @staticmethod
     def _forward_tree(node: ParamTree) -> Tree:

@@ -202,3 +202,21 @@ def test_the_adapter_snippet_of_the_scale_guide_runs():
     block = text.split("```python\n")[1].split("```")[0]
     assert "ModelAdapter" in block
     exec(compile(block, "docs/scale.md", "exec"), {})
+
+
+def test_cached_decoding_entry_points_equal_fmm_decoding():
+    from fmm import decoding
+    from models import gpt
+
+    cfg = gpt.gpt_tiny(vocab_size=17, context_length=12)
+    params = gpt.init(cfg, fmm.random.key(0))
+    model = ModelAdapter(params, functools.partial(gpt.apply, cfg=cfg))
+    prompt = torch.randint(0, 17, (2, 5), generator=torch.Generator().manual_seed(0))
+    cache = decoding.init_cache(cfg, 2, 12)
+    want, want_cache = decoding.prefill(params, prompt, cache, cfg=cfg)
+    got, got_cache = model.prefill(prompt, cache, cfg=cfg)
+    assert torch.equal(got, want)
+    token = want[:, -1].argmax(-1)
+    want, _ = decoding.decode_step(params, token, want_cache, cfg=cfg)
+    got, _ = model.decode_step(token, got_cache, cfg=cfg)
+    assert torch.equal(got, want)

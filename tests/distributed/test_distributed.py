@@ -119,3 +119,9 @@ def test_torchrun_fsdp_cli_then_resume_on_one_process(tmp_path):
     resumed = json.loads((out / "losses.json").read_text())
     assert resumed[:2] == losses and len(resumed) == 3
     assert checkpoint.latest_step(out / "checkpoints") is not None
+
+
+def test_cached_decoding_entry_points_under_fsdp(runs):
+    r = runs[1]["decoding"]
+    assert r["prefill_diff"] == 0.0 and r["decode_diff"] == 0.0
+    assert r["sharded_after"]  # the params went back to their shards after the call

@@ -163,6 +163,29 @@ def unequal_gather(env: D.Env) -> dict:
     }
 
 
+def fsdp_decoding(env: D.Env) -> dict:
+    """The adapter's cached-decoding entry points on a GPT sharded by FSDP2."""
+    from fmm import decoding
+    from models import gpt
+
+    cfg = gpt.gpt_tiny(vocab_size=17, context_length=12)
+    params = gpt.init(cfg, fmm.random.key(0))
+    model = D.wrap(ModelAdapter(params, functools.partial(gpt.apply, cfg=cfg)), "fsdp")
+    prompt = torch.randint(0, 17, (2, 5), generator=torch.Generator().manual_seed(0))
+    cache = decoding.init_cache(cfg, 2, 12)
+    want, want_cache = decoding.prefill(params, prompt, cache, cfg=cfg)
+    got, got_cache = model.prefill(prompt, cache, cfg=cfg)
+    token = want[:, -1].argmax(-1)
+    want_step, _ = decoding.decode_step(params, token, want_cache, cfg=cfg)
+    got_step, _ = model.decode_step(token, got_cache, cfg=cfg)
+    sharded = isinstance(model.get_parameter("transformer.blocks.0.attn.qkv.weight"), DTensor)
+    return {
+        "prefill_diff": (got - want).abs().max().item(),
+        "decode_diff": (got_step - want_step).abs().max().item(),
+        "sharded_after": sharded,
+    }
+
+
 def checkpoint_state(adapter, state, generator):
     params = fmm.tree.map(lambda p: p.detach(), adapter.tree())
     return {
@@ -191,6 +214,7 @@ def first(env: D.Env, out: Path) -> dict:
         "fsdp": compare("fsdp", False, env, batches, ref),
         "fsdp_ac": compare("fsdp", True, env, batches, ref),
         "unequal": unequal_gather(env),
+        "decoding": fsdp_decoding(env),
     }
     # 20 steps straight, then 10 steps + a sharded checkpoint (the process then exits).
     model, adapter, step, state = build("fsdp")
