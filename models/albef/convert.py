@@ -9,8 +9,8 @@ with the projections, the temperature and the feature queues (buffers).
 Key map: torchvision's fused ``in_proj_weight`` is our ``qkv`` as is; TorchMultimodal's
 separate ``query/key/value`` are concatenated (``kv`` of cross-attention is
 ``key`` + ``value``); the class token ``[1, 1, W]`` and positions ``[1, P, W]`` drop their
-leading ones; queues ``[E, Q]`` are stored as ``[Q, E]``; TorchMultimodal's empty queue id
-(-100) is our -1. Its text MLP's second linear is ``model.3`` when built with dropout and
+leading ones; TorchMultimodal's ``temp`` is our ``log_temp`` (its log); queues ``[E, Q]``
+are stored as ``[Q, E]``; TorchMultimodal's empty queue id (-100) is our -1. Its text MLP's second linear is ``model.3`` when built with dropout and
 ``model.2`` without; both are read. The ITM/MLM/VQA heads are not in these modules, so
 :func:`from_tmm` returns the parts it finds and the caller keeps fresh heads.
 
@@ -158,7 +158,7 @@ def _model_rules(cfg: ALBEFConfig, *, similarity: bool, mlp_out: int | None) -> 
             rules += _affine(f"{ours}.vision_proj", f"vision_proj{suffix}")
             rules += _affine(f"{ours}.text_proj", f"text_proj{suffix}")
     if similarity:
-        rules.append(same("params.temp", "temp"))
+        rules.append(Rule("params.log_temp", ("temp",), to_ours=torch.log, to_theirs=torch.exp))
     return rules
 
 
@@ -168,14 +168,14 @@ def _like(cfg: ALBEFConfig, similarity: bool) -> Params:
     params = {p: full[p] for p in parts}
     like = {"params": dict(params), "momentum": dict(params)}
     if similarity:
-        like["params"]["temp"] = full["temp"]
+        like["params"]["log_temp"] = full["log_temp"]
     return like
 
 
 def from_tmm(state_dict: Mapping[str, torch.Tensor], cfg: ALBEFConfig) -> dict[str, Params]:
     """Our parts from an ``ALBEFModel`` or ``ALBEFModelWithSimilarity`` state dict.
 
-    Returns ``{"params": {image, text, fusion[, vision_proj, text_proj, temp]},
+    Returns ``{"params": {image, text, fusion[, vision_proj, text_proj, log_temp]},
     "momentum": {...same encoders...}[, "queue": {...}]}`` (queue and projections only from
     ``ALBEFModelWithSimilarity``). Raises :class:`fmm.convert.ConversionError` listing every
     missing, unexpected and mis-shaped key.
@@ -234,7 +234,7 @@ def to_tmm(
     momentum = {p: params[p] for p in parts} if momentum is None else momentum
     tree = {"params": {p: params[p] for p in parts}, "momentum": {p: momentum[p] for p in parts}}
     if similarity:
-        tree["params"]["temp"] = params["temp"]
+        tree["params"]["log_temp"] = params["log_temp"]
     sd = export_state_dict(tree, _model_rules(cfg, similarity=similarity, mlp_out=text_mlp_out))
     if similarity:
         idx = queue["idx"].to(torch.int64)

@@ -10,7 +10,10 @@ Param tree (PyTorch layouts, so converters are key maps)::
     text.*                      a BERT encoder without pooler (models.bert)
     fusion.blocks.N             post-norm blocks whose cross-attention reads the image tokens
     vision_proj / text_proj     {weight [embed, W], bias}: [CLS] -> contrastive embedding
-    temp                        []  contrastive temperature (projected into [0.001, 0.5])
+    log_temp                    []  log of the contrastive temperature (projected into
+                                [0.001, 0.5]); a log so an optimizer step changes it by a
+                                ratio, as CLIP's logit scale, not by lr-sized jumps that
+                                would pin a 0.07 temperature to its bound within 100 steps
     itm_head                    {weight [2, W], bias}: matched / not matched
     mlm_head.{dense, norm, bias [vocab]}   BERT's MLM transform; the decoder weight is the
                                 tied word embedding ``text.token.weight`` (one leaf, used twice)
@@ -21,6 +24,7 @@ The momentum encoders and the feature queues are not params: see :mod:`models.al
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,7 +66,7 @@ def init(cfg: ALBEFConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
         "fusion": fusion.init_cross_attention_fusion(cfg.fusion, k("fusion"), dtype=dtype),
         "vision_proj": nn.init_linear(wi, cfg.embed_dim, k("vision_proj"), dtype=dtype),
         "text_proj": nn.init_linear(wt, cfg.embed_dim, k("text_proj"), dtype=dtype),
-        "temp": torch.full((), cfg.temp, dtype=dtype, device=dev),
+        "log_temp": torch.full((), math.log(cfg.temp), dtype=dtype, device=dev),
         "itm_head": nn.init_linear(wt, 2, k("itm_head"), std=_INIT_STD, dtype=dtype),
         "mlm_head": {
             "dense": nn.init_linear(wt, wt, k("mlm_dense"), std=_INIT_STD, dtype=dtype),
@@ -148,7 +152,7 @@ def text_embedding(params: Params, text_tokens: torch.Tensor) -> torch.Tensor:
 
 def temperature(params: Params) -> torch.Tensor:
     """The learned temperature projected into ALBEF's range [0.001, 0.5] (no edit of params)."""
-    return params["temp"].clamp(*TEMP_RANGE)
+    return params["log_temp"].exp().clamp(*TEMP_RANGE)
 
 
 def itm_logits(params: Params, fused: torch.Tensor) -> torch.Tensor:
