@@ -125,3 +125,15 @@ def test_cached_decoding_entry_points_under_fsdp(runs):
     r = runs[1]["decoding"]
     assert r["prefill_diff"] == 0.0 and r["decode_diff"] == 0.0
     assert r["sharded_after"]  # the params went back to their shards after the call
+
+
+def test_scale_flags_fail_clearly(tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    out = ["--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="needs a torchrun launch"):
+        main(["clip", "--dist", "fsdp", *out])
+    with pytest.raises(SystemExit, match="--compile is for the single-process"):
+        main(["clip", "--ac", "--compile", *out])
+    with pytest.raises(SystemExit, match="--resume: no completed checkpoint"):
+        main(["clip", "--resume", "--steps", "1", "--batch-size", "2", *out])

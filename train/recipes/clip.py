@@ -259,7 +259,10 @@ def run(args: argparse.Namespace) -> dict:
             "--precision bf16-mixed, --checkpoint-every or --resume"
         )
     if args.dist:
-        env = dist_.setup(args.device)
+        try:
+            env = dist_.setup(args.device)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from e
     else:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         env = dist_.Env(0, 1, dev)
