@@ -15,6 +15,6 @@ def test_serve_load_quick_loses_nothing_and_prints_every_figure():
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "lost 0 | wrong 0 (of 40); one-by-one: lost 0 wrong 0 (of 8)" in text, text
-    for figure in ("latency p50", "speedup", "no HTTP", "lru hit", "sqlite read (cold)", "all hits: True",
+    for figure in ("latency p50", "speedup", "during the burst", "no HTTP", "lru hit", "sqlite read (cold)", "all hits: True",
                    "params size", "min cosine"):  # fmt: skip
         assert figure in text, (figure, text)
