@@ -165,6 +165,11 @@ class QuantizedWeight:
             return F.linear(x, self.dequantize(x.dtype), bias)
         # reduce_range: 7-bit activations keep fbgemm's u8 x s8 pair sums from saturating
         # int16 (the setting torch's own dynamic quantization uses on x86).
+        if not bool(torch.isfinite(x).all()):
+            # fbgemm's range ignores a NaN among finite values and returns finite garbage
+            # (or raises if all are NaN): compute as fp32 would, so non-finite values
+            # propagate. One pass over x, small next to the matmul.
+            return F.linear(x, self.dequantize(x.dtype), bias)
         y = torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, True)
         return y if bias is None else y + bias
 

@@ -110,6 +110,14 @@ def test_linear_fast_path_is_close_and_grad_path_is_exact_float():
         fmm.nn.linear({"weight": qw}, torch.randn(2, 4))
 
 
+def test_nan_activations_propagate_like_fp32_instead_of_raising():
+    qw = quant.quantize_weight(torch.randn(6, 5))
+    x = torch.randn(3, 5)
+    x[1, 2] = float("nan")
+    y = fmm.nn.linear({"weight": qw}, x)
+    assert torch.equal(y.isnan(), F.linear(x, qw.dequantize()).isnan())
+
+
 def test_embedding_lookup_rescales_the_gathered_rows_exactly():
     table = torch.randn(50, 16)
     qt = quant.quantize_weight(table)
