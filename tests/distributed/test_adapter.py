@@ -154,7 +154,7 @@ def test_single_process_module_step_equals_the_pure_step(params):
                        max_grad_norm=0.5)  # fmt: skip
     mstate = {"opt_state": adamw.init(adapter.tree()), "step": torch.zeros((), dtype=torch.int64),
               "key": fmm.random.key(1)}  # fmt: skip
-    for seed in range(3):
+    for seed in range(2):
         g = torch.Generator().manual_seed(seed)
         b = {"images": torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64),
              "tokens": torch.randint(1, 13, (4, 6), generator=g)}  # fmt: skip
