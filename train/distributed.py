@@ -143,6 +143,13 @@ def wrap(
 
     ``precision="bf16-mixed"``: FSDP2 computes in bf16 and reduces grads in fp32
     (``MixedPrecisionPolicy``); DDP relies on :func:`autocast`. Params stay fp32 either way.
+
+    Example::
+
+        adapter = ModelAdapter(params, functools.partial(clip.loss, cfg=cfg,
+                                                         gather=all_gather_with_grad))
+        model = wrap(adapter, "fsdp")   # adapter's params are now DTensor shards
+        loss, metrics = model(my_rows)  # call the returned module, so the hooks run
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
