@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 
 from fmm.serve.metrics import Metrics
+
+_log = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
@@ -257,7 +260,11 @@ class Engine:
             fresh = {key: v for (_, key, _), v in zip(entries, vectors) if key is not None}
             if self.store is not None and fresh:
                 meta = {key: m for _, key, m in entries if key is not None and m is not None}
-                self.store.put_many(fresh, meta=meta or None)
+                try:
+                    self.store.put_many(fresh, meta=meta or None)
+                except Exception:  # the vectors are right; only their reuse is lost
+                    self.metrics.count("store_write_errors")
+                    _log.exception("could not store %d embeddings", len(fresh))
             return vectors
 
         return run

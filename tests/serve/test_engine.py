@@ -211,3 +211,22 @@ def test_metrics_percentiles_and_snapshot():
     assert snap["latency_ms"]["/r"] == {"count": 3, "p50": 3.0, "p90": 4.0, "p99": 4.0}
     assert snap["batches"]["text"]["mean_size"] == 3.0
     assert snap["queue_depth"] == 7 and snap["cache_hit_rate"] is None
+
+
+def test_a_failing_store_write_still_answers_and_is_counted():
+    class BrokenStore:
+        def get_many(self, keys):
+            return {}
+
+        def put_many(self, items, meta=None):
+            raise OSError("disk full")
+
+    async def main():
+        engine = Engine({"text": lambda xs: torch.ones(len(xs), 2)}, store=BrokenStore())
+        vectors, hits = await engine.embed("text", ["a", "b"], keys=["ka", "kb"])
+        await engine.aclose()
+        return vectors, hits, engine
+
+    vectors, hits, engine = asyncio.run(main())
+    assert torch.equal(vectors, torch.ones(2, 2)) and hits == [False, False]
+    assert engine.metrics.counters["store_write_errors"] == 1
