@@ -253,21 +253,46 @@ class Engine:
         }
 
     def _storing(self, fn: Callable[[list], torch.Tensor]) -> Callable[[list], torch.Tensor]:
-        # Items travel as (item, key, meta); a batch's new vectors go to the store in one
-        # transaction, in the worker thread, before any waiter sees them.
+        # Items travel as (item, key, meta). Popular content arrives many times at once, and
+        # every copy missed the store when its request looked: so the batch looks again
+        # (an earlier batch may have stored it since), computes each key once, and writes
+        # its new vectors in one transaction, all before any waiter is answered.
         def run(entries: list) -> torch.Tensor:
-            vectors = fn([item for item, _, _ in entries]).detach().cpu()
-            fresh = {key: v for (_, key, _), v in zip(entries, vectors) if key is not None}
+            keys = [key for _, key, _ in entries]
+            known = self._recheck([k for k in dict.fromkeys(keys) if k is not None])
+            first: dict = {}  # what to compute: key (or position, unkeyed) -> first entry
+            for i, key in enumerate(keys):
+                if key not in known:
+                    first.setdefault(i if key is None else key, i)
+            computed = {}
+            if first:
+                out = fn([entries[i][0] for i in first.values()]).detach().cpu()
+                computed = dict(zip(first, out))
+            self.metrics.count("deduplicated", len(entries) - len(first))
+            fresh = {key: v for key, v in computed.items() if isinstance(key, str)}
             if self.store is not None and fresh:
-                meta = {key: m for _, key, m in entries if key is not None and m is not None}
+                meta = {k: m for _, k, m in entries if k in fresh and m is not None}
                 try:
                     self.store.put_many(fresh, meta=meta or None)
                 except Exception:  # the vectors are right; only their reuse is lost
                     self.metrics.count("store_write_errors")
                     _log.exception("could not store %d embeddings", len(fresh))
-            return vectors
+            rows = [
+                known[key] if key in known else computed[i if key is None else key]
+                for i, key in enumerate(keys)
+            ]
+            return torch.stack(rows)
 
         return run
+
+    def _recheck(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self.store is None or not keys:
+            return {}
+        try:
+            return self.store.get_many(keys)
+        except Exception:  # a failed lookup only costs a recompute
+            _log.exception("could not read %d embeddings back", len(keys))
+            return {}
 
     @property
     def depth(self) -> int:

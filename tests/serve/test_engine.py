@@ -230,3 +230,45 @@ def test_a_failing_store_write_still_answers_and_is_counted():
     vectors, hits, engine = asyncio.run(main())
     assert torch.equal(vectors, torch.ones(2, 2)) and hits == [False, False]
     assert engine.metrics.counters["store_write_errors"] == 1
+
+
+def test_popular_content_is_computed_once_however_many_ask_at_once(tmp_path):
+    from fmm.store import EmbeddingStore
+
+    computed = []
+
+    def fn(items):
+        computed.extend(items)
+        return torch.stack([torch.tensor([float(len(x)), 1.0]) for x in items])
+
+    async def main(store):
+        engine = Engine({"text": fn}, store=store, max_batch=64, max_wait_ms=30)
+        texts = ["a red circle"] * 10 + ["a cat", "a cat"]
+        outs = await asyncio.gather(*(engine.embed("text", [t], keys=[t]) for t in texts))
+        again = await engine.embed(
+            "text", ["a cat", "a red circle"], keys=["a cat", "a red circle"]
+        )
+        await engine.aclose()
+        return outs, again, engine
+
+    with EmbeddingStore(tmp_path / "s.sqlite", "fp", dim=2) as store:
+        outs, again, engine = asyncio.run(main(store))
+    assert sorted(computed) == ["a cat", "a red circle"]  # one model row per distinct text
+    assert all(torch.equal(v[0], torch.tensor([12.0, 1.0])) for v, _ in outs[:10])
+    assert again[1] == [True, True] and engine.metrics.counters["deduplicated"] == 10
+
+
+def test_unkeyed_items_are_never_merged():
+    seen = []
+
+    def fn(items):
+        seen.extend(items)
+        return torch.zeros(len(items), 2)
+
+    async def main():
+        engine = Engine({"text": fn}, max_batch=8, max_wait_ms=30)
+        await asyncio.gather(*(engine.embed("text", ["same"]) for _ in range(4)))
+        await engine.aclose()
+
+    asyncio.run(main())
+    assert seen == ["same"] * 4  # without keys there is no identity to merge on
