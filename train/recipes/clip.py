@@ -274,6 +274,16 @@ def run(args: argparse.Namespace) -> dict:
         )
     if (args.resume or args.dist) and args.out is None:
         raise SystemExit("--out is required with --dist or --resume (every rank must agree on it)")
+    if args.resume:  # before building anything: a missing checkpoint is the common mistake
+        try:
+            found = checkpoint.latest_step(args.out / "checkpoints")
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"--resume: {e}") from e
+        if found is None:
+            raise SystemExit(
+                f"--resume: no completed checkpoint in {args.out / 'checkpoints'} "
+                "(train with --checkpoint-every N first)"
+            )
     use_compile = (device.type == "cuda" if args.compile is None else args.compile) and not scaled
     out = args.out or Path("runs") / time.strftime("clip-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
