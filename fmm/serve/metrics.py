@@ -1,7 +1,8 @@
 """Counters, batch-size histograms and latency percentiles of a serving process.
 
-Everything is updated from the event loop thread (plain ints and dicts, no locks) and read
-as one JSON-ready snapshot by ``GET /metrics``.
+Plain ints and dicts, no locks: each counter has one writer thread (the event loop, or the
+engine's model thread for ``deduplicated`` and ``store_write_errors``), and ``GET /metrics``
+reads them all as one JSON-ready snapshot.
 
 Example::
 
