@@ -165,10 +165,11 @@ class QuantizedWeight:
             return F.linear(x, self.dequantize(x.dtype), bias)
         # reduce_range: 7-bit activations keep fbgemm's u8 x s8 pair sums from saturating
         # int16 (the setting torch's own dynamic quantization uses on x86).
-        if not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x.sum())):
             # fbgemm's range ignores a NaN among finite values and returns finite garbage
             # (or raises if all are NaN): compute as fp32 would, so non-finite values
-            # propagate. One pass over x, small next to the matmul.
+            # propagate. A sum is the cheapest full pass that NaN and inf survive (a sum
+            # that merely overflows takes the exact path too, which is still correct).
             return F.linear(x, self.dequantize(x.dtype), bias)
         y = torch.ops.quantized.linear_dynamic(x.contiguous(), self.packed, True)
         return y if bias is None else y + bias
