@@ -4,7 +4,8 @@ Measured in one process with the same threads:
 
 1. **kernels** on one ``[64, 1024] @ [1024, 1024]^T`` linear: fp32 ``F.linear`` (**baseline**),
    fbgemm's dynamic int8 linear on a prepacked weight (what ``fmm.quant`` uses), dequantize
-   then ``F.linear``, ``torch._int_mm`` (int8 x int8 -> int32, activations already int8) and
+   then ``F.linear``, ``torch._int_mm`` (int8 x int8 -> int32) with the activations already
+   int8 and with their per-row quantization and the rescale included, and
    ``torch._weight_int8pack_mm``. ``ratio`` = row ms / baseline ms (< 1 is faster).
 2. **size and latency** per config (the trained ``tiny`` checkpoint and a randomly initialised
    ``b32``, ViT-B/32, where the weights' values do not change the time): bytes on disk of
@@ -76,6 +77,14 @@ def finite_init(cfg: clip.CLIPConfig) -> dict:
     )
 
 
+def _int_mm_linear(x: torch.Tensor, qw: quant.QuantizedWeight) -> torch.Tensor:
+    # The whole path an _int_mm kernel would need: quantize each activation row, multiply
+    # in int32, rescale by both scales.
+    sx = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    y = torch._int_mm(torch.round(x / sx).to(torch.int8), qw.values.T)
+    return y * (sx * qw.scale)
+
+
 def kernels(repeats: int, warmup: int, quick: bool) -> None:
     m, k, n = (8, 128, 128) if quick else (64, 1024, 1024)
     g = torch.Generator().manual_seed(0)
@@ -86,7 +95,8 @@ def kernels(repeats: int, warmup: int, quick: bool) -> None:
         "fp32 F.linear (baseline)": lambda: F.linear(x, w),
         "fbgemm dynamic int8 (fmm.quant)": lambda: F.linear(x, qw),
         "dequantize + F.linear": lambda: F.linear(x, qw.dequantize()),
-        "torch._int_mm": lambda: torch._int_mm(x8, qw.values.T),
+        "torch._int_mm (x already int8)": lambda: torch._int_mm(x8, qw.values.T),
+        "per-row int8 x + torch._int_mm": lambda: _int_mm_linear(x, qw),
         "torch._weight_int8pack_mm": lambda: torch._weight_int8pack_mm(x, qw.values, qw.scale),
     }
     ms = interleaved(calls, warmup=warmup, repeats=repeats)
@@ -179,6 +189,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--eval-per-class", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kernels-only", action="store_true", help="section 1 only")
     parser.add_argument("--quick", action="store_true", help="micro model, 1 repeat")
     args = parser.parse_args()
     if args.threads:
@@ -190,6 +201,8 @@ def main() -> None:
         f"quantized engine {torch.backends.quantized.engine}"
     )
     kernels(args.repeats * 10, args.warmup, args.quick)
+    if args.kernels_only:
+        return
 
     if args.quick:
         cfg = micro_config()
