@@ -247,10 +247,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/albef-<task>-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps (default: 500 retrieval, 400 vqa)"
+        "--steps", type=int, default=None, help="optimizer steps (default: 1000 retrieval, 400 vqa)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="examples per step (default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per step (default: 128 retrieval, 64 vqa)",
     )
     parser.add_argument(
         "--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)"
@@ -278,9 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate on held-out images, save; returns the metrics written to ``metrics.json``."""
-    steps = (
-        args.steps if args.steps is not None else (500 if args.albef_task == "retrieval" else 400)
-    )
+    retrieval = args.albef_task == "retrieval"
+    steps = args.steps if args.steps is not None else (1000 if retrieval else 400)
+    if args.batch_size is None:  # contrast wants the bigger batch; 64 questions suffice
+        args.batch_size = 128 if retrieval else 64
     if steps < 1 or args.batch_size < 2:
         raise SystemExit(
             f"--steps must be >= 1 and --batch-size >= 2, got {steps} and {args.batch_size}"
