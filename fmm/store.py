@@ -352,8 +352,9 @@ class EmbeddingStore:
 
     # -- search --------------------------------------------------------------------------
 
-    def _matrix(self) -> tuple[list[str], torch.Tensor]:
-        """Every stored ``(keys, vectors [n, dim] fp32)``, refreshed when the table changed
+    def _matrix(self) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """Every stored key and, per metric, the vectors as ``[dim, n]`` fp32 (unit rows
+        for ``"cosine"``), refreshed when the table changed
         (in this process or another): only rows newer than the last refresh are read."""
         conn = self._conn()
         with self._index_lock:
@@ -394,7 +395,13 @@ class EmbeddingStore:
                     index["last"] = rowid
             index["n"] = len(index["keys"])
             width = self.dim or 0
-            index["matrix"] = torch.stack(index["rows"]) if index["rows"] else torch.zeros(0, width)
+            matrix = torch.stack(index["rows"]) if index["rows"] else torch.zeros(0, width)
+            # Kept as contiguous [dim, n]: a product with a transposed view ran ~10^4 times
+            # slower on this CPU's BLAS for one query (25 ms vs 2 us for 128 vectors).
+            index["matrix"] = {
+                "dot": matrix.T.contiguous(),
+                "cosine": F.normalize(matrix, dim=-1).T.contiguous(),
+            }
             self._index = index
             return index["keys"], index["matrix"]
 
@@ -423,12 +430,12 @@ class EmbeddingStore:
                 f"search: query has dim {q.shape[1]} but the store holds dim={self.dim} "
                 f"vectors: got {list(query.shape)}"
             )
-        keys, matrix = self._matrix()
+        keys, matrices = self._matrix()
         if not keys:
             return q.new_zeros(q.shape[0], 0), [[] for _ in range(q.shape[0])]
         if metric == "cosine":
-            q, matrix = F.normalize(q, dim=-1), F.normalize(matrix, dim=-1)
-        scores, idx = (q @ matrix.T).topk(min(k, len(keys)), dim=-1)
+            q = F.normalize(q, dim=-1)
+        scores, idx = (q @ matrices[metric]).topk(min(k, len(keys)), dim=-1)
         return scores, [[keys[i] for i in row] for row in idx.tolist()]
 
 
