@@ -3,6 +3,7 @@ distillation, fused by a cross-attention encoder with ITM, MLM, retrieval and VQ
 Momentum encoders and feature queues are explicit state (:mod:`models.albef.state`)."""
 
 from models.albef.config import ALBEFConfig, albef_base, albef_tiny, with_answers
+from models.albef.convert import from_tmm, to_tmm
 from models.albef.losses import (
     hard_negatives,
     itc_loss,
@@ -49,6 +50,7 @@ __all__ = [
     "encode_image",
     "encode_text",
     "enqueue",
+    "from_tmm",
     "fuse",
     "hard_negatives",
     "image_embedding",
@@ -68,6 +70,7 @@ __all__ = [
     "sample_categorical",
     "temperature",
     "text_embedding",
+    "to_tmm",
     "vqa",
     "vqa_logits",
     "vqa_loss",
