@@ -11,7 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from models import bert, clip, flava, gpt, mmgpt, vqvae
+from models import albef, bert, clip, flava, gpt, mmgpt, vqvae
 
 REGISTRY: dict[str, Callable[[], Any]] = {**clip.PRESETS}
 _FAMILIES = {clip.CLIPConfig: clip}
@@ -25,6 +25,8 @@ REGISTRY.update(bert.PRESETS)
 _FAMILIES[bert.BertConfig] = bert
 REGISTRY.update(flava.PRESETS)
 _FAMILIES[flava.FLAVAConfig] = flava
+REGISTRY.update(albef.PRESETS)
+_FAMILIES[albef.ALBEFConfig] = albef
 
 
 def get_config(name: str, **overrides: Any) -> Any:
@@ -44,4 +46,15 @@ def family_of(cfg: Any) -> ModuleType:
         raise TypeError(f"no model family for config type {type(cfg).__name__}") from None
 
 
-__all__ = ["REGISTRY", "bert", "clip", "family_of", "flava", "get_config", "gpt", "mmgpt", "vqvae"]
+__all__ = [
+    "REGISTRY",
+    "albef",
+    "bert",
+    "clip",
+    "family_of",
+    "flava",
+    "get_config",
+    "gpt",
+    "mmgpt",
+    "vqvae",
+]
