@@ -178,10 +178,17 @@ def normal(
     if (meta := _meta_draw(k, shape, dtype)) is not None:
         return meta
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    bits = _bits(k, _counters(shape, k.device))
-    # Centre each 24-bit bucket so u is strictly inside (0, 1) and erfinv stays finite.
-    u = ((bits >> 8).to(work) + 0.5) * (1.0 / 16777216.0)
-    return (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).to(dtype)
+    return _normal_from_bits(_bits(k, _counters(shape, k.device)), work).to(dtype)
+
+
+def _normal_from_bits(bits: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """32-bit words (int64) -> standard normals in ``work`` precision, always finite."""
+    # The centre of 24-bit bucket v, mapped to (-1, 1), is (2v + 1 - 2**24) / 2**24. The
+    # numerator is formed in integers, where it is exact (|n| < 2**24 fits a float32
+    # mantissa): forming u = (v + 0.5) / 2**24 in float32 first rounds the top bucket to
+    # u == 1 and erfinv(1) == inf.
+    centred = 2 * (bits >> 8) + (1 - 16777216)
+    return math.sqrt(2.0) * torch.erfinv(centred.to(work) * (1.0 / 16777216.0))
 
 
 def bernoulli(k: torch.Tensor, p: float | torch.Tensor, shape: Sequence[int] = ()) -> torch.Tensor:
