@@ -80,12 +80,18 @@ def key(seed: int) -> torch.Tensor:
     return torch.stack([_mix(words[0] ^ 0x9E3779B9), _mix(words[1] ^ _mix(words[0]))])
 
 
+@torch._dynamo.assume_constant_result
+def _string_words(data: str) -> list[int]:
+    # crc32 of two salted copies: stable across processes, unlike Python's hash(). Dynamo
+    # cannot trace zlib, so a compiled caller evaluates this once at trace time (the name
+    # is a constant of the graph) instead of breaking the graph.
+    raw = data.encode()
+    return [zlib.crc32(raw), zlib.crc32(b"fmm:" + raw)]
+
+
 def _data_words(data: int | str | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(data, str):
-        # crc32 of two salted copies: stable across processes, unlike Python's hash().
-        raw = data.encode()
-        words = [zlib.crc32(raw), zlib.crc32(b"fmm:" + raw)]
-        return torch.tensor(words, dtype=torch.int64, device=device)
+        return torch.tensor(_string_words(data), dtype=torch.int64, device=device)
     if isinstance(data, torch.Tensor):
         if data.dtype.is_floating_point or data.dtype.is_complex:
             raise TypeError(f"fold_in data tensor must be an integer tensor, got {data.dtype}")

@@ -79,6 +79,17 @@ def test_compiled_draw_equals_eager():
     assert torch.equal(f(k), random.uniform(k, (64,)))
 
 
+def test_fold_in_a_name_traces_as_one_graph():
+    # Dropout keys are named per site ("attn_out", "mlp_out"); a graph break there would
+    # split every compiled train step with dropout at each block.
+    def drop(k, x):
+        return random.dropout(random.fold_in(k, "attn_out"), x, 0.5)
+
+    k, x = random.key(3), torch.ones(4, 8)
+    compiled = torch.compile(drop, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(k, x), drop(k, x))
+
+
 def test_fold_in_a_step_tensor_equals_the_int():
     k = random.key(5)
     assert torch.equal(random.fold_in(k, torch.tensor(9)), random.fold_in(k, 9))
