@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fmm import tree
+from fmm.io import atomic_write
 
 __all__ = [
     "QuantizedWeight",
@@ -277,27 +277,6 @@ def size_bytes(params: Tree) -> int:
     return sum(x.nbytes for x in tree.leaves(params))
 
 
-def _atomic_save(path: Path, flat: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    # fmm cannot import train.checkpoint (imports run train -> models -> fmm), so this is
-    # the same temp-file, fsync, rename sequence in the functional core.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_quantized(path: str | os.PathLike, params: Tree) -> None:
     """Write a (possibly partly) quantized tree to one safetensors file, atomically.
 
@@ -316,7 +295,7 @@ def save_quantized(path: str | os.PathLike, params: Tree) -> None:
         else:
             raise TypeError(f"save_quantized: leaf {name!r} is a {type(leaf).__name__}")
     meta = {"format": FORMAT, "quantized": json.dumps(quantized, sort_keys=True)}
-    _atomic_save(Path(path), flat, meta)
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
 def load_quantized(path: str | os.PathLike) -> Tree:
