@@ -39,9 +39,9 @@ def median_ms(fn, *, warmup: int, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def interleaved_ms(calls: dict, *, warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms of each ``calls[name]()``, timed round-robin (one call of each per round)
-    so that a load change on a shared machine hits every contender alike."""
+def interleaved_times(calls: dict, *, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """ms of each of ``repeats`` calls of each ``calls[name]()``, timed round-robin (one call
+    of each per round) so that a load change on a shared machine hits every contender alike."""
     for _ in range(warmup):
         for fn in calls.values():
             fn()
@@ -50,8 +50,14 @@ def interleaved_ms(calls: dict, *, warmup: int, repeats: int) -> dict[str, float
         for name, fn in calls.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_ms(calls: dict, *, warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms of each ``calls[name]()``, timed round-robin (see :func:`interleaved_times`)."""
+    times = interleaved_times(calls, warmup=warmup, repeats=repeats)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import interleaved_ms
 from einops import rearrange
 
 import fmm
@@ -159,21 +159,6 @@ def build(args):
     model = transformers.GPT2LMHeadModel(hc).eval()
     cfg = gpt.config_from_hf(hc)
     return model, cfg, gpt.from_hf(model.state_dict(), cfg)
-
-
-def interleaved_ms(calls: dict, *, warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms of each ``calls[name]()``, timed round-robin (one call of each method per
-    round) so that a load change on a shared machine hits every method alike."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def run_batch(model, params, cfg, batch, args) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import micro_config, random_batch
+from _common import interleaved_times, micro_config, random_batch
 
 import fmm
 from fmm import quant
@@ -52,29 +52,8 @@ def interleaved(calls: dict, *, warmup: int, repeats: int) -> dict[str, tuple[fl
     Both are printed: on a machine shared with other jobs the median mostly measures the
     others' load, while the minimum is the closest estimate of the uncontended time.
     """
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    times = interleaved_times(calls, warmup=warmup, repeats=repeats)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
-
-
-def finite_init(cfg: clip.CLIPConfig) -> dict:
-    """``clip.init`` with any non-finite entry set to 0.
-
-    ``fmm.random.normal`` can draw +-inf (about one entry in 2**24: float32 rounds the
-    top uniform bucket to exactly 1, where erfinv is infinite), so a ViT-B/32 init holds a
-    few; they would make every activation NaN and fbgemm refuses to quantize NaN inputs.
-    """
-    return fmm.tree.map(
-        lambda x: torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0),
-        clip.init(cfg, fmm.random.key(0)),
-    )
 
 
 def _int_mm_linear(x: torch.Tensor, qw: quant.QuantizedWeight) -> torch.Tensor:
@@ -227,7 +206,7 @@ def main() -> None:
         else:
             b32 = clip.clip_vit_b32()
             size_and_latency(
-                "b32 (ViT-B/32, random init)", b32, finite_init(b32),
+                "b32 (ViT-B/32, random init)", b32, clip.init(b32, fmm.random.key(0)),
                 args.batch_size, args.repeats, args.warmup,
             )  # fmt: skip
     accuracy(cfg, params, tokenizer, args.eval_per_class)
