@@ -92,8 +92,11 @@ class DecoderSpec:
     def __post_init__(self) -> None:
         t = self.transformer
         # The cached block below is the pre-norm one; a post-norm stack would decode wrongly.
-        if getattr(t, "post_norm", False) or not getattr(t, "norm_first", True):
-            raise ValueError("DecoderSpec: cached decoding supports pre-norm transformers only")
+        if not t.norm_first:
+            raise ValueError(
+                "DecoderSpec: cached decoding supports pre-norm transformers only "
+                "(transformer.norm_first=False was given)"
+            )
 
 
 def _as_spec(cfg: Any) -> DecoderSpec:

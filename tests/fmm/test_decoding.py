@@ -4,6 +4,7 @@ The decoder here is built from fmm.nn alone (a spec over a bare transformer stac
 tests pin the generic contract rather than one model family.
 """
 
+import dataclasses
 import functools
 
 import pytest
@@ -254,6 +255,9 @@ def test_bad_input_is_reported_clearly():
         decoding.sample(prompt.float(), fmm.random.key(0), top_p=1.5)
     with pytest.raises(TypeError, match="DecoderSpec"):
         decoding.init_cache(TRANSFORMER, 1, 4)
+    post_norm = dataclasses.replace(TRANSFORMER, norm_first=False)
+    with pytest.raises(ValueError, match="pre-norm transformers only"):
+        decoding.DecoderSpec(transformer=post_norm, embed=_embed, head=_head)
 
 
 @pytest.fixture(scope="module")
