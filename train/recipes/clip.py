@@ -29,6 +29,7 @@ from train import distributed as dist_
 from train.data import WordTokenizer, WorldConfig, is_holdout, sample_scenes
 from train.evaluate import zero_shot_accuracy
 from train.plots import plot_class_accuracy, plot_loss
+from train.recipes import add_device_arguments, device_of, wants_compile
 from train.step import init_state, make_train_step
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
@@ -73,13 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="seed for init and the data stream (default: %(default)s)",
     )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the train step (default: on with CUDA, off on CPU, where it gains ~nothing)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_arguments(parser, compile_note=", where it gains ~nothing")
     parser.add_argument(
         "--dist",
         choices=dist_.MODES,
@@ -264,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
         except RuntimeError as e:
             raise SystemExit(str(e)) from e
     else:
-        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = device_of(args)
         env = dist_.Env(0, 1, dev)
     device = env.device
     if args.batch_size % env.world_size:
@@ -284,7 +279,7 @@ def run(args: argparse.Namespace) -> dict:
                 f"--resume: no completed checkpoint in {args.out / 'checkpoints'} "
                 "(train with --checkpoint-every N first)"
             )
-    use_compile = (device.type == "cuda" if args.compile is None else args.compile) and not scaled
+    use_compile = wants_compile(args, device) and not scaled
     out = args.out or Path("runs") / time.strftime("clip-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -30,6 +30,7 @@ from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, sample_scenes, scene_stream
 from train.evaluate import zero_shot_accuracy
 from train.plots import plot_loss
+from train.recipes import add_device_arguments, device_of, wants_compile
 from train.recipes.clip import normalize_images
 from train.step import init_state, make_train_step
 
@@ -81,13 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for init, masks and data (default: %(default)s)"
     )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the train step (default: on with CUDA, off on CPU)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_arguments(parser)
     parser.add_argument(
         "--eval-per-class",
         type=int,
@@ -148,8 +143,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(
             f"--steps must be >= 1 and --batch-size >= 2, got {args.steps} and {args.batch_size}"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    device = device_of(args)
+    use_compile = wants_compile(args, device)
     out = args.out or Path("runs") / time.strftime("flava-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 

@@ -22,6 +22,7 @@ from train import checkpoint
 from train.data import WordTokenizer, WorldConfig, class_names, prompt_templates
 from train.evaluate import class_embeddings
 from train.plots_generation import save_image_grid
+from train.recipes import device_of
 
 VQVAE_FILE = "vqvae.safetensors"
 GUIDANCE = 3.0  # classifier-free guidance scale; measured best of 1, 2, 3, 5 (docs/generation.md)
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
     """Sample, save the grid, score with CLIP if asked; returns the printed summary."""
     if args.n < 1:
         raise SystemExit(f"--n must be >= 1, got {args.n}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_of(args)
     loaded = load_run(args.ckpt, device=device)
     world = loaded["world"]
     targets = prompt_classes(args.prompt, world)

@@ -24,6 +24,7 @@ from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, class_names, eval_set, is_holdout, scene_stream
 from train.plots import plot_loss
 from train.plots_generation import save_image_grid
+from train.recipes import add_device_arguments, device_of, wants_compile
 from train.recipes import vqvae as vqvae_recipe
 from train.recipes.generate import GUIDANCE, VQVAE_FILE, clip_classifier, draw
 from train.step import init_state, make_train_step
@@ -94,13 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top-k", type=int, default=None, help="sample among the k likeliest codes (default: all)"
     )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the train step (default: on with CUDA, off on CPU)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_arguments(parser)
 
 
 def score(classify, world: WorldConfig, run: dict, args, device) -> dict:
@@ -150,8 +145,8 @@ def run(args: argparse.Namespace) -> dict:
             f"--caption-dropout must be in [0, 1) and --guidance >= 0, got "
             f"{args.caption_dropout} and {args.guidance}"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    device = device_of(args)
+    use_compile = wants_compile(args, device)
     out = args.out or Path("runs") / time.strftime("mmgpt-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
