@@ -3,6 +3,7 @@ each task end to end (files written, metrics in range, the run reloads)."""
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import fmm
 from models import albef
 from train import optim
 from train.__main__ import main
-from train.data import WorldConfig
+from train.data import WorldConfig, sample_scenes
 from train.recipes import albef as recipe
 from train.step import init_state
 
@@ -33,6 +34,22 @@ def test_questions_have_the_answer_of_the_scene():
     assert tok.unk_id not in tok.encode(questions, recipe.CONTEXT)  # every word is known
 
 
+def test_retrieval_captions_name_exactly_the_object_of_their_id():
+    # Partial matches (a two-object image against one of its objects' captions) would be
+    # ITM negatives; one-object scenes with ids by class leave none.
+    tok = recipe.tokenizer_for(WORLD)
+    batch = recipe.retrieval_batch(WORLD, tok, 32, torch.Generator().manual_seed(0))
+    scenes = sample_scenes(
+        replace(WORLD, p_two_objects=0.0), 32, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(batch["input_ids"], tok.encode(scenes.captions, recipe.CONTEXT))
+    n_shapes = len(WORLD.shapes)
+    for caption, i in zip(scenes.captions, batch["idx"].tolist()):
+        words = caption.split()
+        assert [w for w in words if w in WORLD.shapes] == [WORLD.shapes[i % n_shapes]], caption
+        assert WORLD.colors[i // n_shapes] in words, caption
+
+
 def test_the_albef_step_carries_momentum_and_queue_without_touching_the_old_state():
     tok = recipe.tokenizer_for(WORLD)
     cfg = albef.albef_tiny(vocab_size=tok.vocab_size, max_positions=recipe.CONTEXT, queue_size=12)
@@ -42,7 +59,7 @@ def test_the_albef_step_carries_momentum_and_queue_without_touching_the_old_stat
     state["momentum"] = albef.init_momentum(params)
     state["queue"] = albef.init_queue(cfg, fmm.random.key(2))
     before = fmm.tree.map(torch.clone, state)
-    batch = recipe.retrieval_batch(WORLD, tok, 8, torch.Generator().manual_seed(0), seen=0)
+    batch = recipe.retrieval_batch(WORLD, tok, 8, torch.Generator().manual_seed(0))
     step = recipe.make_albef_step(cfg, opt, mask_id=tok.unk_id)
     new, metrics = step(state, batch)
     for k, v in fmm.tree.flatten(before).items():
@@ -65,6 +82,10 @@ def test_a_few_steps_of_each_task_run_end_to_end(tmp_path, task, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     headline = metrics["vqa_accuracy" if task == "vqa" else "image_to_text_r1"]
     assert 0.0 <= headline <= 1.0 and metrics["goal"] == 0.8
+    if task == "retrieval":  # k is judged on other images than the reported ones
+        by_k = metrics["eval_validation_r1_by_k"]
+        assert sorted(map(int, by_k)) == list(recipe.VALIDATION_KS)
+        assert all(0.0 <= r <= 1.0 for r in by_k.values())
     cfg, params, tok = recipe.load_run(out)
     assert (cfg.num_answers > 0) == (task == "vqa") == ("vqa_head" in params)
     assert tok == recipe.tokenizer_for(WORLD)
