@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/flava-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=250, help="optimizer steps (default: %(default)s)"
+        "--steps", type=int, default=2500, help="optimizer steps (default: %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
