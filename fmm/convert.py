@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "identity",
     "import_state_dict",
     "mismatch_report",
+    "read_state_dict",
     "same",
     "strip_prefix",
     "transpose",
@@ -178,3 +180,30 @@ def export_state_dict(params: Any, rules: Sequence[Rule]) -> dict[str, torch.Ten
         for name, part in zip(rule.theirs, rule.split(flat[rule.ours].detach())):
             out[name] = part.contiguous().clone()
     return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors``, ``.pt``/``.pth``/``.bin`` (``torch.save`` or a
+    TorchScript archive such as OpenAI's originals) file, never executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as e:
+            if "TorchScript" not in str(e) and "zip archive" not in str(e):
+                raise
+            obj = torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as e:  # the file's own reader says what is wrong; we name the file
+        raise ConversionError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)

@@ -183,8 +183,8 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     )
     async def generate(body: schemas.Generate):
         events = service.generate(
-            body.prompt, temperature=body.temperature, top_k=body.top_k,
-            guidance=body.guidance, seed=body.seed,
+            body.prompt, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+            guidance=body.guidance, seed=body.seed, max_new_tokens=body.max_new_tokens,
         )  # fmt: skip
         # The first event is awaited here, so refusals and bad options become status codes.
         first = await anext(events)

@@ -60,8 +60,11 @@ class Generate(_Strict):
     prompt: Text
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     guidance: float = Field(default=1.0, ge=0.0, le=100.0)
     seed: int = Field(default=0, ge=0, le=2**62)
+    # None: the model's own length (an mmgpt image's code count, 64 tokens for a text model).
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
 
 def decode_image(payload: str | list, size: tuple[int, int, int] | None, name: str) -> torch.Tensor:

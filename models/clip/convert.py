@@ -31,6 +31,7 @@ from fmm.convert import (
     concat,
     export_state_dict,
     import_state_dict,
+    read_state_dict,
     same,
     strip_prefix,
     transpose,
@@ -471,33 +472,6 @@ _FROM = {"open_clip": from_open_clip, "hf": from_hf, "torchmultimodal": from_tor
 def _check_format(format: str) -> None:
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors``, ``.pt``/``.pth``/``.bin`` (``torch.save`` or a
-    TorchScript archive such as OpenAI's originals) file, never executing pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as e:
-            if "TorchScript" not in str(e) and "zip archive" not in str(e):
-                raise
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception as e:  # the file's own reader says what is wrong; we name the file
-        raise ConversionError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return dict(obj)
 
 
 def load_pretrained(

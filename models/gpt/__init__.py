@@ -1,7 +1,7 @@
 """GPT: a decoder-only transformer with tied input/output embeddings (GPT-2's layout)."""
 
 from models.gpt.config import GPTConfig, gpt2_medium, gpt2_small, gpt_tiny
-from models.gpt.convert import config_from_hf, from_hf, hf_rules, to_hf
+from models.gpt.convert import config_from_hf, from_hf, hf_rules, load_pretrained, to_hf
 from models.gpt.model import apply, decoder_spec, embed, head, init, loss
 
 PRESETS = {"gpt2_small": gpt2_small, "gpt2_medium": gpt2_medium, "gpt_tiny": gpt_tiny}
@@ -20,6 +20,7 @@ __all__ = [
     "head",
     "hf_rules",
     "init",
+    "load_pretrained",
     "loss",
     "to_hf",
 ]

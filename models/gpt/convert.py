@@ -13,11 +13,15 @@ Example::
     cfg = config_from_hf(hf_model.config)
     params = from_hf(hf_model.state_dict(), cfg)
     hf_model.load_state_dict(to_hf(params, cfg))
+    cfg, params = load_pretrained("path/to/gpt2")  # a save_pretrained / Hub directory
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,6 +32,7 @@ from fmm.convert import (
     Rule,
     export_state_dict,
     import_state_dict,
+    read_state_dict,
     same,
     strip_prefix,
     transpose,
@@ -135,3 +140,34 @@ def config_from_hf(hf_config: Any) -> GPTConfig:
         act=_ACTS[act],
         norm_eps=hf_config.layer_norm_epsilon,
     )
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_pretrained(directory: str | Path) -> tuple[GPTConfig, Params]:
+    """``(cfg, params)`` from a Hugging Face GPT-2 directory (what ``save_pretrained`` writes
+    or the Hub holds): ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``.
+
+    Raises ``FileNotFoundError`` naming what is missing, ``ValueError`` for a config of
+    another family, and :class:`fmm.convert.ConversionError` for weights that do not fit.
+    """
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"no config.json in {directory}: not a Hugging Face model directory"
+        )
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(
+            f"{config_path}: model_type is {hf.get('model_type')!r}; load_pretrained reads gpt2"
+        )
+    weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"no weights in {directory}: expected one of {WEIGHT_FILES}")
+    cfg = config_from_hf(SimpleNamespace(**hf))
+    return cfg, from_hf(read_state_dict(weights), cfg)

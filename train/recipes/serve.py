@@ -6,7 +6,9 @@
 
 A ``python -m train clip`` run serves text and image embeddings, zero-shot labels and (with
 ``--store``) top-k search; a ``python -m train mmgpt`` run serves image generation with the
-codes streamed as server-sent events. Routes and status codes: :mod:`fmm.serve.app`.
+codes streamed as server-sent events; a Hugging Face GPT-2 directory (``config.json``,
+``model.safetensors`` or ``pytorch_model.bin``, ``tokenizer.json``) serves text generation
+with the tokens streamed likewise. Routes and status codes: :mod:`fmm.serve.app`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ import fmm
 from fmm import decoding
 from fmm.losses import logit_scale_value
 from fmm.serve import ServedModel, Service
-from models import clip, mmgpt, vqvae
+from models import clip, gpt, mmgpt, vqvae
 from train import checkpoint
+
+TEXT_NEW_TOKENS = 64  # a text model's default max_new_tokens (fewer if the context is full)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ckpt", type=Path, required=True, help="run directory of `python -m train clip|mmgpt`"
-    )
+        "--ckpt", type=Path, required=True,
+        help="run directory of `python -m train clip|mmgpt`, or a Hugging Face GPT-2 directory",
+    )  # fmt: skip
     parser.add_argument(
         "--quantize", choices=("none", "int8"), default="none",
         help="int8 weight-only quantization of the linear layers (default: %(default)s)",
@@ -134,11 +139,14 @@ def stream_image_codes(
     stop: threading.Event,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     guidance: float = 1.0,
     seed: int = 0,
+    max_new_tokens: int | None = None,
 ) -> Iterator[dict]:
     """Image codes for ``prompt`` one at a time (``{"index", "token"}``), then
     ``{"done": True, "tokens": [image_len], "image_png": base64}``; stops once ``stop`` is set.
+    ``max_new_tokens``, if given, must be the image's code count.
 
     Draws what ``models.mmgpt.generate_images`` draws for the same ``seed`` (greedy at
     ``temperature=0``), as a loop over ``fmm.decoding.prefill``/``decode_step`` so that each
@@ -146,13 +154,18 @@ def stream_image_codes(
     beside the prompt in the same cache (classifier-free guidance).
     """
     cfg, params, tok = run["cfg"], run["params"], run["tokenizer"]
+    if max_new_tokens not in (None, cfg.image_len):
+        raise ValueError(
+            f"max_new_tokens: an image of this model is always {cfg.image_len} codes, "
+            f"got {max_new_tokens}"
+        )
     spec, tv = mmgpt.image_decoder_spec(cfg), cfg.text_vocab
     device = params["pos"].device
     rows = tok.encode([prompt], cfg.text_len)
     if guidance != 1.0:
         rows = torch.cat([rows, tok.encode([""], cfg.text_len)])
     rows = rows.to(device)
-    sampling = decoding.Sampling(temperature=temperature, top_k=top_k)
+    sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     cache = decoding.init_cache(
         spec, len(rows), cfg.seq_len - 1, dtype=params["pos"].dtype, device=device
     )
@@ -194,13 +207,121 @@ def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "c
     )
 
 
+def stream_text(
+    run: dict,
+    prompt: str,
+    *,
+    stop: threading.Event,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+) -> Iterator[dict]:
+    """A GPT's continuation of ``prompt``, one token at a time (``{"index", "token",
+    "text"}``: ``text`` is what the token adds to the decoded string, empty while a
+    multi-byte character is incomplete), then ``{"done": True, "tokens", "text",
+    "stop_reason": "eos" | "length"}``; stops once ``stop`` is set.
+
+    Draws what ``fmm.decoding.generate`` draws for the same key (``fmm.random.key(seed)``),
+    greedy at ``temperature=0``. ``max_new_tokens`` defaults to 64 or as many as fit.
+    """
+    if guidance != 1.0:
+        raise ValueError(f"guidance: a text model takes no guidance (1.0), got {guidance}")
+    cfg, params, tok, eos = run["cfg"], run["params"], run["tokenizer"], run["eos_id"]
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise ValueError("prompt: encodes to no tokens")
+    room = cfg.context_length - len(ids) + 1  # the last token drawn is never fed back
+    new = min(TEXT_NEW_TOKENS, room) if max_new_tokens is None else max_new_tokens
+    if new < 1 or len(ids) + new - 1 > cfg.context_length:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens plus max_new_tokens={new} is past this model's "
+            f"context of {cfg.context_length} tokens"
+        )
+    spec, device = gpt.decoder_spec(cfg), params["pos"].device
+    sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    cache = decoding.init_cache(
+        spec, 1, len(ids) + new - 1, dtype=params["pos"].dtype, device=device
+    )
+    logits, cache = decoding.prefill(
+        params, torch.tensor([ids], device=device), cache, cfg=spec, last_only=True
+    )
+    logits = logits[:, -1]
+    keys = fmm.random.split(fmm.random.key(seed), new)
+    out: list[int] = []
+    text, reason = "", "length"
+    for i in range(new):
+        token = sampling(logits, keys[i].to(device))
+        if eos is not None and int(token[0]) == eos:
+            reason = "eos"
+            break
+        out.append(int(token[0]))
+        decoded = tok.decode(out)
+        piece = "" if decoded.endswith("\ufffd") else decoded[len(text) :]
+        text += piece
+        yield {"index": i, "token": out[-1], "text": piece}
+        if stop.is_set():
+            return
+        if i + 1 < new:
+            logits, cache = decoding.decode_step(params, token, cache, cfg=spec)
+    yield {"done": True, "tokens": out, "text": tok.decode(out), "stop_reason": reason}
+
+
+def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
+    """A :class:`ServedModel` of a Hugging Face GPT-2 directory: streamed text generation.
+
+    Needs ``tokenizer.json`` (the ``tokenizers`` file GPT-2 ships with) beside the weights.
+    """
+    from tokenizers import Tokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer.json in {model_dir}: a text model is served with its `tokenizers` file"
+        )
+    cfg, params = gpt.load_pretrained(model_dir)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(
+            f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{cfg.vocab_size}"
+        )
+    params = _maybe_quantize(fmm.tree.map(lambda x: x.to(device), params), quantize)
+    config = {**checkpoint.load_config(model_dir), "quantize": quantize}
+    run = {
+        "cfg": cfg,
+        "params": params,
+        "tokenizer": tokenizer,
+        "eos_id": config.get("eos_token_id"),
+    }
+    return ServedModel(
+        name="gpt2",
+        fingerprint=_fingerprint(config, params),
+        generate=lambda prompt, **options: stream_text(run, prompt, **options),
+        info={"run": str(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
+    )
+
+
 def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
-    """The :class:`ServedModel` for whatever run ``run_dir`` holds (``clip`` or ``mmgpt``)."""
-    kind = checkpoint.load_config(run_dir).get("model")
+    """The :class:`ServedModel` for whatever ``run_dir`` holds: a ``clip`` or ``mmgpt`` run,
+    or a Hugging Face GPT-2 directory (its ``config.json`` says ``"model_type": "gpt2"``)."""
+    config = checkpoint.load_config(run_dir)
+    if "model_type" in config:  # Hugging Face's config.json, not one of our runs'
+        if config["model_type"] != "gpt2":
+            raise checkpoint.CheckpointError(
+                f"{run_dir} holds a Hugging Face {config['model_type']!r} model; `serve` "
+                "serves gpt2 ones"
+            )
+        return gpt_model(run_dir, quantize=quantize, device=device)
+    kind = config.get("model")
     builders = {"clip": clip_model, "mmgpt": mmgpt_model}
     if kind not in builders:
         raise checkpoint.CheckpointError(
-            f"{run_dir} holds a {kind!r} run; `serve` serves {sorted(builders)} runs"
+            f"{run_dir} holds a {kind!r} run; `serve` serves {sorted(builders)} runs "
+            "and Hugging Face gpt2 directories"
         )
     return builders[kind](run_dir, quantize=quantize, device=device)
 
