@@ -115,7 +115,9 @@ def _guided(params, text, null_text, *, cfg: MMGPTConfig, key, scale: float, sam
     b, tv = len(text), cfg.text_vocab
     dtype = params["pos"].dtype
     cache = decoding.init_cache(spec, 2 * b, cfg.seq_len - 1, dtype=dtype, device=text.device)
-    logits, cache = decoding.prefill(params, torch.cat([text, null_text]), cache, cfg=spec)
+    # The cache is this loop's own: donated, each step writes its slot in place.
+    rows = torch.cat([text, null_text])
+    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True, donate=True)
     logits = logits[:, -1]
     keys = random.split(key if key is not None else random.key(0), cfg.image_len)
     codes = []
@@ -125,5 +127,7 @@ def _guided(params, text, null_text, *, cfg: MMGPTConfig, key, scale: float, sam
         code = sampling(uncond + scale * (cond - uncond), keys[i].to(text.device))
         codes.append(code)
         if i + 1 < cfg.image_len:
-            logits, cache = decoding.decode_step(params, (code + tv).repeat(2), cache, cfg=spec)
+            logits, cache = decoding.decode_step(
+                params, (code + tv).repeat(2), cache, cfg=spec, donate=True
+            )
     return torch.stack(codes, dim=1)

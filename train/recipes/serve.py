@@ -169,7 +169,8 @@ def stream_image_codes(
     cache = decoding.init_cache(
         spec, len(rows), cfg.seq_len - 1, dtype=params["pos"].dtype, device=device
     )
-    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True)
+    # The cache is this call's own: donate it, so each step writes one slot in place.
+    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True, donate=True)
     logits = logits[:, -1]
     keys = fmm.random.split(fmm.random.key(seed), cfg.image_len)
     codes: list[int] = []
@@ -185,7 +186,7 @@ def stream_image_codes(
             return
         if i + 1 < cfg.image_len:
             logits, cache = decoding.decode_step(
-                params, (code + tv).repeat(len(rows)), cache, cfg=spec
+                params, (code + tv).repeat(len(rows)), cache, cfg=spec, donate=True
             )
     grid = torch.tensor(codes, device=device).reshape(1, run["vqvae_cfg"].grid, -1)
     image = vqvae.decode(run["vqvae_params"], grid, cfg=run["vqvae_cfg"])[0]
@@ -246,7 +247,7 @@ def stream_text(
         spec, 1, len(ids) + new - 1, dtype=params["pos"].dtype, device=device
     )
     logits, cache = decoding.prefill(
-        params, torch.tensor([ids], device=device), cache, cfg=spec, last_only=True
+        params, torch.tensor([ids], device=device), cache, cfg=spec, last_only=True, donate=True
     )
     logits = logits[:, -1]
     keys = fmm.random.split(fmm.random.key(seed), new)
@@ -265,7 +266,7 @@ def stream_text(
         if stop.is_set():
             return
         if i + 1 < new:
-            logits, cache = decoding.decode_step(params, token, cache, cfg=spec)
+            logits, cache = decoding.decode_step(params, token, cache, cfg=spec, donate=True)
     yield {"done": True, "tokens": out, "text": tok.decode(out), "stop_reason": reason}
 
 
