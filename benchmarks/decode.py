@@ -12,7 +12,11 @@ Face's ``GPT2LMHeadModel`` initialisation, converted with ``models.gpt.from_hf``
 - ``transformers, static cache``: ``cache_implementation="static"`` (preallocated; on a CPU
   transformers does not compile it);
 - ``fmm eager`` / ``fmm compiled``: ``fmm.decoding.generate``, ``compile=False`` / ``True``
-  (inductor; the one-off compile is timed apart and excluded).
+  (inductor; the one-off compile is timed apart and excluded);
+- ``fmm int8 eager (approx.)``: the same loop over ``fmm.quant.quantize(params)`` (int8
+  weights, per-channel scales; fbgemm's int8 linear). A different, approximate model, shown
+  for what it buys: the share of its greedy tokens equal to ``transformers'`` is printed
+  with the others. It is not a baseline, and not the same-model comparison.
 
 ``speedup`` is the best baseline's time over the row's time. Then the per-token decoding
 time at a late position (just before ``--context``) divided by that at position 64: the
@@ -43,7 +47,7 @@ from _common import interleaved_ms
 from einops import rearrange
 
 import fmm
-from fmm import decoding, nn
+from fmm import decoding, nn, quant
 from models import gpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -107,11 +111,11 @@ def methods(model, params, cfg, context):
 
         return run
 
-    def ours(compile):
+    def ours(compile, weights=params):
         def run(prompt, new):
             # A fixed cache size: one compiled step serves every prompt length.
             return decoding.generate(
-                params, prompt, cfg=cfg, max_new_tokens=new, max_len=context, compile=compile
+                weights, prompt, cfg=cfg, max_new_tokens=new, max_len=context, compile=compile
             ).tokens
 
         return run
@@ -122,10 +126,14 @@ def methods(model, params, cfg, context):
         "transformers, static cache": hf("static"),
         "fmm eager": ours(False),
         "fmm compiled": ours(True),
+        # Not the same model: int8 weights (fmm.quant) read 4x fewer bytes per token. Its
+        # agreement with transformers' tokens is printed; it is no baseline.
+        INT8: ours(False, quant.quantize(params)),
     }
 
 
 BASELINES = ("concat cache", "transformers, dynamic cache", "transformers, static cache")
+INT8 = "fmm int8 eager (approx.)"
 
 
 def parse_args() -> argparse.Namespace:
