@@ -251,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/albef-<task>-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps (default: 1000 retrieval, 400 vqa)"
+        "--steps", type=int, default=None, help="optimizer steps (default: 1000 retrieval, 2000 vqa)"
     )
     parser.add_argument(
         "--batch-size",
@@ -286,7 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate on held-out images, save; returns the metrics written to ``metrics.json``."""
     retrieval = args.albef_task == "retrieval"
-    steps = args.steps if args.steps is not None else (1000 if retrieval else 400)
+    steps = args.steps if args.steps is not None else (1000 if retrieval else 2000)
     if args.batch_size is None:  # contrast wants the bigger batch; 64 questions suffice
         args.batch_size = 128 if retrieval else 64
     if steps < 1 or args.batch_size < 2:
