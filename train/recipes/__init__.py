@@ -1,12 +1,14 @@
 """One readable file per task. Each recipe exposes ``add_arguments(parser)`` and ``run(args)``.
 
-The flags every training recipe shares (``--device``, ``--compile``) and their defaults
+The flags every training recipe shares (``--device``, ``--compile``, ``--out``'s default)
 live here, so that they mean the same in every recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 import torch
 
@@ -30,3 +32,10 @@ def device_of(args: argparse.Namespace) -> torch.device:
 def wants_compile(args: argparse.Namespace, device: torch.device) -> bool:
     """``--compile`` if given; otherwise compile on CUDA only (on CPU it gains ~nothing)."""
     return device.type == "cuda" if args.compile is None else args.compile
+
+
+def run_dir(args: argparse.Namespace, name: str) -> Path:
+    """``--out``, or ``runs/<name>-<date>-<time>``; created if missing."""
+    out = args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

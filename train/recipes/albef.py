@@ -34,6 +34,7 @@ from models import albef
 from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, eval_set, is_holdout, sample_scenes, vocabulary
 from train.plots import plot_loss
+from train.recipes import device_of, run_dir
 from train.recipes.clip import normalize_images
 from train.step import init_state, make_train_step
 
@@ -251,7 +252,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run directory (default: runs/albef-<task>-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps (default: 1000 retrieval, 2000 vqa)"
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default: 1000 retrieval, 2000 vqa)",
     )
     parser.add_argument(
         "--batch-size",
@@ -293,9 +297,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(
             f"--steps must be >= 1 and --batch-size >= 2, got {steps} and {args.batch_size}"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = args.out or Path("runs") / time.strftime(f"albef-{args.albef_task}-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    device = device_of(args)
+    out = run_dir(args, f"albef-{args.albef_task}")
 
     world = WorldConfig()
     tokenizer = tokenizer_for(world)

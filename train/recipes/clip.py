@@ -29,7 +29,7 @@ from train import distributed as dist_
 from train.data import WordTokenizer, WorldConfig, is_holdout, sample_scenes
 from train.evaluate import zero_shot_accuracy
 from train.plots import plot_class_accuracy, plot_loss
-from train.recipes import add_device_arguments, device_of, wants_compile
+from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
 from train.step import init_state, make_train_step
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
@@ -280,8 +280,7 @@ def run(args: argparse.Namespace) -> dict:
                 "(train with --checkpoint-every N first)"
             )
     use_compile = wants_compile(args, device) and not scaled
-    out = args.out or Path("runs") / time.strftime("clip-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args, "clip")
 
     world = WorldConfig()
     tokenizer = WordTokenizer.for_world(world)

@@ -30,7 +30,7 @@ from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, sample_scenes, scene_stream
 from train.evaluate import zero_shot_accuracy
 from train.plots import plot_loss
-from train.recipes import add_device_arguments, device_of, wants_compile
+from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
 from train.recipes.clip import normalize_images
 from train.step import init_state, make_train_step
 
@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     device = device_of(args)
     use_compile = wants_compile(args, device)
-    out = args.out or Path("runs") / time.strftime("flava-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args, "flava")
 
     world = WorldConfig()
     tokenizer = WordTokenizer.for_world(world)

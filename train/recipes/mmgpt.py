@@ -24,7 +24,7 @@ from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, class_names, eval_set, is_holdout, scene_stream
 from train.plots import plot_loss
 from train.plots_generation import save_image_grid
-from train.recipes import add_device_arguments, device_of, wants_compile
+from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
 from train.recipes import vqvae as vqvae_recipe
 from train.recipes.generate import GUIDANCE, VQVAE_FILE, clip_classifier, draw
 from train.step import init_state, make_train_step
@@ -147,8 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     device = device_of(args)
     use_compile = wants_compile(args, device)
-    out = args.out or Path("runs") / time.strftime("mmgpt-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args, "mmgpt")
 
     vq_cfg, vq_params = vqvae_recipe.load_run(args.vqvae)
     vq_params = fmm.tree.map(lambda x: x.to(device), vq_params)

@@ -28,6 +28,7 @@ from fmm.losses import logit_scale_value
 from fmm.serve import ServedModel, Service
 from models import clip, gpt, mmgpt, vqvae
 from train import checkpoint
+from train.recipes import device_of
 
 TEXT_NEW_TOKENS = 64  # a text model's default max_new_tokens (fewer if the context is full)
 
@@ -337,7 +338,7 @@ def build_service(args: argparse.Namespace) -> Service:
             f"--max-wait-ms must be >= 0 and --timeout-s, --max-body-mb > 0, got "
             f"{args.max_wait_ms}, {args.timeout_s}, {args.max_body_mb}"
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     model = load_model(args.ckpt, quantize=args.quantize, device=device)
     store = None
     if args.store is not None:

@@ -25,7 +25,7 @@ from train import checkpoint, optim
 from train.data import WorldConfig, eval_set, scene_stream
 from train.plots import plot_loss
 from train.plots_generation import save_image_grid
-from train.recipes import add_device_arguments, device_of, wants_compile
+from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
 from train.step import init_state, make_train_step
 
 STATE_FILE = "codebook_state.safetensors"
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     device = device_of(args)
     use_compile = wants_compile(args, device)
-    out = args.out or Path("runs") / time.strftime("vqvae-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(args, "vqvae")
 
     world = WorldConfig()
     cfg = models.get_config(args.preset)
