@@ -40,9 +40,10 @@ from typing import Any, NamedTuple
 import torch
 from einops import rearrange
 
-from fmm import random
+from fmm import checks, random
 from fmm.kv_cache import Cache, DecoderSpec, Params, as_spec, init_cache, run_cached
 from fmm.nn.linear import linear
+from fmm.nn.transformer import init_block
 from fmm.sampling import Sampling, greedy, sample, top_k_mask, top_p_mask
 
 # The samplers live in fmm.sampling and the cache in fmm.kv_cache; they are re-exported here
@@ -62,15 +63,47 @@ __all__ = [
 ]
 
 
-def _check_batch(name: str, tokens: torch.Tensor, cache: Cache) -> None:
+def _check_params(params: Params, spec: DecoderSpec) -> None:
+    if spec.init is not None:
+        checks.check_params(params, init=spec.init, cfg=spec.config)
+        return
+    # Without the model's init only the blocks' layout is known here.
+    t = spec.transformer
+    try:
+        blocks = spec.blocks(params)
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(
+            f"params hold no transformer blocks where the spec reads them: {e!r}"
+        ) from None
+    if len(blocks) != t.layers:
+        raise ValueError(
+            f"params have {len(blocks)} transformer blocks but the spec's transformer has "
+            f"layers={t.layers}"
+        )
+    for i, bp in enumerate(blocks):
+        checks.check_params(bp, init=init_block, cfg=t, name=f"params' block {i}")
+
+
+def _check_tokens(name: str, tokens: torch.Tensor, dims: tuple, spec: DecoderSpec) -> None:
+    if spec.vocab_size is None:
+        checks.check_int(name, tokens, dims)
+    else:
+        checks.check_ids(name, tokens, dims, high=spec.vocab_size)
+
+
+def _check_cache(name: str, tokens: torch.Tensor, cache: Cache, spec: DecoderSpec) -> None:
+    checks.check_keys(cache, ("layers", "pos", "start"), name="cache")
     b = cache["pos"].shape[0]
     if tokens.shape[0] != b:
         raise ValueError(
-            f"{name}: tokens have batch {tokens.shape[0]} but the cache was built for batch {b} "
-            f"(tokens {list(tokens.shape)}, cache pos {list(cache['pos'].shape)})"
+            f"{name} have batch {tokens.shape[0]} but the cache was built for batch {b} "
+            f"({name} {list(tokens.shape)}, cache pos {list(cache['pos'].shape)})"
         )
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name}: tokens must be int64 ids, got {tokens.dtype}")
+    if len(cache["layers"]) != spec.transformer.layers:
+        raise ValueError(
+            f"cache has {len(cache['layers'])} layers but the model has "
+            f"{spec.transformer.layers}: build it with init_cache(spec, ...)"
+        )
 
 
 def prefill(
@@ -102,12 +135,15 @@ def prefill(
     Example: ``logits, cache = prefill(params, prompt, init_cache(spec, 2, 64), cfg=spec)``.
     """
     spec = as_spec(cfg)
-    if tokens.dim() != 2:
-        raise ValueError(f"prefill: tokens must be [batch, seq], got shape {list(tokens.shape)}")
-    _check_batch("prefill", tokens, cache)
+    _check_params(params, spec)
+    _check_tokens("tokens", tokens, ("batch", "seq"), spec)
+    _check_cache("tokens", tokens, cache, spec)
+    return _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate, last_only)
+
+
+def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate, last_only):
+    # prefill after its param and token checks (generate makes them on its prompt).
     batch, seq = tokens.shape
-    if seq == 0:
-        raise ValueError("prefill: the prompt is empty (tokens of shape [batch, 0])")
     max_len = cache["layers"][0]["k"].shape[2] if cache["layers"] else None
     filled = cache["start"] + cache["pos"]
     fresh = not torch.compiler.is_compiling() and not bool(filled.any())
@@ -115,21 +151,17 @@ def prefill(
         end = int(filled.max()) + seq
         if end > max_len:
             raise ValueError(
-                f"prefill: the prompt needs {end} cache slots ({seq} new tokens after "
-                f"{end - seq} cached) but the cache has max_len={max_len}"
+                f"tokens need {end} cache slots ({seq} new tokens after {end - seq} cached) "
+                f"but the cache has max_len={max_len}"
             )
     if lengths is not None:
         if not fresh:
-            raise ValueError("prefill: lengths= is only allowed on an empty cache")
+            raise ValueError("lengths= is only allowed on an empty cache (the first prefill)")
         lengths = torch.as_tensor(lengths, device=tokens.device)
-        if lengths.shape != (batch,):
-            raise ValueError(
-                f"prefill: lengths must be [batch]=[{batch}], got {list(lengths.shape)}"
-            )
+        checks.check_int("lengths", lengths, (batch,))
         if bool((lengths < 1).any()) or bool((lengths > seq).any()):
             raise ValueError(
-                f"prefill: every entry of lengths must be in [1, {seq}] (no empty row), "
-                f"got {lengths.tolist()}"
+                f"lengths must all be in [1, {seq}] (no empty row), got {lengths.tolist()}"
             )
         start = (seq - lengths).to(torch.int64)
     else:
@@ -142,11 +174,10 @@ def prefill(
     new_cache: Cache = {"start": start}
     if t.cross_dim is not None and context is not None:
         want_t = cache["layers"][0]["ck"].shape[2]
-        if context.shape != (batch, want_t, t.cross_dim):
-            raise ValueError(
-                f"prefill: context must be [batch, context_len, cross_dim]="
-                f"{[batch, want_t, t.cross_dim]}, got {list(context.shape)}"
-            )
+        checks.check_float(
+            "context", context, (batch, want_t, t.cross_dim), like=cache["layers"][0]["ck"],
+            hint="batch, the cache's context_len, cross_dim",
+        )  # fmt: skip
         cross_kv = []
         for bp in spec.blocks(params):
             ck, cv = rearrange(
@@ -155,15 +186,13 @@ def prefill(
             cross_kv.append((ck, cv))
         cm = torch.ones(batch, want_t, dtype=torch.bool, device=tokens.device)
         if context_mask is not None:
-            if context_mask.shape != (batch, want_t):
-                raise ValueError(
-                    f"prefill: context_mask must be [batch, context_len]={[batch, want_t]}, "
-                    f"got {list(context_mask.shape)}"
-                )
+            checks.check_mask("context_mask", context_mask, (batch, want_t))
             cm = context_mask.bool()
         new_cache["context_mask"] = cm
     elif t.cross_dim is not None and fresh:
-        raise ValueError("prefill: a cross-attending model needs context= at the first prefill")
+        raise ValueError(
+            "context= is missing: a cross-attending model needs context= at the first prefill"
+        )
     elif "context_mask" in cache:
         new_cache["context_mask"] = cache["context_mask"]
 
@@ -188,18 +217,21 @@ def decode_step(
     Example: ``logits, cache = decode_step(params, logits.argmax(-1), cache, cfg=spec)``.
     """
     spec = as_spec(cfg)
-    if token.dim() == 2 and token.shape[1] == 1:
+    _check_params(params, spec)
+    if isinstance(token, torch.Tensor) and token.dim() == 2 and token.shape[1] == 1:
         token = token[:, 0]
-    if token.dim() != 1:
-        raise ValueError(
-            f"decode_step: token must be [batch] or [batch, 1], got {list(token.shape)}"
-        )
-    _check_batch("decode_step", token, cache)
+    _check_tokens("token", token, ("batch",), spec)
+    _check_cache("token", token, cache, spec)
+    return _decode_step(params, token, cache, spec, donate)
+
+
+def _decode_step(params: Params, token, cache: Cache, spec: DecoderSpec, donate: bool):
+    # decode_step after its checks; generate's loop feeds it tokens it sampled itself.
     slots = (cache["start"] + cache["pos"])[:, None]
     if not torch.compiler.is_compiling() and cache["layers"]:
         max_len = cache["layers"][0]["k"].shape[2]
         if int(slots.max()) >= max_len:
-            raise ValueError(f"decode_step: the cache is full (max_len={max_len})")
+            raise ValueError(f"cache is full (max_len={max_len}): no slot for another token")
     logits, layers = run_cached(
         params, token[:, None], cache, spec, slots, cache["start"], cache["pos"][:, None],
         donate, None,
@@ -230,7 +262,7 @@ def _pick(logits, done, key, sampling: Sampling, eos_id, pad_id):
 
 def _advance(params, token, cache, done, key, spec, sampling, eos_id, pad_id):
     """One generation step: feed ``token``, pick the next one. Compiled as one graph."""
-    logits, cache = decode_step(params, token, cache, cfg=spec, donate=True)
+    logits, cache = _decode_step(params, token, cache, spec, True)
     out, tok, done = _pick(logits, done, key, sampling, eos_id, pad_id)
     return out, tok, done, cache
 
@@ -284,31 +316,30 @@ def generate(
                        temperature=1.0, top_p=0.9, eos_id=2, compile=True)
     """
     spec = as_spec(cfg)
-    if prompt.dim() != 2:
-        raise ValueError(f"generate: prompt must be [batch, seq], got shape {list(prompt.shape)}")
+    _check_params(params, spec)
+    _check_tokens("prompt", prompt, ("batch", "seq"), spec)
     batch, seq = prompt.shape
-    if seq == 0:
-        raise ValueError("generate: the prompt is empty (shape [batch, 0])")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature > 0 and key is None:
-        raise ValueError("generate: sampling with temperature > 0 needs key=")
+        raise ValueError("key= is missing: sampling with temperature > 0 needs key=")
     need = seq + max_new_tokens - 1
     max_len = need if max_len is None else max_len
     if need > max_len:
         raise ValueError(
-            f"generate: a prompt of {seq} tokens plus {max_new_tokens} new ones needs "
-            f"max_len >= {need}, got max_len={max_len}"
+            f"max_len is too small: a prompt of {seq} tokens plus {max_new_tokens} new ones "
+            f"needs max_len >= {need}, got max_len={max_len}"
         )
     leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"] if spec.transformer.layers else None
     dtype = leaf.dtype if leaf is not None else torch.float32
     ctx_len = None if context is None else context.shape[1]
     cache = init_cache(spec, batch, max_len, dtype=dtype, device=prompt.device, context_len=ctx_len)
-    logits, cache = prefill(
-        params, prompt, cache, cfg=spec, lengths=lengths, context=context,
-        context_mask=context_mask, donate=True, last_only=True,
-    )  # fmt: skip
+    logits, cache = _prefill(
+        params, prompt, cache, spec, lengths, context, context_mask, True, True
+    )
     keys = random.split(key if key is not None else random.key(0).to(prompt.device), max_new_tokens)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     first, tok, done = _pick(logits[:, -1], done, keys[0], sampling, eos_id, pad_id)

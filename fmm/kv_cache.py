@@ -42,6 +42,10 @@ class DecoderSpec:
     ``head(params, h [B, S, width]) -> logits [B, S, vocab]``: final norm and output layer.
     ``blocks(params)``: the list of block params (default ``params["transformer"]["blocks"]``).
     ``max_positions``: the longest sequence ``embed`` supports (``None``: unbounded).
+    ``vocab_size``: token ids must lie in ``[0, vocab_size)`` (``None``: not checked).
+    ``init`` and ``config``: the model's ``init(config, key)``; given, the decoding entry
+    points check the whole param tree against it (otherwise only the blocks, against
+    ``transformer``).
     """
 
     transformer: TransformerConfig
@@ -49,6 +53,9 @@ class DecoderSpec:
     head: Callable[[Params, torch.Tensor], torch.Tensor]
     blocks: Callable[[Params], Sequence[Params]] = _blocks_of
     max_positions: int | None = None
+    vocab_size: int | None = None
+    init: Callable[[Any, torch.Tensor], Params] | None = None
+    config: Any = None
 
     def __post_init__(self) -> None:
         t = self.transformer

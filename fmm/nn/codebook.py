@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fmm import random
+from fmm import checks, random
 
 Params = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -69,13 +69,8 @@ def nearest_codes(codebook: Params, z: torch.Tensor) -> torch.Tensor:
 def lookup(codebook: Params, codes: torch.Tensor) -> torch.Tensor:
     """The code vectors of ``codes: [...]`` (int64): ``[..., dim]``."""
     weight = codebook["weight"]
-    if codes.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"lookup: codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= weight.shape[0]):
-        raise ValueError(
-            f"lookup: codes must lie in [0, {weight.shape[0]}), got range "
-            f"[{int(codes.min())}, {int(codes.max())}]"
-        )
+    dims = tuple(codes.shape) if isinstance(codes, torch.Tensor) else ("...",)
+    checks.check_ids("codes", codes, dims, high=weight.shape[0])
     return F.embedding(codes, weight)
 
 

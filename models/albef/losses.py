@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm import random
+from fmm import checks, random
 from fmm.losses import mask_tokens, masked_cross_entropy, matching_accuracy, matching_loss
 from models.albef import model as M
 from models.albef.config import ALBEFConfig
+from models.bert.model import _check_inputs as _check_text_inputs
 
 Params = dict[str, Any]
 # Integer key streams: folding in a string hashes it on the host, which a compiled step
@@ -145,6 +146,34 @@ def itm_loss(
     return matching_loss(logits, labels), matching_accuracy(logits, labels).detach()
 
 
+def _check_pairs_in(params: Params, batch: dict[str, Any], cfg: ALBEFConfig) -> None:
+    M._check_images(params, batch["images"], cfg, "batch['images']")
+    _check_text_inputs(batch["input_ids"], batch["attention_mask"], None, cfg.text, in_batch=True)
+    checks.check_same_batch(
+        ("batch['images']", batch["images"]), ("batch['input_ids']", batch["input_ids"])
+    )
+
+
+def _check_pretrain_batch(params: Params, batch: dict[str, Any], cfg: ALBEFConfig, mask_id):
+    fields = ("images", "input_ids", "attention_mask", "idx", "image_feat_m", "text_feat_m")
+    checks.check_keys(batch, (*fields, "queue"))
+    checks.check_params(params, init=M.init, cfg=cfg)
+    _check_pairs_in(params, batch, cfg)
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"mask_id must be an int token id, got {type(mask_id).__name__}")
+    if not 0 <= mask_id < cfg.text.vocab_size:
+        raise ValueError(f"mask_id must lie in [0, {cfg.text.vocab_size}), got {mask_id}")
+    b, e = batch["images"].shape[0], cfg.embed_dim
+    checks.check_int("batch['idx']", batch["idx"], (b,))
+    for name in ("image_feat_m", "text_feat_m"):
+        checks.check_float(f"batch[{name!r}]", batch[name], (b, e))
+    queue = batch["queue"]
+    checks.check_keys(queue, ("image", "text", "idx", "ptr"), name="batch['queue']")
+    for name in ("image", "text"):
+        checks.check_float(f"batch['queue'][{name!r}]", queue[name], (cfg.queue_size, e))
+    checks.check_int("batch['queue']['idx']", queue["idx"], (cfg.queue_size,))
+
+
 def pretrain_loss(
     params: Params,
     batch: dict[str, Any],
@@ -164,20 +193,23 @@ def pretrain_loss(
     the MLM corruption and dropout. Returns ``(loss [], metrics)`` for
     ``train.step.make_train_step``.
     """
+    _check_pretrain_batch(params, batch, cfg, mask_id)
     ids, mask, idx = batch["input_ids"], batch["attention_mask"], batch["idx"]
     queue, temp = batch["queue"], M.temperature(params)
     kd = lambda name: random.fold_in(key, name) if train else None
-    image = M.encode_image(params, batch["images"], cfg=cfg)
-    text = M.encode_text(
-        params, ids, cfg=cfg, attention_mask=mask, key=kd(_STREAMS["text"]), train=train
-    )
+    image = M._encode_image(params, batch["images"], cfg)
+    text = M._encode_text(params, ids, cfg, mask, kd(_STREAMS["text"]), train)
 
     # ITC against the momentum batch + queue, targets softened by the momentum model.
     image_all = torch.cat([batch["image_feat_m"], queue["image"]])
     text_all = torch.cat([batch["text_feat_m"], queue["text"]])
     targets = positive_targets(idx, torch.cat([idx, queue["idx"]]))
     sim_i2t, sim_t2i = itc_similarities(
-        M.image_embedding(params, image), M.text_embedding(params, text), image_all, text_all, temp
+        M._projected(params, "vision_proj", image),
+        M._projected(params, "text_proj", text),
+        image_all,
+        text_all,
+        temp,
     )
     with torch.no_grad():
         sim_i2t_m, sim_t2i_m = itc_similarities(
@@ -188,9 +220,7 @@ def pretrain_loss(
 
     # ITM: matched pairs against the hardest-looking mismatches of the same batch.
     b = ids.shape[0]
-    fuse = lambda t, i, m, name: M.fuse(
-        params, t, i, cfg=cfg, attention_mask=m, key=kd(name), train=train
-    )
+    fuse = lambda t, i, m, name: M._fuse(params, t, i, cfg, m, kd(name), train)
     fused = fuse(text, image, mask, _STREAMS["fuse_pos"])
     neg_text, neg_image = hard_negatives(
         sim_i2t[:, :b], sim_t2i[:, :b], idx, random.fold_in(key, _STREAMS["neg"])
@@ -201,7 +231,7 @@ def pretrain_loss(
         torch.cat([mask, mask[neg_text]]),
         _STREAMS["fuse_neg"],
     )
-    itm, itm_acc = itm_loss(M.itm_logits(params, fused), M.itm_logits(params, fused_neg))
+    itm, itm_acc = itm_loss(M._itm_logits(params, fused), M._itm_logits(params, fused_neg))
 
     # MLM: predict corrupted tokens from the rest of the text and the image.
     position = torch.arange(ids.shape[1], device=ids.device)
@@ -209,11 +239,9 @@ def pretrain_loss(
     corrupt, labels = mask_tokens(
         random.fold_in(key, _STREAMS["mlm"]), ids, rate=0.15, mask_id=mask_id, allowed=maskable
     )
-    text_mlm = M.encode_text(
-        params, corrupt, cfg=cfg, attention_mask=mask, key=kd(_STREAMS["text_mlm"]), train=train
-    )
+    text_mlm = M._encode_text(params, corrupt, cfg, mask, kd(_STREAMS["text_mlm"]), train)
     fused_mlm = fuse(text_mlm, image, mask, _STREAMS["fuse_mlm"])
-    mlm = masked_cross_entropy(M.mlm_logits(params, fused_mlm, cfg=cfg), labels)
+    mlm = masked_cross_entropy(M._mlm_logits(params, fused_mlm, cfg), labels)
 
     metrics = {"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()}
     return itc + itm + mlm, {**metrics, "itm_accuracy": itm_acc, "temp": temp.detach()}

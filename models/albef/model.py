@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from fmm import fusion, nn, random
+from fmm import checks, fusion, nn, random
 from models import bert
 from models.albef.config import ALBEFConfig
+from models.bert.model import _check_inputs as _check_text_inputs
+from models.bert.model import _encode as _bert_encode
 
 Params = dict[str, Any]
 
@@ -46,6 +48,7 @@ MOMENTUM_PARTS = ("image", "text", "fusion", "vision_proj", "text_proj")
 def init(cfg: ALBEFConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
     """Fresh params for ``cfg``, a pure function of ``(cfg, key)``; a ``meta`` key gives
     shapes only. Example: ``params = init(albef_tiny(), fmm.random.key(0))``."""
+    checks.check_type("cfg", cfg, ALBEFConfig)
     ki, dev, wi, wt = random.fold_in(key, "image"), key.device, cfg.image_width, cfg.text.width
     k = lambda name: random.fold_in(key, name)
     image = {
@@ -81,27 +84,44 @@ def init(cfg: ALBEFConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
     return params
 
 
-def _check_images(images: torch.Tensor, cfg: ALBEFConfig) -> None:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"images must be a floating-point tensor [batch, C, H, W], got {got}")
-    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise ValueError(
-            f"images must have shape [batch, {', '.join(map(str, want))}], got {list(images.shape)}"
-        )
+def _check_images(params: Params, images, cfg: ALBEFConfig, name: str = "images") -> None:
+    want = ("batch", cfg.in_channels, cfg.image_size, cfg.image_size)
+    checks.check_float(name, images, want, like=params["image"]["patch"]["weight"])
 
 
-def encode_image(params: Params, images: torch.Tensor, *, cfg: ALBEFConfig) -> torch.Tensor:
-    """ViT tokens after the final norm: ``images [B, C, H, W] -> [B, 1 + grid², image_width]``
-    (token 0 is [CLS]). ``params``: the full tree or a momentum tree."""
-    _check_images(images, cfg)
+def _check_pairs(params: Params, images, input_ids, attention_mask, cfg: ALBEFConfig) -> None:
+    _check_images(params, images, cfg)
+    _check_text_inputs(input_ids, attention_mask, None, cfg.text)
+    checks.check_same_batch(("images", images), ("input_ids", input_ids))
+
+
+def _encode_image(params: Params, images: torch.Tensor, cfg: ALBEFConfig) -> torch.Tensor:
     p = params["image"]
     x = nn.patch_embed(p["patch"], images)
     cls = repeat(p["cls"], "d -> b 1 d", b=x.shape[0]).to(x.dtype)
     x = torch.cat([cls, x], dim=1) + p["pos"]
     x = nn.transformer(p["transformer"], x, cfg=cfg.image_transformer)
     return nn.layer_norm(p["norm"], x, eps=cfg.image_norm_eps)
+
+
+def _encode_text(params: Params, input_ids, cfg: ALBEFConfig, attention_mask, key, train):
+    return _bert_encode(params["text"], input_ids, cfg.text, attention_mask, None, key, train)
+
+
+def _fuse(params: Params, text_tokens, image_tokens, cfg: ALBEFConfig, attention_mask, key, train):
+    mask = None if attention_mask is None else nn.padding_mask(attention_mask)
+    return fusion.cross_attention_fusion(
+        params["fusion"], text_tokens, image_tokens, cfg=cfg.fusion, mask=mask, key=key,
+        train=train,
+    )  # fmt: skip
+
+
+def encode_image(params: Params, images: torch.Tensor, *, cfg: ALBEFConfig) -> torch.Tensor:
+    """ViT tokens after the final norm: ``images [B, C, H, W] -> [B, 1 + grid², image_width]``
+    (token 0 is [CLS]). ``params``: the full tree or a momentum tree."""
+    checks.check_params(params, init=init, cfg=cfg, only=("image",))
+    _check_images(params, images, cfg)
+    return _encode_image(params, images, cfg)
 
 
 def encode_text(
@@ -115,9 +135,9 @@ def encode_text(
 ) -> torch.Tensor:
     """BERT tokens ``input_ids [B, S] -> [B, S, text width]`` (token 0 is [CLS]);
     ``attention_mask [B, S]``: True/1 for real tokens."""
-    return bert.apply(
-        params["text"], input_ids, cfg=cfg.text, attention_mask=attention_mask, key=key, train=train
-    )
+    checks.check_params(params, init=init, cfg=cfg, only=("text",))
+    _check_text_inputs(input_ids, attention_mask, None, cfg.text)
+    return _encode_text(params, input_ids, cfg, attention_mask, key, train)
 
 
 def fuse(
@@ -133,35 +153,65 @@ def fuse(
     """The multimodal encoder: ``text_tokens [B, S, Wt]`` attend to themselves (padding
     excluded by ``attention_mask [B, S]``) and to ``image_tokens [B, P, Wi]`` -> ``[B, S, Wt]``.
     """
-    mask = None if attention_mask is None else nn.padding_mask(attention_mask)
-    return fusion.cross_attention_fusion(
-        params["fusion"], text_tokens, image_tokens, cfg=cfg.fusion, mask=mask, key=key,
-        train=train,
-    )  # fmt: skip
+    checks.check_params(params, init=init, cfg=cfg, only=("fusion",))
+    like = params["fusion"]["blocks"][0]["attn"]["qkv"]["weight"] if cfg.fusion_layers else None
+    checks.check_float("text_tokens", text_tokens, ("batch", "seq", cfg.text.width), like=like)
+    checks.check_float(
+        "image_tokens", image_tokens, ("batch", "patches", cfg.image_width), like=like
+    )
+    checks.check_same_batch(("text_tokens", text_tokens), ("image_tokens", image_tokens))
+    if attention_mask is not None:
+        checks.check_mask("attention_mask", attention_mask, text_tokens.shape[:2])
+    return _fuse(params, text_tokens, image_tokens, cfg, attention_mask, key, train)
+
+
+def _check_features(name: str, tokens: torch.Tensor, weight) -> None:
+    checks.check_float(name, tokens, ("batch", "seq", weight.shape[1]), like=weight)
+
+
+def _projected(params: Params, part: str, tokens: torch.Tensor) -> torch.Tensor:
+    return F.normalize(nn.linear(params[part], nn.pool_cls(tokens)), dim=-1)
 
 
 def image_embedding(params: Params, image_tokens: torch.Tensor) -> torch.Tensor:
     """Unit-norm contrastive embedding of the image [CLS]: ``[B, P, Wi] -> [B, embed]``."""
-    return F.normalize(nn.linear(params["vision_proj"], nn.pool_cls(image_tokens)), dim=-1)
+    checks.check_keys(params, ("vision_proj",), name="params")
+    _check_features("image_tokens", image_tokens, params["vision_proj"]["weight"])
+    return _projected(params, "vision_proj", image_tokens)
 
 
 def text_embedding(params: Params, text_tokens: torch.Tensor) -> torch.Tensor:
     """Unit-norm contrastive embedding of the text [CLS]: ``[B, S, Wt] -> [B, embed]``."""
-    return F.normalize(nn.linear(params["text_proj"], nn.pool_cls(text_tokens)), dim=-1)
+    checks.check_keys(params, ("text_proj",), name="params")
+    _check_features("text_tokens", text_tokens, params["text_proj"]["weight"])
+    return _projected(params, "text_proj", text_tokens)
 
 
 def temperature(params: Params) -> torch.Tensor:
     """The learned temperature projected into ALBEF's range [0.001, 0.5] (no edit of params)."""
+    checks.check_keys(params, ("log_temp",), name="params")
     return params["log_temp"].exp().clamp(*TEMP_RANGE)
 
 
 def itm_logits(params: Params, fused: torch.Tensor) -> torch.Tensor:
     """Image-text matching logits on the fused [CLS]: ``[B, S, W] -> [B, 2]`` (index 1 = match)."""
+    checks.check_keys(params, ("itm_head",), name="params")
+    _check_features("fused", fused, params["itm_head"]["weight"])
+    return _itm_logits(params, fused)
+
+
+def _itm_logits(params: Params, fused: torch.Tensor) -> torch.Tensor:
     return nn.linear(params["itm_head"], nn.pool_cls(fused))
 
 
 def mlm_logits(params: Params, fused: torch.Tensor, *, cfg: ALBEFConfig) -> torch.Tensor:
     """Masked-token logits ``[B, S, W] -> [B, S, vocab]`` (BERT's head, tied decoder)."""
+    checks.check_params(params, init=init, cfg=cfg, only=("mlm_head", "text"))
+    _check_features("fused", fused, params["mlm_head"]["dense"]["weight"])
+    return _mlm_logits(params, fused, cfg)
+
+
+def _mlm_logits(params: Params, fused: torch.Tensor, cfg: ALBEFConfig) -> torch.Tensor:
     h = params["mlm_head"]
     x = F.gelu(nn.linear(h["dense"], fused))
     x = nn.layer_norm(h["norm"], x, eps=cfg.text.norm_eps)
@@ -173,9 +223,24 @@ def vqa_logits(params: Params, fused: torch.Tensor) -> torch.Tensor:
 
     A classifier over a fixed answer set, where ALBEF itself decodes answers with a
     generative decoder (see docs/flava_albef.md)."""
-    if "vqa_head" not in params:
-        raise ValueError("vqa_logits: params have no 'vqa_head' (built with num_answers=0)")
+    if not isinstance(params, dict) or "vqa_head" not in params:
+        raise ValueError("params have no 'vqa_head' (built with num_answers=0)")
+    _check_features("fused", fused, params["vqa_head"]["fc1"]["weight"])
+    return _vqa_logits(params, fused)
+
+
+def _vqa_logits(params: Params, fused: torch.Tensor) -> torch.Tensor:
     return nn.mlp(params["vqa_head"], nn.pool_cls(fused))
+
+
+_ENCODERS = ("image", "text", "fusion")
+
+
+def _apply(params: Params, images, input_ids, cfg: ALBEFConfig, attention_mask):
+    image = _encode_image(params, images, cfg)
+    text = _encode_text(params, input_ids, cfg, attention_mask, None, False)
+    fused = _fuse(params, text, image, cfg, attention_mask, None, False)
+    return {"image": image, "text": text, "fused": fused}
 
 
 def apply(
@@ -195,15 +260,19 @@ def apply(
         out = apply(init(cfg, fmm.random.key(0)), images, ids, cfg=cfg)
         match_prob = itm_logits(params, out["fused"]).softmax(-1)[:, 1]
     """
-    if images.shape[0] != input_ids.shape[0]:
-        raise ValueError(
-            f"images {list(images.shape)} and input_ids {list(input_ids.shape)} must have the "
-            "same batch size"
-        )
-    image = encode_image(params, images, cfg=cfg)
-    text = encode_text(params, input_ids, cfg=cfg, attention_mask=attention_mask)
-    fused = fuse(params, text, image, cfg=cfg, attention_mask=attention_mask)
-    return {"image": image, "text": text, "fused": fused}
+    checks.check_params(params, init=init, cfg=cfg, only=_ENCODERS)
+    _check_pairs(params, images, input_ids, attention_mask, cfg)
+    return _apply(params, images, input_ids, cfg, attention_mask)
+
+
+def _vqa(params: Params, images, question_ids, cfg: ALBEFConfig, attention_mask):
+    return _vqa_logits(params, _apply(params, images, question_ids, cfg, attention_mask)["fused"])
+
+
+def _check_vqa(params: Params, cfg: ALBEFConfig) -> None:
+    if not cfg.num_answers:
+        raise ValueError("cfg has num_answers=0: VQA needs a config built with_answers(...)")
+    checks.check_params(params, init=init, cfg=cfg, only=(*_ENCODERS, "vqa_head"))
 
 
 def vqa(
@@ -215,8 +284,16 @@ def vqa(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Answer logits for questions about images: ``[B, C, H, W], [B, S] -> [B, num_answers]``."""
-    out = apply(params, images, question_ids, cfg=cfg, attention_mask=attention_mask)
-    return vqa_logits(params, out["fused"])
+    _check_vqa(params, cfg)
+    _check_images(params, images, cfg)
+    checks.check_ids(
+        "question_ids", question_ids, ("batch", range(1, cfg.text.max_positions + 1)),
+        high=cfg.text.vocab_size, hint=f"max_positions={cfg.text.max_positions}",
+    )  # fmt: skip
+    checks.check_same_batch(("images", images), ("question_ids", question_ids))
+    if attention_mask is not None:
+        checks.check_mask("attention_mask", attention_mask, question_ids.shape, of="question_ids")
+    return _vqa(params, images, question_ids, cfg, attention_mask)
 
 
 def rank_texts(
@@ -235,17 +312,21 @@ def rank_texts(
     texts score ``-1 + similarity`` (below every re-ranked one, still in ITC order).
     ``images [N, C, H, W]``, ``input_ids [T, S]``. Example: ``rank_texts(...).argmax(1)``.
     """
-    if k < 1:
-        raise ValueError(f"rank_texts: k must be >= 1, got {k}")
-    image = encode_image(params, images, cfg=cfg)
-    text = encode_text(params, input_ids, cfg=cfg, attention_mask=attention_mask)
-    sim = image_embedding(params, image) @ text_embedding(params, text).T
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    parts = (*_ENCODERS, "vision_proj", "text_proj", "itm_head")
+    checks.check_params(params, init=init, cfg=cfg, only=parts)
+    _check_images(params, images, cfg)
+    _check_text_inputs(input_ids, attention_mask, None, cfg.text)
+    image = _encode_image(params, images, cfg)
+    text = _encode_text(params, input_ids, cfg, attention_mask, None, False)
+    sim = _projected(params, "vision_proj", image) @ _projected(params, "text_proj", text).T
     k = min(k, sim.shape[1])
     top = sim.topk(k, dim=1).indices  # [N, k]
     n = image.shape[0]
     pair_text = text[top.flatten()]  # [N*k, S, W]
     pair_mask = None if attention_mask is None else attention_mask[top.flatten()]
     pair_image = image.repeat_interleave(k, dim=0)
-    fused = fuse(params, pair_text, pair_image, cfg=cfg, attention_mask=pair_mask)
-    match = itm_logits(params, fused).softmax(-1)[:, 1].reshape(n, k)
+    fused = _fuse(params, pair_text, pair_image, cfg, pair_mask, None, False)
+    match = _itm_logits(params, fused).softmax(-1)[:, 1].reshape(n, k)
     return (sim - 1.0).scatter(1, top, match)

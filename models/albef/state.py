@@ -19,15 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm import random, tree
+from fmm import checks, random, tree
+from models.albef import model as M
 from models.albef.config import ALBEFConfig
-from models.albef.model import (
-    MOMENTUM_PARTS,
-    encode_image,
-    encode_text,
-    image_embedding,
-    text_embedding,
-)
+from models.albef.model import MOMENTUM_PARTS
 
 Tree = Any
 EMPTY_ID = -1
@@ -54,6 +49,7 @@ def momentum_update(momentum: Tree, params: Tree, *, m: float) -> Tree:
 
 def init_queue(cfg: ALBEFConfig, key: torch.Tensor, *, dtype=torch.float32) -> Tree:
     """Queues of random unit features (as ALBEF starts them) with empty ids; ``ptr`` 0."""
+    checks.check_type("cfg", cfg, ALBEFConfig)
     q, e, dev = cfg.queue_size, cfg.embed_dim, key.device
     return {
         "image": F.normalize(
@@ -106,6 +102,9 @@ def momentum_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm image and text embeddings ``([B, embed], [B, embed])`` of the momentum
     encoders: the distillation targets and the features that enter the queues."""
-    image = encode_image(momentum, images, cfg=cfg)
-    text = encode_text(momentum, input_ids, cfg=cfg, attention_mask=attention_mask)
-    return image_embedding(momentum, image), text_embedding(momentum, text)
+    parts = ("image", "text", "vision_proj", "text_proj")
+    checks.check_params(momentum, init=M.init, cfg=cfg, only=parts, name="momentum")
+    M._check_pairs(momentum, images, input_ids, attention_mask, cfg)
+    image = M._encode_image(momentum, images, cfg)
+    text = M._encode_text(momentum, input_ids, cfg, attention_mask, None, False)
+    return M._projected(momentum, "vision_proj", image), M._projected(momentum, "text_proj", text)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm import nn, random
+from fmm import checks, nn, random
 from models.bert.config import BertConfig
 
 Params = dict[str, Any]
@@ -32,6 +32,7 @@ def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
 
     Example: ``params = init(bert_tiny(), fmm.random.key(0))``.
     """
+    checks.check_type("cfg", cfg, BertConfig)
     params: Params = {
         "token": nn.init_embedding(
             cfg.vocab_size, cfg.width, random.fold_in(key, "token"), std=_INIT_STD, dtype=dtype
@@ -58,37 +59,23 @@ def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
     return params
 
 
-def _check_ids(name: str, ids: torch.Tensor, high: int, shape: torch.Size | None) -> None:
-    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.is_complex():
-        raise ValueError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if shape is None:
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"{name} must be [batch, seq] with seq >= 1, got {list(ids.shape)}")
-    elif ids.shape != shape:
-        raise ValueError(
-            f"{name} must have the shape of input_ids {list(shape)}, got {list(ids.shape)}"
-        )
-    # A data-dependent check: eager only (compile would graph-break on it).
-    if not torch.compiler.is_compiling() and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= high:
-            raise ValueError(f"{name} must lie in [0, {high}), got values in [{lo}, {hi}]")
-
-
-def _check_inputs(input_ids, attention_mask, token_type_ids, cfg: BertConfig) -> None:
-    _check_ids("input_ids", input_ids, cfg.vocab_size, None)
-    if input_ids.shape[1] > cfg.max_positions:
-        raise ValueError(
-            f"input_ids have {input_ids.shape[1]} positions but the model has "
-            f"max_positions={cfg.max_positions}"
-        )
+def _check_inputs(
+    input_ids, attention_mask, token_type_ids, cfg: BertConfig, *, in_batch: bool = False
+) -> None:
+    # Shared with the families that embed text the BERT way (FLAVA, ALBEF); ``in_batch``
+    # names the arguments as fields of a loss's batch (``batch['input_ids']``).
+    name = (lambda n: f"batch[{n!r}]") if in_batch else (lambda n: n)
+    ids = name("input_ids")
+    seq = ("batch", range(1, cfg.max_positions + 1))
+    hint = f"max_positions={cfg.max_positions}"
+    checks.check_ids(ids, input_ids, seq, high=cfg.vocab_size, hint=hint)
     if token_type_ids is not None:
-        _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size, input_ids.shape)
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
-            f"got {list(attention_mask.shape)}"
-        )
+        checks.check_ids(
+            name("token_type_ids"), token_type_ids, input_ids.shape, high=cfg.type_vocab_size,
+            of=ids,
+        )  # fmt: skip
+    if attention_mask is not None:
+        checks.check_mask(name("attention_mask"), attention_mask, input_ids.shape, of=ids)
 
 
 def embed(
@@ -100,6 +87,14 @@ def embed(
 ) -> torch.Tensor:
     """Normalised word + position + token-type embeddings (before dropout).
     ``input_ids, token_type_ids: [B, S]`` -> ``[B, S, width]``."""
+    _check_inputs(input_ids, None, token_type_ids, cfg)
+    checks.check_params(
+        params, init=init, cfg=cfg, only=("token", "pos", "token_type", "norm_embed")
+    )
+    return _embed(params, input_ids, cfg, token_type_ids)
+
+
+def _embed(params: Params, input_ids, cfg: BertConfig, token_type_ids) -> torch.Tensor:
     x = nn.embed(params["token"], input_ids) + params["pos"][: input_ids.shape[1]]
     if token_type_ids is None:
         x = x + params["token_type"]["weight"][0]  # HF's default: every token in segment 0
@@ -131,10 +126,17 @@ def apply(
         h = apply(init(cfg, fmm.random.key(0)), torch.tensor([[2, 5, 7, 3]]), cfg=cfg)
     """
     _check_inputs(input_ids, attention_mask, token_type_ids, cfg)
-    x = embed(params, input_ids, cfg=cfg, token_type_ids=token_type_ids)
+    checks.check_params(params, init=init, cfg=cfg)
+    return _encode(params, input_ids, cfg, attention_mask, token_type_ids, key, train)
+
+
+def _encode(params, input_ids, cfg: BertConfig, attention_mask, token_type_ids, key, train):
+    # apply without its checks: for callers that checked their inputs against their own
+    # config (ALBEF's text encoder is a BERT inside a bigger tree).
+    x = _embed(params, input_ids, cfg, token_type_ids)
     if train and cfg.dropout > 0.0:
         if key is None:
-            raise ValueError("apply: dropout in training needs key=")
+            raise ValueError("key= is missing: dropout in training needs key=")
         x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
     mask = None if attention_mask is None else nn.padding_mask(attention_mask)
     k = random.fold_in(key, "transformer") if key is not None else None
@@ -146,19 +148,23 @@ def apply(
 def pooler(params: Params, hidden: torch.Tensor) -> torch.Tensor:
     """BERT's pooled output: ``tanh(dense(hidden[:, 0]))`` on the [CLS] token.
     ``hidden: [B, S, width]`` -> ``[B, width]``."""
-    if "pooler" not in params:
-        raise ValueError("pooler: params have no 'pooler' (built with cfg.pooler=False)")
+    if not isinstance(params, dict) or "pooler" not in params:
+        raise ValueError("params have no 'pooler' (built with cfg.pooler=False)")
+    width = params["pooler"]["weight"].shape[1]
+    checks.check_float("hidden", hidden, ("batch", "seq", width), like=params["pooler"]["weight"])
     return torch.tanh(nn.linear(params["pooler"], nn.pool_cls(hidden)))
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``hidden: [B, S, width]`` over the real tokens of ``attention_mask: [B, S]``
     (all tokens if ``None``). Returns ``[B, width]``."""
-    if attention_mask is not None and attention_mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"attention_mask must be [batch, seq] = {list(hidden.shape[:2])}, "
-            f"got {list(attention_mask.shape)}"
-        )
+    checks.check_float("hidden", hidden, ("batch", "seq", "width"))
+    if attention_mask is not None:
+        checks.check_mask("attention_mask", attention_mask, hidden.shape[:2])
+    return _mean_pool(hidden, attention_mask)
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     return nn.pool_mean(hidden, None if attention_mask is None else attention_mask.bool())
 
 
@@ -184,5 +190,5 @@ def sentence_embedding(
         attention_mask=attention_mask,
         token_type_ids=token_type_ids,
     )
-    pooled = mean_pool(hidden, attention_mask)
+    pooled = _mean_pool(hidden, attention_mask)
     return F.normalize(pooled, dim=-1) if normalize else pooled

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from fmm import nn, random
+from fmm import checks, nn, random
 from fmm.losses import contrastive_loss, local_gather, logit_scale_value
 from fmm.losses.contrastive import Gather
 from fmm.nn.transformer import BlockFn
@@ -39,6 +39,7 @@ def init(cfg: CLIPConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
 
     Example: ``params = init(clip_tiny(), fmm.random.key(0))``.
     """
+    checks.check_type("cfg", cfg, CLIPConfig)
     ki, kt = random.fold_in(key, "image"), random.fold_in(key, "text")
     wi, wt, dev = cfg.image_width, cfg.text_width, key.device
     image = {
@@ -81,40 +82,20 @@ def init(cfg: CLIPConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
     return {"image": image, "text": text, "logit_scale": logit_scale}
 
 
-def _check_images(images: torch.Tensor, cfg: CLIPConfig) -> None:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(
-            f"images must be a floating-point tensor [batch, channels, H, W], got {got}"
-        )
-    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise ValueError(
-            f"images must have shape [batch, {', '.join(map(str, want))}], got {list(images.shape)}"
-        )
+# Input checks; the callers check the params first, so the param leaves read here exist.
+def _check_images(params: Params, images: torch.Tensor, cfg: CLIPConfig, name: str) -> None:
+    want = ("batch", cfg.in_channels, cfg.image_size, cfg.image_size)
+    checks.check_float(name, images, want, like=params["image"]["patch"]["weight"])
 
 
-def _check_tokens(tokens: torch.Tensor, cfg: CLIPConfig) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise TypeError(f"tokens must be an int64 tensor [batch, seq], got {got}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape [batch, seq], got {list(tokens.shape)}")
-    if tokens.shape[1] > cfg.context_length:
-        raise ValueError(
-            f"tokens has seq={tokens.shape[1]} but the context_length is {cfg.context_length}: "
-            f"got {list(tokens.shape)}, want [batch, <= {cfg.context_length}]"
-        )
+def _check_tokens(tokens: torch.Tensor, cfg: CLIPConfig, name: str) -> None:
+    checks.check_ids(
+        name, tokens, ("batch", range(1, cfg.context_length + 1)), high=cfg.vocab_size,
+        hint=f"context_length={cfg.context_length}",
+    )  # fmt: skip
 
 
-def image_features(
-    params: Params, images: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
-) -> torch.Tensor:
-    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``.
-
-    ``block_fn`` runs each transformer block (see :func:`fmm.nn.transformer`); ``fmm.adapter``
-    passes one to shard or checkpoint blocks. Default: :func:`fmm.nn.block`."""
-    _check_images(images, cfg)
+def _image_features(params: Params, images, cfg: CLIPConfig, block_fn) -> torch.Tensor:
     p = params["image"]
     x = nn.patch_embed(p["patch"], images)
     cls = repeat(p["cls"], "d -> b 1 d", b=x.shape[0]).to(x.dtype)
@@ -124,17 +105,46 @@ def image_features(
     return nn.layer_norm(p["norm_post"], x, eps=cfg.norm_eps)
 
 
-def text_features(
-    params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
-) -> torch.Tensor:
-    """The text tower's causal token sequence after the final norm: ``[B, T] -> [B, T, width]``."""
-    _check_tokens(tokens, cfg)
+def _text_features(params: Params, tokens, cfg: CLIPConfig, block_fn) -> torch.Tensor:
     p = params["text"]
     x = nn.embed(p["token"], tokens) + p["pos"][: tokens.shape[1]]
     x = nn.transformer(
         p["transformer"], x, cfg=cfg.text_transformer, causal=True, block_fn=block_fn
     )
     return nn.layer_norm(p["norm_final"], x, eps=cfg.norm_eps)
+
+
+def _encode_image(params: Params, images, cfg: CLIPConfig, normalize: bool, block_fn):
+    x = nn.pool_cls(_image_features(params, images, cfg, block_fn))
+    x = nn.linear(params["image"]["proj"], x)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def _encode_text(params: Params, tokens, cfg: CLIPConfig, normalize: bool, block_fn):
+    x = nn.pool_eot(_text_features(params, tokens, cfg, block_fn), tokens)
+    x = nn.linear(params["text"]["proj"], x)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def image_features(
+    params: Params, images: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
+) -> torch.Tensor:
+    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``.
+
+    ``block_fn`` runs each transformer block (see :func:`fmm.nn.transformer`); ``fmm.adapter``
+    passes one to shard or checkpoint blocks. Default: :func:`fmm.nn.block`."""
+    checks.check_params(params, init=init, cfg=cfg, only=("image",))
+    _check_images(params, images, cfg, "images")
+    return _image_features(params, images, cfg, block_fn)
+
+
+def text_features(
+    params: Params, tokens: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
+) -> torch.Tensor:
+    """The text tower's causal token sequence after the final norm: ``[B, T] -> [B, T, width]``."""
+    checks.check_params(params, init=init, cfg=cfg, only=("text",))
+    _check_tokens(tokens, cfg, "tokens")
+    return _text_features(params, tokens, cfg, block_fn)
 
 
 def encode_image(
@@ -149,9 +159,9 @@ def encode_image(
 
     Example: ``encode_image(params, torch.rand(2, 3, 224, 224), cfg=clip_vit_b16())``.
     """
-    x = nn.pool_cls(image_features(params, images, cfg=cfg, block_fn=block_fn))
-    x = nn.linear(params["image"]["proj"], x)
-    return F.normalize(x, dim=-1) if normalize else x
+    checks.check_params(params, init=init, cfg=cfg, only=("image",))
+    _check_images(params, images, cfg, "images")
+    return _encode_image(params, images, cfg, normalize, block_fn)
 
 
 def encode_text(
@@ -164,9 +174,24 @@ def encode_text(
 ) -> torch.Tensor:
     """Text embeddings ``[B, T] (int64) -> [B, embed]`` read at the end-of-text token (the
     largest id in each row), unit norm unless ``normalize=False``."""
-    x = nn.pool_eot(text_features(params, tokens, cfg=cfg, block_fn=block_fn), tokens)
-    x = nn.linear(params["text"]["proj"], x)
-    return F.normalize(x, dim=-1) if normalize else x
+    checks.check_params(params, init=init, cfg=cfg, only=("text",))
+    _check_tokens(tokens, cfg, "tokens")
+    return _encode_text(params, tokens, cfg, normalize, block_fn)
+
+
+def _check_pairs(params: Params, images, tokens, cfg: CLIPConfig, names: tuple[str, str]):
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_images(params, images, cfg, names[0])
+    _check_tokens(tokens, cfg, names[1])
+    checks.check_same_batch((names[0], images), (names[1], tokens))
+
+
+def _apply(params: Params, images, tokens, cfg: CLIPConfig, block_fn):
+    return (
+        _encode_image(params, images, cfg, True, block_fn),
+        _encode_text(params, tokens, cfg, True, block_fn),
+        logit_scale_value(params["logit_scale"]),
+    )
 
 
 def apply(
@@ -179,16 +204,8 @@ def apply(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both towers: ``(image_embeds [B, E], text_embeds [B, E], scale [])`` where
     ``scale * image_embeds @ text_embeds.T`` are CLIP's logits."""
-    if images.shape[0] != tokens.shape[0]:
-        raise ValueError(
-            f"images and tokens must have the same batch size, got images {list(images.shape)} "
-            f"and tokens {list(tokens.shape)}"
-        )
-    return (
-        encode_image(params, images, cfg=cfg, block_fn=block_fn),
-        encode_text(params, tokens, cfg=cfg, block_fn=block_fn),
-        logit_scale_value(params["logit_scale"]),
-    )
+    _check_pairs(params, images, tokens, cfg, ("images", "tokens"))
+    return _apply(params, images, tokens, cfg, block_fn)
 
 
 def loss(
@@ -204,6 +221,10 @@ def loss(
     Returns ``(loss [], metrics)`` with ``metrics["logit_scale"]`` the clamped scale, so it
     plugs straight into ``train.step.make_train_step``.
     """
-    img, txt, scale = apply(params, batch["images"], batch["tokens"], cfg=cfg, block_fn=block_fn)
+    checks.check_keys(batch, ("images", "tokens"))
+    _check_pairs(
+        params, batch["images"], batch["tokens"], cfg, ("batch['images']", "batch['tokens']")
+    )
+    img, txt, scale = _apply(params, batch["images"], batch["tokens"], cfg, block_fn)
     value = contrastive_loss(img, txt, params["logit_scale"], gather=gather)
     return value, {"logit_scale": scale.detach()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fmm import checks
 from fmm.losses import logit_scale_value
 from models.clip.config import CLIPConfig
 from models.clip.model import Params, encode_image, encode_text
@@ -27,6 +28,7 @@ def detached_embeddings(
     params: Params, batch: dict[str, torch.Tensor], *, cfg: CLIPConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's ``(image_embeds [B, E], text_embeds [B, E])``, computed without grad."""
+    checks.check_keys(batch, ("images", "tokens"))
     with torch.no_grad():
         return (
             encode_image(params, batch["images"], cfg=cfg),

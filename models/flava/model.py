@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fmm import nn, random
+from fmm import checks, nn, random
 from models import bert
+from models.bert.model import _embed as _bert_embed
 from models.flava.config import FLAVAConfig
 from models.flava.heads import init_heads
 
@@ -71,6 +72,7 @@ def init_model(
 ) -> Params:
     """The encoders and projections (what TorchMultimodal's ``flava_model`` holds), without
     the pretraining heads. Pure in ``(cfg, key)``; a ``meta`` key gives shapes only."""
+    checks.check_type("cfg", cfg, FLAVAConfig)
     k = lambda name: random.fold_in(key, name)
     # BERT's init gives the embeddings, the pooler and blocks of the same shapes (a block's
     # params do not depend on where its norms sit); FLAVA adds a final norm.
@@ -106,29 +108,20 @@ def init(cfg: FLAVAConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
     }
 
 
-def _check_images(images: torch.Tensor, cfg: FLAVAConfig) -> None:
-    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise ValueError(
-            f"images must be [batch, {want[0]}, {want[1]}, {want[2]}], got {list(images.shape)}"
-        )
+# The parts of the tree the encoders and projections read (init_model's; init adds heads).
+MODEL_PARTS = ("image", "text", "mm", "image_to_mm", "text_to_mm", "image_proj", "text_proj")
 
 
-def _check_ids(input_ids: torch.Tensor, cfg: FLAVAConfig) -> None:
-    if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-    if input_ids.ndim != 2 or not 1 <= input_ids.shape[1] <= cfg.max_positions:
-        raise ValueError(
-            f"input_ids must be [batch, seq] with 1 <= seq <= max_positions={cfg.max_positions}, "
-            f"got {list(input_ids.shape)}"
-        )
-    # Data-dependent: eager only (compile would graph-break on it).
-    if not torch.compiler.is_compiling() and input_ids.numel():
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]"
-            )
+def _check_images(images: torch.Tensor, cfg: FLAVAConfig, like, name: str = "images") -> None:
+    want = ("batch", cfg.in_channels, cfg.image_size, cfg.image_size)
+    checks.check_float(name, images, want, like=like)
+
+
+def _check_ids(input_ids: torch.Tensor, cfg: FLAVAConfig, name: str = "input_ids") -> None:
+    checks.check_ids(
+        name, input_ids, ("batch", range(1, cfg.max_positions + 1)), high=cfg.vocab_size,
+        hint=f"max_positions={cfg.max_positions}",
+    )  # fmt: skip
 
 
 def _stack(params: Params, x, cfg, tcfg, mask, key, train, name) -> torch.Tensor:
@@ -156,16 +149,18 @@ def encode_image(
 
     Example: ``out = encode_image(params["image"], images, cfg=cfg); out.sequence[:, 0]``.
     """
-    _check_images(images, cfg)
+    checks.check_params(params, init=init, cfg=cfg, at="image")
+    _check_images(images, cfg, params["patch"]["weight"])
+    if patch_mask is not None:
+        if not cfg.image_masking:
+            raise ValueError("patch_mask is given but cfg.image_masking is False")
+        checks.check_mask("patch_mask", patch_mask, (images.shape[0], cfg.num_patches))
+    return _encode_image(params, images, cfg, patch_mask, key, train)
+
+
+def _encode_image(params: Params, images, cfg: FLAVAConfig, patch_mask, key, train) -> Encoded:
     x = nn.patch_embed(params["patch"], images)
     if patch_mask is not None:
-        if "mask_token" not in params:
-            raise ValueError("encode_image: patch_mask given but cfg.image_masking is False")
-        if patch_mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"patch_mask must be [batch, patches] = {list(x.shape[:2])}, "
-                f"got {list(patch_mask.shape)}"
-            )
         x = torch.where(patch_mask.bool()[..., None], params["mask_token"].to(x.dtype), x)
     cls = params["cls"].expand(x.shape[0], 1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1) + params["pos"]
@@ -189,15 +184,24 @@ def encode_text(
     ``attention_mask: [B, S]`` (True = a real token); by default every token but
     ``cfg.pad_id`` is real (FLAVA's rule). ``token_type_ids: [B, S]`` default all 0.
     """
+    checks.check_params(params, init=init, cfg=cfg, at="text")
     _check_ids(input_ids, cfg)
+    if attention_mask is not None:
+        checks.check_mask("attention_mask", attention_mask, input_ids.shape, of="input_ids")
+    if token_type_ids is not None:
+        checks.check_ids(
+            "token_type_ids", token_type_ids, input_ids.shape, high=cfg.type_vocab_size,
+            of="input_ids",
+        )  # fmt: skip
+    return _encode_text(params, input_ids, cfg, attention_mask, token_type_ids, key, train)
+
+
+def _encode_text(
+    params: Params, input_ids, cfg: FLAVAConfig, attention_mask, token_type_ids, key, train
+) -> Encoded:
     if attention_mask is None:
         attention_mask = input_ids != cfg.pad_id
-    elif attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
-            f"got {list(attention_mask.shape)}"
-        )
-    x = bert.embed(params, input_ids, cfg=cfg.text_embeddings, token_type_ids=token_type_ids)
+    x = _bert_embed(params, input_ids, cfg.text_embeddings, token_type_ids)
     mask = nn.padding_mask(attention_mask)
     hidden = _stack(params, x, cfg, cfg.text_transformer, mask, key, train, "encode_text")
     return Encoded(nn.layer_norm(params["norm"], hidden, eps=cfg.norm_eps), hidden)
@@ -220,19 +224,23 @@ def encode_multimodal(
     ``text_mask: [B, St]`` (True = real token) hides text padding from every query; ``None``
     attends to all tokens, as TorchMultimodal's FLAVA does.
     """
-    for name, x, width in (
-        ("image_hidden", image_hidden, cfg.image_width),
-        ("text_hidden", text_hidden, cfg.text_width),
+    checks.check_params(params, init=init, cfg=cfg, only=("image_to_mm", "text_to_mm", "mm"))
+    for name, x, width, like in (
+        ("image_hidden", image_hidden, cfg.image_width, params["image_to_mm"]["weight"]),
+        ("text_hidden", text_hidden, cfg.text_width, params["text_to_mm"]["weight"]),
     ):
         if x is None:
-            raise ValueError(f"encode_multimodal: {name} is missing; FLAVA fuses image and text")
-        if x.ndim != 3 or x.shape[-1] != width:
-            raise ValueError(f"{name} must be [batch, seq, {width}], got {list(x.shape)}")
-    if image_hidden.shape[0] != text_hidden.shape[0]:
-        raise ValueError(
-            f"image_hidden {list(image_hidden.shape)} and text_hidden {list(text_hidden.shape)} "
-            "have different batch sizes"
-        )
+            raise ValueError(f"{name} is missing: FLAVA's multimodal encoder fuses image and text")
+        checks.check_float(name, x, ("batch", "seq", width), like=like)
+    checks.check_same_batch(("image_hidden", image_hidden), ("text_hidden", text_hidden))
+    if text_mask is not None:
+        checks.check_mask("text_mask", text_mask, text_hidden.shape[:2])
+    return _encode_multimodal(params, image_hidden, text_hidden, cfg, text_mask, key, train)
+
+
+def _encode_multimodal(
+    params: Params, image_hidden, text_hidden, cfg: FLAVAConfig, text_mask, key, train
+) -> torch.Tensor:
     image = nn.linear(params["image_to_mm"], image_hidden)
     text = nn.linear(params["text_to_mm"], text_hidden)
     mm = params["mm"]
@@ -240,11 +248,6 @@ def encode_multimodal(
     x = torch.cat([cls, image, text], dim=1)
     mask = None
     if text_mask is not None:
-        if text_mask.shape != text_hidden.shape[:2]:
-            raise ValueError(
-                f"text_mask must be [batch, seq] = {list(text_hidden.shape[:2])}, "
-                f"got {list(text_mask.shape)}"
-            )
         keep = torch.ones(x.shape[0], 1 + image.shape[1], dtype=torch.bool, device=x.device)
         mask = nn.padding_mask(torch.cat([keep, text_mask.bool()], dim=1))
     hidden = _stack(mm, x, cfg, cfg.mm_transformer, mask, key, train, "encode_multimodal")
@@ -254,25 +257,42 @@ def encode_multimodal(
 def pooler(params: Params, sequence: torch.Tensor) -> torch.Tensor:
     """An encoder's pooled output ``tanh(dense(sequence[:, 0]))``: ``[B, S, D] -> [B, D]``
     (``params`` is that encoder's subtree, e.g. ``params["mm"]``)."""
+    checks.check_keys(params, ("pooler",), name="params")
+    weight = params["pooler"]["weight"]
+    checks.check_float("sequence", sequence, ("batch", "seq", weight.shape[1]), like=weight)
     return torch.tanh(nn.linear(params["pooler"], nn.pool_cls(sequence)))
+
+
+def _project(params: Params, part: str, sequence: torch.Tensor) -> torch.Tensor:
+    return nn.linear(params[part], nn.pool_cls(sequence))
 
 
 def project_image(params: Params, image_sequence: torch.Tensor) -> torch.Tensor:
     """The contrastive image embedding (not normalised): ``image_proj`` of the class token.
     ``[B, patches + 1, image_width] -> [B, embed_dim]``."""
-    return nn.linear(params["image_proj"], nn.pool_cls(image_sequence))
+    checks.check_keys(params, ("image_proj",), name="params")
+    weight = params["image_proj"]["weight"]
+    dims = ("batch", "seq", weight.shape[1])
+    checks.check_float("image_sequence", image_sequence, dims, like=weight)
+    return _project(params, "image_proj", image_sequence)
 
 
 def project_text(params: Params, text_sequence: torch.Tensor) -> torch.Tensor:
     """The contrastive text embedding (not normalised): ``text_proj`` of the first token.
     ``[B, S, text_width] -> [B, embed_dim]``."""
-    return nn.linear(params["text_proj"], nn.pool_cls(text_sequence))
+    checks.check_keys(params, ("text_proj",), name="params")
+    weight = params["text_proj"]["weight"]
+    dims = ("batch", "seq", weight.shape[1])
+    checks.check_float("text_sequence", text_sequence, dims, like=weight)
+    return _project(params, "text_proj", text_sequence)
 
 
 def embed_image(params: Params, images: torch.Tensor, *, cfg: FLAVAConfig) -> torch.Tensor:
     """Unit-norm image embeddings for retrieval: ``[B, C, H, W] -> [B, embed_dim]``."""
-    seq = encode_image(params["image"], images, cfg=cfg).sequence
-    return torch.nn.functional.normalize(project_image(params, seq), dim=-1)
+    checks.check_params(params, init=init, cfg=cfg, only=("image", "image_proj"))
+    _check_images(images, cfg, params["image"]["patch"]["weight"])
+    seq = _encode_image(params["image"], images, cfg, None, None, False).sequence
+    return torch.nn.functional.normalize(_project(params, "image_proj", seq), dim=-1)
 
 
 def embed_text(
@@ -283,8 +303,12 @@ def embed_text(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unit-norm text embeddings for retrieval: ``[B, S] -> [B, embed_dim]``."""
-    seq = encode_text(params["text"], input_ids, cfg=cfg, attention_mask=attention_mask).sequence
-    return torch.nn.functional.normalize(project_text(params, seq), dim=-1)
+    checks.check_params(params, init=init, cfg=cfg, only=("text", "text_proj"))
+    _check_ids(input_ids, cfg)
+    if attention_mask is not None:
+        checks.check_mask("attention_mask", attention_mask, input_ids.shape, of="input_ids")
+    seq = _encode_text(params["text"], input_ids, cfg, attention_mask, None, None, False).sequence
+    return torch.nn.functional.normalize(_project(params, "text_proj", seq), dim=-1)
 
 
 def apply(
@@ -301,7 +325,7 @@ def apply(
     Returns ``{"image": [B, Ni, Di], "text": [B, S, Dt], "multimodal": [B, 1+Ni+S, Dm],
     "image_embed": [B, E], "text_embed": [B, E]}`` (sequences after their final norms,
     embeddings not normalised). An explicit ``attention_mask`` also hides text padding in
-    the multimodal encoder.
+    the multimodal encoder. ``params``: :func:`init` or :func:`init_model`'s tree.
 
     Example::
 
@@ -309,22 +333,28 @@ def apply(
         out = apply(init(cfg, fmm.random.key(0)), images, tokens, cfg=cfg)
     """
     if images is None or input_ids is None:
+        missing = "images" if images is None else "input_ids"
         raise ValueError(
-            "apply: FLAVA's multimodal forward needs both images and input_ids; use "
-            "encode_image / encode_text for one modality"
+            f"{missing} is missing: FLAVA's multimodal forward needs both images and "
+            "input_ids; use encode_image / encode_text for one modality"
         )
-    if images.shape[0] != input_ids.shape[0]:
-        raise ValueError(
-            f"images {list(images.shape)} and input_ids {list(input_ids.shape)} have "
-            "different batch sizes"
-        )
-    image = encode_image(params["image"], images, cfg=cfg, patch_mask=patch_mask)
-    text = encode_text(params["text"], input_ids, cfg=cfg, attention_mask=attention_mask)
-    mm = encode_multimodal(params, image.hidden, text.hidden, cfg=cfg, text_mask=attention_mask)
+    checks.check_params(params, init=init, cfg=cfg, only=MODEL_PARTS)
+    _check_images(images, cfg, params["image"]["patch"]["weight"])
+    _check_ids(input_ids, cfg)
+    checks.check_same_batch(("images", images), ("input_ids", input_ids))
+    if attention_mask is not None:
+        checks.check_mask("attention_mask", attention_mask, input_ids.shape, of="input_ids")
+    if patch_mask is not None:
+        if not cfg.image_masking:
+            raise ValueError("patch_mask is given but cfg.image_masking is False")
+        checks.check_mask("patch_mask", patch_mask, (images.shape[0], cfg.num_patches))
+    image = _encode_image(params["image"], images, cfg, patch_mask, None, False)
+    text = _encode_text(params["text"], input_ids, cfg, attention_mask, None, None, False)
+    mm = _encode_multimodal(params, image.hidden, text.hidden, cfg, attention_mask, None, False)
     return {
         "image": image.sequence,
         "text": text.sequence,
         "multimodal": mm,
-        "image_embed": project_image(params, image.sequence),
-        "text_embed": project_text(params, text.sequence),
+        "image_embed": _project(params, "image_proj", image.sequence),
+        "text_embed": _project(params, "text_proj", text.sequence),
     }

@@ -31,15 +31,17 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from fmm import losses, random
+from fmm import checks, losses, random
 from models.flava.config import FLAVAConfig
 from models.flava.heads import itm_head, masked_head
 from models.flava.model import (
-    encode_image,
-    encode_multimodal,
-    encode_text,
-    project_image,
-    project_text,
+    _check_ids,
+    _check_images,
+    _encode_image,
+    _encode_multimodal,
+    _encode_text,
+    _project,
+    init,
 )
 
 Params = dict[str, Any]
@@ -169,13 +171,37 @@ def draw_masks(
 ) -> Masks:
     """Draw the text and patch masks and the ITM pairs from ``key`` (pure), and read the
     MIM targets off ``image_tokenizer``. ``batch`` as in :func:`pretraining_loss`."""
+    _check_batch(batch, cfg, None)
+    _check_objective(pcfg, image_tokenizer)
+    return _draw_masks(batch, key, cfg, pcfg, image_tokenizer)
+
+
+def _check_batch(batch: dict[str, torch.Tensor], cfg: FLAVAConfig, like) -> None:
+    checks.check_keys(batch, ("images", "tokens"))
+    _check_images(batch["images"], cfg, like, "batch['images']")
+    _check_ids(batch["tokens"], cfg, "batch['tokens']")
+    checks.check_same_batch(
+        ("batch['images']", batch["images"]), ("batch['tokens']", batch["tokens"])
+    )
+    if "tokenizer_images" in batch:  # any layout the tokenizer reads, one row per example
+        checks.check_type("batch['tokenizer_images']", batch["tokenizer_images"], torch.Tensor)
+        checks.check_same_batch(
+            ("batch['images']", batch["images"]),
+            ("batch['tokenizer_images']", batch["tokenizer_images"]),
+        )
+
+
+def _check_objective(pcfg: PretrainConfig, image_tokenizer: ImageTokenizer) -> None:
+    checks.check_type("pcfg", pcfg, PretrainConfig)
+    if not callable(image_tokenizer):
+        raise TypeError(
+            f"image_tokenizer must be a function images -> codes, got {type(image_tokenizer).__name__}"
+        )
+
+
+def _draw_masks(batch, key, cfg: FLAVAConfig, pcfg: PretrainConfig, image_tokenizer) -> Masks:
     images, tokens = batch["images"], batch["tokens"]
     b = images.shape[0]
-    if tokens.ndim != 2 or tokens.shape[0] != b:
-        raise ValueError(
-            f"batch['tokens'] must be [batch, seq] with batch {b} like the images, "
-            f"got {list(tokens.shape)}"
-        )
     k = lambda name: random.fold_in(key, _SALTS[name])
     maskable = tokens != cfg.pad_id
     for special in pcfg.special_ids:
@@ -203,35 +229,36 @@ def task_losses(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``({task: 0-d loss}, {"mlm_acc", "mim_acc", "itm_acc"})`` for one batch and its
     ``masks``. ``key`` is needed only for dropout in training."""
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_batch(batch, cfg, params["image"]["patch"]["weight"])
+    checks.check_type("masks", masks, Masks)
+    return _task_losses(params, batch, masks, key, cfg, train)
+
+
+def _task_losses(params: Params, batch, masks: Masks, key, cfg: FLAVAConfig, train: bool):
     images, tokens = batch["images"], batch["tokens"]
     k = (lambda name: random.fold_in(key, _SALTS[name])) if key is not None else (lambda n: None)
     valid = tokens != cfg.pad_id
-    enc = dict(cfg=cfg, train=train)
     heads, out = params["heads"], {}
     head = partial(masked_head, act=cfg.act, eps=cfg.head_norm_eps)
 
-    image = encode_image(params["image"], images, key=k("image"), **enc)
-    text = encode_text(params["text"], tokens, attention_mask=valid, key=k("text"), **enc)
-    image_emb = F.normalize(project_image(params, image.sequence), dim=-1)
-    text_emb = F.normalize(project_text(params, text.sequence), dim=-1)
+    image = _encode_image(params["image"], images, cfg, None, k("image"), train)
+    text = _encode_text(params["text"], tokens, cfg, valid, None, k("text"), train)
+    image_emb = F.normalize(_project(params, "image_proj", image.sequence), dim=-1)
+    text_emb = F.normalize(_project(params, "text_proj", text.sequence), dim=-1)
     out["contrastive"] = losses.contrastive_loss(image_emb, text_emb, heads["logit_scale"])
 
-    image_m = encode_image(
-        params["image"], images, patch_mask=masks.patch_mask, key=k("image_m"), **enc
-    )
-    text_m = encode_text(
-        params["text"], masks.masked_tokens, attention_mask=valid, key=k("text_m"), **enc
-    )
+    image_m = _encode_image(params["image"], images, cfg, masks.patch_mask, k("image_m"), train)
+    text_m = _encode_text(params["text"], masks.masked_tokens, cfg, valid, None, k("text_m"), train)
     mlm_logits = head(heads["mlm"], text_m.sequence)
     mim_logits = head(heads["mim"], image_m.sequence[:, 1:])
     out["mlm"] = losses.masked_cross_entropy(mlm_logits, masks.mlm_labels)
     out["mim"] = losses.masked_cross_entropy(mim_logits, masks.mim_labels)
 
     partner = masks.partner
-    mm = encode_multimodal(
-        params, image_m.hidden, text_m.hidden[partner], text_mask=valid[partner],
-        key=k("mm"), **enc,
-    )  # fmt: skip
+    mm = _encode_multimodal(
+        params, image_m.hidden, text_m.hidden[partner], cfg, valid[partner], k("mm"), train
+    )
     itm_logits = itm_head(heads["itm"], mm)
     out["itm"] = losses.matching_loss(itm_logits, masks.itm_labels)
 
@@ -276,8 +303,11 @@ def pretraining_loss(
         loss_fn = partial(pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
         step = train.step.make_train_step(loss_fn, optimizer)
     """
-    masks = draw_masks(batch, key, cfg=cfg, pcfg=pcfg, image_tokenizer=image_tokenizer)
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_batch(batch, cfg, params["image"]["patch"]["weight"])
+    _check_objective(pcfg, image_tokenizer)
+    masks = _draw_masks(batch, key, cfg, pcfg, image_tokenizer)
     dropout = random.fold_in(key, _SALTS["dropout"]) if train and cfg.dropout > 0 else None
-    out, accuracy = task_losses(params, batch, masks, dropout, cfg=cfg, train=train)
+    out, accuracy = _task_losses(params, batch, masks, dropout, cfg, train)
     total = sum(pcfg.weight(t) * out[t] for t in TASKS if pcfg.weight(t) != 0.0)
     return total, {**{t: out[t].detach() for t in TASKS}, **accuracy}

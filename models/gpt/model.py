@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm import decoding, nn, random
+from fmm import checks, decoding, nn, random
 from models.gpt.config import GPTConfig
 
 Params = dict[str, Any]
@@ -29,6 +29,7 @@ def init(cfg: GPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float3
 
     Example: ``params = init(gpt_tiny(), fmm.random.key(0))``.
     """
+    checks.check_type("cfg", cfg, GPTConfig)
     return {
         "token": nn.init_embedding(
             cfg.vocab_size, cfg.width, random.fold_in(key, "token"), std=0.02, dtype=dtype
@@ -53,14 +54,14 @@ def head(params: Params, h: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
     return F.linear(nn.layer_norm(params["norm_final"], h, eps=eps), params["token"]["weight"])
 
 
-def _check_tokens(tokens: torch.Tensor, cfg: GPTConfig) -> None:
-    if tokens.dim() != 2 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be [batch, seq] with seq >= 1, got {list(tokens.shape)}")
-    if tokens.shape[1] > cfg.context_length:
-        raise ValueError(
-            f"tokens have {tokens.shape[1]} positions but the model has "
-            f"context_length={cfg.context_length}"
-        )
+def _check_tokens(name: str, tokens: torch.Tensor, cfg: GPTConfig, extra: int = 0) -> None:
+    # ``extra``: positions beyond the context a caller drops before the forward (loss feeds
+    # tokens[:, :-1], so it takes context_length + 1 tokens).
+    longest = cfg.context_length + extra
+    checks.check_ids(
+        name, tokens, ("batch", range(1 + extra, longest + 1)), high=cfg.vocab_size,
+        hint=f"context_length={cfg.context_length}",
+    )  # fmt: skip
 
 
 def apply(
@@ -77,12 +78,17 @@ def apply(
 
     Example: ``logits = apply(params, torch.randint(0, 64, (2, 10)), cfg=gpt_tiny())``.
     """
-    _check_tokens(tokens, cfg)
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_tokens("tokens", tokens, cfg)
+    return _apply(params, tokens, cfg, key, train)
+
+
+def _apply(params: Params, tokens, cfg: GPTConfig, key, train: bool) -> torch.Tensor:
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     x = nn.embed(params["token"], tokens) + params["pos"][positions]
     if train and cfg.dropout > 0.0:
         if key is None:
-            raise ValueError("apply: dropout in training needs key=")
+            raise ValueError("key= is missing: dropout in training needs key=")
         x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
     k = random.fold_in(key, "transformer") if key is not None else None
     x = nn.transformer(
@@ -104,7 +110,11 @@ def loss(
 
     ``mask: [B, S]`` (bool, True = a real token): only real targets count.
     """
-    logits = apply(params, tokens[:, :-1], cfg=cfg, key=key, train=train)
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_tokens("tokens", tokens, cfg, extra=1)
+    if mask is not None:
+        checks.check_mask("mask", mask, tokens.shape, of="tokens")
+    logits = _apply(params, tokens[:, :-1], cfg, key, train)
     targets = tokens[:, 1:]
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     if mask is None:
@@ -121,4 +131,7 @@ def decoder_spec(cfg: GPTConfig) -> decoding.DecoderSpec:
         embed=embed,
         head=functools.partial(head, eps=cfg.norm_eps),
         max_positions=cfg.context_length,
+        vocab_size=cfg.vocab_size,
+        init=init,
+        config=cfg,
     )

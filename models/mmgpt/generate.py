@@ -11,10 +11,10 @@ import functools
 
 import torch
 
-from fmm import decoding, random
+from fmm import checks, decoding, random
 from fmm.nn import embed, layer_norm
 from models.mmgpt.config import MMGPTConfig
-from models.mmgpt.model import Params, _check_tokens, mask_logits, modality_mask, output_logits
+from models.mmgpt.model import Params, _check_text, init, mask_logits, modality_mask, output_logits
 
 
 def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg: MMGPTConfig):
@@ -39,6 +39,9 @@ def image_decoder_spec(cfg: MMGPTConfig) -> decoding.DecoderSpec:
         embed=functools.partial(_embed, cfg=cfg),
         head=functools.partial(_image_head, cfg=cfg),
         max_positions=cfg.seq_len,
+        vocab_size=cfg.vocab_size,
+        init=init,
+        config=cfg,
     )
 
 
@@ -71,20 +74,19 @@ def generate_images(
                                 key=fmm.random.key(0))
         images = models.vqvae.decode(vq_params, codes.reshape(8, 8, 8), cfg=vq_cfg)
     """
-    _check_tokens(text, cfg, "text")
-    if text.shape[1] != cfg.text_len:
-        raise ValueError(f"text must have shape [batch, {cfg.text_len}], got {list(text.shape)}")
-    if int(text.max()) >= cfg.text_vocab or int(text.min()) < 0:
-        raise ValueError(
-            f"text ids must lie in [0, {cfg.text_vocab}), got range "
-            f"[{int(text.min())}, {int(text.max())}]"
-        )
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_text(text, cfg)
     if guidance != 1.0:
-        if null_text is None or null_text.ndim != 2 or null_text.shape[1] != cfg.text_len:
-            got = None if null_text is None else list(null_text.shape)
+        if null_text is None:
             raise ValueError(
-                f"guidance={guidance} needs null_text of shape [1 or batch, {cfg.text_len}], "
-                f"got {got}"
+                f"null_text is missing: guidance={guidance} needs null_text of shape "
+                f"[1 or batch, {cfg.text_len}]"
+            )
+        _check_text(null_text, cfg, "null_text")
+        if null_text.shape[0] not in (1, len(text)):
+            raise ValueError(
+                f"null_text must have shape [1 or batch={len(text)}, {cfg.text_len}], "
+                f"got {list(null_text.shape)}"
             )
         with torch.no_grad():
             return _guided(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from fmm import nn, random
+from fmm import checks, nn, random
 from models.mmgpt.config import MMGPTConfig
 
 Params = dict[str, Any]
@@ -32,6 +32,7 @@ def init(cfg: MMGPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
 
     Example: ``params = init(mmgpt_shapes(), fmm.random.key(0))``.
     """
+    checks.check_type("cfg", cfg, MMGPTConfig)
     w, dev = cfg.width, key.device
     kt, ki = random.fold_in(key, "text"), random.fold_in(key, "image")
 
@@ -55,13 +56,29 @@ def init(cfg: MMGPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
 
 
 def _check_tokens(tokens: torch.Tensor, cfg: MMGPTConfig, name: str = "tokens") -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise TypeError(f"{name} must be an int64 tensor [batch, seq], got {got}")
-    if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= cfg.seq_len:
-        raise ValueError(
-            f"{name} must have shape [batch, 1..{cfg.seq_len}], got {list(tokens.shape)}"
-        )
+    checks.check_ids(
+        name, tokens, ("batch", range(1, cfg.seq_len + 1)), high=cfg.vocab_size,
+        hint=f"seq_len={cfg.seq_len}: text_len + image_len",
+    )  # fmt: skip
+
+
+def _check_text(text: torch.Tensor, cfg: MMGPTConfig, name: str = "text") -> None:
+    checks.check_ids(name, text, ("batch", cfg.text_len), high=cfg.text_vocab)
+
+
+def _check_codes(codes: torch.Tensor, cfg: MMGPTConfig, name: str = "codes") -> None:
+    # [batch, image_len] or a grid [batch, h, w] of h * w = image_len codes (raster order).
+    dims: tuple = ("batch", cfg.image_len)
+    if isinstance(codes, torch.Tensor) and codes.ndim == 3:
+        dims = ("batch", *codes.shape[1:])
+        if codes.shape[1] * codes.shape[2] != cfg.image_len:
+            raise ValueError(
+                f"{name} must hold image_len={cfg.image_len} codes per caption, got a grid "
+                f"{list(codes.shape)}"
+            )
+    checks.check_ids(
+        name, codes, dims, high=cfg.image_vocab, hint=f"image_len={cfg.image_len} per caption"
+    )
 
 
 def modality_mask(cfg: MMGPTConfig, modality: str, *, device=None) -> torch.Tensor:
@@ -90,6 +107,17 @@ def embed_tokens(
     params: Params, tokens: torch.Tensor, *, cfg: MMGPTConfig, offset: int = 0
 ) -> torch.Tensor:
     """Per-modality token embeddings plus positions ``offset..``: ``[B, S] -> [B, S, width]``."""
+    checks.check_params(params, init=init, cfg=cfg, only=("text", "image", "pos"))
+    _check_tokens(tokens, cfg)
+    if not 0 <= offset <= cfg.seq_len - tokens.shape[1]:
+        raise ValueError(
+            f"offset must lie in [0, {cfg.seq_len - tokens.shape[1]}] for "
+            f"{tokens.shape[1]} tokens of a seq_len={cfg.seq_len} model, got {offset}"
+        )
+    return _embed_tokens(params, tokens, cfg, offset)
+
+
+def _embed_tokens(params: Params, tokens, cfg: MMGPTConfig, offset: int) -> torch.Tensor:
     is_image = tokens >= cfg.text_vocab
     # Clamp so both lookups are in range; `where` keeps the right one for each id.
     text = nn.embed(params["text"]["token"], tokens.clamp(max=cfg.text_vocab - 1))
@@ -105,6 +133,14 @@ def output_logits(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch
     )
 
 
+def _features(params: Params, tokens, cfg: MMGPTConfig, key, train: bool) -> torch.Tensor:
+    x = _embed_tokens(params, tokens, cfg, 0)
+    x = nn.transformer(
+        params["transformer"], x, cfg=cfg.transformer, causal=True, key=key, train=train
+    )
+    return nn.layer_norm(params["norm_final"], x, eps=cfg.norm_eps)
+
+
 def features(
     params: Params,
     tokens: torch.Tensor,
@@ -114,12 +150,9 @@ def features(
     train: bool = False,
 ) -> torch.Tensor:
     """Causal features after the final norm: ``tokens [B, S]`` (unified ids) -> ``[B, S, width]``."""
+    checks.check_params(params, init=init, cfg=cfg)
     _check_tokens(tokens, cfg)
-    x = embed_tokens(params, tokens, cfg=cfg)
-    x = nn.transformer(
-        params["transformer"], x, cfg=cfg.transformer, causal=True, key=key, train=train
-    )
-    return nn.layer_norm(params["norm_final"], x, eps=cfg.norm_eps)
+    return _features(params, tokens, cfg, key, train)
 
 
 def apply(
@@ -135,31 +168,22 @@ def apply(
     Position ``i``'s logits predict token ``i + 1``; mask them with :func:`modality_mask`
     to the modality expected there.
     """
-    return output_logits(params, features(params, tokens, cfg=cfg, key=key, train=train), cfg=cfg)
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_tokens(tokens, cfg)
+    return output_logits(params, _features(params, tokens, cfg, key, train), cfg=cfg)
 
 
 def sequence(text: torch.Tensor, codes: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
     """One id sequence from ``text [B, text_len]`` and ``codes [B, image_len]`` (or
     ``[B, h, w]``, read in raster order): ``[B, seq_len]``."""
-    codes = codes.reshape(codes.shape[0], -1)
-    if text.ndim != 2 or text.shape[1] != cfg.text_len:
-        raise ValueError(f"text must have shape [batch, {cfg.text_len}], got {list(text.shape)}")
-    if codes.shape != (text.shape[0], cfg.image_len):
-        raise ValueError(
-            f"codes must hold {cfg.image_len} codes for each of the {text.shape[0]} captions, "
-            f"got {list(codes.shape)}"
-        )
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= cfg.image_vocab):
-        raise ValueError(
-            f"codes must lie in [0, {cfg.image_vocab}), got range "
-            f"[{int(codes.min())}, {int(codes.max())}]"
-        )
-    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= cfg.text_vocab):
-        raise ValueError(
-            f"text ids must lie in [0, {cfg.text_vocab}), got range "
-            f"[{int(text.min())}, {int(text.max())}]"
-        )
-    return torch.cat([text, codes + cfg.text_vocab], dim=1)
+    _check_text(text, cfg)
+    _check_codes(codes, cfg)
+    checks.check_same_batch(("text", text), ("codes", codes))
+    return _sequence(text, codes, cfg)
+
+
+def _sequence(text: torch.Tensor, codes: torch.Tensor, cfg: MMGPTConfig) -> torch.Tensor:
+    return torch.cat([text, codes.reshape(codes.shape[0], -1) + cfg.text_vocab], dim=1)
 
 
 def loss(
@@ -176,8 +200,13 @@ def loss(
     positions by the text head with weight ``cfg.text_loss_weight``. Returns
     ``(loss [], {"image_nll", "image_accuracy"})`` for ``train.step.make_train_step``.
     """
-    seq = sequence(batch["text"], batch["codes"], cfg=cfg)
-    h = features(params, seq[:, :-1], cfg=cfg, key=key, train=train)
+    checks.check_keys(batch, ("text", "codes"))
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_text(batch["text"], cfg, "batch['text']")
+    _check_codes(batch["codes"], cfg, "batch['codes']")
+    checks.check_same_batch(("batch['text']", batch["text"]), ("batch['codes']", batch["codes"]))
+    seq = _sequence(batch["text"], batch["codes"], cfg)
+    h = _features(params, seq[:, :-1], cfg, key, train)
     t = cfg.text_len
     # Features at positions t-1 .. seq_len-2 predict the image tokens.
     image_logits = nn.linear(params["image"]["head"], h[:, t - 1 :])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from fmm import random
+from fmm import checks, random
 from fmm.losses.vq import commitment_loss, reconstruction_loss
 from fmm.nn import codebook as vq
 from fmm.nn import conv
@@ -43,6 +43,7 @@ def init(cfg: VQVAEConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
 
     Example: ``params = init(vqvae_shapes(), fmm.random.key(0))``.
     """
+    checks.check_type("cfg", cfg, VQVAEConfig)
     ke, kd = random.fold_in(key, "encoder"), random.fold_in(key, "decoder")
     top = cfg.channels[-1]
     widths = (cfg.in_channels, *cfg.channels)
@@ -77,23 +78,16 @@ def init(cfg: VQVAEConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
 
 def init_codebook_state(params: Params) -> State:
     """The codebook's EMA statistics ``{"cluster_size": [K], "embed_sum": [K, code_dim]}``."""
+    checks.check_keys(params, ("codebook",), name="params")
     return vq.init_ema_state(params["codebook"])
 
 
-def _check_images(images: torch.Tensor, cfg: VQVAEConfig) -> None:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"images must be a float tensor [batch, channels, H, W], got {got}")
-    want = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise ValueError(
-            f"images must have shape [batch, {', '.join(map(str, want))}], got {list(images.shape)}"
-        )
+def _check_images(params: Params, images: torch.Tensor, cfg: VQVAEConfig, name: str) -> None:
+    want = ("batch", cfg.in_channels, cfg.image_size, cfg.image_size)
+    checks.check_float(name, images, want, like=params["encoder"]["down"][0]["weight"])
 
 
-def encode_latents(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
-    """Continuous encoder outputs, channels last: ``[B, C, H, W] -> [B, grid, grid, code_dim]``."""
-    _check_images(images, cfg)
+def _encode_latents(params: Params, images: torch.Tensor) -> torch.Tensor:
     p = params["encoder"]
     h = images - _PIXEL_SHIFT
     for i, layer in enumerate(p["down"]):
@@ -106,12 +100,7 @@ def encode_latents(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) ->
     return rearrange(h, "b d h w -> b h w d")
 
 
-def decode_latents(params: Params, z_q: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
-    """Pixels from code vectors: ``[B, grid, grid, code_dim] -> [B, C, H, W]`` (not clamped)."""
-    if z_q.ndim != 4 or z_q.shape[-1] != cfg.code_dim:
-        raise ValueError(
-            f"z_q must have shape [batch, h, w, {cfg.code_dim}], got {list(z_q.shape)}"
-        )
+def _decode_latents(params: Params, z_q: torch.Tensor) -> torch.Tensor:
     p = params["decoder"]
     h = conv.conv2d(p["inp"], rearrange(z_q, "b h w d -> b d h w"), padding=1)
     for block in p["res"]:
@@ -121,21 +110,44 @@ def decode_latents(params: Params, z_q: torch.Tensor, *, cfg: VQVAEConfig) -> to
     return h + _PIXEL_SHIFT
 
 
+def encode_latents(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
+    """Continuous encoder outputs, channels last: ``[B, C, H, W] -> [B, grid, grid, code_dim]``."""
+    checks.check_params(params, init=init, cfg=cfg, only=("encoder",))
+    _check_images(params, images, cfg, "images")
+    return _encode_latents(params, images)
+
+
+def decode_latents(params: Params, z_q: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
+    """Pixels from code vectors: ``[B, grid, grid, code_dim] -> [B, C, H, W]`` (not clamped)."""
+    checks.check_params(params, init=init, cfg=cfg, only=("decoder",))
+    checks.check_float(
+        "z_q", z_q, ("batch", cfg.grid, cfg.grid, cfg.code_dim),
+        like=params["decoder"]["inp"]["weight"],
+    )  # fmt: skip
+    return _decode_latents(params, z_q)
+
+
 def encode(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
     """Discrete codes of ``images: [B, C, H, W]`` in ``[0, 1]``: int64 ``[B, grid, grid]``.
 
     Example: ``codes = encode(params, torch.rand(2, 3, 32, 32), cfg=vqvae_shapes())  # [2, 8, 8]``.
     """
-    return vq.nearest_codes(params["codebook"], encode_latents(params, images, cfg=cfg))
+    checks.check_params(params, init=init, cfg=cfg, only=("encoder", "codebook"))
+    _check_images(params, images, cfg, "images")
+    return vq.nearest_codes(params["codebook"], _encode_latents(params, images))
 
 
 def decode(params: Params, codes: torch.Tensor, *, cfg: VQVAEConfig) -> torch.Tensor:
     """Pixels of ``codes``: int64 ``[B, grid, grid]`` -> ``[B, C, H, W]`` (about ``[0, 1]``)."""
-    if codes.ndim != 3 or tuple(codes.shape[1:]) != (cfg.grid, cfg.grid):
-        raise ValueError(
-            f"codes must have shape [batch, {cfg.grid}, {cfg.grid}], got {list(codes.shape)}"
-        )
-    return decode_latents(params, vq.lookup(params["codebook"], codes), cfg=cfg)
+    checks.check_params(params, init=init, cfg=cfg, only=("codebook", "decoder"))
+    checks.check_int("codes", codes, ("batch", cfg.grid, cfg.grid))
+    return _decode_latents(params, vq.lookup(params["codebook"], codes))
+
+
+def _apply(params: Params, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    z = _encode_latents(params, images)
+    z_st, codes, z_q = vq.quantize(params["codebook"], z)
+    return {"reconstruction": _decode_latents(params, z_st), "codes": codes, "z": z, "z_q": z_q}
 
 
 def apply(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> dict[str, torch.Tensor]:
@@ -144,14 +156,9 @@ def apply(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> dict[str
     Returns ``{"reconstruction": [B, C, H, W], "codes": [B, g, g], "z": [B, g, g, D],
     "z_q": [B, g, g, D]}``.
     """
-    z = encode_latents(params, images, cfg=cfg)
-    z_st, codes, z_q = vq.quantize(params["codebook"], z)
-    return {
-        "reconstruction": decode_latents(params, z_st, cfg=cfg),
-        "codes": codes,
-        "z": z,
-        "z_q": z_q,
-    }
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_images(params, images, cfg, "images")
+    return _apply(params, images)
 
 
 def loss(
@@ -163,7 +170,10 @@ def loss(
     ``perplexity``, so it plugs into ``train.step.make_train_step``. The codebook gets no
     gradient: :func:`update_codebook` moves it.
     """
-    out = apply(params, batch["images"], cfg=cfg)
+    checks.check_keys(batch, ("images",))
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_images(params, batch["images"], cfg, "batch['images']")
+    out = _apply(params, batch["images"])
     recon = reconstruction_loss(out["reconstruction"], batch["images"])
     commit = commitment_loss(out["z"], out["z_q"])
     usage = vq.code_usage(out["codes"], cfg.codebook_size)
@@ -193,8 +203,11 @@ def update_codebook(
         state, metrics = step(state, batch)
         params, ema, _ = update_codebook(state["params"], ema, batch["images"], cfg=cfg, key=k)
     """
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_images(params, images, cfg, "images")
+    checks.check_keys(state, ("cluster_size", "embed_sum"), name="state")
     with torch.no_grad():
-        z = encode_latents(params, images, cfg=cfg)
+        z = _encode_latents(params, images)
         codes = vq.nearest_codes(params["codebook"], z)
         state = vq.ema_update(state, z, codes, decay=cfg.decay)
         state, dead = vq.restart_dead_codes(state, z, key, threshold=cfg.dead_threshold)

@@ -293,24 +293,26 @@ def test_bad_inputs_raise_clear_errors(tiny):
     cfg, params, pcfg, batch = tiny
     images, ids = batch["images"], batch["tokens"]
     with pytest.raises(
-        ValueError, match=r"images must be \[batch, 3, 32, 32\], got \[6, 3, 16, 16\]"
+        ValueError, match=r"images must have shape \[batch, 3, 32, 32\], got \[6, 3, 16, 16\]"
     ):
         flava.encode_image(params["image"], images[:, :, :16, :16], cfg=cfg)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 30\)"):
         flava.encode_text(params["text"], ids + 100, cfg=cfg)
     with pytest.raises(ValueError, match="max_positions=10"):
         flava.encode_text(params["text"], torch.ones(2, 11, dtype=torch.long), cfg=cfg)
-    with pytest.raises(ValueError, match="needs both images and input_ids"):
+    with pytest.raises(
+        ValueError, match=r"input_ids is missing: .* needs both images and input_ids"
+    ):
         flava.apply(params, images, None, cfg=cfg)
     with pytest.raises(ValueError, match="text_hidden is missing"):
         flava.encode_multimodal(params, torch.zeros(6, 17, 64), None, cfg=cfg)
     with pytest.raises(
-        ValueError, match=r"text_hidden must be \[batch, seq, 64\], got \[6, 10, 48\]"
+        ValueError, match=r"text_hidden must have shape \[batch, seq, 64\], got \[6, 10, 48\]"
     ):
         flava.encode_multimodal(params, torch.zeros(6, 17, 64), torch.zeros(6, 10, 48), cfg=cfg)
-    with pytest.raises(ValueError, match="different batch sizes"):
+    with pytest.raises(ValueError, match=r"input_ids and images must have the same batch size"):
         flava.apply(params, images[:2], ids, cfg=cfg)
-    with pytest.raises(ValueError, match=r"patch_mask must be \[batch, patches\] = \[6, 16\]"):
+    with pytest.raises(ValueError, match=r"patch_mask must have shape \[6, 16\], got \[6, 15\]"):
         flava.encode_image(
             params["image"], images, cfg=cfg, patch_mask=torch.zeros(6, 15, dtype=torch.bool)
         )

@@ -135,7 +135,10 @@ def test_config_from_hf_refuses_variants_it_does_not_implement():
 def test_apply_rejects_sequences_longer_than_the_context():
     cfg = gpt.gpt_tiny(context_length=8)
     params = gpt.init(cfg, fmm.random.key(0))
-    with pytest.raises(ValueError, match="9 positions but the model has context_length=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokens must have shape \[batch, 1\.\.8\] \(context_length=8\), got \[1, 9\]",
+    ):
         gpt.apply(params, torch.zeros(1, 9, dtype=torch.int64), cfg=cfg)
     with pytest.raises(ValueError, match="exceeds the model's 8 positions"):
         decoding.generate(params, torch.zeros(1, 4, dtype=torch.int64), cfg=cfg, max_new_tokens=6)

@@ -158,11 +158,11 @@ def test_bad_input_is_refused_with_shapes(params):
     batch = _batch()
     with pytest.raises(ValueError, match=r"text must have shape \[batch, 5\], got \[3, 4\]"):
         mmgpt.generate_images(params, batch["text"][:, :4], cfg=CFG, key=fmm.random.key(0))
-    with pytest.raises(ValueError, match=r"text ids must lie in \[0, 11\)"):
+    with pytest.raises(ValueError, match=r"text must lie in \[0, 11\)"):
         mmgpt.generate_images(params, batch["text"] + 11, cfg=CFG, key=fmm.random.key(0))
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 7\)"):
         mmgpt.sequence(batch["text"], batch["codes"] + 7, cfg=CFG)
-    with pytest.raises(ValueError, match="codes must hold 6 codes"):
+    with pytest.raises(ValueError, match=r"codes must have shape \[batch, 6\] \(image_len=6"):
         mmgpt.sequence(batch["text"], batch["codes"][:, :5], cfg=CFG)
     with pytest.raises(ValueError, match=r"tokens must have shape \[batch, 1\.\.11\]"):
         mmgpt.apply(params, torch.zeros(1, 12, dtype=torch.long), cfg=CFG)

@@ -102,7 +102,7 @@ def test_bad_input_is_refused_with_shapes(params):
         ValueError, match=r"images must have shape \[batch, 3, 16, 16\], got \[2, 3, 8, 8\]"
     ):
         vqvae.encode(params, torch.rand(2, 3, 8, 8), cfg=CFG)
-    with pytest.raises(TypeError, match="float tensor"):
+    with pytest.raises(TypeError, match="images must be a floating-point tensor"):
         vqvae.encode(params, torch.zeros(2, 3, 16, 16, dtype=torch.long), cfg=CFG)
     with pytest.raises(ValueError, match=r"codes must have shape \[batch, 4, 4\]"):
         vqvae.decode(params, torch.zeros(2, 5, 5, dtype=torch.long), cfg=CFG)
