@@ -49,15 +49,49 @@ def path_str(keypath: Iterable[Any]) -> str:
     return ".".join(parts)
 
 
+def _is_index(key: str) -> bool:
+    return key.isascii() and key.isdigit()
+
+
+def _index_problem(keys: list[str]) -> str | None:
+    """For a level whose keys are all digits (a list's positions): the first key that is not
+    one of exactly ``"0" .. "n-1"`` (``"00"``, a gap), or ``None`` if they are."""
+    want = {str(i) for i in range(len(keys))}
+    return next((k for k in sorted(keys, key=lambda k: (len(k), k)) if k not in want), None)
+
+
+def _check_key(key: Any, where: str) -> None:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"tree keys must be strings, got {key!r} ({type(key).__name__}) at {where or '<root>'!r}"
+        )
+    if not key or "." in key:
+        raise ValueError(
+            f"tree keys must be non-empty strings without '.', got {key!r} at {where or '<root>'!r}"
+        )
+
+
 def flatten(tree: Tree) -> dict[str, torch.Tensor]:
-    """``{dotted.name: leaf}`` in the tree's order. Keys containing ``"."`` are refused."""
+    """``{dotted.name: leaf}`` in the tree's order.
+
+    Refused, so that :func:`unflatten` inverts every result: keys that are not strings,
+    empty or contain ``"."``, and a dict whose keys are all digits but not exactly
+    ``"0" .. "n-1"`` (unflatten reads such a level as a list).
+    """
     out: dict[str, torch.Tensor] = {}
 
     def visit(node: Tree, prefix: str) -> None:
         if isinstance(node, Mapping):
+            for k in node:
+                _check_key(k, prefix[:-1])
+            if node and all(_is_index(k) for k in node):
+                bad = _index_problem(list(node))
+                if bad is not None:
+                    raise ValueError(
+                        f"tree key {prefix + bad!r} and its siblings are all digits but not "
+                        f"exactly 0..{len(node) - 1}: such a level can only be a list"
+                    )
             for k, v in node.items():
-                if not isinstance(k, str) or "." in k or not k:
-                    raise ValueError(f"tree keys must be non-empty strings without '.', got {k!r}")
                 visit(v, f"{prefix}{k}.")
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
@@ -69,32 +103,63 @@ def flatten(tree: Tree) -> dict[str, torch.Tensor]:
     return out
 
 
+def _first_name(subtree: dict[str, Any], prefix: str) -> str:
+    while isinstance(subtree, dict):
+        key = next(iter(subtree))
+        prefix, subtree = f"{prefix}.{key}", subtree[key]
+    return prefix
+
+
 def unflatten(flat: Mapping[str, torch.Tensor]) -> Tree:
-    """Inverse of :func:`flatten`: nested dicts, with ``0..n-1``-keyed levels as lists."""
+    """Inverse of :func:`flatten`: nested dicts, with ``0..n-1``-keyed levels as lists.
+
+    Refused with the offending name in the message: non-string names, empty names or
+    segments (``"a..b"``), a level of list positions that are not exactly ``0..n-1``
+    (``"a.0"``, ``"a.2"``), and a name that is both a leaf and a prefix (``"a"``, ``"a.b"``).
+
+    Example: ``unflatten({"blocks.0.w": w0, "blocks.1.w": w1}) == {"blocks": [{"w": w0}, {"w": w1}]}``.
+    """
     root: dict[str, Any] = {}
     for name, leaf in flat.items():
-        *parents, last = name.split(".")
+        if not isinstance(name, str):
+            raise TypeError(f"names must be dotted strings, got {name!r} ({type(name).__name__})")
+        if not name:
+            raise ValueError("name '' is empty: names look like 'a.0.b'")
+        parts = name.split(".")
+        if "" in parts:
+            raise ValueError(f"name {name!r} has an empty segment: names look like 'a.0.b'")
         node = root
-        for part in parents:
+        for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"name {name!r} nests under a leaf {part!r}")
+                raise ValueError(
+                    f"name {name!r} nests under a leaf {'.'.join(parts[: i + 1])!r}: a name "
+                    "cannot be both a leaf and a prefix"
+                )
             node = child
-        if last in node:
-            raise ValueError(f"name {name!r} collides with a subtree of the same name")
-        node[last] = leaf
+        if parts[-1] in node:  # a subtree: an earlier name continued this one
+            raise ValueError(
+                f"name {name!r} is both a leaf and a prefix of "
+                f"{_first_name(node[parts[-1]], name)!r}: it collides with a subtree of the same name"
+            )
+        node[parts[-1]] = leaf
 
-    def listify(node: Any) -> Any:
+    def listify(node: Any, prefix: str) -> Any:
         if not isinstance(node, dict):
             return node
-        items = {k: listify(v) for k, v in node.items()}
-        if items and all(k.isdigit() for k in items):
-            idx = sorted(int(k) for k in items)
-            if idx == list(range(len(idx))):
-                return [items[str(i)] for i in idx]
-        return items
+        items = {k: listify(v, f"{prefix}{k}.") for k, v in node.items()}
+        if not (items and all(_is_index(k) for k in items)):
+            return items
+        bad = _index_problem(list(items))
+        if bad is not None:
+            positions = sorted(items, key=lambda k: (len(k), k))
+            raise ValueError(
+                f"name {prefix + bad!r} is a list position but the positions under "
+                f"{prefix[:-1] or '<root>'!r} are {positions}, not exactly 0..{len(items) - 1}"
+            )
+        return [items[str(i)] for i in range(len(items))]
 
-    return listify(root)
+    return listify(root, "")
 
 
 def leaves(tree: Tree) -> list[torch.Tensor]:

@@ -65,3 +65,62 @@ def test_bad_trees_are_refused():
         tree.unflatten({"a": torch.ones(1), "a.b": torch.ones(1)})
     with pytest.raises(ValueError, match="leading axis"):
         tree.unstack({"a": torch.ones(2), "b": torch.ones(3)})
+
+
+# Trees of dicts and lists with odd sizes, as models build them (names like flatten's).
+_names = st.text("abcxyz_", min_size=1, max_size=3)
+_trees = st.recursive(
+    st.integers(1, 3).map(lambda n: torch.zeros(n)),
+    lambda kids: (
+        st.dictionaries(_names, kids, min_size=1, max_size=3)
+        | st.lists(kids, min_size=1, max_size=3)
+    ),
+    max_leaves=8,
+).filter(lambda t: isinstance(t, dict))
+
+
+@given(t=_trees)
+def test_unflatten_inverts_flatten_on_any_tree(t):
+    flat = tree.flatten(t)
+    back = tree.unflatten(flat)
+    assert tree.flatten(back).keys() == flat.keys()
+    assert torch.utils._pytree.tree_structure(back) == torch.utils._pytree.tree_structure(t)
+
+
+@pytest.mark.parametrize(
+    ("flat", "error", "offending"),
+    [
+        ({"a..b": 1}, ValueError, "'a..b'"),
+        ({"a.": 1}, ValueError, "'a.'"),
+        ({".a": 1}, ValueError, "'.a'"),
+        ({"": 1}, ValueError, "''"),
+        ({1: 1}, TypeError, r"got 1 \(int\)"),
+        ({("a", "b"): 1}, TypeError, r"\('a', 'b'\)"),
+        ({"a.0": 1, "a.2": 2}, ValueError, r"'a\.2'.*not exactly 0\.\.1"),
+        ({"a.1": 1}, ValueError, r"'a\.1'"),
+        ({"a.0": 1, "a.00": 2}, ValueError, r"'a\.00'"),
+        ({"a.b": 1, "a": 2}, ValueError, r"'a' is both a leaf and a prefix of 'a\.b'"),
+        ({"a": 2, "a.b.c": 1}, ValueError, r"'a\.b\.c' nests under a leaf 'a'"),
+    ],
+)
+def test_unflatten_refuses_what_flatten_never_writes(flat, error, offending):
+    with pytest.raises(error, match=offending):
+        tree.unflatten(flat)
+
+
+@pytest.mark.parametrize(
+    ("t", "error", "offending"),
+    [
+        ({"a": {"": 1}}, ValueError, "''"),
+        ({"a": {3: 1}}, TypeError, "got 3 .* at 'a'"),
+        ({"a": {"0": 1, "2": 2}}, ValueError, r"'a\.2'"),
+    ],
+)
+def test_flatten_refuses_what_unflatten_could_not_invert(t, error, offending):
+    with pytest.raises(error, match=offending):
+        tree.flatten(t)
+
+
+def test_digit_keys_that_are_list_positions_and_other_keys_stay_a_dict():
+    back = tree.unflatten({"a.0": 1, "a.b": 2, "c.0": 3, "c.1": 4})
+    assert back == {"a": {"0": 1, "b": 2}, "c": [3, 4]}
