@@ -1,114 +1,103 @@
-"""The HTTP face of a :class:`~fmm.serve.service.Service`: a FastAPI app (uvicorn runs it).
+"""The HTTP face of a :class:`~fmm.serve.service.Service`: a FastAPI app behind a front door.
 
-Routes (OpenAPI schema at ``/openapi.json``, interactive docs at ``/docs``)::
+Routes (OpenAPI document at ``/openapi.json``, interactive docs at ``/docs``)::
 
     POST /v1/embed/text   {"texts": [...]}                       -> {"embeddings", "cached", ...}
-    POST /v1/embed/image  {"images": [b64 PNG or [C][H][W]]}     -> {"embeddings", "cached", ...}
+    POST /v1/embed/image  {"images": [b64 PNG/JPEG or [C][H][W]]} -> {"embeddings", "cached", ...}
     POST /v1/zeroshot     {"image", "labels": [...], "template"} -> {"ranking": [{label, prob, logit}]}
     POST /v1/items        {"texts": [...], "images": [...]}      -> {"keys": [...]}
-    POST /v1/search       {"text" | "vector", "k"}               -> {"results": [{key, score}]}
+    POST /v1/search       {"text" | "vector", "k"}               -> {"results": [{key, score, meta}]}
     POST /v1/generate     {"prompt", ...}                        -> server-sent events, one per token
     GET  /healthz, GET /metrics
 
-Bad input is a 4xx with a ``detail`` message, never a 500: malformed JSON and wrong types
-422, a body over ``max_body_bytes`` 413, a capability the model lacks 404; a full queue is
-503 (with ``Retry-After``), a request past its time budget 504.
+Every error is ``{"detail": str}``: 422 for a body that is not valid (not JSON, not UTF-8,
+wrong types, out of range, an image that does not decode; the first few errors, each naming
+its field, never the input), 415 for a body that is not ``application/json``, 413 for one
+over the size limit, 408 for one too slow to arrive, 404 for a capability the model lacks or
+an unknown path, 405 for a wrong method, 503 (``Retry-After``) when the queue, the buffered
+bodies or the connections are full, 504 past the time budget. Malformed HTTP (400), headers
+too slow (408) or too large (431) are answered before any route (:mod:`fmm.serve.server`).
 
-fastapi is imported here only, so ``import fmm`` never needs it. Example::
+Routes read the raw body (the front door has buffered it, bounded) and validate it in a
+worker thread with the model's own request schemas (:mod:`fmm.serve.schemas`), which the
+OpenAPI document declares. fastapi is imported here only, so ``import fmm`` never needs it.
 
-    app = create_app(service)
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+Example::
+
+    app = create_app(service, limits=HttpLimits())
+    make_server(app, host="127.0.0.1", port=8000, limits=HttpLimits()).run()
 """
 
+import asyncio
+import concurrent.futures
+import dataclasses
 import json
-import time
+import logging
 from typing import Any
 
+from fmm.serve import bodies, images, schemas, server
 from fmm.serve.engine import Overloaded
-from fmm.serve.metrics import Metrics
+from fmm.serve.front_door import FrontDoor, HttpLimits
 from fmm.serve.service import NotServed, Service
 
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+_log = logging.getLogger(__name__)
+
+_WHY = {
+    404: "The model lacks the capability (or the server a store)",
+    405: "The path was called with a method it does not serve (see Allow)",
+    408: "The body did not arrive in time",
+    413: "The body is over the size limit",
+    415: "The body is not application/json",
+    422: "The body is not valid: the detail names the first fields at fault",
+    503: "Overloaded (queue, buffered bodies or connections full): retry after Retry-After s",
+    504: "The request took longer than the server's time budget",
+}
+_RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+_POSTED = (405, 408, 413, 415, 422, 503)
 
 
-def _front_door(app: Any, max_bytes: int, metrics: Metrics) -> Any:
-    """ASGI middleware: answer 413 to a body over ``max_bytes`` (read no further), and count
-    every response's status and latency. Plain ASGI, as Starlette's ``BaseHTTPMiddleware``
-    costs a task and a stream per request."""
-
-    async def too_large(send: Any, got: str) -> None:
-        body = json.dumps(
-            {"detail": f"request body is {got} bytes; this server accepts at most {max_bytes}"}
-        ).encode()
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async def read_body(scope: dict, receive: Any, send: Any) -> Any:
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return await too_large(send, length.decode())
-        chunks, size, more = [], 0, True
-        while more:  # chunked bodies have no length up front: count as they arrive
-            message = await receive()
-            if message["type"] != "http.request":
-                return await app(scope, receive, send)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > max_bytes:
-                return await too_large(send, f"more than {size}")
-            more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await app(scope, replay, send)
-
-    async def middleware(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        started, status = time.perf_counter(), 500
-
-        async def send_and_watch(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await read_body(scope, receive, send_and_watch)
-        finally:
-            route = scope.get("route")  # set by the router; None: unknown path (bounded labels)
-            metrics.count(f"http {status}")
-            path = route.path if route is not None else "unmatched"
-            metrics.observe_latency(path, time.perf_counter() - started)
-
-    return middleware
+def _errors(*codes: int) -> dict:
+    return {
+        code: {"model": schemas.Error, "description": _WHY[code]}
+        | ({"headers": _RETRY} if code == 503 else {})
+        for code in sorted(codes)
+    }
 
 
-def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
-    """A FastAPI app serving ``service``; closing the app (uvicorn's shutdown) closes it."""
+def create_app(
+    service: Service, *, limits: HttpLimits | None = None, parse_workers: int = 2
+) -> Any:
+    """The ASGI app serving ``service`` (a FastAPI app behind a
+    :class:`~fmm.serve.front_door.FrontDoor` enforcing ``limits``). Closing it (uvicorn's
+    shutdown) closes the service. ``parse_workers``: threads validating bodies."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import HTTPException
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from fmm.serve import schemas
+    limits = limits or HttpLimits()
+    model = service.model
+    bodies_of = schemas.request_models(model.image_shape, model.dim)
+    budgets = {name: bodies.json_budget(getattr(bodies_of, name)) for name in
+               ("EmbedText", "EmbedImage", "ZeroShot", "Items", "Search", "Generate")}  # fmt: skip
+    parse_pool = concurrent.futures.ThreadPoolExecutor(parse_workers, "fmm-parse")
+    listen_at_start = server.listen_counters()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
+        parse_pool.shutdown(wait=False, cancel_futures=True)
         await service.aclose()
 
-    model = service.model
     app = FastAPI(
         title=f"fmm serve: {model.name}",
-        description="Embeddings, zero-shot labels, search and generation from an fmm model.",
+        description="Embeddings, zero-shot labels, search and generation from an fmm model. "
+        f"Images: base64 {' or '.join(images.ACCEPTED_FORMATS)} (at most "
+        f"{images.MAX_IMAGE_SIDE} pixels a side), or nested lists [C][H][W] of floats in "
+        "[0, 1]. Before any route: 400 for malformed HTTP, 408 for headers too slow, 431 for "
+        "headers too large, 503 when the connections are full.",
         version=model.fingerprint[:12],
         lifespan=lifespan,
     )
@@ -132,56 +121,106 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def _timeout(_request: Request, _e: TimeoutError) -> JSONResponse:
         return error(504, f"the request took longer than the server's {service.timeout}s budget")
 
-    def images_of(payloads: list, name: str) -> list:
-        return [
-            service.check_image(schemas.decode_image(p, model.image_shape, f"{name}[{i}]"))
-            for i, p in enumerate(payloads)
-        ]
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, e: HTTPException) -> JSONResponse:  # 404, 405
+        return error(e.status_code, str(e.detail), **(e.headers or {}))
+
+    @app.exception_handler(_NotJson)
+    async def _not_json(_request: Request, e: _NotJson) -> JSONResponse:
+        return error(415, str(e))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, e: Exception) -> JSONResponse:
+        _log.exception("unexpected error")
+        return error(500, f"internal error ({type(e).__name__}); see the server's log")
+
+    def documented(name: str) -> dict:
+        # The route reads its body itself; the OpenAPI document still declares its schema.
+        ref = {"$ref": f"#/components/schemas/{name}"}
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+    async def parse(request: Request, name: str, images_in: dict[str, bool] | None = None):
+        """``(body, {field: decoded images})``; ``images_in``: {field: holds a list}."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise _NotJson(f"send the body as application/json, not {kind[:60]!r}")
+        raw = await request.body()
+        cls, budget = getattr(bodies_of, name), budgets[name]
+
+        def work() -> tuple[Any, dict]:
+            body = bodies.parse_body(cls, raw, budget)
+            decoded = {}
+            for field, many in (images_in or {}).items():
+                value = getattr(body, field)
+                if many:
+                    decoded[field] = [decode(p, f"{field}[{i}]") for i, p in enumerate(value)]
+                else:
+                    decoded[field] = decode(value, field)
+            return body, decoded
+
+        return await asyncio.get_running_loop().run_in_executor(parse_pool, work)
+
+    def decode(payload: str | list, name: str) -> Any:
+        if isinstance(payload, str):
+            image = images.decode_image(payload, model.image_shape, name)
+        else:
+            image = images.image_from_lists(payload, name)
+        return service.check_image(image, name)
 
     def embedded(vectors: Any, hits: list[bool]) -> JSONResponse:
         # Returned as a response so FastAPI skips walking the float lists to encode them.
-        return JSONResponse(
-            {
-                "model": model.name,
-                "fingerprint": model.fingerprint,
-                "dim": vectors.shape[1],
-                "embeddings": vectors.tolist(),
-                "cached": hits,
-            }
-        )
+        return JSONResponse({"model": model.name, "fingerprint": model.fingerprint,
+                             "dim": vectors.shape[1], "embeddings": vectors.tolist(),
+                             "cached": hits})  # fmt: skip
 
-    @app.post("/v1/embed/text", summary="Unit-norm text embeddings [n, dim]")
-    async def embed_text(body: schemas.EmbedText):
+    def post(path: str, name: str, summary: str, answer: Any, *codes: int, **kw: Any) -> Any:
+        return app.post(path, summary=summary, openapi_extra=documented(name),
+                        responses=_errors(*_POSTED, *codes), response_model=answer, **kw)  # fmt: skip
+
+    @post("/v1/embed/text", "EmbedText", "Unit-norm text embeddings [n, dim]",
+          schemas.Embeddings, 404, 504)  # fmt: skip
+    async def embed_text(request: Request):
+        service.require("text")
+        body, _ = await parse(request, "EmbedText")
         return embedded(*await service.embed_text(body.texts))
 
-    @app.post("/v1/embed/image", summary="Unit-norm image embeddings [n, dim]")
-    async def embed_image(body: schemas.EmbedImage):
+    @post("/v1/embed/image", "EmbedImage", "Unit-norm image embeddings [n, dim]",
+          schemas.Embeddings, 404, 504)  # fmt: skip
+    async def embed_image(request: Request):
         service.require("image")
-        return embedded(*await service.embed_image(images_of(body.images, "images")))
+        _, decoded = await parse(request, "EmbedImage", {"images": True})
+        return embedded(*await service.embed_image(decoded["images"]))
 
-    @app.post("/v1/zeroshot", summary="Labels ranked by probability for one image")
-    async def zeroshot(body: schemas.ZeroShot):
+    @post("/v1/zeroshot", "ZeroShot", "Labels ranked by probability for one image",
+          schemas.Ranking, 404, 504)  # fmt: skip
+    async def zeroshot(request: Request):
         service.require("image")
-        (image,) = images_of([body.image], "image")
-        return {"ranking": await service.zeroshot(image, body.labels, template=body.template)}
+        service.require("text")
+        body, decoded = await parse(request, "ZeroShot", {"image": False})
+        ranking = await service.zeroshot(decoded["image"], body.labels, template=body.template)
+        return {"ranking": ranking}
 
-    @app.post("/v1/items", summary="Embed and store items for search")
-    async def items(body: schemas.Items):
-        if not body.texts and not body.images:
-            raise ValueError("items needs at least one of 'texts' or 'images'")
-        images = images_of(body.images, "images") if body.images else []
-        return {"keys": await service.add_items(body.texts, images)}
+    @post("/v1/items", "Items", "Embed and store items for search", schemas.StoredKeys, 404, 504)
+    async def items(request: Request):
+        service.require_store("keep items")
+        body, decoded = await parse(request, "Items", {"images": True})
+        return {"keys": await service.add_items(body.texts, decoded["images"])}
 
-    @app.post("/v1/search", summary="Top-k stored items by cosine similarity")
-    async def search(body: schemas.Search):
+    @post("/v1/search", "Search", "Top-k stored items by cosine similarity",
+          schemas.SearchResults, 404, 504)  # fmt: skip
+    async def search(request: Request):
+        service.require_store("search items")
+        body, _ = await parse(request, "Search")
         return {"results": await service.search(k=body.k, text=body.text, vector=body.vector)}
 
-    @app.post(
-        "/v1/generate",
-        summary="Generated tokens as server-sent events",
-        response_class=StreamingResponse,
-    )
-    async def generate(body: schemas.Generate):
+    @app.post("/v1/generate", summary="Generated tokens as server-sent events",
+              openapi_extra=documented("Generate"), response_class=StreamingResponse,
+              responses={200: {"description": "one `data: {json}` event per token, then a last "
+                               "one", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         **_errors(*_POSTED, 404)})  # fmt: skip
+    async def generate(request: Request):
+        service.require_generate()
+        body, _ = await parse(request, "Generate")
         events = service.generate(
             body.prompt, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
             guidance=body.guidance, seed=body.seed, max_new_tokens=body.max_new_tokens,
@@ -201,7 +240,8 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.get("/healthz", summary="Liveness and what this server serves")
+    @app.get("/healthz", summary="Liveness and what this server serves",
+             response_model=schemas.Health, responses=_errors(405, 503))  # fmt: skip
     async def healthz():
         engine = service.engine
         return {
@@ -217,8 +257,56 @@ def create_app(service: Service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
             "info": model.info,
         }
 
-    @app.get("/metrics", summary="Request counts, batch sizes, queue depth, hit rate, latency")
+    @app.get("/metrics", summary="Request counts, batches, queue depth, hit rate, latency, store",
+             response_model=dict[str, Any], responses=_errors(405, 503))  # fmt: skip
     async def metrics():
-        return service.snapshot()
+        return {
+            **service.snapshot(),
+            **door.gauges(),
+            "store": await service.store_stats(),
+            "listen": _listen_report(listen_at_start, limits.backlog),
+        }
 
-    return _front_door(app, max_body_bytes, service.metrics)
+    _declare_bodies(app, bodies_of)
+    door = FrontDoor(app, limits, service.metrics)
+    return door
+
+
+class _NotJson(Exception):
+    """A body sent as something other than ``application/json`` (answered 415)."""
+
+
+def _declare_bodies(app: Any, bodies_of: schemas.RequestModels) -> None:
+    # The routes read raw bodies, so FastAPI does not know their models: add their schemas
+    # to the OpenAPI document's components, where the routes' requestBody refer to them.
+    from pydantic.json_schema import models_json_schema
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = build()
+            classes = [getattr(bodies_of, f.name) for f in dataclasses.fields(bodies_of)]
+            _, defs = models_json_schema(
+                [(cls, "validation") for cls in classes],
+                ref_template="#/components/schemas/{model}",
+            )
+            document.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _listen_report(at_start: dict | None, backlog: int) -> dict:
+    """The listen queue's size and the kernel's drops since the app started."""
+    cap = server.somaxconn()
+    now = server.listen_counters()
+    return {
+        "backlog": backlog if cap is None else min(backlog, cap),
+        "scope": "whole network namespace (other servers' drops count too)",
+        **(
+            {name: now[name] - at_start[name] for name in now}
+            if now is not None and at_start is not None
+            else {"listen_overflows": None, "listen_drops": None}
+        ),
+    }

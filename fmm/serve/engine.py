@@ -11,7 +11,9 @@ cancelled gives its slots back immediately (its items are skipped if still queue
 An :class:`Engine` holds one batcher per kind of input (``"text"``, ``"image"``, ...) and an
 optional embedding store (``fmm.store.EmbeddingStore`` or anything with ``get_many`` /
 ``put_many``): each request's items are looked up first and only the misses are computed;
-each computed batch is written back in one transaction.
+each computed batch is written back in one transaction, as cached rows (``pinned=False``:
+the store's bounded LRU part, never search results), so serving never grows the store
+past its cache size.
 
 Example::
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -273,7 +276,7 @@ class Engine:
             if self.store is not None and fresh:
                 meta = {k: m for _, k, m in entries if k in fresh and m is not None}
                 try:
-                    self.store.put_many(fresh, meta=meta or None)
+                    self.store.put_many(fresh, meta=meta or None, pinned=False)
                 except Exception:  # the vectors are right; only their reuse is lost
                     self.metrics.count("store_write_errors")
                     _log.exception("could not store %d embeddings", len(fresh))
@@ -293,6 +296,12 @@ class Engine:
         except Exception:  # a failed lookup only costs a recompute
             _log.exception("could not read %d embeddings back", len(keys))
             return {}
+
+    async def in_store_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` run in the store's thread (store calls never block the
+        event loop, and never wait behind a model batch)."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._io, call)
 
     @property
     def depth(self) -> int:

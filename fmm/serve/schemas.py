@@ -1,100 +1,199 @@
-"""Request bodies of the HTTP API (pydantic), with the bounds that keep one request small.
+"""The HTTP API's bodies (pydantic): requests with every bound a request needs, answers, errors.
 
-Images travel either as a base64 PNG string or as nested lists ``[C][H][W]`` of floats in
-``[0, 1]``; :func:`decode_image` turns either into a ``[C, H, W]`` tensor.
+Request models are built per served model by :func:`request_models`, so the OpenAPI document
+states the exact image shape ``[C][H][W]`` and vector length the model takes. Every list has
+a bound (``fmm.serve.bodies.json_budget`` refuses a model with an unbounded one) and stops at
+its first bad item (``fail_fast``: a million bad pixels are one error, not a million).
+
+Images travel as a base64 PNG or JPEG string (format ``png-or-jpeg-base64`` in the OpenAPI
+document) or as nested lists of floats in ``[0, 1]``; ``fmm.serve.images`` decodes them.
+
+Example::
+
+    bodies = request_models(image_shape=(3, 32, 32), dim=64)
+    bodies.EmbedImage.model_validate_json(b'{"images": [...]}')
 """
 
-from __future__ import annotations
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-import base64
-import binascii
-import io
-from typing import Annotated
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+)
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fmm.serve.images import ACCEPTED_FORMATS, MAX_IMAGE_BASE64_CHARS, MAX_IMAGE_SIDE
+from fmm.templates import TEMPLATE_PATTERN, check_template
 
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 2_000
 MAX_IMAGES = 64
 MAX_LABELS = 256
 MAX_K = 1_000
-MAX_IMAGE_SIDE = 1_024
+MAX_VECTOR = 65_536
+MAX_CHANNELS = 4
 MAX_NEW_TOKENS = 4_096
+IMAGE_FORMAT = "png-or-jpeg-base64"
 
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
-Image = str | list[list[list[float]]]
+Template = Annotated[
+    str,
+    Field(max_length=MAX_TEXT_CHARS, json_schema_extra={"pattern": TEMPLATE_PATTERN}),
+    AfterValidator(check_template),
+]
+EncodedImage = Annotated[
+    str,
+    Field(
+        max_length=MAX_IMAGE_BASE64_CHARS,
+        description=f"a base64 {' or '.join(ACCEPTED_FORMATS)} file, at most "
+        f"{MAX_IMAGE_SIDE} pixels a side, resized to the model's input",
+        json_schema_extra={"format": IMAGE_FORMAT, "contentEncoding": "base64"},
+    ),
+]
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 750.0 as an integer; the strict check after this refuses "750".
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+Pixel = Annotated[float, Field(ge=0.0, le=1.0)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _bounded(item: Any, low: int, high: int) -> Any:
+    return Annotated[list[item], Field(min_length=low, max_length=high, fail_fast=True)]
 
 
 class _Strict(BaseModel):
-    # Unknown fields are a typo worth reporting, not something to ignore.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are a typo worth reporting, not something to ignore; and JSON types
+    # are taken as the schema states them (no `false` for a pixel, no "5" for k).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class EmbedText(_Strict):
-    texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies of one served model (see :func:`request_models`)."""
+
+    EmbedText: type[BaseModel]
+    EmbedImage: type[BaseModel]
+    ZeroShot: type[BaseModel]
+    Items: type[BaseModel]
+    Search: type[BaseModel]
+    Generate: type[BaseModel]
 
 
-class EmbedImage(_Strict):
-    images: list[Image] = Field(min_length=1, max_length=MAX_IMAGES)
+def request_models(
+    image_shape: tuple[int, int, int] | None = None, dim: int | None = None
+) -> RequestModels:
+    """Request bodies for a model taking ``[C, H, W]`` images and ``dim``-long vectors
+    (``None``: any shape up to ``MAX_CHANNELS`` x ``MAX_IMAGE_SIDE``\\ ², any length up to
+    ``MAX_VECTOR``)."""
+    if image_shape is None:
+        (c_lo, c_hi), (h_lo, h_hi), (w_lo, w_hi) = (1, MAX_CHANNELS), *[(1, MAX_IMAGE_SIDE)] * 2
+    else:
+        (c_lo, c_hi), (h_lo, h_hi), (w_lo, w_hi) = ((n, n) for n in image_shape)
+    PixelLists = _bounded(_bounded(_bounded(Pixel, w_lo, w_hi), h_lo, h_hi), c_lo, c_hi)
+    # A string is an encoded image, anything else pixel lists: errors then speak of the
+    # branch the client meant, not of both.
+    Image = Annotated[
+        Annotated[EncodedImage, Tag("base64-image")] | Annotated[PixelLists, Tag("pixel-lists")],
+        Discriminator(lambda v: "base64-image" if isinstance(v, str) else "pixel-lists"),
+    ]
+    Vector = _bounded(Finite, dim or 1, dim or MAX_VECTOR)
+
+    class EmbedText(_Strict):
+        texts: _bounded(Text, 1, MAX_TEXTS)
+
+    class EmbedImage(_Strict):
+        images: _bounded(Image, 1, MAX_IMAGES)
+
+    class ZeroShot(_Strict):
+        image: Image
+        labels: _bounded(Text, 2, MAX_LABELS)
+        template: Template = "{}"
+
+    class Items(_Strict):
+        texts: _bounded(Text, 0, MAX_TEXTS) = Field(default_factory=list)
+        images: _bounded(Image, 0, MAX_IMAGES) = Field(default_factory=list)
+
+    class Search(_Strict):
+        # Exactly one of the two; neither may be null (the schema says so too).
+        model_config = ConfigDict(
+            extra="forbid",
+            strict=True,
+            json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["vector"]}]},
+        )
+        text: Text = None
+        vector: Vector = None
+        k: Integer = Field(default=5, ge=1, le=MAX_K)
+
+    class Generate(_Strict):
+        prompt: Text
+        temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+        top_k: Integer | None = Field(default=None, ge=1, le=2**31 - 1)
+        top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+        guidance: float = Field(default=1.0, ge=0.0, le=100.0)
+        seed: Integer = Field(default=0, ge=0, le=2**62)
+        # None: the model's own length (an mmgpt image's code count, 64 for a text model).
+        max_new_tokens: Integer | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+
+    return RequestModels(EmbedText, EmbedImage, ZeroShot, Items, Search, Generate)
 
 
-class ZeroShot(_Strict):
-    image: Image
-    labels: list[Text] = Field(min_length=2, max_length=MAX_LABELS)
-    template: str = Field(default="{}", max_length=MAX_TEXT_CHARS)
+class Error(BaseModel):
+    """Every error answer: 4xx and 5xx alike."""
+
+    detail: str = Field(description="what was wrong, naming the field or limit")
 
 
-class Search(_Strict):
-    text: Text | None = None
-    vector: list[float] | None = Field(default=None, min_length=1, max_length=65_536)
-    k: int = Field(default=5, ge=1, le=MAX_K)
+class Embeddings(BaseModel):
+    model: str
+    fingerprint: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="[n, dim], unit norm")
+    cached: list[bool] = Field(description="per item: served from the store")
 
 
-class Items(_Strict):
-    texts: list[Text] = Field(default_factory=list, max_length=MAX_TEXTS)
-    images: list[Image] = Field(default_factory=list, max_length=MAX_IMAGES)
+class Ranked(BaseModel):
+    label: str
+    prob: float
+    logit: float
 
 
-class Generate(_Strict):
-    prompt: Text
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
-    top_k: int | None = Field(default=None, ge=1)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    guidance: float = Field(default=1.0, ge=0.0, le=100.0)
-    seed: int = Field(default=0, ge=0, le=2**62)
-    # None: the model's own length (an mmgpt image's code count, 64 tokens for a text model).
-    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+class Ranking(BaseModel):
+    ranking: list[Ranked] = Field(description="every label once, most probable first")
 
 
-def decode_image(payload: str | list, size: tuple[int, int, int] | None, name: str) -> torch.Tensor:
-    """A ``[C, H, W]`` float tensor in ``[0, 1]`` from a base64 PNG (resized to ``size``'s
-    ``H, W`` if it differs) or from nested lists (taken as they are).
+class StoredKeys(BaseModel):
+    keys: list[str] = Field(description="store keys of the texts, then of the images")
 
-    Example: ``decode_image([[[0.5] * 32] * 32] * 3, (3, 32, 32), "image")`` -> ``[3, 32, 32]``.
-    """
-    if isinstance(payload, list):
-        try:
-            return torch.tensor(payload, dtype=torch.float32)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{name}: nested lists must form a [C, H, W] array: {e}") from None
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
 
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{name}: not valid base64") from None
-    try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            if max(im.size) > MAX_IMAGE_SIDE:
-                raise ValueError(f"{name}: {im.size} is larger than {MAX_IMAGE_SIDE} pixels a side")
-            channels = size[0] if size is not None else 3
-            im = im.convert("L" if channels == 1 else "RGB")
-            if size is not None and im.size != (size[2], size[1]):
-                im = im.resize((size[2], size[1]), PILImage.Resampling.BICUBIC)
-            pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            h, w = im.size[1], im.size[0]
-    except (UnidentifiedImageError, OSError):
-        raise ValueError(f"{name}: not a readable image (send a base64 PNG)") from None
-    return pixels.reshape(h, w, -1).permute(2, 0, 1).float() / 255.0
+class Hit(BaseModel):
+    key: str
+    score: float
+    meta: str | None = Field(description="the text, or 'image'")
+
+
+class SearchResults(BaseModel):
+    results: list[Hit] = Field(description="best first")
+
+
+class Serves(BaseModel):
+    text: bool
+    image: bool
+    generate: bool
+    store: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    fingerprint: str
+    serves: Serves
+    info: dict[str, Any] = Field(description="the run's name and configuration")

@@ -23,6 +23,7 @@ import torch
 
 from fmm.serve.engine import Engine, Overloaded
 from fmm.serve.metrics import Metrics
+from fmm.templates import check_template, fill_template
 
 
 class NotServed(LookupError):
@@ -108,6 +109,16 @@ class Service:
         if self.engine is None or kind not in self.engine.batchers:
             raise NotServed(f"model {self.model.name!r} has no {kind} encoder")
 
+    def require_store(self, to: str) -> None:
+        """:class:`NotServed` unless the server has a store (``to``: what it is needed for)."""
+        if self.store is None:
+            raise NotServed(f"no store: start the server with --store PATH to {to}")
+
+    def require_generate(self) -> None:
+        """:class:`NotServed` unless the model generates."""
+        if self.model.generate is None:
+            raise NotServed(f"model {self.model.name!r} does not generate")
+
     def _keys(self, kind: str, payloads: list) -> list[str] | None:
         if self.store is None:
             return None
@@ -144,14 +155,14 @@ class Service:
     ) -> list[dict]:
         """Labels ranked by probability for one image: ``[{"label", "prob", "logit"}]``.
 
-        Each label is embedded as ``template.format(label)``; logits are
-        ``logit_scale * cosine``, probabilities their softmax over the labels.
+        Each label is embedded as ``fmm.templates.fill_template(template, label)`` (exactly
+        one ``{}``; ``{{``/``}}`` for literal braces); logits are ``logit_scale * cosine``,
+        probabilities their softmax over the labels.
         """
         self.require("text")
-        if "{}" not in template:
-            raise ValueError(f"template must contain '{{}}' for the label, got {template!r}")
+        check_template(template)
         img, _ = await self.embed_image([image])
-        txt, _ = await self.embed_text([template.format(label) for label in labels])
+        txt, _ = await self.embed_text([fill_template(template, label) for label in labels])
         logits = self.model.logit_scale * (img @ txt.T)[0]
         probs = logits.softmax(-1)
         order = probs.argsort(descending=True).tolist()
@@ -160,18 +171,31 @@ class Service:
         ]
 
     async def add_items(self, texts: list[str], images: list[torch.Tensor]) -> list[str]:
-        """Embed and store ``texts`` then ``images``; their store keys, in that order."""
-        if self.store is None:
-            raise NotServed("no store: start the server with --store PATH to keep items")
-        keys: list[str] = []
-        if texts:
-            await self.embed_text(texts)
-            keys += self._keys("text", texts)
-        if images:
-            checked = [self.check_image(im, f"images[{i}]") for i, im in enumerate(images)]
-            await self.embed_image(checked)
-            keys += self._keys("image", [_pixel_key(im) for im in checked])
-        return keys
+        """Embed ``texts`` then ``images`` and store them as pinned rows (kept, searchable,
+        never evicted: only this route grows the store's pinned part); their keys, in order.
+        No items: no keys."""
+        self.require_store("keep items")
+        checked = [self.check_image(im, f"images[{i}]") for i, im in enumerate(images)]
+        batches = [("text", texts, texts, texts), ("image", checked, ["image"] * len(checked),
+                   [_pixel_key(im) for im in checked])]  # fmt: skip
+        order: list[str] = []
+        vectors: dict[str, torch.Tensor] = {}
+        meta: dict[str, str] = {}
+        for kind, items, labels, payloads in batches:
+            if not items:
+                continue
+            self.require(kind)
+            keys = self._keys(kind, payloads)
+            # keep=False: the engine would store them as cached rows; they are pinned below.
+            got, _ = await self.engine.embed(
+                kind, items, keys=keys, timeout=self.timeout, keep=False
+            )
+            order += keys
+            vectors.update(zip(keys, got))
+            meta.update(zip(keys, labels))
+        if vectors:
+            await self.engine.in_store_thread(self.store.put_many, vectors, meta=meta, pinned=True)
+        return order
 
     async def search(
         self, *, k: int, text: str | None = None, vector: list[float] | None = None
@@ -179,8 +203,7 @@ class Service:
         """Top-``k`` stored items by cosine to a text's embedding or a given vector:
         ``[{"key", "score", "meta"}]``, best first (``meta``: the text, or ``"image"``).
         A query text is looked up in the store but not added to it."""
-        if self.store is None:
-            raise NotServed("no store: start the server with --store PATH to search items")
+        self.require_store("search items")
         if (text is None) == (vector is None):
             raise ValueError("search needs exactly one of 'text' or 'vector'")
         if text is not None:
@@ -191,11 +214,17 @@ class Service:
             )
             query = vectors[0]
         else:
-            query = torch.tensor(vector, dtype=torch.float32)
+            query = torch.tensor(vector, dtype=torch.float64)
             if self.model.dim is not None and query.shape != (self.model.dim,):
                 raise ValueError(
                     f"vector must have {self.model.dim} numbers, got {list(query.shape)}"
                 )
+            if not bool(query.isfinite().all()):
+                raise ValueError("vector: every number must be finite")
+            # Cosine ignores scale: bring the largest to 1 so float32 neither overflows nor
+            # flushes to zero (1e300 or 1e-300 entries are a valid query).
+            peak = query.abs().max()
+            query = (query / peak if peak > 0 else query).to(torch.float32)
         loop = asyncio.get_running_loop()
 
         def top_k() -> list[dict]:
@@ -214,8 +243,7 @@ class Service:
         The model runs in a generation thread; closing the iterator (a client that went
         away) stops it at the next token and frees its slot.
         """
-        if self.model.generate is None:
-            raise NotServed(f"model {self.model.name!r} does not generate")
+        self.require_generate()
         if self._generating >= self.max_generations:
             self.metrics.count("refused_overloaded")
             raise Overloaded(
@@ -254,6 +282,15 @@ class Service:
         """The ``GET /metrics`` figures: counters, batches, hit rate, latencies, queue depth."""
         depth = self.engine.depth if self.engine is not None else 0
         return self.metrics.snapshot(queue_depth=depth, generations_running=self._generating)
+
+    async def store_stats(self) -> dict | None:
+        """The store's ``stats()`` (``{"pinned", "cached", "cached_bytes", "evicted"}``), read
+        in the store's thread; ``None`` without a store."""
+        if self.store is None:
+            return None
+        if self.engine is None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.store.stats)
+        return await self.engine.in_store_thread(self.store.stats)
 
     async def aclose(self) -> None:
         """Stop the engine and the generation threads."""

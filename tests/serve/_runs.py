@@ -61,15 +61,21 @@ def tiny_mmgpt_run(run_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running(app, *, timeout: float = 20.0):
-    """Serve the ASGI ``app`` with uvicorn on a free loopback port; yields the base URL."""
-    import uvicorn
+def running(app, *, limits=None, timeout: float = 20.0):
+    """Serve the ASGI ``app`` with uvicorn on a free loopback port, through
+    ``fmm.serve.server.make_server`` (header deadline, connection cap) with ``limits``;
+    yields the base URL."""
+    from fmm.serve.front_door import HttpLimits
+    from fmm.serve.server import make_server
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = make_server(
+        app, host="127.0.0.1", port=port, limits=limits or HttpLimits(),
+        log_level="warning", lifespan="on",
+    )  # fmt: skip
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -218,7 +218,7 @@ def test_a_failing_store_write_still_answers_and_is_counted():
         def get_many(self, keys):
             return {}
 
-        def put_many(self, items, meta=None):
+        def put_many(self, items, meta=None, *, pinned=True):
             raise OSError("disk full")
 
     async def main():

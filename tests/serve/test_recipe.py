@@ -14,7 +14,13 @@ from train.__main__ import main
         ("--max-batch", "0", "--max-batch must be >= 1"),
         ("--max-queue", "0", "--max-queue must be >= 1"),
         ("--max-wait-ms", "-1", "--max-wait-ms must be >= 0"),
-        ("--timeout-s", "0", "--timeout-s, --max-body-mb > 0"),
+        ("--timeout-s", "0", "--timeout-s must be > 0"),
+        ("--max-body-mb", "0", "--max-body-mb must be > 0"),
+        ("--header-timeout-s", "0", "--header-timeout-s must be > 0"),
+        ("--body-timeout-s", "-1", "--body-timeout-s must be > 0"),
+        ("--store-cache-mb", "-1", "--store-cache-mb must be >= 0"),
+        ("--max-connections", "0", "--max-connections must be >= 1"),
+        ("--max-buffered-mb", "1", r"--max-buffered-mb \(1.0\) must be at least --max-body-mb"),
     ],
 )
 def test_bad_flags_are_refused_by_name(tmp_path, flag, value, message):
@@ -23,9 +29,9 @@ def test_bad_flags_are_refused_by_name(tmp_path, flag, value, message):
 
 
 def test_a_run_of_another_kind_is_refused_by_name(tmp_path):
-    run_dir = tiny_clip_run(tmp_path / "run")
-    config = checkpoint.load_config(run_dir)
-    checkpoint.write_json(run_dir / checkpoint.CONFIG_FILE, {**config, "model": "vqvae"})
+    params, config = checkpoint.load(tiny_clip_run(tmp_path / "clip"))
+    run_dir = tmp_path / "run"  # saved whole as another kind: a save is one checked unit
+    checkpoint.save(run_dir, params, config={**config, "model": "vqvae"})
     with pytest.raises(checkpoint.CheckpointError, match="holds a 'vqvae' run"):
         main(["serve", "--ckpt", str(run_dir), "--port", "0"])
     with pytest.raises(checkpoint.CheckpointError, match=r"no config\.json"):

@@ -26,6 +26,7 @@ import fmm
 from fmm import decoding
 from fmm.losses import logit_scale_value
 from fmm.serve import ServedModel, Service
+from fmm.serve.front_door import HttpLimits
 from models import clip, gpt, mmgpt, vqvae
 from train import checkpoint
 from train.recipes import device_of
@@ -65,18 +66,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-request budget; past it the answer is 504 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--store-cache-mb", type=float, default=256.0,
+        help="most MiB of computed embeddings the store keeps (least recently used evicted "
+        "first; /v1/items rows are kept apart, never evicted) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-body-mb", type=float, default=8.0,
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--max-buffered-mb", type=float, default=32.0,
+        help="request bodies read or handled at once, all connections together; past it "
+        "503 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--header-timeout-s", type=float, default=10.0,
+        help="request line and headers must arrive within this; past it 408 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--body-timeout-s", type=float, default=30.0,
+        help="a body must arrive within this of its headers; past it 408 (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-alive-s", type=float, default=75.0,
+        help="idle connections stay open this long; keep it above clients' own pool expiry "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-connections", type=int, default=2048,
-        help="open connections before uvicorn answers 503 (default: %(default)s)",
+        help="open connections; one more gets 503 and is closed (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backlog", type=int, default=4096,
+        help="listen queue for connections not yet accepted (the kernel caps it at "
+        "net.core.somaxconn) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--max-generations", type=int, default=2,
         help="concurrent generations before 503 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _run_name(run_dir: str | Path) -> str:
+    # /healthz shows which run is served, never where it lies on the server's disk.
+    return Path(run_dir).resolve().name
 
 
 def _fingerprint(config: dict, params: dict) -> str:
@@ -120,7 +154,7 @@ def clip_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
         embed_image=embed_image,
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
         logit_scale=float(logit_scale_value(params["logit_scale"])),
-        info={"run": str(run_dir), "quantize": quantize, "clip": cfg.to_dict()},
+        info={"run": _run_name(run_dir), "quantize": quantize, "clip": cfg.to_dict()},
     )
 
 
@@ -205,7 +239,7 @@ def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "c
         name="mmgpt",
         fingerprint=_fingerprint(config, {"mmgpt": run["params"], "vqvae": run["vqvae_params"]}),
         generate=lambda prompt, **options: stream_image_codes(run, prompt, **options),
-        info={"run": str(run_dir), "quantize": quantize, "image_len": run["cfg"].image_len},
+        info={"run": _run_name(run_dir), "quantize": quantize, "image_len": run["cfg"].image_len},
     )
 
 
@@ -303,7 +337,7 @@ def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "c
         name="gpt2",
         fingerprint=_fingerprint(config, params),
         generate=lambda prompt, **options: stream_text(run, prompt, **options),
-        info={"run": str(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
+        info={"run": _run_name(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
     )
 
 
@@ -328,23 +362,53 @@ def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
     return builders[kind](run_dir, quantize=quantize, device=device)
 
 
+def _mb(value: float) -> int:
+    return int(value * 2**20)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    # Every flag is checked before the model loads, and a bad one is named.
+    at_least_one = ("max_batch", "max_queue", "max_generations", "max_connections", "backlog")
+    positive = ("timeout_s", "max_body_mb", "max_buffered_mb", "header_timeout_s",
+                "body_timeout_s", "keep_alive_s")  # fmt: skip
+    for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"),
+                            (positive, lambda v: v > 0, "> 0"),
+                            (("max_wait_ms", "store_cache_mb"), lambda v: v >= 0, ">= 0")):  # fmt: skip
+        for name in names:
+            if not ok(getattr(args, name)):
+                raise SystemExit(
+                    f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}"
+                )
+    if args.max_buffered_mb < args.max_body_mb:
+        raise SystemExit(
+            f"--max-buffered-mb ({args.max_buffered_mb}) must be at least --max-body-mb "
+            f"({args.max_body_mb}), or the largest body could never be read"
+        )
+
+
+def limits_of(args: argparse.Namespace) -> HttpLimits:
+    """The :class:`~fmm.serve.front_door.HttpLimits` the flags describe."""
+    _check_flags(args)
+    return HttpLimits(
+        max_body_bytes=_mb(args.max_body_mb), max_buffered_bytes=_mb(args.max_buffered_mb),
+        body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
+        keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
+        backlog=args.backlog,
+    )  # fmt: skip
+
+
 def build_service(args: argparse.Namespace) -> Service:
     """The :class:`Service` the flags describe (model, store, batching limits)."""
-    for name in ("max_batch", "max_queue", "max_connections", "max_generations"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_wait_ms < 0 or args.timeout_s <= 0 or args.max_body_mb <= 0:
-        raise SystemExit(
-            f"--max-wait-ms must be >= 0 and --timeout-s, --max-body-mb > 0, got "
-            f"{args.max_wait_ms}, {args.timeout_s}, {args.max_body_mb}"
-        )
+    _check_flags(args)
     device = device_of(args)
     model = load_model(args.ckpt, quantize=args.quantize, device=device)
     store = None
     if args.store is not None:
         from fmm.store import EmbeddingStore
 
-        store = EmbeddingStore(args.store, model.fingerprint, dim=model.dim)
+        store = EmbeddingStore(
+            args.store, model.fingerprint, dim=model.dim, max_cached_bytes=_mb(args.store_cache_mb)
+        )
     return Service(
         model, store=store, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, timeout_s=args.timeout_s, max_generations=args.max_generations,
@@ -353,22 +417,23 @@ def build_service(args: argparse.Namespace) -> Service:
 
 def run(args: argparse.Namespace) -> None:
     """Load the run and serve it until interrupted."""
-    import uvicorn
-
     from fmm.serve.app import create_app
+    from fmm.serve.server import make_server, somaxconn
 
+    limits = limits_of(args)
     service = build_service(args)
-    app = create_app(service, max_body_bytes=int(args.max_body_mb * 2**20))
+    app = create_app(service, limits=limits)
     print(
         f"serving {service.model.name} from {args.ckpt} on http://{args.host}:{args.port} "
         f"(fingerprint {service.model.fingerprint[:12]}, quantize={args.quantize}, "
         f"store={args.store}); OpenAPI at /docs"
     )
+    cap = somaxconn()
+    if cap is not None and cap < limits.backlog:
+        print(f"note: the kernel caps the listen backlog at net.core.somaxconn={cap} "
+              f"(--backlog {limits.backlog})")  # fmt: skip
     try:
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level="info",
-            limit_concurrency=args.max_connections,
-        )  # fmt: skip
+        make_server(app, host=args.host, port=args.port, limits=limits, log_level="info").run()
     finally:
         if service.store is not None:
             service.store.close()
