@@ -5,6 +5,7 @@ every parameter (norms and biases included) is randomised so a swapped or transp
 tensor cannot hide, the weights are converted, and both compute on the same inputs.
 """
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -238,3 +239,58 @@ def test_full_vit_b16_matches_open_clip():
     with torch.no_grad():
         img, txt, scale = ref(images, tokens)
     assert_same(params, img, txt, scale, images=images, tokens=tokens, cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_weights(tmp_path_factory):
+    """A tiny CLIP's weights in Hugging Face's layout, alone in a folder."""
+    from safetensors.torch import save_file
+
+    from fmm import checks, tree
+    from models.clip import clip_tiny
+
+    cfg = clip_tiny()
+    folder = tmp_path_factory.mktemp("hf")
+    shapes = checks.param_shapes(model.init, cfg)  # values do not matter here: zeros are quick
+    sd = convert.to_hf(tree.unflatten({k: torch.zeros(s) for k, s in shapes.items()}), cfg)
+    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
+    return folder / "model.safetensors", cfg
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (
+            {"embed_dim": 64, "vision_cfg": {"layers": 3}, "text_cfg": {"layers": 3}},
+            r"open_clip model config.*cfg=config_from_open_clip.*--config.*format='open_clip'",
+        ),
+        ({"model_type": "bert", "hidden_size": 64}, r"a Hugging Face 'bert' config.*--config"),
+        ("fmm", r"an fmm CLIPConfig.*cfg=CLIPConfig"),
+        ({"architectures": ["X"]}, r"no CLIP config.*vision_config and text_config"),
+        ({"vision_config": {}, "text_config": {}}, r"lacks 'hidden_act'.*--config"),
+        ([1, 2], r"holds a JSON list"),
+        ("{not json", r"unreadable.*--config"),
+    ],
+)
+def test_a_config_json_of_another_kind_is_named_with_what_to_pass(tiny_hf_weights, content, found):
+    weights, cfg = tiny_hf_weights
+    beside = weights.with_name("config.json")
+    if content == "fmm":
+        content = cfg.to_dict()
+    beside.write_text(content if isinstance(content, str) else json.dumps(content))
+    try:
+        with pytest.raises(ConversionError, match=found):
+            convert.load_pretrained(weights, format="hf")
+    finally:
+        beside.unlink()
+
+
+def test_cfg_overrides_a_config_json_of_another_kind(tiny_hf_weights):
+    weights, cfg = tiny_hf_weights
+    beside = weights.with_name("config.json")
+    beside.write_text(json.dumps({"model_type": "bert"}))
+    try:
+        params, read = convert.load_pretrained(weights, format="hf", cfg=cfg)
+    finally:
+        beside.unlink()
+    assert read == cfg and params["text"]["token"]["weight"].shape == (64, 128)

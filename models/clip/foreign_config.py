@@ -1,0 +1,186 @@
+"""CLIP configs from the reference projects' own config files: Hugging Face's ``config.json``
+(:func:`config_from_hf`, :func:`config_beside`) and open_clip's model configs
+(:func:`config_from_open_clip`, :data:`OPEN_CLIP_CONFIGS`). :mod:`models.clip.convert`
+re-exports them beside the weight converters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fmm.convert import ConversionError
+from models.clip.config import CLIPConfig
+
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh"}
+
+
+def _mlp_ratio(name: str, pairs: list[tuple[int, int]]) -> float:
+    ratios = {hidden / width for width, hidden in pairs}
+    if len(ratios) != 1:
+        raise ValueError(
+            f"{name}: the two towers use different MLP ratios {sorted(ratios)}; "
+            f"CLIPConfig has one mlp_ratio"
+        )
+    ratio = ratios.pop()
+    for width, hidden in pairs:
+        if int(width * ratio) != hidden:
+            raise ValueError(f"{name}: MLP width {hidden} is not width {width} x ratio {ratio}")
+    return ratio
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj[key] if isinstance(obj, Mapping) else getattr(obj, key)
+
+
+def config_from_hf(hf_config: Any) -> CLIPConfig:
+    """Our config from a ``transformers.CLIPConfig`` (or its ``config.json`` as a dict/path)."""
+    if isinstance(hf_config, (str, Path)):
+        hf_config = json.loads(Path(hf_config).read_text())
+    vision, text = _get(hf_config, "vision_config"), _get(hf_config, "text_config")
+    acts = {_get(vision, "hidden_act"), _get(text, "hidden_act")}
+    if len(acts) != 1 or next(iter(acts)) not in _HF_ACTS:
+        raise ValueError(f"config_from_hf: unsupported hidden_act {sorted(acts)}")
+    epses = {_get(vision, "layer_norm_eps"), _get(text, "layer_norm_eps")}
+    if len(epses) != 1:
+        raise ValueError(f"config_from_hf: towers differ in layer_norm_eps {sorted(epses)}")
+    return CLIPConfig(
+        embed_dim=_get(hf_config, "projection_dim"),
+        image_size=_get(vision, "image_size"),
+        patch_size=_get(vision, "patch_size"),
+        image_width=_get(vision, "hidden_size"),
+        image_layers=_get(vision, "num_hidden_layers"),
+        image_heads=_get(vision, "num_attention_heads"),
+        in_channels=_get(vision, "num_channels"),
+        context_length=_get(text, "max_position_embeddings"),
+        vocab_size=_get(text, "vocab_size"),
+        text_width=_get(text, "hidden_size"),
+        text_layers=_get(text, "num_hidden_layers"),
+        text_heads=_get(text, "num_attention_heads"),
+        mlp_ratio=_mlp_ratio(
+            "config_from_hf",
+            [
+                (_get(vision, "hidden_size"), _get(vision, "intermediate_size")),
+                (_get(text, "hidden_size"), _get(text, "intermediate_size")),
+            ],
+        ),
+        act=_HF_ACTS[acts.pop()],
+        norm_eps=epses.pop(),
+        init_logit_scale=float(_get(hf_config, "logit_scale_init_value")),
+    )
+
+
+# open_clip's model configs for the ViT CLIPs (its model_configs/*.json), as plain data.
+_OPENAI_TEXT = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+OPEN_CLIP_CONFIGS: dict[str, dict] = {
+    "ViT-B-32": dict(
+        embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
+        text_cfg=_OPENAI_TEXT,
+    ),
+    "ViT-B-16": dict(
+        embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=16),
+        text_cfg=_OPENAI_TEXT,
+    ),
+    "ViT-L-14": dict(
+        embed_dim=768, vision_cfg=dict(image_size=224, layers=24, width=1024, patch_size=14),
+        text_cfg=dict(_OPENAI_TEXT, width=768, heads=12),
+    ),
+    "ViT-L-14-336": dict(
+        embed_dim=768, vision_cfg=dict(image_size=336, layers=24, width=1024, patch_size=14),
+        text_cfg=dict(_OPENAI_TEXT, width=768, heads=12),
+    ),
+    "ViT-H-14": dict(
+        embed_dim=1024,
+        vision_cfg=dict(image_size=224, layers=32, width=1280, head_width=80, patch_size=14),
+        text_cfg=dict(_OPENAI_TEXT, width=1024, heads=16, layers=24),
+    ),
+}  # fmt: skip
+
+
+def config_from_open_clip(name_or_dict: str | Mapping | Path) -> CLIPConfig:
+    """Our config from an open_clip model name (``"ViT-B-16"``, ``"ViT-B-16-quickgelu"``, any
+    of :data:`OPEN_CLIP_CONFIGS`), an open_clip model-config dict, or a path to its JSON.
+
+    open_clip's default activation is exact GELU; OpenAI's weights need ``-quickgelu``
+    (or ``"quick_gelu": true`` in the dict).
+    """
+    quick = False
+    if isinstance(name_or_dict, Path) or (
+        isinstance(name_or_dict, str) and name_or_dict.endswith(".json")
+    ):
+        spec = json.loads(Path(name_or_dict).read_text())
+    elif isinstance(name_or_dict, str):
+        name = name_or_dict.removesuffix("-quickgelu")
+        quick = name != name_or_dict
+        if name not in OPEN_CLIP_CONFIGS:
+            raise ValueError(
+                f"config_from_open_clip: unknown model name {name_or_dict!r}; known: "
+                f"{sorted(OPEN_CLIP_CONFIGS)} (optionally with -quickgelu), or pass its config dict"
+            )
+        spec = OPEN_CLIP_CONFIGS[name]
+    else:
+        spec = dict(name_or_dict)
+    vision, text = spec["vision_cfg"], spec["text_cfg"]
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise ValueError("config_from_open_clip: ResNet image towers are not supported")
+    ratio = vision.get("mlp_ratio", 4.0)
+    if text.get("mlp_ratio", 4.0) != ratio:
+        raise ValueError("config_from_open_clip: the towers use different mlp_ratio")
+    return CLIPConfig(
+        embed_dim=spec["embed_dim"],
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        image_width=vision["width"],
+        image_layers=vision["layers"],
+        image_heads=vision["width"] // vision.get("head_width", 64),
+        context_length=text.get("context_length", 77),
+        vocab_size=text.get("vocab_size", 49408),
+        text_width=text["width"],
+        text_layers=text["layers"],
+        text_heads=text["heads"],
+        mlp_ratio=ratio,
+        act="quick_gelu" if quick or spec.get("quick_gelu", False) else "gelu",
+    )
+
+
+def config_beside(path: Path) -> CLIPConfig:
+    """The config of a Hugging Face ``config.json`` (the one beside a weights file); a file
+    of another kind (open_clip's, fmm's, another model's, not JSON) is a
+    :class:`fmm.convert.ConversionError` that says what it found and what to pass instead.
+
+    Example: ``cfg = config_beside(Path("clip-vit-base-patch32/config.json"))``.
+    """
+    use = "pass cfg= (--config at the command line) or remove it to read the sizes off the weights"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(
+            f"config.json beside the weights ({path}) is unreadable: {e}; {use}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not a config; {use}")
+    model_type = data.get("model_type")
+    if "vision_cfg" in data and "text_cfg" in data:
+        raise ConversionError(
+            f"{path} is an open_clip model config, not a Hugging Face one: pass "
+            f"cfg=config_from_open_clip({str(path)!r}) (--config {path}), or format='open_clip' "
+            "if the weights are open_clip's"
+        )
+    if set(CLIPConfig.__dataclass_fields__) <= data.keys():
+        raise ConversionError(
+            f"{path} is an fmm CLIPConfig, not a Hugging Face config: pass "
+            f"cfg=CLIPConfig(**json.load(open({str(path)!r}))) for these weights"
+        )
+    if model_type not in (None, "clip") or not {"vision_config", "text_config"} <= data.keys():
+        found = f"a Hugging Face {model_type!r} config" if model_type else "no CLIP config"
+        raise ConversionError(
+            f"{path} is {found} (keys {sorted(data)[:8]}), not a Hugging Face CLIPConfig with "
+            f"vision_config and text_config; {use}"
+        )
+    try:
+        return config_from_hf(data)
+    except (KeyError, AttributeError) as e:
+        raise ConversionError(
+            f"{path} lacks {e.args[0]!r}: cannot build the CLIP config; {use}"
+        ) from None
