@@ -20,7 +20,7 @@ from fmm.serve.app import create_app
 from fmm.serve.front_door import HttpLimits
 from models import clip
 from tests.serve._runs import running, tiny_clip_run, tiny_mmgpt_run
-from train.recipes import serve
+from train.recipes import serve, serve_streams
 from train.recipes.clip import load_run, normalize_images
 
 MAX_BODY = 64 * 1024
@@ -241,7 +241,9 @@ def test_guided_stream_draws_what_generate_images_draws_and_stops_when_asked(tmp
     run = load_mmgpt(tiny_mmgpt_run(tmp_path / "mmgpt"))
     tok, cfg = run["tokenizer"], run["cfg"]
     options = {"temperature": 1.0, "top_k": 5, "guidance": 3.0, "seed": 7}
-    events = list(serve.stream_image_codes(run, "a blue star", stop=threading.Event(), **options))
+    events = list(
+        serve_streams.stream_image_codes(run, "a blue star", stop=threading.Event(), **options)
+    )
     want = mmgpt.generate_images(
         run["params"], tok.encode(["a blue star"], cfg.text_len), cfg=cfg,
         key=fmm.random.key(7), temperature=1.0, top_k=5, guidance=3.0,
@@ -249,7 +251,7 @@ def test_guided_stream_draws_what_generate_images_draws_and_stops_when_asked(tmp
     )[0].tolist()  # fmt: skip
     assert events[-1]["tokens"] == want
     stop = threading.Event()
-    stream = serve.stream_image_codes(run, "a blue star", stop=stop, **options)
+    stream = serve_streams.stream_image_codes(run, "a blue star", stop=stop, **options)
     next(stream)
     stop.set()
     assert list(stream) == []  # no further codes once stopped

@@ -14,24 +14,18 @@ with the tokens streamed likewise. Routes and status codes: :mod:`fmm.serve.app`
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import fmm
-from fmm import decoding
 from fmm.losses import logit_scale_value
 from fmm.serve import ServedModel, Service
 from fmm.serve.front_door import HttpLimits
-from models import clip, gpt, mmgpt, vqvae
+from models import clip, gpt
 from train import checkpoint
 from train.recipes import device_of
-
-TEXT_NEW_TOKENS = 64  # a text model's default max_new_tokens (fewer if the context is full)
+from train.recipes.serve_streams import stream_image_codes, stream_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,76 +152,6 @@ def clip_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
     )
 
 
-def _png_base64(image: torch.Tensor) -> str:
-    from PIL import Image
-
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def stream_image_codes(
-    run: dict,
-    prompt: str,
-    *,
-    stop: threading.Event,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    guidance: float = 1.0,
-    seed: int = 0,
-    max_new_tokens: int | None = None,
-) -> Iterator[dict]:
-    """Image codes for ``prompt`` one at a time (``{"index", "token"}``), then
-    ``{"done": True, "tokens": [image_len], "image_png": base64}``; stops once ``stop`` is set.
-    ``max_new_tokens``, if given, must be the image's code count.
-
-    Draws what ``models.mmgpt.generate_images`` draws for the same ``seed`` (greedy at
-    ``temperature=0``), as a loop over ``fmm.decoding.prefill``/``decode_step`` so that each
-    code can leave before the next is computed. ``guidance != 1`` runs the empty caption
-    beside the prompt in the same cache (classifier-free guidance).
-    """
-    cfg, params, tok = run["cfg"], run["params"], run["tokenizer"]
-    if max_new_tokens not in (None, cfg.image_len):
-        raise ValueError(
-            f"max_new_tokens: an image of this model is always {cfg.image_len} codes, "
-            f"got {max_new_tokens}"
-        )
-    spec, tv = mmgpt.image_decoder_spec(cfg), cfg.text_vocab
-    device = params["pos"].device
-    rows = tok.encode([prompt], cfg.text_len)
-    if guidance != 1.0:
-        rows = torch.cat([rows, tok.encode([""], cfg.text_len)])
-    rows = rows.to(device)
-    sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    cache = decoding.init_cache(
-        spec, len(rows), cfg.seq_len - 1, dtype=params["pos"].dtype, device=device
-    )
-    # The cache is this call's own: donate it, so each step writes one slot in place.
-    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True, donate=True)
-    logits = logits[:, -1]
-    keys = fmm.random.split(fmm.random.key(seed), cfg.image_len)
-    codes: list[int] = []
-    for i in range(cfg.image_len):
-        if guidance == 1.0:  # as decoding.generate: sample the full, text-masked vocab
-            code = sampling(logits, keys[i].to(device)) - tv
-        else:  # as mmgpt's guided loop: combine and sample the image slice only
-            cond, uncond = logits[:1, tv:], logits[1:, tv:]
-            code = sampling(uncond + guidance * (cond - uncond), keys[i].to(device))
-        codes.append(int(code[0]))
-        yield {"index": i, "token": codes[-1]}
-        if stop.is_set():
-            return
-        if i + 1 < cfg.image_len:
-            logits, cache = decoding.decode_step(
-                params, (code + tv).repeat(len(rows)), cache, cfg=spec, donate=True
-            )
-    grid = torch.tensor(codes, device=device).reshape(1, run["vqvae_cfg"].grid, -1)
-    image = vqvae.decode(run["vqvae_params"], grid, cfg=run["vqvae_cfg"])[0]
-    yield {"done": True, "tokens": codes, "image_png": _png_base64(image)}
-
-
 def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
     """A :class:`ServedModel` of a ``python -m train mmgpt`` run: streamed image generation."""
     from train.recipes.generate import load_run
@@ -241,68 +165,6 @@ def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "c
         generate=lambda prompt, **options: stream_image_codes(run, prompt, **options),
         info={"run": _run_name(run_dir), "quantize": quantize, "image_len": run["cfg"].image_len},
     )
-
-
-def stream_text(
-    run: dict,
-    prompt: str,
-    *,
-    stop: threading.Event,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    guidance: float = 1.0,
-    seed: int = 0,
-    max_new_tokens: int | None = None,
-) -> Iterator[dict]:
-    """A GPT's continuation of ``prompt``, one token at a time (``{"index", "token",
-    "text"}``: ``text`` is what the token adds to the decoded string, empty while a
-    multi-byte character is incomplete), then ``{"done": True, "tokens", "text",
-    "stop_reason": "eos" | "length"}``; stops once ``stop`` is set.
-
-    Draws what ``fmm.decoding.generate`` draws for the same key (``fmm.random.key(seed)``),
-    greedy at ``temperature=0``. ``max_new_tokens`` defaults to 64 or as many as fit.
-    """
-    if guidance != 1.0:
-        raise ValueError(f"guidance: a text model takes no guidance (1.0), got {guidance}")
-    cfg, params, tok, eos = run["cfg"], run["params"], run["tokenizer"], run["eos_id"]
-    ids = tok.encode(prompt).ids
-    if not ids:
-        raise ValueError("prompt: encodes to no tokens")
-    room = cfg.context_length - len(ids) + 1  # the last token drawn is never fed back
-    new = min(TEXT_NEW_TOKENS, room) if max_new_tokens is None else max_new_tokens
-    if new < 1 or len(ids) + new - 1 > cfg.context_length:
-        raise ValueError(
-            f"prompt of {len(ids)} tokens plus max_new_tokens={new} is past this model's "
-            f"context of {cfg.context_length} tokens"
-        )
-    spec, device = gpt.decoder_spec(cfg), params["pos"].device
-    sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    cache = decoding.init_cache(
-        spec, 1, len(ids) + new - 1, dtype=params["pos"].dtype, device=device
-    )
-    logits, cache = decoding.prefill(
-        params, torch.tensor([ids], device=device), cache, cfg=spec, last_only=True, donate=True
-    )
-    logits = logits[:, -1]
-    keys = fmm.random.split(fmm.random.key(seed), new)
-    out: list[int] = []
-    text, reason = "", "length"
-    for i in range(new):
-        token = sampling(logits, keys[i].to(device))
-        if eos is not None and int(token[0]) == eos:
-            reason = "eos"
-            break
-        out.append(int(token[0]))
-        decoded = tok.decode(out)
-        piece = "" if decoded.endswith("\ufffd") else decoded[len(text) :]
-        text += piece
-        yield {"index": i, "token": out[-1], "text": piece}
-        if stop.is_set():
-            return
-        if i + 1 < new:
-            logits, cache = decoding.decode_step(params, token, cache, cfg=spec, donate=True)
-    yield {"done": True, "tokens": out, "text": tok.decode(out), "stop_reason": reason}
 
 
 def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
