@@ -1,59 +1,88 @@
-"""Checkpoints, written atomically: a crash mid-save leaves the previous one loadable.
+"""Run directories, saved as one unit: a crash at any moment leaves one whole save loadable.
 
-Single process: a run directory holds ``params.safetensors`` (dotted names, as
-``fmm.tree.flatten``) and ``config.json``. Every file is written to a temporary name in the
-same folder, flushed and renamed over the old one.
+A run directory holds ``params.safetensors`` (dotted names, as ``fmm.tree.flatten``),
+``config.json`` and whatever else the run saved with them (``tokenizer.json``,
+``metrics.json``, more tensor files), all plain files, and ``manifest.json``, which names
+each file of the save with its size and sha256. :func:`save` goes in three steps:
+
+1. every file is written under a hidden staged name (``.params.safetensors.<save>.staged``)
+   and flushed to disk;
+2. ``manifest.json`` is replaced atomically: the commit point;
+3. each staged file is renamed over its plain name.
+
+A crash before 2 leaves the previous save in place (the staged files are orphans, which the
+next save removes with any temporary file a crash left). A crash between 2 and 3 leaves the
+new save committed: readers take a file from its staged name while the plain one does not
+match the manifest, and the next save first finishes the renames (rolls forward). Readers
+(:func:`load`, :func:`load_params`, :func:`load_config`, :func:`open_run`) never write, and
+check every file they read against the manifest, so they never mix two saves: a file that
+does not match (edited, copied from another run, corrupt) is a :class:`CheckpointError` that
+names it. Runs saved before manifests existed are read as they are.
 
 Example::
 
-    save(run_dir, params, config={"model": "clip", "clip": cfg.to_dict()})
+    save(run_dir, params, config={"model": "clip", "clip": cfg.to_dict()},
+         files={"tokenizer.json": tokenizer.to_json(), "metrics.json": metrics})
     params, config = load(run_dir)
 
-Sharded (any number of processes): :func:`save_sharded` writes a whole train state (params,
-optimizer state, step, RNG keys, data-loader position; ``DTensor`` shards or plain
-tensors) with ``torch.distributed.checkpoint`` into ``<root>/step_<n>/``, through a
-temporary folder renamed into place, then points ``<root>/latest`` at it. A resumed run
-continues bit for bit, and a checkpoint saved at one world size loads at another (DCP
-reshards ``DTensor``s; plain tensors are taken as replicated). See ``train/sharded.py``.
+Sharded train states (``save_sharded``, ``load_sharded``, ``latest_step``) live in
+:mod:`train.sharded`; this module forwards those names.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
-import shutil
+import re
+import secrets
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from fmm import tree
-from fmm.io import atomic_write
+from fmm.io import atomic_write, fsync_dir, is_temp_file, write_synced
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"
-LATEST_FILE = "latest"
-EXTRA_FILE = "extra.json"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+METRICS_FILE = "metrics.json"
+MANIFEST_FORMAT = "fmm-run/1"
+_SAVE_ID = re.compile(r"^[0-9a-f]{12}$")
+_STAGED_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.staged$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not match what the caller expects."""
 
 
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    """Write ``obj`` as indented JSON, atomically (a lone file, outside any run's unit)."""
+    text = _json_text(obj)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def save_params(path: str | os.PathLike, params: Any) -> None:
-    """Write a param tree to one safetensors file, atomically."""
+def _tensor_writer(params: Any) -> Callable[[str], None]:
     flat = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(params).items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"format": "fmm"}))
+    return lambda path: save_file(flat, path, metadata={"format": "fmm"})
+
+
+def save_params(path: str | os.PathLike, params: Any) -> None:
+    """Write a param tree to one safetensors file, atomically (a lone file; a run's params
+    go through :func:`save`)."""
+    atomic_write(path, _tensor_writer(params))
 
 
 def _describe(flat: dict[str, torch.Tensor]) -> dict[str, tuple]:
@@ -79,195 +108,249 @@ def check_matches(flat: dict[str, torch.Tensor], like: Any, *, source: str = "ch
         raise CheckpointError("\n".join(lines))
 
 
-def load_params(path: str | os.PathLike, *, like: Any = None) -> Any:
-    """Read a param tree. With ``like`` (a tree of the expected shapes, e.g. from ``init`` on
-    the meta device), every key, shape and dtype is checked before anything is returned."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no params file at {path}")
+# --- reading ------------------------------------------------------------------------------
+
+
+def _staged(run_dir: Path, name: str, save_id: str) -> Path:
+    return run_dir / f".{name}.{save_id}.staged"
+
+
+def _fingerprint(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_manifest(run_dir: Path) -> dict | None:
+    path = run_dir / MANIFEST_FILE
     try:
-        flat = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt params file {path}: {e}") from e
-    if like is not None:
-        check_matches(flat, like, source=str(path))
-    return tree.unflatten(flat)
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt {path}: {e}") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not _SAVE_ID.match(str(manifest.get("save")))
+        or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys() for e in files.values())
+    ):
+        raise CheckpointError(f"corrupt {path}: not a {MANIFEST_FORMAT} manifest")
+    return manifest
 
 
-def save(run_dir: str | os.PathLike, params: Any, *, config: dict) -> None:
-    """Save ``params`` and a JSON-ready ``config`` into ``run_dir`` (each file atomically)."""
+@dataclass(frozen=True)
+class SavedRun:
+    """The files of a run directory's last save; each read is checked against the manifest.
+
+    ``manifest`` is ``None`` for a run saved before manifests: its files are read as they
+    are. A file the manifest does not name (a plot, a file written on its own) likewise.
+    """
+
+    path: Path
+    manifest: dict | None
+
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of ``name`` as its save wrote them."""
+        plain = self.path / name
+        entry = (self.manifest or {}).get("files", {}).get(name)
+        if entry is None:
+            try:
+                return plain.read_bytes()
+            except FileNotFoundError:
+                raise CheckpointError(f"no {name} in {self.path}") from None
+            except OSError as e:
+                raise CheckpointError(f"cannot read {plain}: {e}") from e
+        # Until a save's renames finish, its files are at their staged names; the last look
+        # at the plain name covers a save that renamed the staged file in between.
+        found = []
+        for candidate in (plain, _staged(self.path, name, self.manifest["save"]), plain):
+            try:
+                data = candidate.read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise CheckpointError(f"cannot read {candidate}: {e}") from e
+            got = _fingerprint(data)
+            if got["size"] == entry["size"] and got["sha256"] == entry["sha256"]:
+                return data
+            found.append(f"{got['size']} bytes, sha256 {got['sha256'][:12]}")
+        raise CheckpointError(
+            f"{plain} does not belong to the save {self.path / MANIFEST_FILE} records "
+            f"(expected {entry['size']} bytes, sha256 {entry['sha256'][:12]}; found "
+            f"{found[0] if found else 'no file'}): it is corrupt, or was changed or copied in "
+            f"after that save; save the run again, or delete {MANIFEST_FILE} to read its files "
+            "unchecked"
+        )
+
+    def text(self, name: str) -> str:
+        """The text of ``name`` (UTF-8), e.g. ``run.text("tokenizer.json")``."""
+        try:
+            return self.read_bytes(name).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{self.path / name} is not UTF-8 text: {e}") from e
+
+    def config(self) -> dict:
+        """The run's ``config.json``."""
+        if self.manifest is None and not (self.path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"no {CONFIG_FILE} in {self.path}: not a saved run")
+        try:
+            return json.loads(self.text(CONFIG_FILE))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"corrupt {self.path / CONFIG_FILE}: {e}") from e
+
+    def params(self, name: str = PARAMS_FILE, *, like: Any = None) -> Any:
+        """A param tree from a safetensors file of the run. With ``like`` (a tree of the
+        expected shapes, e.g. from ``init`` on the meta device), every key, shape and dtype
+        is checked before anything is returned."""
+        path = self.path / name
+        named = name in (self.manifest or {}).get("files", {})
+        if not named and not path.is_file():
+            raise CheckpointError(f"no params file at {path}")
+        data = self.read_bytes(name) if named else None
+        try:
+            flat = load_file(path) if data is None else load_bytes(data)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt params file {path}: {e}") from e
+        if like is not None:
+            check_matches(flat, like, source=str(path))
+        return tree.unflatten(flat)
+
+
+def open_run(run_dir: str | os.PathLike) -> SavedRun:
+    """The last save of ``run_dir``, to read several of its files as one save.
+
+    Example::
+
+        run = open_run("runs/mmgpt")
+        config = run.config()
+        params = run.params(like=mmgpt.init(cfg, meta_key))
+        tokenizer = WordTokenizer.from_json(run.text("tokenizer.json"))
+    """
     run_dir = Path(run_dir)
-    save_params(run_dir / PARAMS_FILE, params)
-    write_json(run_dir / CONFIG_FILE, config)
+    return SavedRun(run_dir, _read_manifest(run_dir))
+
+
+def load_params(path: str | os.PathLike, *, like: Any = None) -> Any:
+    """Read a param tree from a safetensors file (checked against its run's manifest when
+    the run names it). With ``like``, every key, shape and dtype is checked first."""
+    path = Path(path)
+    return open_run(path.parent).params(path.name, like=like)
 
 
 def load_config(run_dir: str | os.PathLike) -> dict:
     """The ``config.json`` of a run directory."""
-    config_path = Path(run_dir) / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {run_dir}: not a saved run")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt {config_path}: {e}") from e
+    return open_run(run_dir).config()
 
 
 def load(run_dir: str | os.PathLike, *, like: Any = None) -> tuple[Any, dict]:
-    """``(params, config)`` from a run directory written by :func:`save`."""
-    config = load_config(run_dir)
-    return load_params(Path(run_dir) / PARAMS_FILE, like=like), config
+    """``(params, config)`` from a run directory written by :func:`save`, from one save."""
+    run = open_run(run_dir)
+    config = run.config()
+    return run.params(like=like), config
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
+# --- saving -------------------------------------------------------------------------------
 
 
-def _barrier() -> None:
-    if (d := _dist()) is not None:
-        d.barrier()
+def _writer(name: str, value: Any) -> Callable[[str], None]:
+    """How ``save`` writes ``files[name]``: text and bytes as they are, otherwise by the
+    name's suffix (``.json``: JSON, ``.safetensors``: a param tree)."""
+    if not name or name != Path(name).name or name.startswith(".") or name == MANIFEST_FILE:
+        raise ValueError(f"files: {name!r} is not a plain file name a run can hold")
+    if isinstance(value, str):
+        return lambda path: Path(path).write_text(value)
+    if isinstance(value, bytes):
+        return lambda path: Path(path).write_bytes(value)
+    if name.endswith(".safetensors"):
+        return _tensor_writer(value)
+    if name.endswith(".json"):
+        text = _json_text(value)
+        return lambda path: Path(path).write_text(text)
+    raise ValueError(
+        f"files[{name!r}]: give str or bytes, or name it .json or .safetensors, "
+        f"not a {type(value).__name__}"
+    )
 
 
-def _is_main() -> bool:
-    d = _dist()
-    return d is None or d.get_rank() == 0
+def _roll_forward(run_dir: Path, manifest: dict) -> None:
+    """Finish a committed save: rename its staged files still there over their plain names."""
+    renamed = False
+    for name in manifest["files"]:
+        staged = _staged(run_dir, name, manifest["save"])
+        if staged.exists():
+            os.replace(staged, run_dir / name)
+            renamed = True
+    if renamed:
+        fsync_dir(run_dir)
 
 
-@contextlib.contextmanager
-def _single_process_ok():
-    # Without a process group DCP warns that it assumes one process: that is the intent here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _settle(run_dir: Path) -> dict | None:
+    """Before a save: finish the last committed one, then remove what crashed saves left
+    (staged files nothing committed, temporary files). Returns the manifest, if any."""
+    try:
+        manifest = _read_manifest(run_dir)
+    except CheckpointError as e:
+        warnings.warn(f"{e}; this save replaces it", stacklevel=3)
+        manifest = None
+    if manifest is not None:
+        _roll_forward(run_dir, manifest)
+    for path in run_dir.iterdir():
+        if (_STAGED_NAME.match(path.name) or is_temp_file(path.name)) and path.is_file():
+            path.unlink(missing_ok=True)
+    return manifest
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
+def save(
+    run_dir: str | os.PathLike, params: Any, *, config: dict, files: dict[str, Any] | None = None
+) -> None:
+    """Save ``params``, a JSON-ready ``config`` and the run's other ``files`` into
+    ``run_dir`` as one unit (see the module docstring): a crash at any point leaves either
+    the previous save or this one, never a mix.
 
+    ``files``: ``{name: value}``; a str or bytes is written as it is, anything else by the
+    name's suffix: ``.json`` as JSON, ``.safetensors`` as a param tree. Files of an earlier
+    save that this one does not name stay as they are, still checked.
 
-def _flat_state(state: Any) -> dict[str, torch.Tensor]:
-    flat = tree.flatten(state)
-    bad = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"state leaves must be tensors; not tensors: {', '.join(bad)}")
-    # Views share storage, so DCP's in-place load writes into the caller's tensors (and never
-    # into a leaf that requires grad).
-    return {k: v.detach() for k, v in flat.items()}
-
-
-def save_sharded(
-    root: str | os.PathLike, step: int, state: Any, *, extra: dict | None = None, keep: int = 2
-) -> Path:
-    """Save a train state (a tree of tensors, ``DTensor`` shards included) as step ``step``.
-
-    Every rank calls it. Written into ``<root>/.tmp-step_<n>``, renamed to
-    ``<root>/step_<n>`` and then ``<root>/latest`` is rewritten atomically, so a crash at any
-    point leaves the previous checkpoint as the latest. ``extra``: JSON-ready data saved by
-    rank 0 (e.g. the loss history). ``keep``: how many step folders to keep (oldest go).
-    Returns the step folder.
+    Example: ``save(out, params, config=config, files={"metrics.json": metrics,
+    "tokenizer.json": tokenizer.to_json(), "vqvae.safetensors": vq_params})``.
     """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    import torch.distributed.checkpoint as dcp
-
-    root = Path(root)
-    final, tmp = _step_dir(root, step), root / f".tmp-step_{step:08d}"
-    flat = _flat_state(state)
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
-        tmp.mkdir(parents=True)
-    _barrier()
-    with _single_process_ok():
-        dcp.save(flat, checkpoint_id=tmp)
-    if _is_main():
-        write_json(tmp / EXTRA_FILE, {"step": step, **(extra or {})})
-        if final.exists():  # re-saving a step: move the old one aside, never delete it first
-            old = root / f".old-step_{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        write_json(root / LATEST_FILE, {"step": step, "dir": final.name})
-        steps = sorted(root.glob("step_*"))
-        for stale in steps[: max(0, len(steps) - keep)]:
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def latest_step(root: str | os.PathLike) -> int | None:
-    """The step of ``<root>/latest``, or ``None`` when no checkpoint was completed there."""
-    pointer = Path(root) / LATEST_FILE
-    if not pointer.is_file():
-        return None
+    run_dir = Path(run_dir)
+    writers = {PARAMS_FILE: _tensor_writer(params), CONFIG_FILE: _writer(CONFIG_FILE, config)}
+    for name, value in (files or {}).items():
+        if name in writers:
+            raise ValueError(f"files: {name!r} is written from save's own arguments")
+        writers[name] = _writer(name, value)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _settle(run_dir)
+    save_id = secrets.token_hex(6)
+    entries, staged = {}, []
     try:
-        return int(json.loads(pointer.read_text())["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint pointer {pointer}: {e}") from e
+        for name, write in writers.items():
+            staged.append(_staged(run_dir, name, save_id))
+            write_synced(staged[-1], write)
+            entries[name] = _fingerprint(staged[-1].read_bytes())
+        fsync_dir(run_dir)
+    except BaseException:  # nothing is committed yet: leave the previous save as it was
+        for path in staged:
+            path.unlink(missing_ok=True)
+        raise
+    kept = {
+        name: entry
+        for name, entry in (previous or {}).get("files", {}).items()
+        if name not in entries and (run_dir / name).is_file()
+    }
+    manifest = {"format": MANIFEST_FORMAT, "save": save_id, "files": {**kept, **entries}}
+    write_json(run_dir / MANIFEST_FILE, manifest)  # the commit point
+    _roll_forward(run_dir, manifest)
 
 
-def _check_sharded(folder: Path, flat: dict[str, torch.Tensor]) -> None:
-    """One error listing every missing, unexpected and mis-shaped key, before loading."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        saved = FileSystemReader(folder).read_metadata().state_dict_metadata
-    except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"corrupt checkpoint {folder}: {e}") from e
-    missing = sorted(flat.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - flat.keys())
-    mismatched = [
-        f"{k}: expected {list(flat[k].shape)}, got {list(saved[k].size)}"
-        for k in sorted(flat.keys() & saved.keys())
-        if isinstance(saved[k], TensorStorageMetadata) and tuple(saved[k].size) != flat[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {folder} does not match the expected state:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mismatched {m}" for m in mismatched]
-        raise CheckpointError("\n".join(lines))
+_SHARDED = ("save_sharded", "load_sharded", "latest_step")
 
 
-def load_sharded(
-    root: str | os.PathLike, state: Any, *, step: int | None = None
-) -> tuple[int, dict]:
-    """Fill ``state``'s tensors in place from the latest checkpoint (or ``step``) in ``root``.
+def __getattr__(name: str) -> Any:
+    # The sharded API moved to train.sharded (which imports this module); old names still work.
+    if name in _SHARDED:
+        from train import sharded
 
-    ``state``: a tree shaped like the saved one (e.g. a freshly initialised train state),
-    with ``DTensor`` shards at any world size or plain tensors. Every rank calls it.
-    Returns ``(step, extra)``. Missing or mismatched keys raise :class:`CheckpointError`.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    root = Path(root)
-    step = latest_step(root) if step is None else step
-    if step is None:
-        raise CheckpointError(f"no completed checkpoint in {root} (no {LATEST_FILE} file)")
-    folder = _step_dir(root, step)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} is missing")
-    flat = _flat_state(state)
-    _check_sharded(folder, flat)
-    targets = dict(flat)
-    try:
-        with _single_process_ok():
-            dcp.load(flat, checkpoint_id=folder)
-        # DCP may swap a dict entry (0-d tensors, without a process group) instead of copying
-        # into it; the caller's tensors are the ones that must hold the values.
-        with torch.no_grad():
-            for k, v in flat.items():
-                if v is not targets[k]:
-                    targets[k].copy_(v)
-    except (Exception, CheckpointException) as e:  # the latter is a BaseException
-        raise CheckpointError(f"cannot load {folder}: {e}") from e
-    try:
-        extra = json.loads((folder / EXTRA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"corrupt or missing {folder / EXTRA_FILE}: {e}") from e
-    return step, extra
+        return getattr(sharded, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,8 @@
-"""Sharded checkpoints in one process: round trip, atomicity under SIGKILL, clear errors."""
+"""Sharded checkpoints in one process: round trip, atomicity under SIGKILL, clear errors, and
+no code run from a crafted file."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from train import checkpoint
+from train.__main__ import main
 from train.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +95,47 @@ def test_missing_and_mismatched_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="must be tensors"):
         checkpoint.save_sharded(tmp_path, 2, {"lr": 0.1})
     assert json.loads((tmp_path / "step_00000001" / "extra.json").read_text()) == {"step": 1}
+
+
+class _WritesAFile:
+    """Unpickled, this would create ``path``: what a crafted ``.metadata`` could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_metadata_file_runs_no_code(tmp_path):
+    checkpoint.save_sharded(tmp_path, 1, _state())
+    marker = tmp_path / "pwned"
+    metadata = tmp_path / "step_00000001" / ".metadata"
+    metadata.write_bytes(pickle.dumps(_WritesAFile(marker)))
+    with pytest.raises(CheckpointError, match=r"step_00000001/\.metadata is not a checkpoint"):
+        checkpoint.load_sharded(tmp_path, _zeros_like(_state()))
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_saved_entry_that_is_not_a_tensor_is_refused(tmp_path):
+    # DCP stores a non-tensor value as a pickle and unpickles it on load: we never load one.
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step_00000001"
+    dcp.save({"w": torch.zeros(2), "opts": {"lr": 0.1}}, checkpoint_id=folder)
+    (folder / "extra.json").write_text('{"step": 1}')
+    (tmp_path / "latest").write_text('{"step": 1, "dir": "step_00000001"}')
+    with pytest.raises(CheckpointError, match=r"not a tensor .*: opts\.lr"):
+        checkpoint.load_sharded(tmp_path, {"w": torch.zeros(2), "opts": {"lr": torch.zeros(())}})
+
+
+def test_resume_with_a_crafted_metadata_file_is_refused(tmp_path):
+    out = tmp_path / "run"
+    checkpoint.save_sharded(out / "checkpoints", 1, _state())
+    marker = tmp_path / "pwned"
+    metadata = out / "checkpoints" / "step_00000001" / ".metadata"
+    metadata.write_bytes(pickle.dumps(_WritesAFile(marker)))
+    with pytest.raises(SystemExit, match=r"--resume: .*\.metadata is not a checkpoint"):
+        main(["clip", "--resume", "--out", str(out), "--steps", "2", "--batch-size", "2"])
+    assert not marker.exists()
