@@ -1,9 +1,35 @@
-"""``python -m train <task> [options]``: the command line of fmm's recipes."""
+"""``python -m train [--debug] <task> [options]``: the command line of fmm's recipes.
+
+A user's mistake is answered with one line on stderr, ``python -m train <task>: error:
+<what, naming the flag or path>``, and exit status 2, without a traceback. User errors are:
+
+- a flag argparse refuses: unknown, missing, a bad choice, or a value a recipe's ``type=``
+  check refuses (not finite, out of range, a ``--device`` this build lacks, an ``--out``
+  that is a file, a missing input file);
+- a recipe's own refusal, ``SystemExit`` with a message (``--resume`` with no checkpoint);
+- ``ValueError`` and its subclasses, which our code raises for a bad value the user handed
+  over (``CheckpointError`` for runs, ``ConversionError`` for weights, ``plan``'s unknown
+  model, a JSON file that does not parse);
+- ``OSError`` and its subclasses: a path that is missing, a folder where a file should be,
+  a file that is not an image, a port in use, a full disk.
+
+Anything else (``TypeError``, ``KeyError``, ``RuntimeError``, ``AssertionError``, ...) is a
+bug of ours: it prints its traceback and exits with status 1. ``--debug`` (before the task)
+or ``FMM_DEBUG=1`` prints the traceback of user errors too. A message that is a list (a
+checkpoint's missing keys) keeps its lines.
+
+:func:`main` runs a command line without this handling, for programs and tests: errors are
+raised as they are (an argparse refusal as :class:`UsageError`, a ``SystemExit(2)`` that
+carries its message).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import traceback
 
 from train.recipes import albef as albef_recipe
 from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
@@ -30,17 +56,77 @@ TASKS = {
         "train a tiny ALBEF on the shapes world: --task retrieval (image->text R@1) or vqa",
     ),
 }
+USER_ERRORS = (ValueError, OSError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description="fmm training recipes")
+class UsageError(SystemExit):
+    """A command line argparse refused: exit status 2; the message is already on stderr."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refusals in one line, naming the flag: ``... error: --lr must be > 0, got '0'``."""
+
+    def error(self, message: str) -> None:
+        message = re.sub(r"^argument ([^:]+): ", r"\1 ", message)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m train", description="fmm training recipes")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of user errors too (as FMM_DEBUG=1 does)",
+    )
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     for name, (recipe, help_text) in TASKS.items():
         recipe.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line; errors are raised, not answered (see :func:`cli`)."""
+    args = _parser().parse_args(argv)
     TASKS[args.task][0].run(args)
     return 0
 
 
+def _user_message(error: BaseException) -> str | None:
+    """The one-line answer to a user error, or ``None`` for a bug (or a plain exit)."""
+    if isinstance(error, UsageError):
+        return None  # argparse's line is printed already
+    if isinstance(error, SystemExit):
+        return None if error.code is None or isinstance(error.code, int) else str(error.code)
+    if isinstance(error, USER_ERRORS):
+        return str(error) or type(error).__name__
+    return None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m train``: :func:`main`, with user errors answered in one line (status 2)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)  # a refused flag exits 2 here, its line printed
+    debug = args.debug or os.environ.get("FMM_DEBUG", "") not in ("", "0")
+    try:
+        TASKS[args.task][0].run(args)
+    except (Exception, SystemExit) as error:
+        message = _user_message(error)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"python -m train {args.task}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

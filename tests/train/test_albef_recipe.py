@@ -1,7 +1,6 @@
 """`python -m train albef`: questions and answers, the stateful ALBEF step, a few steps of
 each task end to end (files written, metrics in range, the run reloads)."""
 
-import argparse
 import json
 from dataclasses import replace
 
@@ -93,7 +92,5 @@ def test_a_few_steps_of_each_task_run_end_to_end(tmp_path, task, capsys):
 
 
 def test_bad_arguments_are_refused():
-    parser = argparse.ArgumentParser()
-    recipe.add_arguments(parser)
-    with pytest.raises(SystemExit, match="--batch-size"):
-        recipe.run(parser.parse_args(["--steps", "2", "--batch-size", "1"]))
+    with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
+        main(["albef", "--steps", "2", "--batch-size", "1"])

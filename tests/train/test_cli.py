@@ -9,9 +9,11 @@ import torch
 
 import fmm
 from models import clip
-from train.__main__ import main
+from train.__main__ import cli, main
+from train.checkpoint import CheckpointError
 from train.data import WorldConfig
 from train.evaluate import zero_shot_accuracy
+from train.recipes import plan as plan_recipe
 from train.recipes.clip import load_run, normalize_images
 
 
@@ -65,6 +67,104 @@ def test_help_explains_every_flag():
         assert flag in out
 
 
-def test_bad_flags_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--steps"):
+CUDA_MISSING = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+def _user_errors(tmp_path):
+    """``(argv, what the one line must name)`` for mistakes users make."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "img.png").write_bytes(b"png")
+    (tmp_path / "vocab.txt.gz").write_bytes(b"")
+    missing = str(tmp_path / "no_such_run")
+    zeroshot = ["zeroshot", str(tmp_path / "img.png"), "--vocab", str(tmp_path / "vocab.txt.gz"),
+                "--labels", "a,b"]  # fmt: skip
+    return [
+        (["serve", "--ckpt", missing], f"no config.json in {missing}"),
+        (["serve", "--ckpt", missing, "--device", "tpu"], "--device 'tpu'"),
+        ([*zeroshot, "--weights", str(tmp_path / "img.png"), "--format", "clip.cpp"], "--format"),
+        (
+            [*zeroshot, "--weights", str(tmp_path / "w.pt"), "--format", "hf"],
+            "w.pt' does not exist",
+        ),
+        (["plan", "--model", "nonexistent"], "unknown model 'nonexistent'"),
+        (["clip", "--device", "cuda:99"], "--device 'cuda:99' is not available"),
+        (["clip", "--out", str(tmp_path / "a_file")], "a_file' is a file, not a run directory"),
+        (["vqvae", "--out", str(tmp_path / "a_file" / "run")], "a_file is a file"),
+        (["clip", "--lr", "nan"], "--lr must be a finite number, got 'nan'"),
+        (["flava", "--lr", "0"], "--lr must be > 0, got '0'"),
+        (["clip", "--steps", "0"], "--steps must be >= 1, got '0'"),
+        (["albef", "--batch-size", "1"], "--batch-size must be >= 2, got '1'"),
+        (["mmgpt", "--vqvae", missing, "--caption-dropout", "1"], "--caption-dropout must be"),
+        (["generate", "--ckpt", missing, "--top-k", "two"], "--top-k must be an integer"),
+    ]
+
+
+def _exit_status(argv):
+    """What ``sys.exit(cli(argv))`` (``python -m train``) exits with."""
+    try:
+        return cli(argv)
+    except SystemExit as exit_:  # argparse's refusals leave from inside the parser
+        return exit_.code
+
+
+def _answered_in_one_line(capsys, argv, named):
+    code = _exit_status(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"python -m train {argv[0]}: error: ") and named in err, err
+
+
+def test_user_errors_are_one_line_and_status_2(tmp_path, capsys):
+    for argv, named in _user_errors(tmp_path):
+        _answered_in_one_line(capsys, argv, named)
+    assert not (tmp_path / "a_file").is_dir()  # refused before any run directory was made
+
+
+@CUDA_MISSING
+def test_cuda_on_a_cpu_build_is_one_line(tmp_path, capsys, monkeypatch):
+    for argv in (
+        ["clip", "--device", "cuda"],
+        ["serve", "--ckpt", str(tmp_path), "--device", "cuda"],
+    ):
+        _answered_in_one_line(capsys, argv, "--device 'cuda' is not available")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    _answered_in_one_line(capsys, ["clip", "--device", "cuda"], "was built without CUDA")
+
+
+def test_python_m_train_answers_user_errors_in_one_line(tmp_path):
+    for argv, named in [
+        (["clip", "--lr", "nan", "--out", str(tmp_path / "run")], "--lr"),
+        (["serve", "--ckpt", str(tmp_path / "nothing")], "no config.json"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "train", *argv], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and named in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["serve", "--ckpt", str(tmp_path / "nothing")]
+    assert cli(["--debug", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CheckpointError" in err and "no config.json" in err
+    monkeypatch.setenv("FMM_DEBUG", "1")
+    assert cli(argv) == 2 and "Traceback" in capsys.readouterr().err
+
+
+def test_a_bug_is_not_taken_for_a_user_error(monkeypatch):
+    def buggy(args):
+        return {}["missing key"]
+
+    monkeypatch.setattr(plan_recipe, "run", buggy)
+    with pytest.raises(KeyError):  # so python -m train prints its traceback and exits 1
+        cli(["plan", "--model", "gpt_tiny"])
+
+
+def test_main_raises_what_cli_answers(tmp_path):
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["clip", "--out", str(tmp_path), "--steps", "0"])
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        main(["serve", "--ckpt", str(tmp_path / "nothing")])

@@ -53,5 +53,5 @@ def test_saved_run_reloads_and_scores_the_same(run_dir):
 
 
 def test_bad_arguments_stop_with_a_message(tmp_path):
-    with pytest.raises(SystemExit, match="--batch-size >= 2"):
+    with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
         main(["flava", "--out", str(tmp_path), "--steps", "1", "--batch-size", "1"])

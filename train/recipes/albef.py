@@ -34,7 +34,7 @@ from models import albef
 from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, eval_set, is_holdout, sample_scenes, vocabulary
 from train.plots import plot_loss
-from train.recipes import device_of, run_dir
+from train.recipes import add_device_argument, device_of, number, out_dir, run_dir
 from train.recipes.clip import normalize_images
 from train.step import init_state, make_train_step
 
@@ -249,42 +249,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to train and report (default: %(default)s)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/albef-<task>-<time>)"
+        "--out",
+        type=out_dir,
+        default=None,
+        help="run directory (default: runs/albef-<task>-<time>)",
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=number(at_least=1),
         default=None,
         help="optimizer steps (default: 1000 retrieval, 2000 vqa)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=number(at_least=2),
         default=None,
         help="examples per step (default: 128 retrieval, 64 vqa)",
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=number(float, above=0),
+        default=1e-3,
+        help="peak AdamW learning rate (default: %(default)s)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=30, help="linear warmup steps (default: %(default)s)"
+        "--warmup",
+        type=number(at_least=0),
+        default=30,
+        help="linear warmup steps (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for init and data (default: %(default)s)"
+        "--seed",
+        type=number(at_least=0),
+        default=0,
+        help="seed for init and data (default: %(default)s)",
     )
     parser.add_argument(
         "--rerank-k",
-        type=int,
+        type=number(at_least=1),
         default=8,
         help="captions the ITM head re-ranks per image (default: %(default)s)",
     )
     parser.add_argument(
         "--eval-per-class",
-        type=int,
+        type=number(at_least=1),
         default=10,
         help="held-out images per colour x shape class (default: %(default)s)",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -293,10 +305,6 @@ def run(args: argparse.Namespace) -> dict:
     steps = args.steps if args.steps is not None else (1000 if retrieval else 2000)
     if args.batch_size is None:  # contrast wants the bigger batch; 64 questions suffice
         args.batch_size = 128 if retrieval else 64
-    if steps < 1 or args.batch_size < 2:
-        raise SystemExit(
-            f"--steps must be >= 1 and --batch-size >= 2, got {steps} and {args.batch_size}"
-        )
     device = device_of(args)
     out = run_dir(args, f"albef-{args.albef_task}")
 
@@ -402,16 +410,17 @@ def run(args: argparse.Namespace) -> dict:
     }
     if vqa:
         config["answers"] = answer_names(world)
-    checkpoint.save(out, params, config=config)
-    checkpoint.atomic_write(
-        out / "tokenizer.json", lambda tmp: Path(tmp).write_text(tokenizer.to_json())
+    checkpoint.save(
+        out,
+        params,
+        config=config,
+        files={checkpoint.TOKENIZER_FILE: tokenizer.to_json(), checkpoint.METRICS_FILE: metrics},
     )
     plot_loss(
         curves,
         out / "loss.png",
         title=f"ALBEF {args.albef_task} on the shapes world: {name} {headline:.3f}",
     )
-    checkpoint.write_json(out / "metrics.json", metrics)
     print(
         json.dumps(
             {name: round(headline, 4), "goal": GOAL, "train_seconds": metrics["train_seconds"]}
@@ -423,9 +432,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def load_run(run_dir: str | Path) -> tuple[albef.ALBEFConfig, dict, WordTokenizer]:
     """``(cfg, params, tokenizer)`` of a run saved by :func:`run`, checked key by key."""
-    config = checkpoint.load_config(run_dir)
-    cfg = albef.ALBEFConfig.from_dict(config["albef"])
-    like = albef.init(cfg, fmm.random.key(0).to("meta"))
-    params = checkpoint.load_params(Path(run_dir) / checkpoint.PARAMS_FILE, like=like)
-    tokenizer = WordTokenizer.from_json((Path(run_dir) / "tokenizer.json").read_text())
-    return cfg, params, tokenizer
+    run = checkpoint.open_run(run_dir)
+    cfg = albef.ALBEFConfig.from_dict(run.config()["albef"])
+    params = run.params(like=albef.init(cfg, fmm.random.key(0).to("meta")))
+    return cfg, params, WordTokenizer.from_json(run.text(checkpoint.TOKENIZER_FILE))

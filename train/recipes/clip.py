@@ -29,7 +29,14 @@ from train import distributed as dist_
 from train.data import WordTokenizer, WorldConfig, is_holdout, sample_scenes
 from train.evaluate import zero_shot_accuracy
 from train.plots import plot_class_accuracy, plot_loss
-from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
+from train.recipes import (
+    add_device_arguments,
+    device_of,
+    number,
+    out_dir,
+    run_dir,
+    wants_compile,
+)
 from train.step import init_state, make_train_step
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
@@ -42,35 +49,41 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/clip-<time>)"
+        "--out", type=out_dir, default=None, help="run directory (default: runs/clip-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=600, help="optimizer steps (default: %(default)s)"
+        "--steps",
+        type=number(at_least=1),
+        default=600,
+        help="optimizer steps (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=number(at_least=2),
         default=128,
         help="image-caption pairs per step (default: %(default)s)",
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=number(float, above=0),
+        default=1e-3,
+        help="peak AdamW learning rate (default: %(default)s)",
     )
     parser.add_argument(
         "--weight-decay",
-        type=float,
+        type=number(float, at_least=0),
         default=0.1,
         help="AdamW decoupled weight decay (default: %(default)s)",
     )
     parser.add_argument(
         "--warmup",
-        type=int,
+        type=number(at_least=0),
         default=50,
         help="linear warmup steps before the cosine decay (default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=number(at_least=0),
         default=0,
         help="seed for init and the data stream (default: %(default)s)",
     )
@@ -92,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=number(at_least=0),
         default=0,
         help="save a sharded checkpoint to OUT/checkpoints every N steps and at the end "
         "(default: off)",
@@ -104,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--eval-per-class",
-        type=int,
+        type=number(at_least=1),
         default=20,
         help="held-out images per colour x shape class (default: %(default)s)",
     )
@@ -241,12 +254,6 @@ def _train_scaled(args, cfg, params, world, tokenizer, env, out):
 
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate, save; returns the metrics dict also written to ``metrics.json``."""
-    if args.steps < 1 or args.batch_size < 2:
-        raise SystemExit(
-            f"--steps must be >= 1 and --batch-size >= 2, got {args.steps} and {args.batch_size}"
-        )
-    if args.checkpoint_every < 0:
-        raise SystemExit(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     scaled = _scaled(args)
     if scaled and args.compile:
         raise SystemExit(
@@ -342,9 +349,11 @@ def run(args: argparse.Namespace) -> dict:
             "world": dataclasses.asdict(world),
             "seed": args.seed,
         },
-    )
-    checkpoint.atomic_write(
-        out / "tokenizer.json", lambda tmp: Path(tmp).write_text(tokenizer.to_json())
+        files={
+            checkpoint.TOKENIZER_FILE: tokenizer.to_json(),
+            checkpoint.METRICS_FILE: metrics,
+            "losses.json": losses,
+        },
     )
     plot_loss(
         losses, out / "loss.png", title=f"CLIP on shapes world: zero-shot top-1 {acc['top1']:.3f}"
@@ -358,7 +367,6 @@ def run(args: argparse.Namespace) -> dict:
         unseen=is_holdout(world, acc["labels"]),
         title=f"zero-shot accuracy per class on held-out images (top-1 {acc['top1']:.3f})",
     )
-    checkpoint.write_json(out / "metrics.json", metrics)
     print(
         json.dumps(
             {
@@ -375,7 +383,6 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"wrote {out}/: metrics.json loss.png zero_shot.png params.safetensors config.json tokenizer.json"
     )
-    checkpoint.write_json(out / "losses.json", losses)
     if args.dist:
         dist_.teardown()
     return metrics
@@ -383,9 +390,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def load_run(run_dir: str | Path) -> tuple[clip.CLIPConfig, dict, WordTokenizer]:
     """``(cfg, params, tokenizer)`` of a run saved by :func:`run`, checked key by key."""
-    config = checkpoint.load_config(run_dir)
-    cfg = clip.CLIPConfig(**config["clip"])
-    like = clip.init(cfg, fmm.random.key(0).to("meta"))
-    params = checkpoint.load_params(Path(run_dir) / checkpoint.PARAMS_FILE, like=like)
-    tokenizer = WordTokenizer.from_json((Path(run_dir) / "tokenizer.json").read_text())
-    return cfg, params, tokenizer
+    run = checkpoint.open_run(run_dir)
+    cfg = clip.CLIPConfig(**run.config()["clip"])
+    params = run.params(like=clip.init(cfg, fmm.random.key(0).to("meta")))
+    return cfg, params, WordTokenizer.from_json(run.text(checkpoint.TOKENIZER_FILE))

@@ -30,7 +30,14 @@ from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, sample_scenes, scene_stream
 from train.evaluate import zero_shot_accuracy
 from train.plots import plot_loss
-from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
+from train.recipes import (
+    add_device_arguments,
+    device_of,
+    number,
+    out_dir,
+    run_dir,
+    wants_compile,
+)
 from train.recipes.clip import normalize_images
 from train.step import init_state, make_train_step
 
@@ -40,35 +47,47 @@ RANDOM_CODES = 64
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/flava-<time>)"
+        "--out", type=out_dir, default=None, help="run directory (default: runs/flava-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=2500, help="optimizer steps (default: %(default)s)"
+        "--steps",
+        type=number(at_least=1),
+        default=2500,
+        help="optimizer steps (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=number(at_least=2),
         default=48,
         help="image-caption pairs per step (default: %(default)s)",
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=number(float, above=0),
+        default=1e-3,
+        help="peak AdamW learning rate (default: %(default)s)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=30, help="linear warmup steps (default: %(default)s)"
+        "--warmup",
+        type=number(at_least=0),
+        default=30,
+        help="linear warmup steps (default: %(default)s)",
     )
     parser.add_argument(
-        "--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: %(default)s)"
+        "--weight-decay",
+        type=number(float, at_least=0),
+        default=0.05,
+        help="AdamW weight decay (default: %(default)s)",
     )
     parser.add_argument(
         "--text-mask-rate",
-        type=float,
+        type=number(float, above=0, below=1),
         default=0.3,
         help="share of caption words masked for MLM/MMM (default: %(default)s)",
     )
     parser.add_argument(
         "--patch-mask-rate",
-        type=float,
+        type=number(float, above=0, below=1),
         default=0.4,
         help="share of patches masked for MIM/MMM (default: %(default)s)",
     )
@@ -80,18 +99,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(4 x 4 codes, e.g. --preset vqvae_shapes_4x4; default: a fixed random codebook)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for init, masks and data (default: %(default)s)"
+        "--seed",
+        type=number(at_least=0),
+        default=0,
+        help="seed for init, masks and data (default: %(default)s)",
     )
     add_device_arguments(parser)
     parser.add_argument(
         "--eval-per-class",
-        type=int,
+        type=number(at_least=1),
         default=20,
         help="held-out images per colour x shape class for zero-shot (default: %(default)s)",
     )
     parser.add_argument(
         "--eval-scenes",
-        type=int,
+        type=number(at_least=1),
         default=256,
         help="held-out scenes for retrieval and the per-task held-out losses (default: %(default)s)",
     )
@@ -139,19 +161,15 @@ def retrieval_r1(params, cfg, scenes, tokenizer: WordTokenizer, device) -> float
 
 def run(args: argparse.Namespace) -> dict:
     """Pretrain, evaluate, save; returns the metrics dict also written to ``metrics.json``."""
-    if args.steps < 1 or args.batch_size < 2:
-        raise SystemExit(
-            f"--steps must be >= 1 and --batch-size >= 2, got {args.steps} and {args.batch_size}"
-        )
     device = device_of(args)
     use_compile = wants_compile(args, device)
-    out = run_dir(args, "flava")
 
     world = WorldConfig()
     tokenizer = WordTokenizer.for_world(world)
     mask_id = tokenizer.vocab_size  # one extra id past the shapes-world words: [MASK]
     cfg = flava.flava_tiny(vocab_size=tokenizer.vocab_size + 1, max_positions=CONTEXT)
     tokenize_image, codes, tok_desc = image_tokenizer(args, cfg, device)
+    out = run_dir(args, "flava")  # after --vqvae loaded: a wrong one leaves no empty run
     cfg = dataclasses.replace(cfg, image_vocab_size=codes)
     pcfg = flava.PretrainConfig(
         mask_id=mask_id,
@@ -245,16 +263,13 @@ def run(args: argparse.Namespace) -> dict:
             "context_length": CONTEXT,
             "seed": args.seed,
         },
-    )
-    checkpoint.atomic_write(
-        out / "tokenizer.json", lambda tmp: Path(tmp).write_text(tokenizer.to_json())
+        files={checkpoint.TOKENIZER_FILE: tokenizer.to_json(), checkpoint.METRICS_FILE: metrics},
     )
     plot_loss(
         curves,
         out / "losses.png",
         title=f"FLAVA on the shapes world: per-task losses (image->text R@1 {r1:.3f})",
     )
-    checkpoint.write_json(out / "metrics.json", metrics)
     print(
         json.dumps(
             {
@@ -275,9 +290,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def load_run(run_dir: str | Path) -> tuple[flava.FLAVAConfig, dict, WordTokenizer]:
     """``(cfg, params, tokenizer)`` of a run saved by :func:`run`, checked key by key."""
-    config = checkpoint.load_config(run_dir)
-    cfg = flava.FLAVAConfig(**config["flava"])
-    like = flava.init(cfg, fmm.random.key(0).to("meta"))
-    params = checkpoint.load_params(Path(run_dir) / checkpoint.PARAMS_FILE, like=like)
-    tokenizer = WordTokenizer.from_json((Path(run_dir) / "tokenizer.json").read_text())
-    return cfg, params, tokenizer
+    run = checkpoint.open_run(run_dir)
+    cfg = flava.FLAVAConfig(**run.config()["flava"])
+    params = run.params(like=flava.init(cfg, fmm.random.key(0).to("meta")))
+    return cfg, params, WordTokenizer.from_json(run.text(checkpoint.TOKENIZER_FILE))

@@ -22,7 +22,7 @@ from train import checkpoint
 from train.data import WordTokenizer, WorldConfig, class_names, prompt_templates
 from train.evaluate import class_embeddings
 from train.plots_generation import save_image_grid
-from train.recipes import device_of
+from train.recipes import add_device_argument, device_of, number
 
 VQVAE_FILE = "vqvae.safetensors"
 GUIDANCE = 3.0  # classifier-free guidance scale; measured best of 1, 2, 3, 5 (docs/generation.md)
@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt", default="a red circle", help="caption to draw (default: %(default)r)"
     )
-    parser.add_argument("--n", type=int, default=8, help="images to sample (default: %(default)s)")
+    parser.add_argument(
+        "--n", type=number(at_least=1), default=8, help="images to sample (default: %(default)s)"
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG grid to write (default: <ckpt>/generated.png)"
     )
@@ -43,27 +45,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clip", type=Path, default=None, help="a `python -m train clip` run to score the images"
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="0 for greedy (default: %(default)s)"
+        "--temperature",
+        type=number(float, at_least=0),
+        default=1.0,
+        help="0 for greedy (default: %(default)s)",
     )
     parser.add_argument(
-        "--top-k", type=int, default=None, help="sample among the k likeliest codes (default: all)"
+        "--top-k",
+        type=number(at_least=1),
+        default=None,
+        help="sample among the k likeliest codes (default: all)",
     )
     parser.add_argument(
         "--guidance",
-        type=float,
+        type=number(float, at_least=0),
         default=GUIDANCE,
         help="classifier-free guidance scale against the empty caption; 1 turns it off "
         "(default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--seed", type=number(at_least=0), default=0, help="sampling seed (default: %(default)s)"
+    )
+    add_device_argument(parser)
 
 
 def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> dict:
     """Everything a saved ``mmgpt`` run needs to draw: ``{"cfg", "params", "vqvae_cfg",
     "vqvae_params", "tokenizer", "world"}``, every params file checked key by key."""
-    run_dir = Path(run_dir)
-    config = checkpoint.load_config(run_dir)
+    run = checkpoint.open_run(run_dir)
+    config = run.config()
     if config.get("model") != "mmgpt":
         raise checkpoint.CheckpointError(
             f"{run_dir} holds a {config.get('model')!r} run, not an 'mmgpt' one"
@@ -71,15 +81,15 @@ def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> dict
     cfg = mmgpt.MMGPTConfig(**config["mmgpt"])
     vq_cfg = vqvae.VQVAEConfig.from_dict(config["vqvae"])
     meta = fmm.random.key(0).to("meta")
-    params = checkpoint.load_params(run_dir / checkpoint.PARAMS_FILE, like=mmgpt.init(cfg, meta))
-    vq_params = checkpoint.load_params(run_dir / VQVAE_FILE, like=vqvae.init(vq_cfg, meta))
+    params = run.params(like=mmgpt.init(cfg, meta))
+    vq_params = run.params(VQVAE_FILE, like=vqvae.init(vq_cfg, meta))
     to = lambda tree: fmm.tree.map(lambda x: x.to(device), tree)
     return {
         "cfg": cfg,
         "params": to(params),
         "vqvae_cfg": vq_cfg,
         "vqvae_params": to(vq_params),
-        "tokenizer": WordTokenizer.from_json((run_dir / "tokenizer.json").read_text()),
+        "tokenizer": WordTokenizer.from_json(run.text(checkpoint.TOKENIZER_FILE)),
         "world": world_from_dict(config["world"]),
     }
 
@@ -166,8 +176,6 @@ def prompt_classes(prompt: str, world: WorldConfig) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict:
     """Sample, save the grid, score with CLIP if asked; returns the printed summary."""
-    if args.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {args.n}")
     device = device_of(args)
     loaded = load_run(args.ckpt, device=device)
     world = loaded["world"]

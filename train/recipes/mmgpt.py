@@ -24,7 +24,14 @@ from train import checkpoint, optim
 from train.data import WordTokenizer, WorldConfig, class_names, eval_set, is_holdout, scene_stream
 from train.plots import plot_loss
 from train.plots_generation import save_image_grid
-from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
+from train.recipes import (
+    add_device_arguments,
+    device_of,
+    number,
+    out_dir,
+    run_dir,
+    wants_compile,
+)
 from train.recipes import vqvae as vqvae_recipe
 from train.recipes.generate import GUIDANCE, VQVAE_FILE, clip_classifier, draw
 from train.step import init_state, make_train_step
@@ -40,60 +47,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--clip", type=Path, default=None, help="a `python -m train clip` run to score drawings"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/mmgpt-<time>)"
+        "--out", type=out_dir, default=None, help="run directory (default: runs/mmgpt-<time>)"
     )
     parser.add_argument(
-        "--steps", type=int, default=900, help="optimizer steps (default: %(default)s)"
+        "--steps",
+        type=number(at_least=1),
+        default=900,
+        help="optimizer steps (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=number(at_least=1),
         default=64,
         help="caption-image pairs per step (default: %(default)s)",
     )
     parser.add_argument(
-        "--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=number(float, above=0),
+        default=2e-3,
+        help="peak AdamW learning rate (default: %(default)s)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=30, help="linear warmup steps (default: %(default)s)"
+        "--warmup",
+        type=number(at_least=0),
+        default=30,
+        help="linear warmup steps (default: %(default)s)",
     )
     parser.add_argument(
-        "--width", type=int, default=128, help="transformer width (default: %(default)s)"
+        "--width",
+        type=number(at_least=1),
+        default=128,
+        help="transformer width (default: %(default)s)",
     )
     parser.add_argument(
-        "--layers", type=int, default=4, help="transformer blocks (default: %(default)s)"
+        "--layers",
+        type=number(at_least=1),
+        default=4,
+        help="transformer blocks (default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=number(at_least=0),
         default=0,
         help="seed for init, data and sampling (default: %(default)s)",
     )
     parser.add_argument(
         "--caption-dropout",
-        type=float,
+        type=number(float, at_least=0, below=1),
         default=0.1,
         help="share of training captions replaced by the empty caption, which teaches the "
         "unconditional model classifier-free guidance needs (default: %(default)s)",
     )
     parser.add_argument(
         "--guidance",
-        type=float,
+        type=number(float, at_least=0),
         default=GUIDANCE,
         help="classifier-free guidance scale for the scored drawings; 1 is plain sampling "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--eval-per-class",
-        type=int,
+        type=number(at_least=1),
         default=4,
         help="drawings per colour x shape class for the CLIP score (default: %(default)s)",
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)"
+        "--temperature",
+        type=number(float, at_least=0),
+        default=1.0,
+        help="sampling temperature (default: %(default)s)",
     )
     parser.add_argument(
-        "--top-k", type=int, default=None, help="sample among the k likeliest codes (default: all)"
+        "--top-k",
+        type=number(at_least=1),
+        default=None,
+        help="sample among the k likeliest codes (default: all)",
     )
     add_device_arguments(parser)
 
@@ -135,21 +163,12 @@ def score(classify, world: WorldConfig, run: dict, args, device) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Train, save, score; returns the metrics written to ``metrics.json``."""
-    if args.steps < 1 or args.batch_size < 1 or args.eval_per_class < 1:
-        raise SystemExit(
-            f"--steps, --batch-size and --eval-per-class must be >= 1, got {args.steps}, "
-            f"{args.batch_size} and {args.eval_per_class}"
-        )
-    if not 0.0 <= args.caption_dropout < 1.0 or args.guidance < 0:
-        raise SystemExit(
-            f"--caption-dropout must be in [0, 1) and --guidance >= 0, got "
-            f"{args.caption_dropout} and {args.guidance}"
-        )
     device = device_of(args)
     use_compile = wants_compile(args, device)
-    out = run_dir(args, "mmgpt")
-
     vq_cfg, vq_params = vqvae_recipe.load_run(args.vqvae)
+    if args.clip is not None:  # scored after training: a wrong --clip must stop us now
+        checkpoint.load_config(args.clip)
+    out = run_dir(args, "mmgpt")  # after --vqvae loaded: a wrong one leaves no empty run
     vq_params = fmm.tree.map(lambda x: x.to(device), vq_params)
     world = WorldConfig()
     tokenizer = WordTokenizer.for_world(world)
@@ -209,22 +228,6 @@ def run(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - started
 
     params = state["params"]
-    checkpoint.save(
-        out,
-        params,
-        config={
-            "model": "mmgpt",
-            "mmgpt": cfg.to_dict(),
-            "vqvae": vq_cfg.to_dict(),
-            "vqvae_run": str(args.vqvae),
-            "world": dataclasses.asdict(world),
-            "seed": args.seed,
-        },
-    )
-    checkpoint.save_params(out / VQVAE_FILE, vq_params)
-    checkpoint.atomic_write(
-        out / "tokenizer.json", lambda tmp: Path(tmp).write_text(tokenizer.to_json())
-    )
     tail = losses[-min(20, len(losses)) :]
     metrics = {
         "final_image_nll": sum(tail) / len(tail),
@@ -257,13 +260,29 @@ def run(args: argparse.Namespace) -> dict:
             loaded, [f"a {n}" for n in names], key=fmm.random.key(args.seed), guidance=args.guidance
         ).cpu()
         title = "one drawing per caption 'a <colour> <shape>'"
+    checkpoint.save(
+        out,
+        params,
+        config={
+            "model": "mmgpt",
+            "mmgpt": cfg.to_dict(),
+            "vqvae": vq_cfg.to_dict(),
+            "vqvae_run": str(args.vqvae),
+            "world": dataclasses.asdict(world),
+            "seed": args.seed,
+        },
+        files={
+            VQVAE_FILE: vq_params,
+            checkpoint.TOKENIZER_FILE: tokenizer.to_json(),
+            checkpoint.METRICS_FILE: metrics,
+        },
+    )
     save_image_grid(
         first, out / "samples.png", columns=len(world.shapes), row_labels=list(world.colors),
         column_labels=list(world.shapes),
         title=title,
     )  # fmt: skip
     plot_loss(losses, out / "loss.png", title="multimodal GPT: image-token NLL (caption -> image)")
-    checkpoint.write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics))
     print(f"wrote {out}/: metrics.json loss.png samples.png params.safetensors vqvae.safetensors")
     return metrics

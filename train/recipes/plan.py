@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from train import plan as planning
+from train.recipes import number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"a FLAVA native size ({', '.join(planning.FLAVA_NATIVE)})",
     )  # fmt: skip
     parser.add_argument(
-        "--world-size", type=int, nargs="+", default=[1, 8], help="ranks, one or more (default 1 8)"
+        "--world-size",
+        type=number(at_least=1),
+        nargs="+",
+        default=[1, 8],
+        help="ranks, one or more (default 1 8)",
     )
-    parser.add_argument("--batch", type=int, default=8, help="examples per rank (default 8)")
     parser.add_argument(
-        "--seq", type=int, default=None, help="tokens per example (text tokens for CLIP/FLAVA); "
+        "--batch", type=number(at_least=1), default=8, help="examples per rank (default 8)"
+    )
+    parser.add_argument(
+        "--seq", type=number(at_least=1), default=None, help="tokens per example (text tokens for CLIP/FLAVA); "
         "default: the model's context",
     )  # fmt: skip
     parser.add_argument(

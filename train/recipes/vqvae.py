@@ -25,7 +25,14 @@ from train import checkpoint, optim
 from train.data import WorldConfig, eval_set, scene_stream
 from train.plots import plot_loss
 from train.plots_generation import save_image_grid
-from train.recipes import add_device_arguments, device_of, run_dir, wants_compile
+from train.recipes import (
+    add_device_arguments,
+    device_of,
+    number,
+    out_dir,
+    run_dir,
+    wants_compile,
+)
 from train.step import init_state, make_train_step
 
 STATE_FILE = "codebook_state.safetensors"
@@ -33,7 +40,7 @@ STATE_FILE = "codebook_state.safetensors"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/vqvae-<time>)"
+        "--out", type=out_dir, default=None, help="run directory (default: runs/vqvae-<time>)"
     )
     parser.add_argument(
         "--preset",
@@ -42,24 +49,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model size (default: %(default)s: 8x8 codes of 128)",
     )
     parser.add_argument(
-        "--steps", type=int, default=1000, help="optimizer steps (default: %(default)s)"
+        "--steps",
+        type=number(at_least=1),
+        default=1000,
+        help="optimizer steps (default: %(default)s)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="images per step (default: %(default)s)"
+        "--batch-size",
+        type=number(at_least=1),
+        default=64,
+        help="images per step (default: %(default)s)",
     )
     parser.add_argument(
-        "--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=number(float, above=0),
+        default=2e-3,
+        help="peak AdamW learning rate (default: %(default)s)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=30, help="linear warmup steps (default: %(default)s)"
+        "--warmup",
+        type=number(at_least=0),
+        default=30,
+        help="linear warmup steps (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for init and data (default: %(default)s)"
+        "--seed",
+        type=number(at_least=0),
+        default=0,
+        help="seed for init and data (default: %(default)s)",
     )
     add_device_arguments(parser)
     parser.add_argument(
         "--eval-per-class",
-        type=int,
+        type=number(at_least=1),
         default=10,
         help="held-out images per colour x shape class for the metrics (default: %(default)s)",
     )
@@ -87,10 +109,6 @@ def evaluate(params, cfg: vqvae.VQVAEConfig, images: torch.Tensor, device) -> di
 
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate on held-out images, save; returns the metrics written to ``metrics.json``."""
-    if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit(
-            f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}"
-        )
     device = device_of(args)
     use_compile = wants_compile(args, device)
     out = run_dir(args, "vqvae")
@@ -172,8 +190,8 @@ def run(args: argparse.Namespace) -> dict:
             "world": dataclasses.asdict(world),
             "seed": args.seed,
         },
+        files={STATE_FILE: ema, checkpoint.METRICS_FILE: metrics},
     )
-    checkpoint.save_params(out / STATE_FILE, ema)
     plot_loss(losses, out / "loss.png", title="VQ-VAE reconstruction MSE (train batches)")
     # Rows alternate originals and reconstructions; one held-out image per class, 8 classes a row.
     picks = torch.arange(0, len(images), args.eval_per_class)[:32]
@@ -186,7 +204,6 @@ def run(args: argparse.Namespace) -> dict:
         title=f"held-out images and their reconstructions (MSE {result['recon_mse']:.4f}, "
         f"{result['fraction_codes_used']:.0%} of codes used)",
     )
-    checkpoint.write_json(out / "metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith("heldout_")}))
     print(f"wrote {out}/: metrics.json loss.png reconstructions.png params.safetensors config.json")
     return metrics
@@ -194,11 +211,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def load_run(run_dir: str | Path) -> tuple[vqvae.VQVAEConfig, dict]:
     """``(cfg, params)`` of a run saved by :func:`run`, checked key by key."""
-    config = checkpoint.load_config(run_dir)
+    run = checkpoint.open_run(run_dir)
+    config = run.config()
     if config.get("model") != "vqvae":
         raise checkpoint.CheckpointError(
             f"{run_dir} holds a {config.get('model')!r} run, not a 'vqvae' one"
         )
     cfg = vqvae.VQVAEConfig.from_dict(config["vqvae"])
-    like = vqvae.init(cfg, fmm.random.key(0).to("meta"))
-    return cfg, checkpoint.load_params(Path(run_dir) / checkpoint.PARAMS_FILE, like=like)
+    return cfg, run.params(like=vqvae.init(cfg, fmm.random.key(0).to("meta")))

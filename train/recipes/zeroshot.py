@@ -22,13 +22,20 @@ import torch
 from models.clip import convert, encode_image, encode_text
 from train.data.tokenizers import CLIPTokenizer
 from train.data.transforms import clip_preprocess
+from train.recipes import existing_file, number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", type=Path, help="image files (any format PIL reads)")
-    parser.add_argument("--weights", type=Path, required=True, help=".pt, .bin or .safetensors")
+    parser.add_argument(
+        "images", nargs="+", type=existing_file, help="image files (any format PIL reads)"
+    )
+    parser.add_argument(
+        "--weights", type=existing_file, required=True, help=".pt, .bin or .safetensors"
+    )
     parser.add_argument("--format", required=True, choices=convert.FORMATS)
-    parser.add_argument("--vocab", type=Path, required=True, help="bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument(
+        "--vocab", type=existing_file, required=True, help="bpe_simple_vocab_16e6.txt.gz"
+    )
     parser.add_argument("--labels", required=True, help='comma-separated, e.g. "a dog,a cat"')
     parser.add_argument(
         "--template", default="{}", help='prompt around each label, e.g. "a photo of {}."'
@@ -42,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--act", default="quick_gelu", help="activation when the config is read off the weights"
     )
-    parser.add_argument("--top", type=int, default=5, help="rows per image (default 5)")
+    parser.add_argument(
+        "--top", type=number(at_least=1), default=5, help="rows per image (default 5)"
+    )
 
 
 def _config(spec: str | None):
@@ -93,8 +102,6 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(
             f"--template must contain {{}} where the label goes, got {args.template!r}"
         )
-    if args.top < 1:
-        raise ValueError(f"--top must be positive, got {args.top}")
     labels = labels_from(args.labels)
     params, cfg = convert.load_pretrained(
         args.weights, format=args.format, cfg=_config(args.config), act=args.act
