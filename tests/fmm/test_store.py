@@ -89,12 +89,12 @@ def test_content_keys_separate_kinds_and_accept_str_or_bytes():
 
 def test_lru_keeps_the_most_recently_used_keys(store):
     store.put_many({f"k{i}": _vec(i) for i in range(3)})
-    assert store.cached_keys() == ["k0", "k1", "k2"]
+    assert store.lru_keys() == ["k0", "k1", "k2"]
     store.get("k0")  # k0 is now the freshest
     store.put("k3", _vec(3))  # evicts k1, the least recently used
-    assert store.cached_keys() == ["k2", "k0", "k3"]
+    assert store.lru_keys() == ["k2", "k0", "k3"]
     assert torch.equal(store.get("k1"), _vec(1))  # still on disk; read back into the LRU
-    assert store.cached_keys() == ["k0", "k3", "k1"]
+    assert store.lru_keys() == ["k0", "k3", "k1"]
 
 
 def test_search_is_exact_top_k_by_cosine_and_sees_new_and_replaced_vectors(store):
@@ -194,31 +194,38 @@ def test_reader_threads_and_a_writer_thread_share_a_store_safely(tmp_path):
         store.get("0-0")
 
 
-def test_kill_9_mid_batch_leaves_every_committed_row_intact(tmp_path):
-    path, dim, batch_size = tmp_path / "killed.sqlite", 16, 4000
+def _kill_writer_at_batch_2(path, dim: int, batch_size: int, *extra: str) -> list[int]:
+    """Run tests/scripts/store_writer.py and SIGKILL it once batch 2's transaction is under
+    way; the batches it had committed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tests/scripts/store_writer.py"), str(path), "fp", str(dim),
-         str(batch_size)],
+         str(batch_size), *extra],
         stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )  # fmt: skip
-    committed, begun = [], []
+    committed = []
     try:
         for line in proc.stdout:
             event, n = line.split()
-            (committed if event == "commit" else begun).append(int(n))
-            if event == "begin" and int(n) == 2:
+            if event == "commit":
+                committed.append(int(n))
+            elif int(n) == 2:
                 break  # batch 2's transaction is under way
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    assert committed == [0, 1]
-
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
+    return committed
+
+
+def test_kill_9_mid_batch_leaves_every_committed_row_intact(tmp_path):
+    path, dim, batch_size = tmp_path / "killed.sqlite", 16, 4000
+    committed = _kill_writer_at_batch_2(path, dim, batch_size)
+    assert committed == [0, 1]
     with EmbeddingStore(path, "fp", dim=dim) as store:
         for b in committed:
             keys = [expected_key(b, i) for i in range(batch_size)]
@@ -231,6 +238,35 @@ def test_kill_9_mid_batch_leaves_every_committed_row_intact(tmp_path):
         assert len(store) == batch_size * len(committed) + len(partial)
         store.put("after", torch.ones(dim))  # and the store still takes writes
         assert torch.equal(store.get("after"), torch.ones(dim))
+
+
+def test_kill_9_mid_batch_of_an_evicting_cache_leaves_the_cap_and_whole_batches(tmp_path):
+    path, dim, batch_size = tmp_path / "killed.sqlite", 16, 4000
+    cap = batch_size * dim * 4 * 3 // 2  # a batch and a half: every later batch evicts
+    committed = _kill_writer_at_batch_2(path, dim, batch_size, "--max-cached-bytes", str(cap))
+    assert committed == [0, 1]
+
+    def after(last: int) -> set[str]:  # batch `last` whole, the second half of the one before
+        half = range(batch_size // 2, batch_size)
+        return {expected_key(last, i) for i in range(batch_size)} | {
+            expected_key(last - 1, i) for i in half
+        }
+
+    conn = sqlite3.connect(path)
+    rows = dict(conn.execute("SELECT key, pinned FROM embeddings").fetchall())
+    (recount,) = conn.execute("SELECT sum(length(vector)) FROM embeddings").fetchone()
+    conn.close()
+    last = 2 if set(rows) == after(2) else 1  # batch 2 may have committed before the kill
+    assert set(rows) == after(last) and set(rows.values()) == {0}
+    with EmbeddingStore(path, "fp", dim=dim, max_cached_bytes=cap) as store:
+        stats = store.stats()
+        assert stats["cached_bytes"] == recount == cap and stats["pinned"] == 0
+        assert stats["evicted"] == {1: batch_size // 2, 2: 3 * batch_size // 2}[last]
+        got = store.get_many(sorted(rows))
+        assert all(torch.equal(v, expected_vector(*map(int, k[1:].split("-")), dim))
+                   for k, v in got.items())  # fmt: skip
+        store.put("after", torch.ones(dim), pinned=False)  # still takes writes, cap held
+        assert store.get("after") is not None and store.stats()["cached_bytes"] <= cap
 
 
 def test_embeddings_of_a_real_model_are_filed_under_its_fingerprint(tmp_path):
