@@ -5,12 +5,14 @@ shapes-world run written to a temporary folder), then, from this process:
 
 1. **one by one**: ``--sequential`` text-embedding requests, each sent after the previous
    answer (the baseline: no batching possible);
-2. **concurrent**: ``--requests`` requests of one new caption each, all in flight at once
-   (one httpx connection each). Every answer is checked against ``encode_text`` computed
-   here: *lost* = no 200 answer, *wrong* = an embedding off by more than 1e-4. Prints
-   p50/p99 latency, throughput, ``speedup`` = concurrent / one-by-one throughput (goal >= 5)
-   and the batch sizes the server reports at ``/metrics``; then the same burst through
-   ``fmm.serve.Service`` in this process, without HTTP (what the HTTP layer costs);
+2. **concurrent**: ``--bursts`` bursts of ``--requests`` requests of one new caption each,
+   all of a burst in flight at once (one httpx connection each). Every answer is checked
+   against ``encode_text`` computed here: *lost* = no 200 answer (counted by cause: a reset,
+   a timeout, a status), *wrong* = an embedding off by more than 1e-4 (goal: 0 of 10 x 1000).
+   Prints p50/p99 latency, throughput, ``speedup`` = concurrent / one-by-one throughput
+   (goal >= 5), the batch sizes and the kernel's listen-queue drops and resets the server reports at
+   ``/metrics``; then one burst through ``fmm.serve.Service`` in this process, without HTTP
+   (what the HTTP layer costs);
 3. **store hit vs recompute**, in process: the served model's ``encode_text`` on one
    caption against ``EmbeddingStore.get`` of its stored vector (in-memory LRU, then a cold
    SQLite read from a fresh store), and the same for ``--hit-items`` captions at once; over
@@ -24,7 +26,7 @@ they move by 2-3x.
 
 Run from the repo root::
 
-    python benchmarks/serve_load.py                    # 1000 concurrent, ~1 min on 2 cores
+    python benchmarks/serve_load.py                    # 10 x 1000 concurrent, ~3 min on 2 cores
     python benchmarks/serve_load.py --ckpt runs/clip   # a trained run
     python benchmarks/serve_load.py --quick            # seconds; for tests, figures mean nothing
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import itertools
 import os
@@ -127,6 +130,13 @@ async def timed_post(client, texts: list[str]) -> tuple[float, object]:
     return time.perf_counter() - start, r
 
 
+def failure(r) -> str | None:
+    """What went wrong with one answer (``None``: a 200): the exception's type, or the status."""
+    if isinstance(r, Exception):
+        return f"{type(r).__name__}: {str(r)[:80]}"
+    return None if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:80]}"
+
+
 def check(responses, want: torch.Tensor) -> tuple[int, int]:
     """``(lost, wrong)`` of one-caption responses against ``want [n, dim]``."""
     lost = wrong = 0
@@ -168,16 +178,24 @@ async def load_test(args, run_dir: Path, world: WorldConfig, direct) -> dict:
             out["seq_s"] = time.perf_counter() - start
             out["seq_lost"], out["seq_wrong"] = check(seq, direct(seq_texts))
 
-            texts = captions(world, args.requests, offset=args.sequential)
-            want = direct(texts)
             before = (await client.get("/metrics")).json()["batches"]["text"]["histogram"]
-            start = time.perf_counter()
-            conc = await asyncio.gather(*(timed_post(client, [t]) for t in texts))
-            out["conc_s"] = time.perf_counter() - start
-            out["lost"], out["wrong"] = check(conc, want)
-            out["latencies"] = [t for t, r in conc if not isinstance(r, Exception)]
-            after = (await client.get("/metrics")).json()["batches"]["text"]["histogram"]
-            # The burst's own batches: the histogram now minus before it.
+            out.update(lost=0, wrong=0, conc_s=0.0, latencies=[], failures=collections.Counter())
+            for burst in range(args.bursts):  # new captions each time: every one is computed
+                texts = captions(
+                    world, args.requests, offset=args.sequential + burst * args.requests
+                )
+                want = direct(texts)
+                start = time.perf_counter()
+                conc = await asyncio.gather(*(timed_post(client, [t]) for t in texts))
+                out["conc_s"] += time.perf_counter() - start
+                lost, wrong = check(conc, want)
+                out["lost"], out["wrong"] = out["lost"] + lost, out["wrong"] + wrong
+                out["latencies"] += [t for t, r in conc if not isinstance(r, Exception)]
+                out["failures"].update(failure(r) for _, r in conc if failure(r))
+            metrics = (await client.get("/metrics")).json()
+            after = metrics["batches"]["text"]["histogram"]
+            out["tcp"], out["counters"] = metrics["tcp"], metrics["counters"]
+            # The bursts' own batches: the histogram now minus before them.
             out["burst_batches"] = {
                 int(size): n - before.get(size, 0)
                 for size, n in after.items()
@@ -185,8 +203,8 @@ async def load_test(args, run_dir: Path, world: WorldConfig, direct) -> dict:
             }
 
             # HTTP: a request of n repeated captions (all hits) vs n new ones.
-            n = min(args.hit_items, len(texts))
-            fresh = captions(world, n, offset=args.sequential + args.requests)
+            n = min(args.hit_items, args.requests)
+            fresh = captions(world, n, offset=args.sequential + args.bursts * args.requests)
             t_miss, r_miss = await timed_post(client, fresh)
             hit_times = [await timed_post(client, fresh) for _ in range(args.repeats)]
             out["http_miss_s"], out["http_hit_s"] = (
@@ -292,7 +310,8 @@ def quant_figures(args, params, cfg, tokenizer, world) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, default=None, help="a `python -m train clip` run")
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=1000, help="concurrent, per burst")
+    parser.add_argument("--bursts", type=int, default=10)
     parser.add_argument("--sequential", type=int, default=100)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -303,9 +322,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny counts, for tests")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.sequential, args.hit_items, args.quant_batch, args.repeats = (
-            40, 8, 16, 8, 1,
+        args.requests, args.bursts, args.sequential, args.hit_items, args.quant_batch = (
+            40, 2, 8, 16, 8,
         )  # fmt: skip
+        args.repeats = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
@@ -329,19 +349,27 @@ def main() -> None:
         load = asyncio.run(load_test(args, run_dir, world, encode))
         lat = load["latencies"]
         seq_tput = args.sequential / load["seq_s"]
-        conc_tput = args.requests / load["conc_s"]
+        conc_tput = args.bursts * args.requests / load["conc_s"]
         burst = load["burst_batches"]
         calls = sum(burst.values())
         mean_size = sum(size * n for size, n in burst.items()) / calls
-        print(f"\n== {args.requests} concurrent one-caption requests over loopback ==")
-        print(f"lost {load['lost']} | wrong {load['wrong']} (of {args.requests}); "
+        print(f"\n== {args.bursts} bursts of {args.requests} concurrent one-caption requests "
+              "over loopback ==")  # fmt: skip
+        print(f"lost {load['lost']} | wrong {load['wrong']} (of {args.bursts} x {args.requests}); "
               f"one-by-one: lost {load['seq_lost']} wrong {load['seq_wrong']} "
               f"(of {args.sequential})")  # fmt: skip
+        for what, n in load["failures"].most_common(5):
+            print(f"  lost as {what!r}: {n}")
+        tcp = load["tcp"]
+        print(f"kernel, during the run ({tcp['counted_for']}): listen queue {tcp['backlog']}, "
+              f"overflows {tcp['listen_overflows']}, drops {tcp['listen_drops']}, resets of "
+              f"data after close {tcp['resets_on_data_after_close']}; server refusals: "
+              f"{ {k: v for k, v in load['counters'].items() if k.startswith('refused')} }")  # fmt: skip
         print(f"latency p50 {percentile(lat, 50) * 1e3:.1f} ms | "
               f"p99 {percentile(lat, 99) * 1e3:.1f} ms")  # fmt: skip
         print(f"throughput: one-by-one {seq_tput:.1f} req/s | concurrent {conc_tput:.1f} req/s | "
               f"speedup {conc_tput / seq_tput:.1f}x (goal >= 5)")  # fmt: skip
-        print(f"server batches during the burst: {calls} calls, mean size {mean_size:.1f}, "
+        print(f"server batches during the bursts: {calls} calls, mean size {mean_size:.1f}, "
               f"max {max(burst)} (--max-batch {args.max_batch})")  # fmt: skip
 
         rate, inproc = engine_figure(args, run_dir, world)

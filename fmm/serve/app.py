@@ -83,7 +83,7 @@ def create_app(
     budgets = {name: bodies.json_budget(getattr(bodies_of, name)) for name in
                ("EmbedText", "EmbedImage", "ZeroShot", "Items", "Search", "Generate")}  # fmt: skip
     parse_pool = concurrent.futures.ThreadPoolExecutor(parse_workers, "fmm-parse")
-    listen_at_start = server.listen_counters()
+    tcp_at_start = server.tcp_counters()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -264,7 +264,7 @@ def create_app(
             **service.snapshot(),
             **door.gauges(),
             "store": await service.store_stats(),
-            "listen": _listen_report(listen_at_start, limits.backlog),
+            "tcp": _tcp_report(tcp_at_start, limits.backlog),
         }
 
     _declare_bodies(app, bodies_of)
@@ -297,16 +297,12 @@ def _declare_bodies(app: Any, bodies_of: schemas.RequestModels) -> None:
     app.openapi = openapi
 
 
-def _listen_report(at_start: dict | None, backlog: int) -> dict:
-    """The listen queue's size and the kernel's drops since the app started."""
-    cap = server.somaxconn()
-    now = server.listen_counters()
+def _tcp_report(at_start: dict | None, backlog: int) -> dict:
+    """The listen queue's size and the kernel's drops and resets since the app started."""
+    cap, now = server.somaxconn(), server.tcp_counters()
+    since = {k: now[k] - at_start[k] for k in now} if now and at_start else {}
     return {
         "backlog": backlog if cap is None else min(backlog, cap),
-        "scope": "whole network namespace (other servers' drops count too)",
-        **(
-            {name: now[name] - at_start[name] for name in now}
-            if now is not None and at_start is not None
-            else {"listen_overflows": None, "listen_drops": None}
-        ),
+        "counted_for": "the whole network namespace (other servers' count too)",
+        **{k: since.get(k) for k in server.tcp_counter_names()},
     }

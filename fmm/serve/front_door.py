@@ -3,8 +3,9 @@
 - A body over ``max_body_bytes`` is answered 413 before it is read (by its Content-Length)
   or as soon as it passes the limit (chunked).
 - All bodies being read or handled at once share ``max_buffered_bytes``: a request that would
-  pass it is answered 503 (``Retry-After: 1``), so memory is bounded whatever the number of
-  connections (each connection costs at most ~64 KB more: uvicorn's read-ahead).
+  pass it is answered 503 (``Retry-After: 1``) once its body is read and dropped, so memory
+  is bounded whatever the number of connections (each connection costs at most ~64 KB
+  more: uvicorn's read-ahead).
 - A body that has not fully arrived ``body_timeout_s`` after its headers is answered 408 and
   its connection closed (a slow sender holds a connection for at most that long; the header
   timeout is the protocol's, in :mod:`fmm.serve.server`).
@@ -36,9 +37,10 @@ class HttpLimits:
 
     ``max_connections``: open connections before a new one is answered 503 and closed;
     ``max_header_bytes``: request line and headers (431 past it); ``keep_alive_s``: how long
-    an idle connection stays open (longer than clients' own pool expiry, e.g. httpx's 5 s, so
-    a client never reuses a connection the server is closing); ``backlog``: the listen queue
-    (the kernel caps it at ``net.core.somaxconn``).
+    an idle connection stays open: longer than the idle expiry of clients' pools (httpx 5 s,
+    aiohttp 15 s, Go's net/http 90 s), so that a client never sends a request on a connection
+    the server is closing at that moment (the kernel answers it with a reset: a lost
+    request); ``backlog``: the listen queue (the kernel caps it at ``net.core.somaxconn``).
     """
 
     max_body_bytes: int = 8 * 2**20
@@ -46,7 +48,7 @@ class HttpLimits:
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
     max_header_bytes: int = 16 * 2**10
-    keep_alive_s: float = 75.0
+    keep_alive_s: float = 100.0
     max_connections: int = 2048
     backlog: int = 4096
 
@@ -127,12 +129,13 @@ class FrontDoor:
         """The whole body, or ``None`` once an error is answered (or the client left)."""
         limit = self.limits.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit():
-            if int(length) > limit:
-                return await self._refuse(send, 413, f"request body is {int(length)} bytes; "
-                                          f"this server accepts at most {limit}")  # fmt: skip
-            if not self._hold(int(length), held):
-                return await self._busy(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            # Answered unread: such a body may be any size (a client that wants the answer
+            # before sending it asks with `Expect: 100-continue`, which is never granted).
+            return await self._refuse(send, 413, f"request body is {int(length)} bytes; "
+                                      f"this server accepts at most {limit}")  # fmt: skip
+        fits = length is None or not length.isdigit() or self._hold(int(length), held)
+        busy = None if fits else self._busy_detail()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout_s
         chunks, size, more = [], 0, True
@@ -154,16 +157,21 @@ class FrontDoor:
                     413,
                     f"request body is larger than this server accepts (at most {limit} bytes)",
                 )
-            if size > held[0] and not self._hold(size - held[0], held):
-                return await self._busy(send)
-            chunks.append(chunk)
+            if busy is None and size > held[0] and not self._hold(size - held[0], held):
+                busy = self._busy_detail()
+            if busy is None:
+                chunks.append(chunk)
             more = message.get("more_body", False)
+        if busy is not None:
+            # Refused, but read to its end (and dropped, holding nothing): answering while
+            # the client still sends would reset a connection it asked to close, answer and
+            # all, before the client reads it.
+            return await self._refuse(send, 503, busy, **{"Retry-After": "1"})
         return b"".join(chunks)
 
-    async def _busy(self, send: Any) -> None:
-        self.metrics.count("refused_buffer_full")
-        await _answer(send, 503, f"the server is reading {self.buffered} bytes of other "
-                      "requests' bodies, its limit; retry later", {"Retry-After": "1"})  # fmt: skip
+    def _busy_detail(self) -> str:
+        return (f"the server is reading {self.buffered} bytes of other requests' bodies, its "
+                "limit; retry later")  # fmt: skip
 
     async def _refuse(self, send: Any, status: int, detail: str, **headers: str) -> None:
         self.metrics.count(f"refused_{status}")

@@ -56,6 +56,8 @@ EncodedImage = Annotated[
         json_schema_extra={"format": IMAGE_FORMAT, "contentEncoding": "base64"},
     ),
 ]
+
+
 def _integral(value: Any) -> Any:
     # JSON Schema counts 750.0 as an integer; the strict check after this refuses "750".
     return int(value) if isinstance(value, float) and value.is_integer() else value

@@ -4,16 +4,17 @@ uvicorn times out idle keep-alive connections but not a request whose headers ar
 byte at a time (slowloris), nor bounds their size. :func:`guarded_protocol` subclasses its
 HTTP protocol (httptools' when installed, else h11's) so that, per connection:
 
-- request line and headers must arrive within ``header_timeout_s`` of the connection's
-  first byte (or of the first byte after a keep-alive pause): past it 408, closed;
+- request line and headers must arrive within ``header_timeout_s`` of their first byte
+  (a connection that sends nothing is closed after ``keep_alive_s``): past it 408, closed;
 - they may hold at most ``max_header_bytes``: past it 431, closed;
 - a connection past ``max_connections`` gets 503 and is closed, before it costs a request;
 - uvicorn's own plain-text 400 for a malformed request becomes the API's JSON error body.
 
 Body limits and deadlines are the ASGI front door's (:mod:`fmm.serve.front_door`).
 :func:`make_server` builds the ``uvicorn.Server`` with them and the listen backlog;
-:func:`listen_counters` reads the kernel's count of connections it dropped because the
-listen queue was full (they never reach the process, so only the kernel can count them).
+:func:`tcp_counters` reads the kernel's counts of connections dropped because the listen
+queue was full, or reset after a close (they never reach the process, so only the kernel
+can count them).
 
 Example::
 
@@ -59,7 +60,11 @@ def guarded_protocol(limits: HttpLimits) -> type:
                 self._refuse(503, f"{limits.max_connections} connections are open, this "
                              "server's limit; retry later", **{"Retry-After": "1"})  # fmt: skip
                 return
-            self._arm()  # a connection that never sends a byte is closed after the deadline
+            # Until its first byte a connection costs no buffer: it may wait as long as an idle
+            # keep-alive one (a client may connect long before it writes, on a busy machine).
+            self._timer = self.loop.call_later(limits.keep_alive_s, self.transport.close)
+            self._counting = False  # whether the timer is a request's deadline
+            self._draining = False  # whether it is the deadline of an early answer's body
 
         def on_message_begin(self) -> None:  # httptools' parser: a request line begins
             self._in_headers, self._header_bytes, self._raw_header_bytes = True, 0, 0
@@ -77,13 +82,19 @@ def guarded_protocol(limits: HttpLimits) -> type:
             if self._refused:
                 return
             idle = self.cycle is None or self.cycle.response_complete
-            if idle and self._timer is None:  # a request begins, or an early answer's body
+            if idle and not self._counting:  # a request begins, or an early answer's body
                 self._arm()  # trickles in: either way it has the header deadline to finish
             before = self.cycle
             super().data_received(data)
             if self.cycle is not before:  # a request's headers are complete
                 self._disarm()
                 self._in_headers = False
+            elif idle and self.cycle is not None and not self._in_headers and not self._draining:
+                # The rest of a body answered early (413, 503): read and dropped for up to the
+                # body deadline, so that the client can finish sending and read the answer
+                # (closing on its unsent bytes would reset the connection, answer and all).
+                self._arm(limits.body_timeout_s)
+                self._draining = True
             elif self._in_headers:  # the parser holds a partial header meanwhile: bound it too
                 self._raw_header_bytes += len(data)
                 if self._raw_header_bytes > limits.max_header_bytes:
@@ -108,16 +119,18 @@ def guarded_protocol(limits: HttpLimits) -> type:
             if self._header_bytes > limits.max_header_bytes:
                 raise ValueError("headers too large")  # httptools stops; uvicorn calls 400
 
-        def _arm(self) -> None:
-            self._timer = self.loop.call_later(limits.header_timeout_s, self._headers_too_slow)
+        def _arm(self, seconds: float = limits.header_timeout_s) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(seconds, self._headers_too_slow)
+            self._counting = True
 
         def _disarm(self) -> None:
             if self._timer is not None:
                 self._timer.cancel()
-                self._timer = None
+            self._timer, self._counting, self._draining = None, False, False
 
         def _headers_too_slow(self) -> None:
-            self._timer = None
+            self._timer, self._counting, self._draining = None, False, False
             if not self._in_headers and self.cycle is not None:  # a trickle after an answer
                 self.transport.close()
                 return
@@ -161,10 +174,23 @@ def somaxconn() -> int | None:
         return None
 
 
-def listen_counters() -> dict[str, int] | None:
-    """The kernel's ``ListenOverflows`` and ``ListenDrops`` (connections refused because a
-    listen queue was full), for the whole network namespace since boot; ``None`` where
-    ``/proc/net/netstat`` is unreadable (not Linux)."""
+_COUNTERS = {  # /proc/net/netstat's TcpExt names -> what they count
+    "ListenOverflows": "listen_overflows",  # connections dropped: the accept queue was full
+    "ListenDrops": "listen_drops",  # ... for any reason, overflows included
+    "TCPAbortOnData": "resets_on_data_after_close",  # e.g. a request on a closing keep-alive
+    "TCPAbortOnClose": "resets_on_close_with_unread_data",
+}
+
+
+def tcp_counter_names() -> list[str]:
+    """The names :func:`tcp_counters` reports."""
+    return list(_COUNTERS.values())
+
+
+def tcp_counters() -> dict[str, int] | None:
+    """The kernel's counts of connections it dropped or reset without the process seeing
+    them (listen-queue overflows, resets of data sent to a closed connection), for the whole
+    network namespace since boot; ``None`` where ``/proc/net/netstat`` is unreadable."""
     try:
         lines = _NETSTAT.read_text().splitlines()
     except OSError:
@@ -172,6 +198,5 @@ def listen_counters() -> dict[str, int] | None:
     for names, values in zip(lines[::2], lines[1::2]):
         if names.startswith("TcpExt:"):
             row = dict(zip(names.split()[1:], values.split()[1:]))
-            return {"listen_overflows": int(row.get("ListenOverflows", 0)),
-                    "listen_drops": int(row.get("ListenDrops", 0))}  # fmt: skip
+            return {ours: int(row.get(theirs, 0)) for theirs, ours in _COUNTERS.items()}
     return None

@@ -184,6 +184,10 @@ def test_health_and_metrics_report_what_happened(clip_server):
     assert m["queue_depth"] == 0 and m["batches"]["text"]["max_size"] > 1
     assert 0 < m["cache_hit_rate"] < 1 and m["counters"]["http 200"] >= 12
     assert m["latency_ms"]["/v1/embed/text"]["p99"] >= m["latency_ms"]["/v1/embed/text"]["p50"]
+    assert m["buffered_bytes"] == 0 and m["requests_in_flight"] == 1  # this one
+    assert m["store"]["cached"] >= 12 and m["tcp"]["backlog"] >= 1
+    for counter in ("listen_overflows", "listen_drops", "resets_on_data_after_close"):
+        assert m["tcp"][counter] is None or m["tcp"][counter] >= 0
 
 
 def test_full_queue_is_503_and_timeout_504_then_slots_come_back():

@@ -24,7 +24,7 @@ from fmm.serve import ServedModel, Service
 from fmm.serve.front_door import HttpLimits
 from models import clip, gpt
 from train import checkpoint
-from train.recipes import device_of
+from train.recipes import add_device_argument, device_of, number
 from train.recipes.serve_streams import stream_image_codes, stream_text
 
 
@@ -43,63 +43,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "/v1/search searches it (default: none)",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     parser.add_argument(
-        "--max-batch", type=int, default=32, help="most items per model call (default: %(default)s)"
+        "--port",
+        type=number(at_least=0, at_most=65535),
+        default=8000,
+        help="(default: %(default)s)",
     )
     parser.add_argument(
-        "--max-wait-ms", type=float, default=5.0,
+        "--max-batch", type=number(at_least=1), default=32,
+        help="most items per model call (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-wait-ms", type=number(float, at_least=0), default=5.0,
         help="how long a request waits for others to batch with (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-queue", type=int, default=1024,
+        "--max-queue", type=number(at_least=1), default=1024,
         help="items queued or running before requests are refused with 503 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--timeout-s", type=float, default=30.0,
+        "--timeout-s", type=number(float, above=0), default=30.0,
         help="per-request budget; past it the answer is 504 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--store-cache-mb", type=float, default=256.0,
+        "--store-cache-mb", type=number(float, at_least=0), default=256.0,
         help="most MiB of computed embeddings the store keeps (least recently used evicted "
         "first; /v1/items rows are kept apart, never evicted) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-body-mb", type=float, default=8.0,
+        "--max-body-mb", type=number(float, above=0), default=8.0,
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-buffered-mb", type=float, default=32.0,
+        "--max-buffered-mb", type=number(float, above=0), default=32.0,
         help="request bodies read or handled at once, all connections together; past it "
         "503 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--header-timeout-s", type=float, default=10.0,
+        "--header-timeout-s", type=number(float, above=0), default=10.0,
         help="request line and headers must arrive within this; past it 408 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--body-timeout-s", type=float, default=30.0,
+        "--body-timeout-s", type=number(float, above=0), default=30.0,
         help="a body must arrive within this of its headers; past it 408 (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--keep-alive-s", type=float, default=75.0,
-        help="idle connections stay open this long; keep it above clients' own pool expiry "
+        "--keep-alive-s", type=number(float, above=0), default=100.0,
+        help="idle connections stay open this long; keep it above clients' pool expiry "
+        "(httpx 5 s, aiohttp 15 s, Go 90 s), or some requests are lost as resets "
         "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-connections", type=int, default=2048,
+        "--max-connections", type=number(at_least=1), default=2048,
         help="open connections; one more gets 503 and is closed (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--backlog", type=int, default=4096,
+        "--backlog", type=number(at_least=1), default=4096,
         help="listen queue for connections not yet accepted (the kernel caps it at "
         "net.core.somaxconn) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-generations", type=int, default=2,
+        "--max-generations", type=number(at_least=1), default=2,
         help="concurrent generations before 503 (default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_argument(parser)
 
 
 def _run_name(run_dir: str | Path) -> str:
@@ -229,18 +236,7 @@ def _mb(value: float) -> int:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    # Every flag is checked before the model loads, and a bad one is named.
-    at_least_one = ("max_batch", "max_queue", "max_generations", "max_connections", "backlog")
-    positive = ("timeout_s", "max_body_mb", "max_buffered_mb", "header_timeout_s",
-                "body_timeout_s", "keep_alive_s")  # fmt: skip
-    for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"),
-                            (positive, lambda v: v > 0, "> 0"),
-                            (("max_wait_ms", "store_cache_mb"), lambda v: v >= 0, ">= 0")):  # fmt: skip
-        for name in names:
-            if not ok(getattr(args, name)):
-                raise SystemExit(
-                    f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}"
-                )
+    # Each flag's own range is its parser's type= check; this is the one between two flags.
     if args.max_buffered_mb < args.max_body_mb:
         raise SystemExit(
             f"--max-buffered-mb ({args.max_buffered_mb}) must be at least --max-body-mb "
