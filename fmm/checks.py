@@ -116,7 +116,7 @@ def check_float(
 
     The dtype must match because torch's kernels refuse mixed inputs deep inside a layer;
     under ``torch.autocast`` it need not (autocast casts both sides).
-    Example: ``check_float("images", images, ("batch", 3, 32, 32), like=params["patch"]["weight"])``.
+    Example: ``check_float("images", images, ("batch", 3, 32, 32), like=patch["weight"])``.
     """
     _check_tensor(name, x, "a floating-point tensor", dims)
     check_shape(name, x, dims, hint=hint)

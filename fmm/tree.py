@@ -63,7 +63,8 @@ def _index_problem(keys: list[str]) -> str | None:
 def _check_key(key: Any, where: str) -> None:
     if not isinstance(key, str):
         raise TypeError(
-            f"tree keys must be strings, got {key!r} ({type(key).__name__}) at {where or '<root>'!r}"
+            f"tree keys must be strings, got {key!r} ({type(key).__name__}) "
+            f"at {where or '<root>'!r}"
         )
     if not key or "." in key:
         raise ValueError(
@@ -117,7 +118,7 @@ def unflatten(flat: Mapping[str, torch.Tensor]) -> Tree:
     segments (``"a..b"``), a level of list positions that are not exactly ``0..n-1``
     (``"a.0"``, ``"a.2"``), and a name that is both a leaf and a prefix (``"a"``, ``"a.b"``).
 
-    Example: ``unflatten({"blocks.0.w": w0, "blocks.1.w": w1}) == {"blocks": [{"w": w0}, {"w": w1}]}``.
+    Example: ``unflatten({"b.0.w": w0, "b.1.w": w1}) == {"b": [{"w": w0}, {"w": w1}]}``.
     """
     root: dict[str, Any] = {}
     for name, leaf in flat.items():
@@ -140,7 +141,7 @@ def unflatten(flat: Mapping[str, torch.Tensor]) -> Tree:
         if parts[-1] in node:  # a subtree: an earlier name continued this one
             raise ValueError(
                 f"name {name!r} is both a leaf and a prefix of "
-                f"{_first_name(node[parts[-1]], name)!r}: it collides with a subtree of the same name"
+                f"{_first_name(node[parts[-1]], name)!r}: it collides with a subtree of that name"
             )
         node[parts[-1]] = leaf
 

@@ -148,10 +148,10 @@ def itm_loss(
 
 def _check_pairs_in(params: Params, batch: dict[str, Any], cfg: ALBEFConfig) -> None:
     M._check_images(params, batch["images"], cfg, "batch['images']")
-    _check_text_inputs(batch["input_ids"], batch["attention_mask"], None, cfg.text, in_batch=True)
-    checks.check_same_batch(
-        ("batch['images']", batch["images"]), ("batch['input_ids']", batch["input_ids"])
-    )
+    _check_text_inputs(
+        batch["input_ids"], batch["attention_mask"], None, cfg.text, in_batch=True,
+        batch_of=("batch['images']", batch["images"]),
+    )  # fmt: skip
 
 
 def _check_pretrain_batch(params: Params, batch: dict[str, Any], cfg: ALBEFConfig, mask_id):
@@ -257,13 +257,11 @@ def vqa_loss(
     """Cross-entropy of answer classes. ``batch``: ``images [B, C, H, W]``, ``input_ids
     [B, S]`` (questions), ``attention_mask [B, S]``, ``answers [B]`` int64 in
     ``[0, cfg.num_answers)``. Returns ``(loss [], {"accuracy": []})``."""
-    logits = M.vqa(
-        params, batch["images"], batch["input_ids"], cfg=cfg, attention_mask=batch["attention_mask"]
-    )
+    checks.check_keys(batch, ("images", "input_ids", "attention_mask", "answers"))
+    M._check_vqa(params, cfg)
+    _check_pairs_in(params, batch, cfg)
     answers = batch["answers"]
-    if answers.shape != logits.shape[:1]:
-        raise ValueError(
-            f"vqa_loss: answers must be [{logits.shape[0]}], got {list(answers.shape)}"
-        )
+    checks.check_ids("batch['answers']", answers, (batch["images"].shape[0],), high=cfg.num_answers)
+    logits = M._vqa(params, batch["images"], batch["input_ids"], cfg, batch["attention_mask"])
     accuracy = (logits.argmax(1) == answers).float().mean().detach()
     return F.cross_entropy(logits, answers), {"accuracy": accuracy}

@@ -91,8 +91,7 @@ def _check_images(params: Params, images, cfg: ALBEFConfig, name: str = "images"
 
 def _check_pairs(params: Params, images, input_ids, attention_mask, cfg: ALBEFConfig) -> None:
     _check_images(params, images, cfg)
-    _check_text_inputs(input_ids, attention_mask, None, cfg.text)
-    checks.check_same_batch(("images", images), ("input_ids", input_ids))
+    _check_text_inputs(input_ids, attention_mask, None, cfg.text, batch_of=("images", images))
 
 
 def _encode_image(params: Params, images: torch.Tensor, cfg: ALBEFConfig) -> torch.Tensor:

@@ -60,15 +60,25 @@ def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
 
 
 def _check_inputs(
-    input_ids, attention_mask, token_type_ids, cfg: BertConfig, *, in_batch: bool = False
+    input_ids,
+    attention_mask,
+    token_type_ids,
+    cfg: BertConfig,
+    *,
+    in_batch: bool = False,
+    batch_of: tuple[str, torch.Tensor] | None = None,
 ) -> None:
     # Shared with the families that embed text the BERT way (FLAVA, ALBEF); ``in_batch``
-    # names the arguments as fields of a loss's batch (``batch['input_ids']``).
+    # names the arguments as fields of a loss's batch (``batch['input_ids']``); ``batch_of``
+    # is another (name, tensor) whose batch size the ids must share (checked before the
+    # mask, so the message blames the ids rather than the mask that matches them).
     name = (lambda n: f"batch[{n!r}]") if in_batch else (lambda n: n)
     ids = name("input_ids")
     seq = ("batch", range(1, cfg.max_positions + 1))
     hint = f"max_positions={cfg.max_positions}"
     checks.check_ids(ids, input_ids, seq, high=cfg.vocab_size, hint=hint)
+    if batch_of is not None:
+        checks.check_same_batch(batch_of, (ids, input_ids))
     if token_type_ids is not None:
         checks.check_ids(
             name("token_type_ids"), token_type_ids, input_ids.shape, high=cfg.type_vocab_size,

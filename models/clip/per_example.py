@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from fmm import checks
 from fmm.losses import logit_scale_value
 from models.clip.config import CLIPConfig
-from models.clip.model import Params, encode_image, encode_text
+from models.clip.model import (
+    Params,
+    _check_images,
+    _check_tokens,
+    _encode_image,
+    _encode_text,
+    encode_image,
+    encode_text,
+    init,
+)
 
 
 def detached_embeddings(
@@ -48,8 +57,17 @@ def example_loss(
 ) -> torch.Tensor:
     """Example ``index``'s symmetric InfoNCE term. ``image [3, H, W]``, ``tokens [T]``,
     ``index []`` int64, banks ``[B, E]`` from :func:`detached_embeddings`. Returns ``[]``."""
-    img = encode_image(params, image[None], cfg=cfg)[0]
-    txt = encode_text(params, tokens[None], cfg=cfg)[0]
+    checks.check_params(params, init=init, cfg=cfg)
+    checks.check_float("image", image, (cfg.in_channels, cfg.image_size, cfg.image_size))
+    _check_images(params, image[None], cfg, "image")
+    checks.check_int("tokens", tokens, (range(1, cfg.context_length + 1),))
+    _check_tokens(tokens[None], cfg, "tokens")
+    checks.check_int("index", index, ())
+    for name, bank in (("bank_images", bank_images), ("bank_texts", bank_texts)):
+        checks.check_float(name, bank, ("batch", cfg.embed_dim))
+    checks.check_same_batch(("bank_images", bank_images), ("bank_texts", bank_texts))
+    img = _encode_image(params, image[None], cfg, True, None)[0]
+    txt = _encode_text(params, tokens[None], cfg, True, None)[0]
     # Swap the live embeddings into the example's own row so the positive pair carries the
     # gradient while the negatives stay constants; `where` rather than an indexed
     # assignment keeps this pure, so vmap batches it over `index`.

@@ -195,7 +195,8 @@ def _check_objective(pcfg: PretrainConfig, image_tokenizer: ImageTokenizer) -> N
     checks.check_type("pcfg", pcfg, PretrainConfig)
     if not callable(image_tokenizer):
         raise TypeError(
-            f"image_tokenizer must be a function images -> codes, got {type(image_tokenizer).__name__}"
+            "image_tokenizer must be a function images -> codes, got "
+            f"{type(image_tokenizer).__name__}"
         )
 
 

@@ -1,0 +1,628 @@
+"""Every public model function refuses a spoiled argument at its boundary, naming it.
+
+One table (``ENTRIES``) lists each public function of every family (and ``fmm.decoding``'s
+entry points) with good arguments on a tiny preset and the arguments a careless user can
+get wrong. Hypothesis spoils one argument at a time (wrong dtype, rank or size, ids out of
+range or negative, an empty sequence or batch, params of another preset) and the call must
+raise ``ValueError`` / ``TypeError`` whose message starts with that argument's name. Each
+entry's good arguments must run, so a spoil, not the table, is what makes a call fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fmm
+from fmm import checks, decoding, quant, tree
+from models import albef, bert, clip, flava, gpt, mmgpt, vqvae
+
+
+def _params(init: Callable, cfg: Any, device: str = "cpu") -> dict:
+    """Params of ``cfg``'s shapes, drawn quickly (values do not matter to these checks)."""
+    if device == "meta":
+        return init(cfg, fmm.random.key(0).to("meta"))
+    g = torch.Generator().manual_seed(0)
+    shapes = checks.param_shapes(init, cfg)
+    return tree.unflatten({k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """What an argument is, so the strategies know how to spoil it.
+
+    ``kind``: ``"image"`` (float [B, C, H, W]), ``"float"`` (other float tensors),
+    ``"ids"`` (integer ids in ``[0, high)``, sequence axis 1 bounded by ``max_len``),
+    ``"mask"``, ``"params"`` (``other`` builds params of another preset), ``"cfg"``.
+    ``batch_of``: another argument whose batch size this one must share. ``sized``: the
+    last axis has a size the function fixes (a width), so changing it is an error.
+    """
+
+    kind: str
+    high: int | None = None
+    max_len: int | None = None
+    other: Callable[[], Any] | None = None
+    batch_of: str | None = None
+    sized: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    good: Callable[[], dict[str, Any]]  # argument name (as the message shows it) -> value
+    call: Callable[[dict[str, Any]], Any]
+    args: dict[str, Arg]
+
+
+# ----------------------------------------------------------------------------- the world
+
+CLIP, GPT, BERT = clip.clip_tiny(), gpt.gpt_tiny(), bert.bert_tiny()
+VQ, FLAVA = vqvae.vqvae_shapes(), flava.flava_tiny()
+MM = mmgpt.mmgpt_shapes(text_len=5, image_len=6)  # short, so generating images is quick
+ALBEF = albef.albef_tiny(num_answers=3)
+PCFG = flava.PretrainConfig(mask_id=3, special_ids=(1, 2))
+B = 2
+
+
+@functools.cache
+def world() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+
+    def ids(high: int, seq: int, low: int = 0) -> torch.Tensor:
+        return torch.randint(low, high, (B, seq), generator=g)
+
+    w = {name: _params(fam.init, cfg) for name, fam, cfg in FAMILIES}
+    w["images32"] = torch.rand(B, 3, 32, 32, generator=g)
+    w["clip_tokens"] = ids(CLIP.vocab_size, 7)
+    w["gpt_tokens"] = ids(GPT.vocab_size, 9)
+    w["bert_ids"] = ids(BERT.vocab_size, 6, low=1)
+    w["mm_text"] = ids(MM.text_vocab, MM.text_len)
+    w["mm_codes"] = ids(MM.image_vocab, MM.image_len)
+    w["flava_ids"] = ids(FLAVA.vocab_size, FLAVA.max_positions, low=4)
+    w["albef_ids"] = ids(ALBEF.text.vocab_size, 8, low=4)
+    w["albef_queue"] = albef.init_queue(ALBEF, KEY)
+    spec = GPT.decoder_spec
+    w["gpt_cache"] = decoding.prefill(
+        w["gpt"], w["gpt_tokens"], decoding.init_cache(spec, B, 12), cfg=spec
+    )[1]
+    return w
+
+
+FAMILIES = [
+    ("clip", clip, CLIP),
+    ("gpt", gpt, GPT),
+    ("bert", bert, BERT),
+    ("vqvae", vqvae, VQ),
+    ("mmgpt", mmgpt, MM),
+    ("flava", flava, FLAVA),
+    ("albef", albef, ALBEF),
+]
+
+
+@functools.cache
+def _meta_params(init: Callable, cfg: Any) -> Any:
+    return _params(init, cfg, "meta")
+
+
+def _other(init: Callable, cfg: Any, part: str | None = None) -> Callable[[], Any]:
+    # Another preset's params, on the meta device: shapes are all the check reads.
+    def build() -> Any:
+        p = _meta_params(init, cfg)
+        return p[part] if part else p
+
+    return build
+
+
+OTHER = {
+    "clip": _other(clip.init, clip.clip_vit_b32()),
+    "gpt": _other(gpt.init, gpt.gpt2_small()),
+    "bert": _other(bert.init, bert.minilm_l6()),
+    "vqvae": _other(vqvae.init, vqvae.vqvae_shapes_4x4()),
+    "mmgpt": _other(mmgpt.init, mmgpt.mmgpt_shapes(text_vocab=32)),
+    "flava": _other(flava.init, flava.flava_model()),
+    "flava.image": _other(flava.init, flava.flava_model(), "image"),
+    "flava.text": _other(flava.init, flava.flava_model(), "text"),
+    "albef": _other(albef.init, albef.albef_base(num_answers=3)),
+}
+
+
+def _image(**kw) -> Arg:
+    return Arg("image", **kw)
+
+
+def _ids(high: int, max_len: int | None = None, **kw) -> Arg:
+    return Arg("ids", high=high, max_len=max_len, **kw)
+
+
+def _w(*names: str, **more: Callable[[dict], Any]) -> Callable[[], dict[str, Any]]:
+    """Good arguments: ``"shown=world_key"`` pairs, plus computed ones (built once; each
+    call gets a fresh dict, and spoiling makes new tensors, so nothing is shared wrongly)."""
+
+    @functools.cache
+    def build_once() -> dict[str, Any]:
+        w = world()
+        out = {}
+        for item in names:
+            shown, _, key = item.partition("=")
+            out[shown] = w[key or shown]
+        out.update({k: f(w) for k, f in more.items()})
+        return out
+
+    return lambda: dict(build_once())
+
+
+KEY = fmm.random.key(0)
+ENTRIES: list[Entry] = []
+
+
+def entry(name: str, good, call, **args: Arg) -> None:
+    ENTRIES.append(Entry(name, good, call, args))
+
+
+# --- init of every family: the config's type
+for fam_name, fam, cfg in FAMILIES:
+    other_cfg = GPT if fam is not gpt else CLIP
+    entry(
+        f"{fam_name}.init",
+        lambda cfg=cfg: {"cfg": cfg},
+        lambda a, fam=fam: fam.init(a["cfg"], KEY.to("meta")),
+        cfg=Arg("cfg", other=lambda other_cfg=other_cfg: other_cfg),
+    )
+
+# --- CLIP
+clip_images = _w("params=clip", "images=images32")
+clip_tokens = _w("params=clip", "tokens=clip_tokens")
+for fn in (clip.encode_image, clip.image_features):
+    entry(
+        f"clip.{fn.__name__}", clip_images, lambda a, fn=fn: fn(a["params"], a["images"], cfg=CLIP),
+        images=_image(), params=Arg("params", other=OTHER["clip"]),
+    )  # fmt: skip
+for fn in (clip.encode_text, clip.text_features):
+    entry(
+        f"clip.{fn.__name__}", clip_tokens, lambda a, fn=fn: fn(a["params"], a["tokens"], cfg=CLIP),
+        tokens=_ids(CLIP.vocab_size, CLIP.context_length),
+        params=Arg("params", other=OTHER["clip"]),
+    )  # fmt: skip
+entry(
+    "clip.apply", _w("params=clip", "images=images32", "tokens=clip_tokens"),
+    lambda a: clip.apply(a["params"], a["images"], a["tokens"], cfg=CLIP),
+    images=_image(), tokens=_ids(CLIP.vocab_size, CLIP.context_length, batch_of="images"),
+    params=Arg("params", other=OTHER["clip"]),
+)  # fmt: skip
+entry(
+    "clip.loss", _w("params=clip", "batch['images']=images32", "batch['tokens']=clip_tokens"),
+    lambda a: clip.loss(
+        a["params"], {"images": a["batch['images']"], "tokens": a["batch['tokens']"]}, cfg=CLIP
+    ),
+    **{"batch['images']": _image(),
+       "batch['tokens']": _ids(CLIP.vocab_size, CLIP.context_length, batch_of="batch['images']")},
+    params=Arg("params", other=OTHER["clip"]),
+)  # fmt: skip
+entry(
+    "clip.example_loss",
+    _w("params=clip", image=lambda w: w["images32"][0], tokens=lambda w: w["clip_tokens"][0],
+       bank_images=lambda w: torch.randn(B, CLIP.embed_dim),
+       bank_texts=lambda w: torch.randn(B, CLIP.embed_dim)),
+    lambda a: clip.example_loss(a["params"], a["image"], a["tokens"], torch.tensor(0),
+                                a["bank_images"], a["bank_texts"], cfg=CLIP),
+    image=Arg("float"), bank_images=Arg("float"), bank_texts=Arg("float", batch_of="bank_images"),
+    params=Arg("params", other=OTHER["clip"]),
+)  # fmt: skip
+
+# --- GPT and fmm.decoding
+gpt_params = Arg("params", other=OTHER["gpt"])
+entry(
+    "gpt.apply", _w("params=gpt", "tokens=gpt_tokens"),
+    lambda a: gpt.apply(a["params"], a["tokens"], cfg=GPT),
+    tokens=_ids(GPT.vocab_size, GPT.context_length), params=gpt_params,
+)  # fmt: skip
+entry(
+    "gpt.loss", _w("params=gpt", "tokens=gpt_tokens", mask=lambda w: w["gpt_tokens"] > 3),
+    lambda a: gpt.loss(a["params"], a["tokens"], cfg=GPT, mask=a["mask"]),
+    tokens=_ids(GPT.vocab_size, GPT.context_length + 1), mask=Arg("mask", batch_of="tokens"),
+    params=gpt_params,
+)  # fmt: skip
+entry(
+    "decoding.generate", _w("params=gpt", "prompt=gpt_tokens"),
+    lambda a: decoding.generate(a["params"], a["prompt"], cfg=GPT, max_new_tokens=2),
+    prompt=_ids(GPT.vocab_size), params=gpt_params,
+)  # fmt: skip
+entry(
+    "decoding.prefill",
+    _w("params=gpt", "tokens=gpt_tokens",
+       cache=lambda w: decoding.init_cache(GPT.decoder_spec, B, 12)),
+    lambda a: decoding.prefill(a["params"], a["tokens"], a["cache"], cfg=GPT),
+    tokens=_ids(GPT.vocab_size), params=gpt_params,
+)  # fmt: skip
+entry(
+    "decoding.decode_step",
+    _w("params=gpt", "cache=gpt_cache", token=lambda w: w["gpt_tokens"][:, -1]),
+    lambda a: decoding.decode_step(a["params"], a["token"], a["cache"], cfg=GPT),
+    token=_ids(GPT.vocab_size), params=gpt_params,
+)  # fmt: skip
+
+# --- BERT
+bert_params = Arg("params", other=OTHER["bert"])
+bert_good = _w("params=bert", "input_ids=bert_ids",
+               attention_mask=lambda w: w["bert_ids"] > 5,
+               token_type_ids=lambda w: (w["bert_ids"] > 30).long())  # fmt: skip
+bert_text = dict(
+    input_ids=_ids(BERT.vocab_size, BERT.max_positions),
+    attention_mask=Arg("mask", batch_of="input_ids"),
+    token_type_ids=_ids(BERT.type_vocab_size, batch_of="input_ids"),
+    params=bert_params,
+)
+for fn in (bert.apply, bert.sentence_embedding):
+    entry(
+        f"bert.{fn.__name__}", bert_good,
+        lambda a, fn=fn: fn(a["params"], a["input_ids"], cfg=BERT,
+                            attention_mask=a["attention_mask"], token_type_ids=a["token_type_ids"]),
+        **bert_text,
+    )  # fmt: skip
+entry(
+    "bert.embed", _w("params=bert", "input_ids=bert_ids"),
+    lambda a: bert.embed(a["params"], a["input_ids"], cfg=BERT),
+    input_ids=bert_text["input_ids"], params=bert_params,
+)  # fmt: skip
+entry(
+    "bert.mean_pool",
+    _w(hidden=lambda w: torch.randn(B, 6, 64), attention_mask=lambda w: w["bert_ids"] > 5),
+    lambda a: bert.mean_pool(a["hidden"], a["attention_mask"]),
+    hidden=Arg("float", sized=False), attention_mask=Arg("mask", batch_of="hidden"),
+)  # fmt: skip
+entry(
+    "bert.pooler", _w("params=bert", hidden=lambda w: torch.randn(B, 6, 64)),
+    lambda a: bert.pooler(a["params"], a["hidden"]), hidden=Arg("float"),
+)  # fmt: skip
+
+# --- VQ-VAE
+vq_params = Arg("params", other=OTHER["vqvae"])
+for fn in (vqvae.encode, vqvae.encode_latents, vqvae.apply):
+    entry(
+        f"vqvae.{fn.__name__}", _w("params=vqvae", "images=images32"),
+        lambda a, fn=fn: fn(a["params"], a["images"], cfg=VQ), images=_image(), params=vq_params,
+    )  # fmt: skip
+entry(
+    "vqvae.decode", _w("params=vqvae", codes=lambda w: torch.randint(0, 128, (B, 8, 8))),
+    lambda a: vqvae.decode(a["params"], a["codes"], cfg=VQ),
+    codes=_ids(VQ.codebook_size), params=vq_params,
+)  # fmt: skip
+entry(
+    "vqvae.decode_latents", _w("params=vqvae", z_q=lambda w: torch.randn(B, 8, 8, VQ.code_dim)),
+    lambda a: vqvae.decode_latents(a["params"], a["z_q"], cfg=VQ),
+    z_q=Arg("float"), params=vq_params,
+)  # fmt: skip
+entry(
+    "vqvae.loss", _w("params=vqvae", "batch['images']=images32"),
+    lambda a: vqvae.loss(a["params"], {"images": a["batch['images']"]}, cfg=VQ),
+    **{"batch['images']": _image()}, params=vq_params,
+)  # fmt: skip
+entry(
+    "vqvae.update_codebook",
+    _w("params=vqvae", "images=images32",
+       state=lambda w: vqvae.init_codebook_state(w["vqvae"])),
+    lambda a: vqvae.update_codebook(a["params"], a["state"], a["images"], cfg=VQ, key=KEY),
+    images=_image(), params=vq_params,
+)  # fmt: skip
+
+# --- multimodal GPT
+mm_params = Arg("params", other=OTHER["mmgpt"])
+mm_tokens = _w("params=mmgpt", tokens=lambda w: mmgpt.sequence(w["mm_text"], w["mm_codes"], cfg=MM))
+for fn in (mmgpt.apply, mmgpt.features, mmgpt.embed_tokens):
+    entry(
+        f"mmgpt.{fn.__name__}", mm_tokens, lambda a, fn=fn: fn(a["params"], a["tokens"], cfg=MM),
+        tokens=_ids(MM.vocab_size, MM.seq_len), params=mm_params,
+    )  # fmt: skip
+entry(
+    "mmgpt.loss", _w("params=mmgpt", "batch['text']=mm_text", "batch['codes']=mm_codes"),
+    lambda a: mmgpt.loss(a["params"], {"text": a["batch['text']"], "codes": a["batch['codes']"]},
+                         cfg=MM, key=KEY),
+    **{"batch['text']": _ids(MM.text_vocab),
+       "batch['codes']": _ids(MM.image_vocab, batch_of="batch['text']")},
+    params=mm_params,
+)  # fmt: skip
+entry(
+    "mmgpt.sequence", _w("text=mm_text", "codes=mm_codes"),
+    lambda a: mmgpt.sequence(a["text"], a["codes"], cfg=MM),
+    text=_ids(MM.text_vocab), codes=_ids(MM.image_vocab, batch_of="text"),
+)  # fmt: skip
+entry(
+    "mmgpt.generate_images", _w("params=mmgpt", "text=mm_text"),
+    lambda a: mmgpt.generate_images(a["params"], a["text"], cfg=MM, temperature=0.0),
+    text=_ids(MM.text_vocab), params=mm_params,
+)  # fmt: skip
+
+# --- FLAVA
+flava_params = Arg("params", other=OTHER["flava"])
+entry(
+    "flava.encode_image",
+    _w("images=images32", params=lambda w: w["flava"]["image"],
+       patch_mask=lambda w: torch.rand(B, FLAVA.num_patches) < 0.3),
+    lambda a: flava.encode_image(a["params"], a["images"], cfg=FLAVA, patch_mask=a["patch_mask"]),
+    images=_image(), patch_mask=Arg("mask", batch_of="images"),
+    params=Arg("params", other=OTHER["flava.image"]),
+)  # fmt: skip
+entry(
+    "flava.encode_text",
+    _w("input_ids=flava_ids", params=lambda w: w["flava"]["text"],
+       attention_mask=lambda w: w["flava_ids"] > 5),
+    lambda a: flava.encode_text(a["params"], a["input_ids"], cfg=FLAVA,
+                                attention_mask=a["attention_mask"]),
+    input_ids=_ids(FLAVA.vocab_size, FLAVA.max_positions),
+    attention_mask=Arg("mask", batch_of="input_ids"),
+    params=Arg("params", other=OTHER["flava.text"]),
+)  # fmt: skip
+entry(
+    "flava.encode_multimodal",
+    _w("params=flava", image_hidden=lambda w: torch.randn(B, 17, 64),
+       text_hidden=lambda w: torch.randn(B, 5, 64), text_mask=lambda w: torch.ones(B, 5) > 0),
+    lambda a: flava.encode_multimodal(a["params"], a["image_hidden"], a["text_hidden"], cfg=FLAVA,
+                                      text_mask=a["text_mask"]),
+    image_hidden=Arg("float"), text_hidden=Arg("float", batch_of="image_hidden"),
+    text_mask=Arg("mask", batch_of="text_hidden"), params=flava_params,
+)  # fmt: skip
+entry(
+    "flava.embed_image", _w("params=flava", "images=images32"),
+    lambda a: flava.embed_image(a["params"], a["images"], cfg=FLAVA),
+    images=_image(), params=flava_params,
+)  # fmt: skip
+entry(
+    "flava.embed_text", _w("params=flava", "input_ids=flava_ids"),
+    lambda a: flava.embed_text(a["params"], a["input_ids"], cfg=FLAVA),
+    input_ids=_ids(FLAVA.vocab_size, FLAVA.max_positions), params=flava_params,
+)  # fmt: skip
+entry(
+    "flava.apply", _w("params=flava", "images=images32", "input_ids=flava_ids"),
+    lambda a: flava.apply(a["params"], a["images"], a["input_ids"], cfg=FLAVA),
+    images=_image(), input_ids=_ids(FLAVA.vocab_size, FLAVA.max_positions, batch_of="images"),
+    params=flava_params,
+)  # fmt: skip
+_tokenizer = flava.random_codebook_tokenizer(
+    fmm.random.key(5), patch_size=FLAVA.patch_size, codebook_size=FLAVA.image_vocab_size
+)
+entry(
+    "flava.pretraining_loss",
+    _w("params=flava", "batch['images']=images32", "batch['tokens']=flava_ids"),
+    lambda a: flava.pretraining_loss(
+        a["params"], {"images": a["batch['images']"], "tokens": a["batch['tokens']"]}, KEY,
+        cfg=FLAVA, pcfg=PCFG, image_tokenizer=_tokenizer,
+    ),
+    **{"batch['images']": _image(),
+       "batch['tokens']": _ids(FLAVA.vocab_size, FLAVA.max_positions, batch_of="batch['images']")},
+    params=flava_params,
+)  # fmt: skip
+
+# --- ALBEF
+albef_params = Arg("params", other=OTHER["albef"])
+albef_text = dict(
+    input_ids=_ids(ALBEF.text.vocab_size, ALBEF.text.max_positions),
+    attention_mask=Arg("mask", batch_of="input_ids"),
+)
+albef_good = _w("params=albef", "images=images32", "input_ids=albef_ids",
+                attention_mask=lambda w: w["albef_ids"] > 5)  # fmt: skip
+entry(
+    "albef.encode_image", _w("params=albef", "images=images32"),
+    lambda a: albef.encode_image(a["params"], a["images"], cfg=ALBEF),
+    images=_image(), params=albef_params,
+)  # fmt: skip
+entry(
+    "albef.encode_text", albef_good,
+    lambda a: albef.encode_text(a["params"], a["input_ids"], cfg=ALBEF,
+                                attention_mask=a["attention_mask"]),
+    **albef_text, params=albef_params,
+)  # fmt: skip
+entry(
+    "albef.fuse",
+    _w("params=albef", text_tokens=lambda w: torch.randn(B, 8, 64),
+       image_tokens=lambda w: torch.randn(B, 65, 64), attention_mask=lambda w: w["albef_ids"] > 5),
+    lambda a: albef.fuse(a["params"], a["text_tokens"], a["image_tokens"], cfg=ALBEF,
+                         attention_mask=a["attention_mask"]),
+    text_tokens=Arg("float"), image_tokens=Arg("float", batch_of="text_tokens"),
+    attention_mask=Arg("mask", batch_of="text_tokens"), params=albef_params,
+)  # fmt: skip
+for fn in (albef.apply, albef.rank_texts):
+    entry(
+        f"albef.{fn.__name__}", albef_good,
+        lambda a, fn=fn: fn(a["params"], a["images"], a["input_ids"], cfg=ALBEF,
+                            attention_mask=a["attention_mask"]),
+        images=_image(), **albef_text, params=albef_params,
+    )  # fmt: skip
+entry(
+    "albef.vqa", _w("params=albef", "images=images32", "question_ids=albef_ids"),
+    lambda a: albef.vqa(a["params"], a["images"], a["question_ids"], cfg=ALBEF),
+    images=_image(),
+    question_ids=_ids(ALBEF.text.vocab_size, ALBEF.text.max_positions, batch_of="images"),
+    params=albef_params,
+)  # fmt: skip
+entry(
+    "albef.momentum_features",
+    _w("images=images32", "input_ids=albef_ids",
+       momentum=lambda w: albef.init_momentum(w["albef"])),
+    lambda a: albef.momentum_features(a["momentum"], a["images"], a["input_ids"], cfg=ALBEF),
+    images=_image(),
+    input_ids=_ids(ALBEF.text.vocab_size, ALBEF.text.max_positions, batch_of="images"),
+    momentum=Arg("params", other=functools.cache(lambda: albef.init_momentum(OTHER["albef"]()))),
+)  # fmt: skip
+
+
+def _albef_batch(a: dict[str, Any]) -> dict[str, Any]:
+    fields = ("images", "input_ids", "attention_mask", "idx", "answers")
+    batch = {f: a[f"batch[{f!r}]"] for f in fields if f"batch[{f!r}]" in a}
+    b = len(batch["images"])
+    feats = torch.nn.functional.normalize(torch.randn(b, ALBEF.embed_dim), dim=-1)
+    return {**batch, "image_feat_m": feats, "text_feat_m": feats,
+            "queue": world()["albef_queue"]}  # fmt: skip
+
+
+albef_batch = {
+    "batch['images']": _image(),
+    "batch['input_ids']": _ids(
+        ALBEF.text.vocab_size, ALBEF.text.max_positions, batch_of="batch['images']"
+    ),
+    "batch['attention_mask']": Arg("mask", batch_of="batch['input_ids']"),
+}
+entry(
+    "albef.pretrain_loss",
+    _w("params=albef", "batch['images']=images32", "batch['input_ids']=albef_ids",
+       **{"batch['attention_mask']": lambda w: w["albef_ids"] > 5,
+          "batch['idx']": lambda w: torch.arange(B)}),
+    lambda a: albef.pretrain_loss(a["params"], _albef_batch(a), KEY, cfg=ALBEF, mask_id=3),
+    **albef_batch, params=albef_params,
+)  # fmt: skip
+entry(
+    "albef.vqa_loss",
+    _w("params=albef", "batch['images']=images32", "batch['input_ids']=albef_ids",
+       **{"batch['attention_mask']": lambda w: w["albef_ids"] > 5,
+          "batch['answers']": lambda w: torch.tensor([0, 2])}),
+    lambda a: albef.vqa_loss(a["params"], _albef_batch(a), cfg=ALBEF),
+    **albef_batch, **{"batch['answers']": _ids(3, batch_of="batch['images']")},
+    params=albef_params,
+)  # fmt: skip
+
+KINDS = {
+    "image": ("int dtype", "float64 dtype", "rank", "size", "empty batch"),
+    "float": ("int dtype", "rank", "size"),
+    "ids": ("float dtype", "rank", "too long", "id too high", "negative id", "empty seq"),
+    "mask": ("float dtype", "size"),
+    "params": ("other preset",),
+    "cfg": ("wrong type",),
+}
+CASES = [
+    pytest.param(e, shown, kind, id=f"{e.name}-{shown}-{kind}")
+    for e in ENTRIES
+    for shown, arg in e.args.items()
+    for kind in KINDS[arg.kind] + (("batch",) if arg.batch_of else ())
+    if not (kind == "too long" and arg.max_len is None)
+    if not (kind == "size" and not arg.sized)
+]
+BY_NAME = {e.name: e for e in ENTRIES}
+
+
+def _other_size(data: st.DataObject, size: int) -> int:
+    return data.draw(st.integers(1, 2 * size + 1).filter(lambda n: n != size), label="size")
+
+
+def spoil(arg: Arg, kind: str, x: Any, data: st.DataObject) -> tuple[Any, type[Exception]]:
+    """``x`` spoiled one way, and the error that must follow."""
+    if kind in ("other preset", "wrong type"):
+        return arg.other(), (TypeError if kind == "wrong type" else ValueError)
+    if kind.endswith("dtype"):
+        dtype = {"int": torch.int64, "float": torch.float32, "float64": torch.float64}
+        return x.to(dtype[kind.split()[0]]), TypeError
+    if kind == "rank":
+        more = data.draw(st.booleans(), label="add an axis")
+        return (x[None] if more or x.ndim == 0 else x[..., 0]), ValueError
+    if kind == "size":  # the last axis (an image's width, a feature's width, a mask's length)
+        axis = data.draw(st.integers(1, 3), label="axis") if arg.kind == "image" else -1
+        n = _other_size(data, x.shape[axis])
+        shape = list(x.shape)
+        shape[axis] = n
+        return torch.zeros(shape, dtype=x.dtype), ValueError
+    if kind == "batch":
+        n = _other_size(data, x.shape[0])
+        return x[torch.arange(n) % x.shape[0]], ValueError
+    if kind == "empty batch":
+        return x[:0], ValueError
+    if kind == "empty seq":
+        return x[..., :0], ValueError
+    if kind == "too long":
+        extra = data.draw(st.integers(1, 3), label="extra positions")
+        length = arg.max_len + extra
+        return x[:, torch.arange(length) % x.shape[1]], ValueError
+    flat = x.clone().reshape(-1)
+    at = data.draw(st.integers(0, flat.numel() - 1), label="position")
+    by = data.draw(st.integers(0, 5), label="by")
+    flat[at] = arg.high + by if kind == "id too high" else -1 - by
+    return flat.reshape(x.shape), ValueError
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_the_good_arguments_run(name):
+    # Without this, a call that fails whatever its arguments would pass every spoil below.
+    e = BY_NAME[name]
+    with torch.no_grad():
+        e.call(e.good())
+
+
+# A few examples per case: the cases (a few hundred) already enumerate every spoil; the
+# examples vary where and by how much.
+@pytest.mark.parametrize(("entry", "shown", "kind"), CASES)
+@settings(max_examples=max(1, settings().max_examples // 5))
+@given(data=st.data())
+def test_a_spoiled_argument_is_refused_naming_it(entry, shown, kind, data):
+    args = entry.good()
+    args[shown], error = spoil(entry.args[shown], kind, args[shown], data)
+    with pytest.raises((ValueError, TypeError)) as info:
+        entry.call(args)
+    assert info.type is error or issubclass(info.type, error), (info.type, str(info.value))
+    assert str(info.value).startswith(shown), str(info.value)
+
+
+# ----------------------------------------------------------------------------- the checks
+# must not get in the way of what the functions are for: transforms, compile, meta, int8.
+
+
+def test_params_of_another_preset_name_both_shapes_and_the_expected_preset():
+    other = OTHER["clip"]()
+    with pytest.raises(ValueError) as info:
+        clip.encode_text(other, world()["clip_tokens"], cfg=CLIP)
+    message = str(info.value)
+    assert message.startswith("params do not fit clip_tiny (CLIPConfig)")
+    assert "text.token.weight is [49408, 512], expected [64, 128]" in message
+    assert "image." not in message  # encode_text reads only the text tower
+
+
+def test_value_checks_see_through_vmap_and_grad():
+    params, tokens = world()["clip"], world()["clip_tokens"]
+    per_row = torch.func.vmap(lambda t: clip.encode_text(params, t[None], cfg=CLIP)[0])
+    torch.testing.assert_close(per_row(tokens), clip.encode_text(params, tokens, cfg=CLIP))
+    bad = tokens.clone()
+    bad[1, 2] = CLIP.vocab_size  # one example of the batch is out of range
+    with pytest.raises(ValueError, match=r"^tokens must lie in \[0, 64\), got values in"):
+        per_row(bad)
+    grads = torch.func.grad(lambda p: clip.encode_text(p, tokens, cfg=CLIP).sum())(params)
+    assert grads["text"]["token"]["weight"].shape == (CLIP.vocab_size, CLIP.text_width)
+    with pytest.raises(ValueError, match=r"^tokens must lie"):
+        torch.func.grad(lambda p: clip.encode_text(p, bad, cfg=CLIP).sum())(params)
+
+
+def test_checked_functions_compile_as_one_graph_without_recompiling():
+    params, images, tokens = world()["clip"], world()["images32"], world()["clip_tokens"]
+    f = torch.compile(clip.apply, fullgraph=True, backend="eager")
+    for got, want in zip(
+        f(params, images, tokens, cfg=CLIP), clip.apply(params, images, tokens, cfg=CLIP)
+    ):
+        torch.testing.assert_close(got, want)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        f(params, images + 0.5, (tokens + 1) % CLIP.vocab_size, cfg=CLIP)
+
+
+def test_meta_and_quantized_params_pass_the_param_check():
+    meta = _meta_params(clip.init, CLIP)
+    out = clip.encode_image(meta, torch.empty(B, 3, 32, 32, device="meta"), cfg=CLIP)
+    assert out.device.type == "meta" and out.shape == (B, CLIP.embed_dim)
+    ids = torch.empty(B, 7, dtype=torch.int64, device="meta")  # no values: the range check skips
+    assert clip.encode_text(meta, ids, cfg=CLIP).shape == (B, CLIP.embed_dim)
+    q = quant.quantize(world()["gpt"])
+    assert gpt.apply(q, world()["gpt_tokens"], cfg=GPT).shape == (B, 9, GPT.vocab_size)
+
+
+def test_a_decoder_spec_without_init_still_checks_the_blocks():
+    spec = dataclasses.replace(GPT.decoder_spec, init=None, config=None)
+    params = world()["gpt"]
+    short = {**params, "transformer": {"blocks": params["transformer"]["blocks"][:1]}}
+    with pytest.raises(ValueError, match=r"^params have 1 transformer blocks .* layers=2"):
+        decoding.generate(short, world()["gpt_tokens"], cfg=spec, max_new_tokens=1)
+    narrow = _params(gpt.init, GPT)  # a copy of its own, to edit
+    narrow["transformer"]["blocks"][1]["mlp"]["fc1"]["weight"] = torch.zeros(3, GPT.width)
+    with pytest.raises(
+        ValueError, match=r"^params' block 1 do not fit .*mlp\.fc1\.weight is \[3, 64\]"
+    ):
+        decoding.generate(narrow, world()["gpt_tokens"], cfg=spec, max_new_tokens=1)
