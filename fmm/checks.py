@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 Dim = int | str | range
+_MISSING = object()
 _INT_DTYPES = (torch.int64, torch.int32)
 _MAX_LISTED = 3  # mismatched param names shown in one message
 
@@ -143,7 +144,7 @@ def _has_values(x: torch.Tensor) -> bool:
     """Whether a value check can read ``x`` here: not while compiling, not on ``meta``."""
     if torch.compiler.is_compiling() or x.numel() == 0:
         return False
-    return x.device.type != "meta" and not isinstance(x, torch._subclasses.FakeTensor)
+    return not x.is_meta and not isinstance(x, torch._subclasses.FakeTensor)
 
 
 def _unwrapped(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +159,11 @@ def _unwrapped(x: torch.Tensor) -> torch.Tensor:
 def _value_range(x: torch.Tensor) -> tuple[int, int] | None:
     if not _has_values(x):
         return None
-    lo, hi = torch.stack(torch.aminmax(_unwrapped(x))).tolist()  # one host sync
+    x = _unwrapped(x)
+    lo, hi = torch.aminmax(x)
+    if x.is_cpu:  # two reads cost nothing on the host; elsewhere one transfer, one sync
+        return lo.item(), hi.item()
+    lo, hi = torch.stack((lo, hi)).tolist()
     return lo, hi
 
 
@@ -270,19 +275,36 @@ def param_shapes(init: Callable[..., Any], cfg: Hashable) -> dict[str, tuple[int
 
 
 def _fits_tree(got: Any, want: tuple) -> bool:
+    # Explicit loops and a tensor fast path: this runs on every eager call of a model.
     kind, body = want
+    if kind == "leaf":
+        if isinstance(got, torch.Tensor):
+            return got.shape == body
+        if isinstance(got, (Mapping, list, tuple)):
+            return False
+        shape = getattr(got, "shape", None)  # tensor-like leaves (fmm.quant.QuantizedWeight)
+        return shape is not None and tuple(shape) == body
     if kind == "dict":
-        if not isinstance(got, Mapping) or len(got) != len(body):
+        if not (type(got) is dict or isinstance(got, Mapping)) or len(got) != len(body):
             return False
-        return all(k in got and _fits_tree(got[k], sub) for k, sub in body)
-    if kind == "list":
-        if not isinstance(got, (list, tuple)) or len(got) != len(body):
-            return False
-        return all(_fits_tree(g, sub) for g, sub in zip(got, body))
-    if isinstance(got, (Mapping, list, tuple)):
+        for k, sub in body:
+            child = got.get(k, _MISSING)
+            if child is _MISSING or not _fits_tree(child, sub):
+                return False
+        return True
+    if not isinstance(got, (list, tuple)) or len(got) != len(body):
         return False
-    shape = getattr(got, "shape", None)
-    return shape is not None and tuple(shape) == body
+    for g, sub in zip(got, body):  # noqa: SIM110
+        if not _fits_tree(g, sub):
+            return False
+    return True
+
+
+def _fits_parts(params: Mapping, parts: dict[str, tuple], only: Sequence[str]) -> bool:
+    for k in only:  # noqa: SIM110
+        if k not in params or not _fits_tree(params[k], parts[k]):
+            return False
+    return True
 
 
 def _shapes_of(params: Any, prefix: str) -> dict[str, tuple[int, ...]] | str:
@@ -363,9 +385,7 @@ def check_params(
         if _fits_tree(params, parts[at]):
             return
     elif only is not None:
-        if isinstance(params, Mapping) and all(
-            k in params and _fits_tree(params[k], parts[k]) for k in only
-        ):
+        if isinstance(params, Mapping) and _fits_parts(params, parts, only):
             return
     elif _fits_tree(params, layout):
         return
