@@ -23,6 +23,7 @@ that is not allowed, RSS sampled every 5 ms.
 Run from the repo root::
 
     python benchmarks/serve_abuse.py            # ~20 s
+    python benchmarks/serve_abuse.py --quick    # smaller bodies; for tests
     python benchmarks/serve_abuse.py --url http://127.0.0.1:8000 --pid 1234
 """
 
@@ -105,10 +106,12 @@ class HealthWatch:
         self._thread.join()
 
 
-def attacks() -> list[tuple[str, str, bytes]]:
-    """``(name, path, body)`` of every single-request attack."""
-    pixels = json.dumps({"images": [[[[2.0] * 32] * 32] * 3] * 64}).encode()  # ~1 MB
-    image = torch.rand(3, 32, 32).tolist()
+def attacks(shape: tuple[int, int, int]) -> list[tuple[str, str, bytes]]:
+    """``(name, path, body)`` of every single-request attack on a model of ``shape`` images."""
+    c, h, w = shape
+    invalid = [[[2.0] * w] * h] * c
+    pixels = json.dumps({"images": [invalid] * max(1, 64 * 3072 // (c * h * w))}).encode()
+    image = torch.rand(shape).tolist()
 
     def zeroshot(template: str) -> bytes:
         return json.dumps({"image": image, "labels": ["a", "b"], "template": template}).encode()
@@ -119,7 +122,7 @@ def attacks() -> list[tuple[str, str, bytes]]:
     bomb = base64.b64encode(_abuse.png_claiming(20_000, 20_000)).decode()
     return [
         ("nested lists, 7.4 MB", "/v1/embed/image", _abuse.nested_list_bomb(7_400_000)),
-        ("invalid pixels, 1 MB", "/v1/embed/image", pixels),
+        (f"invalid pixels, {len(pixels) / MB:.1f} MB", "/v1/embed/image", pixels),
         ("template {{}}{0:>20000000}", "/v1/zeroshot", zeroshot("{{}}{0:>20000000}")),
         ("template {}{}", "/v1/zeroshot", zeroshot("{}{}")),
         ("template {}{x}", "/v1/zeroshot", zeroshot("{}{x}")),
@@ -168,16 +171,16 @@ def many_large_bodies(url: str, n: int, size: int) -> dict[int, int]:
     return dict(sorted(results.items()))
 
 
-def start_server(tmp: Path, port: int):
+def start_server(tmp: Path, port: int, *, body_timeout_s: float, micro: bool):
     import subprocess
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from serve_load import random_run
 
-    run_dir = random_run(tmp / "clip")
+    run_dir = random_run(tmp / "clip", micro=micro)
     cmd = [sys.executable, "-m", "train", "serve", "--ckpt", str(run_dir), "--store",
            str(tmp / "store.sqlite"), "--port", str(port), "--device", "cpu",
-           "--header-timeout-s", "0.5", "--body-timeout-s", "5"]  # fmt: skip
+           "--header-timeout-s", "0.5", "--body-timeout-s", str(body_timeout_s)]  # fmt: skip
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
@@ -196,25 +199,34 @@ def wait_ready(url: str, proc, timeout: float = 120) -> None:
     raise SystemExit(f"the server was not ready within {timeout}s")
 
 
-def warm_up(url: str) -> None:
-    # The first answers of each kind allocate what serving needs (model paths, caches): the
-    # idle figure is taken after them.
+def warm_up(url: str) -> tuple[int, int, int]:
+    """The served model's image shape ``(C, H, W)``, after the first answers of each kind
+    have allocated what serving needs (model paths, caches): idle is measured after them."""
+    json_body = {"content-type": "application/json"}
     with httpx.Client(base_url=url, timeout=60) as client:
+        cfg = client.get("/healthz").json()["info"].get("clip", {})
+        shape = (cfg.get("in_channels", 3), cfg.get("image_size", 32), cfg.get("image_size", 32))
         for i in range(3):
             client.post("/v1/embed/text", json={"texts": [f"a red circle {i}"] * 8})
-            client.post("/v1/embed/image", json={"images": [torch.rand(3, 32, 32).tolist()]})
-            client.post(
-                "/v1/embed/text", content=b"{", headers={"content-type": "application/json"}
-            )
+            client.post("/v1/embed/image", json={"images": [torch.rand(shape).tolist()]})
+            client.post("/v1/embed/text", content=b"{", headers=json_body)
     time.sleep(0.5)
+    return shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="attack this running server instead")
     parser.add_argument("--pid", type=int, default=None, help="its process id (for memory)")
-    parser.add_argument("--bodies", type=int, default=24, help="connections sending 8 MB each")
+    parser.add_argument("--bodies", type=int, default=24, help="connections sending a body each")
+    parser.add_argument("--body-mb", type=float, default=8.0, help="the size of each")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in this process")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller bodies; for tests")
     args = parser.parse_args()
+    if args.quick:
+        args.bodies, args.body_mb = 4, 1.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         proc = None
         url = args.url
@@ -222,7 +234,9 @@ def main() -> None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            proc = start_server(Path(tmp), port)
+            proc = start_server(
+                Path(tmp), port, body_timeout_s=0.5 if args.quick else 5.0, micro=args.quick
+            )
             url, args.pid = f"http://127.0.0.1:{port}", proc.pid
         try:
             run(url, args)
@@ -234,23 +248,26 @@ def main() -> None:
 
 def run(url: str, args) -> None:
     wait_ready(url, None)
-    warm_up(url)
+    shape = warm_up(url)
     idle = rss(args.pid) if args.pid else None
     peak = Peak(args.pid) if args.pid else None
     watch = HealthWatch(url)
-    print(f"server {url} | torch {torch.__version__}")
-    print("\n== one request each (goal: a 4xx in under 1 s) ==")
+    print(f"server {url} | torch {torch.__version__} | {torch.get_num_threads()} threads here")
+    print(f"\n== one request each, to a model of {list(shape)} images (goal: a 4xx in under "
+          "1 s) ==")  # fmt: skip
     worst = 0.0
-    for name, path, body in attacks():
+    for name, path, body in attacks(shape):
         status, answer, seconds = _abuse.exchange(url, _abuse.post(path, body), timeout=300)
         worst = max(worst, seconds)
         detail = str(answer.get("detail", answer))[:70]
         print(f"{name:28s} {len(body) / MB:6.2f} MB -> {status} in {seconds:.3f} s: {detail}")
-    print("\n== slow senders (deadlines: headers 0.5 s, body 5 s) ==")
+    print("\n== slow senders (the server's deadlines: this script starts one with 0.5 s for "
+          "headers, 5 s for bodies) ==")  # fmt: skip
     for kind, status, seconds in slowloris(url):
         print(f"stuck in its {kind:7s} -> {status} after {seconds:.3f} s")
-    print(f"\n== {args.bodies} connections sending an 8 MB body each, at once ==")
-    print(f"answers by status: {many_large_bodies(url, args.bodies, 8 * MB - 64)}")
+    print(f"\n== {args.bodies} connections sending a {args.body_mb:g} MB body each, at once ==")
+    answers = many_large_bodies(url, args.bodies, int(args.body_mb * MB) - 64)
+    print(f"answers by status: {answers} (0: none, the connection closed)")
     watch.stop()
     print(f"\n/healthz every 50 ms meanwhile: slowest {watch.slowest:.3f} s, "
           f"failures {watch.failures or 'none'}; slowest attack answer {worst:.3f} s")  # fmt: skip
