@@ -35,6 +35,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from fmm import random, tree
 
@@ -254,7 +255,10 @@ def _layout(node: Any) -> tuple:
 
 @functools.lru_cache(maxsize=256)  # bounded: a sweep over many configs stays small
 def _expected(init: Callable[..., Any], cfg: Hashable) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    params = init(cfg, random.key(0).to("meta"))
+    # The first check of a config may run inside grad/vmap or under a dispatch mode (a FLOP
+    # counter, a fake mode): build the expected shapes outside all of them.
+    with torch._C._DisableFuncTorch(), _disable_current_modes(), torch.no_grad():
+        params = init(cfg, random.key(0).to("meta"))
     return _layout(params), {k: tuple(v.shape) for k, v in tree.flatten(params).items()}
 
 

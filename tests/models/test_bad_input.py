@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fmm
 from fmm import checks, decoding, quant, tree
@@ -626,3 +627,33 @@ def test_a_decoder_spec_without_init_still_checks_the_blocks():
         ValueError, match=r"^params' block 1 do not fit .*mlp\.fc1\.weight is \[3, 64\]"
     ):
         decoding.generate(narrow, world()["gpt_tokens"], cfg=spec, max_new_tokens=1)
+
+
+def test_the_first_check_of_a_config_may_run_inside_a_transform_or_a_mode():
+    # Each config is new to the checks' cache, so its expected shapes are built right here,
+    # inside grad, vmap or a dispatch mode (which must not see that build's ops).
+    tokens = world()["gpt_tokens"]
+    fresh = [dataclasses.replace(GPT, width=8 * (i + 2), heads=2, layers=1) for i in range(3)]
+    params = [gpt.init(cfg, fmm.random.key(i)) for i, cfg in enumerate(fresh)]
+    grads = torch.func.grad(lambda p: gpt.apply(p, tokens, cfg=fresh[0]).sum())(params[0])
+    assert grads["token"]["weight"].shape == params[0]["token"]["weight"].shape
+    rows = torch.func.vmap(lambda t: gpt.apply(params[1], t[None], cfg=fresh[1])[0])(tokens)
+    assert rows.shape == (B, 9, GPT.vocab_size)
+    counts = []
+    for _ in range(2):  # the first call builds the expected shapes, the second does not
+        with _CountOps() as counter:
+            gpt.apply(params[2], tokens, cfg=fresh[2])
+        counts.append(counter.ops)
+    assert counts[0] == counts[1] > 0
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ops a call dispatches (as a profiler or a FLOP counter would see them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
