@@ -121,8 +121,8 @@ def attacks(shape: tuple[int, int, int]) -> list[tuple[str, str, bytes]]:
 
     bomb = base64.b64encode(_abuse.png_claiming(20_000, 20_000)).decode()
     return [
-        ("nested lists, 7.4 MB", "/v1/embed/image", _abuse.nested_list_bomb(7_400_000)),
-        (f"invalid pixels, {len(pixels) / MB:.1f} MB", "/v1/embed/image", pixels),
+        ("nested lists", "/v1/embed/image", _abuse.nested_list_bomb(7_400_000)),
+        ("invalid pixels", "/v1/embed/image", pixels),
         ("template {{}}{0:>20000000}", "/v1/zeroshot", zeroshot("{{}}{0:>20000000}")),
         ("template {}{}", "/v1/zeroshot", zeroshot("{}{}")),
         ("template {}{x}", "/v1/zeroshot", zeroshot("{}{x}")),
@@ -265,7 +265,7 @@ def run(url: str, args) -> None:
           "headers, 5 s for bodies) ==")  # fmt: skip
     for kind, status, seconds in slowloris(url):
         print(f"stuck in its {kind:7s} -> {status} after {seconds:.3f} s")
-    print(f"\n== {args.bodies} connections sending a {args.body_mb:g} MB body each, at once ==")
+    print(f"\n== {args.bodies} connections each sending a body of {args.body_mb:g} MB, at once ==")
     answers = many_large_bodies(url, args.bodies, int(args.body_mb * MB) - 64)
     print(f"answers by status: {answers} (0: none, the connection closed)")
     watch.stop()
