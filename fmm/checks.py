@@ -125,10 +125,14 @@ def check_float(
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor {_dims_text(dims)}, got {x.dtype}")
     want = getattr(like, "dtype", None)
-    if want is not None and x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+    if want is not None and x.dtype != want and not _autocasting(x):
         raise TypeError(
             f"{name} has dtype {x.dtype} but the params are {want}: pass {name}.to({want})"
         )
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    return not x.is_meta and torch.is_autocast_enabled(x.device.type)
 
 
 def check_int(name: str, x: Any, dims: Sequence[Dim], *, hint: str = "", of: str = "") -> None:

@@ -101,9 +101,9 @@ def init_cache(
     spec = as_spec(cfg)
     t = spec.transformer
     if batch < 1:
-        raise ValueError(f"init_cache: batch must be >= 1, got {batch}")
+        raise ValueError(f"batch must be >= 1, got {batch}")
     if max_len < 1:
-        raise ValueError(f"init_cache: max_len must be >= 1, got {max_len}")
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     if spec.max_positions is not None and max_len > spec.max_positions:
         raise ValueError(
             f"init_cache: max_len={max_len} exceeds the model's {spec.max_positions} positions"

@@ -115,7 +115,7 @@ def attention(
         causal = False
     drop = cfg.dropout if train else 0.0
     if drop > 0.0 and key is None:
-        raise ValueError("attention: dropout in training needs key=")
+        raise ValueError("key= is missing: attention dropout in training needs key=")
     if drop > 0.0 or cfg.impl == "math":
         out = _math_attention(q, k, v, mask, causal, drop, key)
     else:

@@ -73,6 +73,6 @@ def mlp(
     h = activation(act)(linear(params["fc1"], x))
     if train and dropout > 0.0:
         if key is None:
-            raise ValueError("mlp: dropout in training needs key=")
+            raise ValueError("key= is missing: mlp dropout in training needs key=")
         h = random.dropout(key, h, dropout)
     return linear(params["fc2"], h)

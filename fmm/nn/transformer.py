@@ -141,7 +141,7 @@ def block(
     """
     stochastic = train and (cfg.dropout > 0.0 or cfg.attn_dropout > 0.0)
     if stochastic and key is None:
-        raise ValueError("block: dropout in training needs key=")
+        raise ValueError("key= is missing: block dropout in training needs key=")
     sub = (lambda name: random.fold_in(key, name)) if stochastic else (lambda name: None)
     if not cfg.norm_first:
         return _post_norm_block(

@@ -83,7 +83,7 @@ def itc_loss(
     # A tensor alpha (ramped by the caller) always mixes, so no branch reads its value.
     if isinstance(alpha, torch.Tensor) or alpha != 0.0:
         if sim_i2t_m is None or sim_t2i_m is None:
-            raise ValueError("itc_loss: alpha > 0 needs sim_i2t_m= and sim_t2i_m=")
+            raise ValueError("sim_i2t_m= and sim_t2i_m= are missing: alpha > 0 needs both")
         t_i2t = alpha * sim_i2t_m.detach().softmax(1) + (1 - alpha) * targets
         t_t2i = alpha * sim_t2i_m.detach().softmax(1) + (1 - alpha) * targets
     loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(1).mean()

@@ -32,7 +32,7 @@ def init_momentum(params: Tree) -> Tree:
     """The momentum encoders at step 0: copies of ``params``' encoders and projections."""
     missing = [p for p in MOMENTUM_PARTS if p not in params]
     if missing:
-        raise ValueError(f"init_momentum: params lack {missing}; got keys {sorted(params)}")
+        raise ValueError(f"params lack {missing} (init_momentum copies them); got {sorted(params)}")
     return tree.map(lambda x: x.detach().clone(), {p: params[p] for p in MOMENTUM_PARTS})
 
 
@@ -42,7 +42,7 @@ def momentum_update(momentum: Tree, params: Tree, *, m: float) -> Tree:
     Example: ``momentum = momentum_update(momentum, state["params"], m=cfg.momentum)``.
     """
     if not 0.0 <= m <= 1.0:
-        raise ValueError(f"momentum_update: m must lie in [0, 1], got {m}")
+        raise ValueError(f"m must lie in [0, 1], got {m}")
     current = {p: params[p] for p in momentum}
     return tree.map(lambda a, b: a.detach() * m + b.detach() * (1.0 - m), momentum, current)
 
@@ -79,9 +79,11 @@ def enqueue(
             f"{list(text_feat.shape)} must both be [batch, {queue['image'].shape[1]}]"
         )
     if idx.shape != image_feat.shape[:1]:
-        raise ValueError(f"enqueue: idx must be [{image_feat.shape[0]}], got {list(idx.shape)}")
+        raise ValueError(f"idx must have shape [{image_feat.shape[0]}], got {list(idx.shape)}")
     if image_feat.shape[0] > q:
-        raise ValueError(f"enqueue: batch {image_feat.shape[0]} exceeds the queue size {q}")
+        raise ValueError(
+            f"image_feat has a batch of {image_feat.shape[0]}, more than the queue size {q}"
+        )
     slots = (queue["ptr"] + torch.arange(image_feat.shape[0], device=idx.device)) % q
     return {
         "image": queue["image"].index_copy(0, slots, image_feat.detach().to(queue["image"].dtype)),

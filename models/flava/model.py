@@ -127,7 +127,7 @@ def _check_ids(input_ids: torch.Tensor, cfg: FLAVAConfig, name: str = "input_ids
 def _stack(params: Params, x, cfg, tcfg, mask, key, train, name) -> torch.Tensor:
     if train and cfg.dropout > 0.0:
         if key is None:
-            raise ValueError(f"{name}: dropout in training needs key=")
+            raise ValueError(f"key= is missing: {name} with dropout in training needs key=")
         x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
     k = random.fold_in(key, "transformer") if key is not None else None
     return nn.transformer(params["transformer"], x, cfg=tcfg, mask=mask, key=k, train=train)

@@ -113,7 +113,7 @@ def _guided(params, text, null_text, *, cfg: MMGPTConfig, key, scale: float, sam
     # share one cache, and both are fed the token drawn from the guided logits.
     spec = image_decoder_spec(cfg)
     if sampling.temperature > 0 and key is None:
-        raise ValueError("generate_images: sampling with temperature > 0 needs key=")
+        raise ValueError("key= is missing: sampling with temperature > 0 needs key=")
     b, tv = len(text), cfg.text_vocab
     dtype = params["pos"].dtype
     cache = decoding.init_cache(spec, 2 * b, cfg.seq_len - 1, dtype=dtype, device=text.device)
