@@ -318,7 +318,7 @@ def _fits_parts(params: Mapping, parts: dict[str, tuple], only: Sequence[str]) -
 def _shapes_of(params: Any, prefix: str) -> dict[str, tuple[int, ...]] | str:
     try:
         flat = tree.flatten(params)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         return str(e)
     out = {}
     for name, leaf in flat.items():
@@ -355,12 +355,13 @@ def _config_text(cfg: Any) -> str:
 
 
 def _mismatch_text(got: Mapping, want: Mapping) -> tuple[str, int]:
-    problems = [f"{k} is missing" for k in want if k not in got]
-    problems += [
+    # Shape mismatches first: with another preset's params they are the whole story.
+    problems = [
         f"{k} is {list(got[k])}, expected {list(want[k])}"
         for k in want
         if k in got and got[k] != want[k]
     ]
+    problems += [f"{k} is missing" for k in want if k not in got]
     problems += [f"{k} is unexpected" for k in got if k not in want]
     shown = "; ".join(problems[:_MAX_LISTED])
     more = len(problems) - _MAX_LISTED
@@ -401,6 +402,9 @@ def check_params(
 
 
 def _raise_mismatch(params, init, cfg, only, at, name) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be a param tree (a dict, as init returns), got "
+                        f"{type(params).__name__}")  # fmt: skip
     expected = _config_text(cfg)
     want = param_shapes(init, cfg)
     if at is not None:
@@ -408,9 +412,8 @@ def _raise_mismatch(params, init, cfg, only, at, name) -> None:
         got = _shapes_of(params, at)
         want = {k: v for k, v in want.items() if k.split(".", 1)[0] == at}
     elif only is not None:
-        if not isinstance(params, Mapping) or any(k not in params for k in only):
-            keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-            raise ValueError(f"{name} must hold {list(only)} of {expected}, got {keys}")
+        if any(k not in params for k in only):
+            raise ValueError(f"{name} must hold {list(only)} of {expected}, got {sorted(params)}")
         got = _shapes_of({k: params[k] for k in only}, "")
         want = {k: v for k, v in want.items() if k.split(".", 1)[0] in only}
     else:
