@@ -1,5 +1,7 @@
 """The ASGI front door: every request body is bounded in bytes and in time before the app sees it.
 
+- Headers over ``max_header_bytes`` are answered 431 (the protocol refuses partial ones
+  that grow past it: :mod:`fmm.serve.server`).
 - A body over ``max_body_bytes`` is answered 413 before it is read (by its Content-Length)
   or as soon as it passes the limit (chunked).
 - All bodies being read or handled at once share ``max_buffered_bytes``: a request that would
@@ -102,7 +104,13 @@ class FrontDoor:
 
         self.in_flight += 1
         try:
-            if scope["method"] in _NO_BODY:
+            head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            head += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if head > self.limits.max_header_bytes:  # (the protocol bounds partial ones)
+                detail = (f"request line and headers are over {self.limits.max_header_bytes} "
+                          "bytes, this server's limit")  # fmt: skip
+                await self._refuse(send_and_watch, 431, detail, connection="close")
+            elif scope["method"] in _NO_BODY:
                 await self.app(scope, receive, send_and_watch)
             else:
                 body = await self._read_body(scope, receive, send_and_watch, held)

@@ -6,7 +6,8 @@ HTTP protocol (httptools' when installed, else h11's) so that, per connection:
 
 - request line and headers must arrive within ``header_timeout_s`` of their first byte
   (a connection that sends nothing is closed after ``keep_alive_s``): past it 408, closed;
-- they may hold at most ``max_header_bytes``: past it 431, closed;
+- while they arrive they may hold at most ``max_header_bytes``: past it 431, closed (the
+  front door refuses complete ones over it, whichever parser read them);
 - a connection past ``max_connections`` gets 503 and is closed, before it costs a request;
 - uvicorn's own plain-text 400 for a malformed request becomes the API's JSON error body.
 
@@ -45,17 +46,21 @@ def error_response(status: int, detail: str, **headers: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def guarded_protocol(limits: HttpLimits) -> type:
-    """uvicorn's HTTP protocol class with ``limits``' header deadline and size and its
-    connection cap (see the module docstring); pass it as ``uvicorn.Config(http=...)``."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+def guarded_protocol(limits: HttpLimits, base: type | None = None) -> type:
+    """uvicorn's HTTP protocol class (``base``: httptools' when installed, else h11's) with
+    ``limits``' header deadline and size and its connection cap (see the module docstring);
+    pass it as ``uvicorn.Config(http=...)``."""
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
 
-    class GuardedProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    class GuardedProtocol(base):  # type: ignore[misc, valid-type]
+        # Between two requests a connection is idle, waiting for headers (bytes arrived, no
+        # request yet: they are counted and timed), or draining the rest of a body that was
+        # answered before it was read (timed by the body deadline, not counted as headers).
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._timer, self._refused = None, False
-            # (h11 bounds its own headers: h11_max_incomplete_event_size)
-            self._in_headers, self._header_bytes, self._raw_header_bytes = False, 0, 0
+            self._timer, self._refused, self._state = None, False, "idle"
+            self._header_bytes = self._feeding = 0
             if len(self.connections) > limits.max_connections:
                 self._refuse(503, f"{limits.max_connections} connections are open, this "
                              "server's limit; retry later", **{"Retry-After": "1"})  # fmt: skip
@@ -63,41 +68,25 @@ def guarded_protocol(limits: HttpLimits) -> type:
             # Until its first byte a connection costs no buffer: it may wait as long as an idle
             # keep-alive one (a client may connect long before it writes, on a busy machine).
             self._timer = self.loop.call_later(limits.keep_alive_s, self.transport.close)
-            self._counting = False  # whether the timer is a request's deadline
-            self._draining = False  # whether it is the deadline of an early answer's body
-
-        def on_message_begin(self) -> None:  # httptools' parser: a request line begins
-            self._in_headers, self._header_bytes, self._raw_header_bytes = True, 0, 0
-            super().on_message_begin()
-
-        def on_url(self, url: bytes) -> None:  # httptools: counted as parsed, so a header
-            self._count_header(len(url))  # too large is caught however it is chunked
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._count_header(len(name) + len(value) + 4)
-            super().on_header(name, value)
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle and not self._counting:  # a request begins, or an early answer's body
-                self._arm()  # trickles in: either way it has the header deadline to finish
-            before = self.cycle
+            if self._state == "idle" and (self.cycle is None or self.cycle.response_complete):
+                # A request begins, or an early answer's body goes on arriving.
+                draining = self.cycle is not None and self.cycle.more_body
+                self._state = "draining" if draining else "headers"
+                self._arm(limits.body_timeout_s if draining else limits.header_timeout_s)
+            before, self._feeding = self.cycle, len(data)
             super().data_received(data)
+            self._feeding = 0
             if self.cycle is not before:  # a request's headers are complete
                 self._disarm()
-                self._in_headers = False
-            elif idle and self.cycle is not None and not self._in_headers and not self._draining:
-                # The rest of a body answered early (413, 503): read and dropped for up to the
-                # body deadline, so that the client can finish sending and read the answer
-                # (closing on its unsent bytes would reset the connection, answer and all).
-                self._arm(limits.body_timeout_s)
-                self._draining = True
-            elif self._in_headers:  # the parser holds a partial header meanwhile: bound it too
-                self._raw_header_bytes += len(data)
-                if self._raw_header_bytes > limits.max_header_bytes:
+            elif self._state == "headers" and not self._refused:
+                # The parser holds a partial header meanwhile: bound it. (Headers complete
+                # in one read are bounded by the front door, which sees them all.)
+                self._header_bytes += len(data)
+                if self._header_bytes > limits.max_header_bytes:
                     self._refuse(431, self._too_large())
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -105,7 +94,7 @@ def guarded_protocol(limits: HttpLimits) -> type:
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:  # the parser refused the request
-            if self._header_bytes > limits.max_header_bytes:
+            if self._header_bytes + self._feeding > limits.max_header_bytes:  # h11's own limit
                 self._refuse(431, self._too_large())
             else:
                 self._refuse(400, f"not a valid HTTP/1.1 request: {msg}")
@@ -114,28 +103,23 @@ def guarded_protocol(limits: HttpLimits) -> type:
             return (f"request line and headers are over {limits.max_header_bytes} bytes, "
                     "this server's limit")  # fmt: skip
 
-        def _count_header(self, n: int) -> None:
-            self._header_bytes += n
-            if self._header_bytes > limits.max_header_bytes:
-                raise ValueError("headers too large")  # httptools stops; uvicorn calls 400
-
-        def _arm(self, seconds: float = limits.header_timeout_s) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(seconds, self._headers_too_slow)
-            self._counting = True
+        def _arm(self, seconds: float) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(seconds, self._too_slow)
 
         def _disarm(self) -> None:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer, self._counting, self._draining = None, False, False
+            self._timer, self._state, self._header_bytes = None, "idle", 0
 
-        def _headers_too_slow(self) -> None:
-            self._timer, self._counting, self._draining = None, False, False
-            if not self._in_headers and self.cycle is not None:  # a trickle after an answer
+        def _too_slow(self) -> None:
+            self._timer = None
+            if self._state == "headers":
+                self._refuse(408, f"request headers did not arrive within "
+                             f"{limits.header_timeout_s:g} s")  # fmt: skip
+            else:  # the rest of an answered body, still trickling: nothing more to say
                 self.transport.close()
-                return
-            self._refuse(408, f"request headers did not arrive within "
-                         f"{limits.header_timeout_s:g} s")  # fmt: skip
 
         def _refuse(self, status: int, detail: str, **headers: str) -> None:
             # Answer, stop writing, and keep reading (discarding) a moment before closing:
@@ -153,13 +137,22 @@ def guarded_protocol(limits: HttpLimits) -> type:
     return GuardedProtocol
 
 
-def make_server(app: Any, *, host: str, port: int, limits: HttpLimits, **config: Any) -> Any:
+def make_server(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    limits: HttpLimits,
+    protocol: type | None = None,
+    **config: Any,
+) -> Any:
     """A ``uvicorn.Server`` for ``app`` with ``limits`` (header deadline and size, connection
-    cap, keep-alive, listen backlog); ``config`` goes to ``uvicorn.Config``."""
+    cap, keep-alive, listen backlog); ``protocol``: uvicorn's HTTP protocol class to guard
+    (default: httptools' when installed, else h11's); ``config`` goes to ``uvicorn.Config``."""
     import uvicorn
 
     config = uvicorn.Config(
-        app, host=host, port=port, http=guarded_protocol(limits),
+        app, host=host, port=port, http=guarded_protocol(limits, protocol),
         timeout_keep_alive=limits.keep_alive_s, backlog=limits.backlog,
         h11_max_incomplete_event_size=limits.max_header_bytes, **config,
     )  # fmt: skip

@@ -61,10 +61,10 @@ def tiny_mmgpt_run(run_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running(app, *, limits=None, timeout: float = 20.0):
+def running(app, *, limits=None, protocol=None, timeout: float = 20.0):
     """Serve the ASGI ``app`` with uvicorn on a free loopback port, through
-    ``fmm.serve.server.make_server`` (header deadline, connection cap) with ``limits``;
-    yields the base URL."""
+    ``fmm.serve.server.make_server`` (header deadline, connection cap) with ``limits`` and
+    uvicorn's HTTP ``protocol`` class (default: its own choice); yields the base URL."""
     from fmm.serve.front_door import HttpLimits
     from fmm.serve.server import make_server
 
@@ -73,7 +73,7 @@ def running(app, *, limits=None, timeout: float = 20.0):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = make_server(
-        app, host="127.0.0.1", port=port, limits=limits or HttpLimits(),
+        app, host="127.0.0.1", port=port, limits=limits or HttpLimits(), protocol=protocol,
         log_level="warning", lifespan="on",
     )  # fmt: skip
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -21,22 +21,48 @@ LIMITS = ["--max-body-mb", "0.5", "--max-buffered-mb", "1", "--header-timeout-s"
 SLOW = 5.0  # seconds: far past every deadline above, far below the old hangs (20-110 s)
 
 
-def _server(run_dir, store, *flags):
+def _server(run_dir, store, *flags, protocol=None):
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     args = parser.parse_args(["--ckpt", str(run_dir), "--store", str(store), *flags])
     service = serve.build_service(args)
-    return service, running(create_app(service, limits=serve.limits_of(args)),
-                            limits=serve.limits_of(args))  # fmt: skip
+    limits = serve.limits_of(args)
+    return service, running(create_app(service, limits=limits), limits=limits, protocol=protocol)
+
+
+def _protocol(name: str) -> type:
+    # uvicorn guards whichever parser it has: httptools' when installed (the serve extra),
+    # else h11's (the test extra alone); both must keep every limit.
+    if name == "httptools":
+        pytest.importorskip("httptools")
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    return H11Protocol
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("abuse")
-    run_dir = tiny_clip_run(root / "clip")
-    service, serving = _server(run_dir, root / "store.sqlite", *LIMITS)
+def run_dir(tmp_path_factory):
+    return tiny_clip_run(tmp_path_factory.mktemp("abuse") / "clip")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    service, serving = _server(run_dir, run_dir.parent / "store.sqlite", *LIMITS)
     with serving as url:
         yield url, service, run_dir
+    service.store.close()
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded(request, run_dir, tmp_path_factory):
+    """A server on each of uvicorn's parsers, for the limits the protocol enforces."""
+    store = tmp_path_factory.mktemp(request.param) / "store.sqlite"
+    service, serving = _server(run_dir, store, *LIMITS, protocol=_protocol(request.param))
+    with serving as url:
+        yield url
     service.store.close()
 
 
@@ -113,8 +139,8 @@ def test_a_body_that_is_not_json_is_415(server):
     assert status == 415 and "application/json" in answer["detail"]
 
 
-def test_slow_senders_get_408_while_healthz_keeps_answering(server):
-    url, _, _ = server
+def test_slow_senders_get_408_while_healthz_keeps_answering(guarded):
+    url = guarded
     sockets: list = []
     try:
         start = time.perf_counter()
@@ -135,8 +161,8 @@ def test_slow_senders_get_408_while_healthz_keeps_answering(server):
     assert seconds < SLOW
 
 
-def test_headers_past_the_limit_are_431_sent_at_once_or_dribbled(server):
-    url, _, _ = server
+def test_headers_past_the_limit_are_431_sent_at_once_or_dribbled(guarded):
+    url = guarded
     request = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: " + b"a" * 40_000 + b"\r\n\r\n"
     status, answer, _ = _abuse.exchange(url, request)
     assert status == 431 and "16384 bytes" in answer["detail"], answer
@@ -152,11 +178,13 @@ def test_headers_past_the_limit_are_431_sent_at_once_or_dribbled(server):
     assert status == 431, answer
 
 
-def test_buffered_bodies_and_connections_share_bounded_budgets(tmp_path):
-    run_dir = tiny_clip_run(tmp_path / "clip")
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_buffered_bodies_and_connections_share_bounded_budgets(run_dir, tmp_path, parser):
     flags = ["--max-body-mb", "0.25", "--max-buffered-mb", "0.5", "--body-timeout-s", "1",
              "--max-connections", "4"]  # fmt: skip
-    service, serving = _server(run_dir, tmp_path / "store.sqlite", *flags)
+    service, serving = _server(
+        run_dir, tmp_path / "store.sqlite", *flags, protocol=_protocol(parser)
+    )
     quarter = 2**18
     sockets: list = []
     with serving as url:
