@@ -54,6 +54,17 @@ _WHY = {
 }
 _RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 _POSTED = (405, 408, 413, 415, 422, 503)
+# Each server-sent event's `data` is one GenerationEvent as JSON.
+_EVENTS = {
+    "description": "one event per token, then a last one (`done`), or `error` after a failure "
+    "mid-stream. A text model also refuses (422) a prompt whose tokens plus max_new_tokens "
+    "pass its context, which no schema can state",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                                "contentSchema": {"$ref": "#/components/schemas/GenerationEvent"}}},
+    }}},
+}  # fmt: skip
 
 
 def _errors(*codes: int) -> dict:
@@ -79,7 +90,7 @@ def create_app(
 
     limits = limits or HttpLimits()
     model = service.model
-    bodies_of = schemas.request_models(model.image_shape, model.dim)
+    bodies_of = schemas.request_models(model.image_shape, model.dim, model.generate_limits)
     budgets = {name: bodies.json_budget(getattr(bodies_of, name)) for name in
                ("EmbedText", "EmbedImage", "ZeroShot", "Items", "Search", "Generate")}  # fmt: skip
     parse_pool = concurrent.futures.ThreadPoolExecutor(parse_workers, "fmm-parse")
@@ -215,9 +226,7 @@ def create_app(
 
     @app.post("/v1/generate", summary="Generated tokens as server-sent events",
               openapi_extra=documented("Generate"), response_class=StreamingResponse,
-              responses={200: {"description": "one `data: {json}` event per token, then a last "
-                               "one", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                         **_errors(*_POSTED, 404)})  # fmt: skip
+              responses={200: _EVENTS, **_errors(*_POSTED, 404)})  # fmt: skip
     async def generate(request: Request):
         service.require_generate()
         body, _ = await parse(request, "Generate")
@@ -287,6 +296,7 @@ def _declare_bodies(app: Any, bodies_of: schemas.RequestModels) -> None:
         if app.openapi_schema is None:
             document = build()
             classes = [getattr(bodies_of, f.name) for f in dataclasses.fields(bodies_of)]
+            classes.append(schemas.GenerationEvent)
             _, defs = models_json_schema(
                 [(cls, "validation") for cls in classes],
                 ref_template="#/components/schemas/{model}",

@@ -14,6 +14,7 @@ Example::
     bodies.EmbedImage.model_validate_json(b'{"images": [...]}')
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    RootModel,
     StringConstraints,
     Tag,
 )
@@ -63,7 +65,11 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-Integer = Annotated[int, BeforeValidator(_integral)]
+def _integer(low: int, high: int) -> Any:
+    # The bounds come first, so that they reach the JSON schema as minimum and maximum.
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
+
+
 Pixel = Annotated[float, Field(ge=0.0, le=1.0)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -91,11 +97,15 @@ class RequestModels:
 
 
 def request_models(
-    image_shape: tuple[int, int, int] | None = None, dim: int | None = None
+    image_shape: tuple[int, int, int] | None = None,
+    dim: int | None = None,
+    generate_limits: Mapping[str, tuple[float, float]] | None = None,
 ) -> RequestModels:
     """Request bodies for a model taking ``[C, H, W]`` images and ``dim``-long vectors
     (``None``: any shape up to ``MAX_CHANNELS`` x ``MAX_IMAGE_SIDE``\\ ², any length up to
-    ``MAX_VECTOR``)."""
+    ``MAX_VECTOR``); ``generate_limits``: ``{option: (low, high)}`` narrowing generation's
+    ``max_new_tokens`` or ``guidance`` to what the model takes (an mmgpt image's fixed code
+    count; a text model's guidance of 1)."""
     if image_shape is None:
         (c_lo, c_hi), (h_lo, h_hi), (w_lo, w_hi) = (1, MAX_CHANNELS), *[(1, MAX_IMAGE_SIDE)] * 2
     else:
@@ -133,17 +143,27 @@ def request_models(
         )
         text: Text = None
         vector: Vector = None
-        k: Integer = Field(default=5, ge=1, le=MAX_K)
+        k: _integer(1, MAX_K) = 5
+
+    limits = {"max_new_tokens": (1, MAX_NEW_TOKENS), "guidance": (0.0, 100.0)}
+    for option, (low, high) in (generate_limits or {}).items():
+        if option not in limits or not limits[option][0] <= low <= high <= limits[option][1]:
+            raise ValueError(
+                f"request_models: generate_limits[{option!r}] = {(low, high)} is not a range "
+                f"within {limits.get(option, 'an option of /v1/generate')}"
+            )
+        limits[option] = (low, high)
+    (new_lo, new_hi), (guide_lo, guide_hi) = limits["max_new_tokens"], limits["guidance"]
 
     class Generate(_Strict):
         prompt: Text
         temperature: float = Field(default=1.0, ge=0.0, le=100.0)
-        top_k: Integer | None = Field(default=None, ge=1, le=2**31 - 1)
-        top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-        guidance: float = Field(default=1.0, ge=0.0, le=100.0)
-        seed: Integer = Field(default=0, ge=0, le=2**62)
+        top_k: _integer(1, 2**31 - 1) | None = None
+        top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+        guidance: float = Field(default=min(max(1.0, guide_lo), guide_hi), ge=guide_lo, le=guide_hi)
+        seed: _integer(0, 2**62) = 0
         # None: the model's own length (an mmgpt image's code count, 64 for a text model).
-        max_new_tokens: Integer | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+        max_new_tokens: _integer(int(new_lo), int(new_hi)) | None = None
 
     return RequestModels(EmbedText, EmbedImage, ZeroShot, Items, Search, Generate)
 
@@ -184,6 +204,34 @@ class Hit(BaseModel):
 
 class SearchResults(BaseModel):
     results: list[Hit] = Field(description="best first")
+
+
+class Token(BaseModel):
+    """One generated token (a text model adds the text it adds to the decoded string)."""
+
+    index: int
+    token: int
+    text: str | None = None
+
+
+class Done(BaseModel):
+    """The last event: every token, and the image (mmgpt) or the text and why it stopped."""
+
+    done: Literal[True]
+    tokens: list[int]
+    image_png: str | None = Field(default=None, description="base64 PNG (mmgpt)")
+    text: str | None = None
+    stop_reason: Literal["eos", "length"] | None = None
+
+
+class StreamError(BaseModel):
+    """A failure after the stream began (the status line was already sent)."""
+
+    error: str
+
+
+class GenerationEvent(RootModel[Token | Done | StreamError]):
+    """The JSON ``data`` of one server-sent event of ``/v1/generate``."""
 
 
 class Serves(BaseModel):

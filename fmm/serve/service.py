@@ -40,6 +40,9 @@ class ServedModel:
     - ``logit_scale``: zero-shot logits are ``logit_scale * image @ text.T``.
     - ``generate(prompt, *, stop, **options) -> Iterator[dict]``: events, one per generated
       token (``{"index", "token"}``), then a last one; it returns early once ``stop`` is set.
+    - ``generate_limits``: ``{"max_new_tokens" | "guidance": (low, high)}``, the ranges of
+      ``generate``'s options the model takes (an mmgpt image's fixed code count), so that
+      the OpenAPI document states them.
     - ``fingerprint``: identifies config and weights (``fmm.store.model_fingerprint``).
     """
 
@@ -51,6 +54,7 @@ class ServedModel:
     image_shape: tuple[int, int, int] | None = None
     logit_scale: float = 1.0
     generate: Callable[..., Iterator[dict]] | None = None
+    generate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
 

@@ -162,7 +162,11 @@ def test_http_streams_tokens_and_refuses_bad_options(gpt2_dir):
         assert [e["token"] for e in events[:-1]] == want == events[-1]["tokens"]
         bad = client.post("/v1/generate", json={"prompt": "a", "guidance": 3.0})
         assert bad.status_code == 422 and "guidance" in bad.json()["detail"]
-        long = client.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 100})
+        over = client.post("/v1/generate", json={"prompt": "a", "max_new_tokens": 100})
+        assert over.status_code == 422 and "less than or equal to 48" in over.json()["detail"]
+        long = client.post("/v1/generate", json={"prompt": "a blue", "max_new_tokens": 48})
         assert long.status_code == 422 and "context" in long.json()["detail"]
+        limits = client.get("/openapi.json").json()["components"]["schemas"]["Generate"]
+        assert limits["properties"]["guidance"]["maximum"] == 1.0
         health = client.get("/healthz").json()
         assert health["model"] == "gpt2" and health["serves"]["generate"]

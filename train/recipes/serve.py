@@ -170,6 +170,7 @@ def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "c
         name="mmgpt",
         fingerprint=_fingerprint(config, {"mmgpt": run["params"], "vqvae": run["vqvae_params"]}),
         generate=lambda prompt, **options: stream_image_codes(run, prompt, **options),
+        generate_limits={"max_new_tokens": (run["cfg"].image_len,) * 2},
         info={"run": _run_name(run_dir), "quantize": quantize, "image_len": run["cfg"].image_len},
     )
 
@@ -206,6 +207,7 @@ def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "c
         name="gpt2",
         fingerprint=_fingerprint(config, params),
         generate=lambda prompt, **options: stream_text(run, prompt, **options),
+        generate_limits={"guidance": (1.0, 1.0), "max_new_tokens": (1, cfg.context_length)},
         info={"run": _run_name(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
     )
 
