@@ -4,7 +4,13 @@
   queue refusing with :class:`Overloaded`, timeouts and cancellation, store lookups).
 - :mod:`fmm.serve.service`: :class:`ServedModel` (a model's functions) and :class:`Service`
   (every endpoint's logic, HTTP-free).
-- :mod:`fmm.serve.app`: ``create_app(service)``, the FastAPI app (imports fastapi lazily).
+- :mod:`fmm.serve.app`: ``create_app(service, limits=...)``, the FastAPI app behind the
+  front door (imports fastapi lazily); :mod:`fmm.serve.schemas` its bodies, built per
+  model; :mod:`fmm.serve.bodies` raw bytes to validated bodies, work bounded first;
+  :mod:`fmm.serve.images` PNG/JPEG and pixel lists to tensors, sizes checked first.
+- :mod:`fmm.serve.front_door`: :class:`~fmm.serve.front_door.HttpLimits` and the ASGI
+  middleware bounding every body in bytes and time; :mod:`fmm.serve.server`: uvicorn with a
+  header deadline and size and a connection cap (``make_server``), the kernel's counters.
 
 ``python -m train serve --ckpt DIR`` wires a trained checkpoint to all of it.
 """
