@@ -128,18 +128,39 @@ def config_from_hf(hf_config: Any) -> GPTConfig:
             raise ValueError(f"config_from_hf: {flag}=True is not supported")
     if not getattr(hf_config, "scale_attn_weights", True):
         raise ValueError("config_from_hf: scale_attn_weights=False is not supported")
-    width = hf_config.n_embd
+    width = _field(hf_config, "n_embd", int)
     inner = getattr(hf_config, "n_inner", None) or 4 * width
     return GPTConfig(
-        vocab_size=hf_config.vocab_size,
-        context_length=hf_config.n_positions,
+        vocab_size=_field(hf_config, "vocab_size", int),
+        context_length=_field(hf_config, "n_positions", int),
         width=width,
-        layers=hf_config.n_layer,
-        heads=hf_config.n_head,
+        layers=_field(hf_config, "n_layer", int),
+        heads=_field(hf_config, "n_head", int),
         mlp_ratio=inner / width,
         act=_ACTS[act],
-        norm_eps=hf_config.layer_norm_epsilon,
+        norm_eps=_field(hf_config, "layer_norm_epsilon", float),
     )
+
+
+# transformers' GPT2Config defaults: a config.json without a field means this value there too.
+_HF_DEFAULTS = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "layer_norm_epsilon": 1e-5,
+}
+
+
+def _field(hf_config: Any, name: str, kind: type) -> Any:
+    value = getattr(hf_config, name, _HF_DEFAULTS[name])
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (kind is int and not isinstance(value, int)):
+        raise ValueError(
+            f"config_from_hf: {name} must be a positive {kind.__name__}, got {value!r}"
+        )
+    return kind(value)
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -1,8 +1,11 @@
 """GPT: published sizes, Hugging Face GPT-2 parity on identical weights, converter strictness."""
 
+import dataclasses
+import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,6 +133,20 @@ def test_config_from_hf_refuses_variants_it_does_not_implement():
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         gpt.config_from_hf(transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True))
     assert gpt.config_from_hf(transformers.GPT2Config()) == gpt.gpt2_small()
+
+
+def test_a_config_json_missing_fields_reads_as_transformers_defaults_and_bad_ones_are_named(
+    tmp_path,
+):
+    transformers = reference("transformers")
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    hf = transformers.GPT2Config.from_pretrained(tmp_path)
+    cfg = gpt.config_from_hf(hf)  # what transformers itself reads from that file
+    assert cfg == dataclasses.replace(gpt.gpt2_small(), layers=2)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    assert gpt.config_from_hf(SimpleNamespace(**fields)) == cfg
+    with pytest.raises(ValueError, match="n_embd must be a positive int, got 'wide'"):
+        gpt.config_from_hf(SimpleNamespace(n_embd="wide"))
 
 
 def test_apply_rejects_sequences_longer_than_the_context():

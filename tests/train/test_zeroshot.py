@@ -74,14 +74,16 @@ def test_preprocess_equals_open_clip_transform(setup):
         )
 
 
-def test_bad_input_is_named(setup, tmp_path):
+def test_bad_input_is_named(setup, tmp_path, capsys):
     _, _, root, paths, vocab = setup
     base = ["zeroshot", "--weights", str(root / "weights.pt"), "--format", "open_clip",
             "--vocab", vocab]  # fmt: skip
     with pytest.raises(ValueError, match="--labels has no labels"):
         main([*base, "--labels", " , ", str(paths[0])])
-    with pytest.raises(ValueError, match="--template must contain"):
-        main([*base, "--labels", "a,b", "--template", "a photo", str(paths[0])])
+    for template in ("a photo", "{}{}", "{0:>20000000}", "{x} {}"):  # refused before any work
+        with pytest.raises(SystemExit):
+            main([*base, "--labels", "a,b", "--template", template, str(paths[0])])
+        assert "error: --template must contain exactly one '{}'" in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
         main([*base, "--labels", "a,b", str(tmp_path / "broken.png")])

@@ -19,10 +19,18 @@ from pathlib import Path
 
 import torch
 
+from fmm.templates import check_template, fill_template
 from models.clip import convert, encode_image, encode_text
 from train.data.tokenizers import CLIPTokenizer
 from train.data.transforms import clip_preprocess
 from train.recipes import existing_file, number
+
+
+def _template(text: str) -> str:
+    try:
+        return check_template(text, name="template")
+    except ValueError as e:  # argparse prefixes the flag's name
+        raise argparse.ArgumentTypeError(str(e).removeprefix("template ")) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--labels", required=True, help='comma-separated, e.g. "a dog,a cat"')
     parser.add_argument(
-        "--template", default="{}", help='prompt around each label, e.g. "a photo of {}."'
-    )
+        "--template", default="{}", type=_template,
+        help='prompt around each label, exactly one {} (write other braces doubled), '
+        'e.g. "a photo of {}."',
+    )  # fmt: skip
     parser.add_argument(
         "--config",
         default=None,
@@ -98,17 +108,13 @@ def format_table(
 
 
 def run(args: argparse.Namespace) -> dict:
-    if "{}" not in args.template:
-        raise ValueError(
-            f"--template must contain {{}} where the label goes, got {args.template!r}"
-        )
     labels = labels_from(args.labels)
     params, cfg = convert.load_pretrained(
         args.weights, format=args.format, cfg=_config(args.config), act=args.act
     )
     tokenizer = CLIPTokenizer.from_vocab(args.vocab, context_length=cfg.context_length)
     images = clip_preprocess(args.images, size=cfg.image_size)
-    prompts = [args.template.format(label) for label in labels]
+    prompts = [fill_template(args.template, label, name="--template") for label in labels]
     probs, logits = classify(params, cfg, tokenizer, images, prompts)
     for path, p, z in zip(args.images, probs, logits):
         print(format_table(str(path), labels, p, z, args.top))
