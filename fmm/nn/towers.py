@@ -1,0 +1,251 @@
+"""The shared encoder towers: one ViT and one text tower that every family configures.
+
+A tower is embeddings, one :func:`fmm.nn.transformer` stack (pre- or post-norm, through
+``block_fn`` so the adapter can shard and checkpoint each block) and an optional final norm.
+Families add what is theirs (projections, poolers, heads) beside the tower's params in the
+same subtree; the towers read only their own keys.
+
+ViT params (``init_vit``)::
+
+    patch                   {weight [width, C, p, p], bias (if cfg.patch_bias)}
+    cls                     [width]            class token, prepended
+    pos                     [grid*grid + 1, width]
+    mask_token              [width]            (if cfg.mask_token) the [MASK] patch of MIM
+    norm_pre                layer norm before the stack (if cfg.norm_pre; CLIP's ln_pre)
+    transformer.blocks.N
+    norm                    final layer norm (if cfg.norm)
+
+Text params (``init_text``)::
+
+    token.weight            [vocab, width]
+    pos                     [context, width]   learned absolute positions
+    token_type.weight       [types, width]     (if cfg.type_vocab_size; BERT's segments)
+    norm_embed              layer norm over the summed embeddings (if cfg.norm_embed; BERT)
+    transformer.blocks.N
+    norm                    final layer norm (if cfg.norm)
+
+Both towers return :class:`Encoded`: ``sequence`` after the final norm and ``hidden``, the
+last block's output before it (FLAVA's multimodal encoder reads ``hidden``).
+
+Example::
+
+    cfg = ViTConfig(image_size=32, patch_size=4, transformer=TransformerConfig(
+        width=64, layers=2, heads=4))
+    out = vit(init_vit(cfg, fmm.random.key(0)), torch.rand(2, 3, 32, 32), cfg=cfg)
+    out.sequence.shape  # [2, 65, 64]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fmm import random
+from fmm.nn.attention import padding_mask
+from fmm.nn.embed import embed, init_embedding, init_patch_embed, patch_embed
+from fmm.nn.norm import init_layer_norm, layer_norm
+from fmm.nn.transformer import BlockFn, TransformerConfig, init_transformer, transformer
+
+Params = dict[str, Any]
+
+__all__ = ["Encoded", "TextConfig", "ViTConfig", "init_text", "init_vit", "text", "vit"]
+
+
+class Encoded(NamedTuple):
+    """A tower's outputs, both ``[batch, seq, width]``: ``sequence`` after the final norm
+    (equal to ``hidden`` when the tower has none) and ``hidden`` before it."""
+
+    sequence: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViTConfig:
+    """A vision transformer tower over ``image_size``² images cut in ``patch_size``² patches.
+
+    ``embed_std``: std of the class token and positions (``None``: ``width ** -0.5``, as
+    CLIP); ``dropout``: on the embeddings in training (the blocks have their own).
+    """
+
+    image_size: int
+    patch_size: int
+    transformer: TransformerConfig
+    in_channels: int = 3
+    patch_bias: bool = True
+    norm_pre: bool = False
+    norm: bool = True
+    mask_token: bool = False
+    embed_std: float | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(
+                f"ViTConfig: image_size={self.image_size} must be a positive multiple of "
+                f"patch_size={self.patch_size}"
+            )
+
+    @property
+    def width(self) -> int:
+        return self.transformer.width
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def seq(self) -> int:
+        """Tokens out of the tower: the class token and every patch."""
+        return self.grid**2 + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """A text tower over ids in ``[0, vocab_size)`` and up to ``context_length`` positions.
+
+    ``causal``: each token attends to those before it (CLIP, GPT) rather than to all (BERT).
+    ``token_std`` / ``pos_std``: init stds of the token table and positions.
+    """
+
+    vocab_size: int
+    context_length: int
+    transformer: TransformerConfig
+    causal: bool = False
+    type_vocab_size: int = 0
+    norm_embed: bool = False
+    norm: bool = True
+    token_std: float = 0.02
+    pos_std: float = 0.01
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1 or self.context_length < 1 or self.type_vocab_size < 0:
+            raise ValueError(
+                f"TextConfig: vocab_size={self.vocab_size} and context_length="
+                f"{self.context_length} must be positive, type_vocab_size >= 0"
+            )
+
+    @property
+    def width(self) -> int:
+        return self.transformer.width
+
+
+def init_vit(cfg: ViTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
+    """Fresh ViT params; leaf keys folded from their names (``patch``, ``cls``, ...)."""
+    d, dev = cfg.width, key.device
+    k = lambda name: random.fold_in(key, name)
+    std = d**-0.5 if cfg.embed_std is None else cfg.embed_std
+    params: Params = {
+        "patch": init_patch_embed(
+            cfg.patch_size, cfg.in_channels, d, k("patch"), bias=cfg.patch_bias, dtype=dtype
+        ),
+        "cls": random.normal(k("cls"), (d,), dtype=dtype) * std,
+        "pos": random.normal(k("pos"), (cfg.seq, d), dtype=dtype) * std,
+    }
+    if cfg.mask_token:
+        params["mask_token"] = random.normal(k("mask_token"), (d,), dtype=dtype) * std
+    if cfg.norm_pre:
+        params["norm_pre"] = init_layer_norm(d, device=dev, dtype=dtype)
+    params["transformer"] = init_transformer(cfg.transformer, k("transformer"), dtype=dtype)
+    if cfg.norm:
+        params["norm"] = init_layer_norm(d, device=dev, dtype=dtype)
+    return params
+
+
+def init_text(cfg: TextConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
+    """Fresh text-tower params; leaf keys folded from their names (``token``, ``pos``, ...)."""
+    d, dev = cfg.width, key.device
+    k = lambda name: random.fold_in(key, name)
+    params: Params = {
+        "token": init_embedding(cfg.vocab_size, d, k("token"), std=cfg.token_std, dtype=dtype),
+        "pos": random.normal(k("pos"), (cfg.context_length, d), dtype=dtype) * cfg.pos_std,
+    }
+    if cfg.type_vocab_size:
+        params["token_type"] = init_embedding(
+            cfg.type_vocab_size, d, k("token_type"), std=cfg.token_std, dtype=dtype
+        )
+    if cfg.norm_embed:
+        params["norm_embed"] = init_layer_norm(d, device=dev, dtype=dtype)
+    params["transformer"] = init_transformer(cfg.transformer, k("transformer"), dtype=dtype)
+    if cfg.norm:
+        params["norm"] = init_layer_norm(d, device=dev, dtype=dtype)
+    return params
+
+
+def _stack(params, x, tower_cfg, *, mask, causal, key, train, block_fn) -> Encoded:
+    if train and tower_cfg.dropout > 0.0:
+        if key is None:
+            raise ValueError("key= is missing: embedding dropout in training needs key=")
+        x = random.dropout(random.fold_in(key, "embed"), x, tower_cfg.dropout)
+    k = random.fold_in(key, "transformer") if key is not None else None
+    hidden = transformer(
+        params["transformer"], x, cfg=tower_cfg.transformer, mask=mask, causal=causal, key=k,
+        train=train, block_fn=block_fn,
+    )  # fmt: skip
+    eps = tower_cfg.transformer.norm_eps
+    out = layer_norm(params["norm"], hidden, eps=eps) if tower_cfg.norm else hidden
+    return Encoded(out, hidden)
+
+
+def vit(
+    params: Params,
+    images: torch.Tensor,
+    *,
+    cfg: ViTConfig,
+    patch_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+    block_fn: BlockFn | None = None,
+) -> Encoded:
+    """``images: [B, C, H, W]`` -> :class:`Encoded` ``[B, 1 + grid², width]``, class token
+    first. ``patch_mask: [B, grid²]`` bool replaces those patches by ``mask_token`` (MIM).
+
+    Shapes are the caller's to check (families check at their public boundary).
+    """
+    x = patch_embed(params["patch"], images)
+    if patch_mask is not None:
+        x = torch.where(patch_mask.bool()[..., None], params["mask_token"].to(x.dtype), x)
+    cls = params["cls"].to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + params["pos"]
+    if cfg.norm_pre:
+        x = layer_norm(params["norm_pre"], x, eps=cfg.transformer.norm_eps)
+    return _stack(params, x, cfg, mask=None, causal=False, key=key, train=train, block_fn=block_fn)
+
+
+def text(
+    params: Params,
+    ids: torch.Tensor,
+    *,
+    cfg: TextConfig,
+    valid: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+    block_fn: BlockFn | None = None,
+) -> Encoded:
+    """``ids: [B, S]`` (int64) -> :class:`Encoded` ``[B, S, width]``.
+
+    ``valid: [B, S]`` bool (True = a real token): no query attends to padding.
+    ``token_type_ids: [B, S]`` (default all 0, as Hugging Face's BERT) if the tower has
+    segments; ``positions: [B, S]`` position ids (default ``0 .. S-1``).
+    """
+    if positions is None:
+        x = embed(params["token"], ids) + params["pos"][: ids.shape[1]]
+    else:
+        x = embed(params["token"], ids) + F.embedding(positions, params["pos"])
+    if cfg.type_vocab_size:
+        if token_type_ids is None:
+            x = x + params["token_type"]["weight"][0]
+        else:
+            x = x + embed(params["token_type"], token_type_ids)
+    if cfg.norm_embed:
+        x = layer_norm(params["norm_embed"], x, eps=cfg.transformer.norm_eps)
+    mask = None if valid is None else padding_mask(valid)
+    return _stack(
+        params, x, cfg, mask=mask, causal=cfg.causal, key=key, train=train, block_fn=block_fn
+    )
