@@ -11,7 +11,7 @@ shapes-world run written to a temporary folder), then, from this process:
    a timeout, a status), *wrong* = an embedding off by more than 1e-4 (goal: 0 of 10 x 1000).
    Prints p50/p99 latency, throughput, ``speedup`` = concurrent / one-by-one throughput
    (goal >= 5), the batch sizes and the kernel's listen-queue drops and resets the server reports at
-   ``/metrics``; then one burst through ``fmm.serve.Service`` in this process, without HTTP
+   ``/metrics``; then one burst through ``train.serve.Service`` in this process, without HTTP
    (what the HTTP layer costs);
 3. **store hit vs recompute**, in process: the served model's ``encode_text`` on one
    caption against ``EmbeddingStore.get`` of its stored vector (in-memory LRU, then a cold
@@ -53,11 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fmm  # noqa: E402
-from fmm.serve import percentile  # noqa: E402
 from models import clip  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.data import WordTokenizer, WorldConfig  # noqa: E402
 from train.recipes.clip import load_run, normalize_images  # noqa: E402
+from train.serve import percentile  # noqa: E402
 
 
 def captions(world: WorldConfig, n: int, offset: int = 0) -> list[str]:
@@ -220,10 +220,10 @@ async def load_test(args, run_dir: Path, world: WorldConfig, direct) -> dict:
 
 
 def engine_figure(args, run_dir: Path, world: WorldConfig) -> tuple[float, dict]:
-    """The same burst through ``fmm.serve.Service`` in this process, without HTTP: where
+    """The same burst through ``train.serve.Service`` in this process, without HTTP: where
     the HTTP layer's cost shows (requests/s, server batches)."""
-    from fmm.serve import Service
     from train.recipes import serve
+    from train.serve import Service
 
     model = serve.clip_model(run_dir)
     texts = captions(world, args.requests, offset=10_000)
@@ -245,7 +245,7 @@ def engine_figure(args, run_dir: Path, world: WorldConfig) -> tuple[float, dict]
 
 def store_figures(args, run_dir: Path, world: WorldConfig, encode) -> dict:
     """In-process: recompute vs LRU hit vs cold SQLite read, one caption and a batch."""
-    from fmm.store import EmbeddingStore, content_key, model_fingerprint
+    from train.store import EmbeddingStore, content_key, model_fingerprint
 
     texts = captions(world, args.hit_items, offset=20_000)
     keys = [content_key("text", t) for t in texts]
@@ -373,7 +373,7 @@ def main() -> None:
               f"max {max(burst)} (--max-batch {args.max_batch})")  # fmt: skip
 
         rate, inproc = engine_figure(args, run_dir, world)
-        print(f"same burst in process through fmm.serve.Service (no HTTP): {rate:.1f} req/s | "
+        print(f"same burst in process through train.serve.Service (no HTTP): {rate:.1f} req/s | "
               f"{inproc['calls']} batches, mean size {inproc['mean_size']} | HTTP keeps "
               f"{conc_tput / rate:.2f} of it")  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""A store hit (``fmm.store.EmbeddingStore``) against recomputing the embeddings.
+"""A store hit (``train.store.EmbeddingStore``) against recomputing the embeddings.
 
 For N items (captions for the text tower, images for the image tower; N = 1 and 64 by
 default) measured in one process: computing their CLIP embeddings in one batch (**baseline**), then reading the
@@ -29,8 +29,8 @@ import torch
 from _common import micro_config, random_batch
 
 import fmm
-from fmm.store import EmbeddingStore, content_key, model_fingerprint
 from models import clip
+from train.store import EmbeddingStore, content_key, model_fingerprint
 
 CONFIGS = {
     "micro": micro_config,

@@ -24,7 +24,7 @@ def expected_vector(batch: int, i: int, dim: int) -> torch.Tensor:
 def main(
     path: str, fingerprint: str, dim: int, batch_size: int, max_cached_bytes: int | None
 ) -> None:
-    from fmm.store import EmbeddingStore
+    from train.store import EmbeddingStore
 
     store = EmbeddingStore(
         path, fingerprint, dim=dim, lru_size=0, max_cached_bytes=max_cached_bytes

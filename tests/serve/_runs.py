@@ -63,10 +63,10 @@ def tiny_mmgpt_run(run_dir: Path) -> Path:
 @contextlib.contextmanager
 def running(app, *, limits=None, protocol=None, timeout: float = 20.0):
     """Serve the ASGI ``app`` with uvicorn on a free loopback port, through
-    ``fmm.serve.server.make_server`` (header deadline, connection cap) with ``limits`` and
+    ``train.serve.server.make_server`` (header deadline, connection cap) with ``limits`` and
     uvicorn's HTTP ``protocol`` class (default: its own choice); yields the base URL."""
-    from fmm.serve.front_door import HttpLimits
-    from fmm.serve.server import make_server
+    from train.serve.front_door import HttpLimits
+    from train.serve.server import make_server
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

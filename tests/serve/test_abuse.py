@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fmm.serve.app import create_app
 from tests.serve import _abuse
 from tests.serve._runs import running, tiny_clip_run
 from train.recipes import serve
+from train.serve.app import create_app
 
 LIMITS = ["--max-body-mb", "0.5", "--max-buffered-mb", "1", "--header-timeout-s", "0.5",
           "--body-timeout-s", "0.5", "--max-connections", "64"]  # fmt: skip

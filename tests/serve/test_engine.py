@@ -1,4 +1,4 @@
-"""fmm.serve.engine: batching under concurrency equals direct computation; a full queue
+"""train.serve.engine: batching under concurrency equals direct computation; a full queue
 refuses at once; timeouts, cancellation and failures free their slots."""
 
 import asyncio
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fmm
-from fmm.serve import Batcher, Engine, Metrics, Overloaded, percentile
 from models import clip
+from train.serve import Batcher, Engine, Metrics, Overloaded, percentile
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_wrong_result_count_is_an_error_not_a_hang():
 
 
 def test_engine_store_hits_skip_the_model(tiny):
-    from fmm.store import EmbeddingStore, content_key, model_fingerprint
+    from train.store import EmbeddingStore, content_key, model_fingerprint
 
     cfg, params, tokens = tiny
     calls = []
@@ -233,7 +233,7 @@ def test_a_failing_store_write_still_answers_and_is_counted():
 
 
 def test_popular_content_is_computed_once_however_many_ask_at_once(tmp_path):
-    from fmm.store import EmbeddingStore
+    from train.store import EmbeddingStore
 
     computed = []
 

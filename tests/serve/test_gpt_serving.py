@@ -12,12 +12,12 @@ import torch
 
 import fmm
 from fmm import decoding
-from fmm.serve.app import create_app
 from models import gpt
 from tests.reference import reference
 from tests.serve._runs import running
 from train import checkpoint
 from train.recipes import serve
+from train.serve.app import create_app
 
 CORPUS = [
     "a red circle above a blue square",

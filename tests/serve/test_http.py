@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 import fmm
-from fmm.serve import ServedModel, Service
-from fmm.serve.app import create_app
-from fmm.serve.front_door import HttpLimits
 from models import clip
 from tests.serve._runs import running, tiny_clip_run, tiny_mmgpt_run
 from train.recipes import serve, serve_streams
 from train.recipes.clip import load_run, normalize_images
+from train.serve import ServedModel, Service
+from train.serve.app import create_app
+from train.serve.front_door import HttpLimits
 
 MAX_BODY = 64 * 1024
 

@@ -30,10 +30,10 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fmm.serve import schemas  # noqa: E402
-from fmm.serve.app import create_app  # noqa: E402
 from tests.serve._runs import running, tiny_clip_run, tiny_mmgpt_run  # noqa: E402
 from train.recipes import serve  # noqa: E402
+from train.serve import schemas  # noqa: E402
+from train.serve.app import create_app  # noqa: E402
 
 SEED = int(os.environ.get("FMM_FUZZ_SEED", "0"))
 EXAMPLES = int(os.environ.get("FMM_FUZZ_EXAMPLES", "25"))

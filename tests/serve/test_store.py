@@ -1,4 +1,4 @@
-"""fmm.store: what is put is what is got, per model fingerprint; search is exact; readers and
+"""train.store: what is put is what is got, per model fingerprint; search is exact; readers and
 a writer share a store safely; a writer killed mid-batch leaves every committed row intact."""
 
 import os
@@ -14,8 +14,8 @@ import torch
 
 import fmm
 from fmm import quant
-from fmm.store import EmbeddingStore, content_key, model_fingerprint
 from tests.scripts.store_writer import expected_key, expected_vector
+from train.store import EmbeddingStore, content_key, model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""fmm.store's bounded cache: cached (pinned=False) rows stay under max_cached_bytes, least
+"""train.store's bounded cache: cached (pinned=False) rows stay under max_cached_bytes, least
 recently used evicted first, while pinned rows are never evicted and alone are searched."""
 
 import sqlite3
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fmm.store import EmbeddingStore
+from train.store import EmbeddingStore
 
 DIM = 3  # float32: 12 bytes a vector
 

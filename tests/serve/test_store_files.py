@@ -1,4 +1,4 @@
-"""fmm.store and its file: a first-schema file is upgraded in place (atomically, its rows
+"""train.store and its file: a first-schema file is upgraded in place (atomically, its rows
 pinned); what is not a store is refused with a one-line error naming the path; a store that
 cannot write (read-only, full disk) says so, naming the path, and loses nothing."""
 
@@ -11,10 +11,10 @@ import threading
 import pytest
 import torch
 
-from fmm import store_schema
-from fmm.store import EmbeddingStore
+from train.store import EmbeddingStore
+from train.store import schema as store_schema
 
-# The table as the first fmm.store created it (no pinned/written columns, user_version 0).
+# The table as the first train.store created it (no pinned/written columns, user_version 0).
 FIRST_SCHEMA = """
 CREATE TABLE IF NOT EXISTS embeddings (
     fingerprint TEXT NOT NULL,

@@ -8,7 +8,7 @@ A ``python -m train clip`` run serves text and image embeddings, zero-shot label
 ``--store``) top-k search; a ``python -m train mmgpt`` run serves image generation with the
 codes streamed as server-sent events; a Hugging Face GPT-2 directory (``config.json``,
 ``model.safetensors`` or ``pytorch_model.bin``, ``tokenizer.json``) serves text generation
-with the tokens streamed likewise. Routes and status codes: :mod:`fmm.serve.app`.
+with the tokens streamed likewise. Routes and status codes: :mod:`train.serve.app`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import torch
 
 import fmm
 from fmm.losses import logit_scale_value
-from fmm.serve import ServedModel, Service
-from fmm.serve.front_door import HttpLimits
 from models import clip, gpt
 from train import checkpoint
 from train.recipes import add_device_argument, device_of, number
 from train.recipes.serve_streams import stream_image_codes, stream_text
+from train.serve import ServedModel, Service
+from train.serve.front_door import HttpLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ def _run_name(run_dir: str | Path) -> str:
 
 
 def _fingerprint(config: dict, params: dict) -> str:
-    from fmm.store import model_fingerprint
+    from train.store import model_fingerprint
 
     return model_fingerprint(config, params)
 
@@ -247,7 +247,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def limits_of(args: argparse.Namespace) -> HttpLimits:
-    """The :class:`~fmm.serve.front_door.HttpLimits` the flags describe."""
+    """The :class:`~train.serve.front_door.HttpLimits` the flags describe."""
     _check_flags(args)
     return HttpLimits(
         max_body_bytes=_mb(args.max_body_mb), max_buffered_bytes=_mb(args.max_buffered_mb),
@@ -264,7 +264,7 @@ def build_service(args: argparse.Namespace) -> Service:
     model = load_model(args.ckpt, quantize=args.quantize, device=device)
     store = None
     if args.store is not None:
-        from fmm.store import EmbeddingStore
+        from train.store import EmbeddingStore
 
         store = EmbeddingStore(
             args.store, model.fingerprint, dim=model.dim, max_cached_bytes=_mb(args.store_cache_mb)
@@ -277,8 +277,8 @@ def build_service(args: argparse.Namespace) -> Service:
 
 def run(args: argparse.Namespace) -> None:
     """Load the run and serve it until interrupted."""
-    from fmm.serve.app import create_app
-    from fmm.serve.server import make_server, somaxconn
+    from train.serve.app import create_app
+    from train.serve.server import make_server, somaxconn
 
     limits = limits_of(args)
     service = build_service(args)

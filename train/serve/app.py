@@ -1,4 +1,4 @@
-"""The HTTP face of a :class:`~fmm.serve.service.Service`: a FastAPI app behind a front door.
+"""The HTTP face of a :class:`~train.serve.service.Service`: a FastAPI app behind a front door.
 
 Routes (OpenAPI document at ``/openapi.json``, interactive docs at ``/docs``)::
 
@@ -16,10 +16,10 @@ its field, never the input), 415 for a body that is not ``application/json``, 41
 over the size limit, 408 for one too slow to arrive, 404 for a capability the model lacks or
 an unknown path, 405 for a wrong method, 503 (``Retry-After``) when the queue, the buffered
 bodies or the connections are full, 504 past the time budget. Malformed HTTP (400), headers
-too slow (408) or too large (431) are answered before any route (:mod:`fmm.serve.server`).
+too slow (408) or too large (431) are answered before any route (:mod:`train.serve.server`).
 
 Routes read the raw body (the front door has buffered it, bounded) and validate it in a
-worker thread with the model's own request schemas (:mod:`fmm.serve.schemas`), which the
+worker thread with the model's own request schemas (:mod:`train.serve.schemas`), which the
 OpenAPI document declares. fastapi is imported here only, so ``import fmm`` never needs it.
 
 Example::
@@ -35,10 +35,10 @@ import json
 import logging
 from typing import Any
 
-from fmm.serve import bodies, images, schemas, server
-from fmm.serve.engine import Overloaded
-from fmm.serve.front_door import FrontDoor, HttpLimits
-from fmm.serve.service import NotServed, Service
+from train.serve import bodies, images, schemas, server
+from train.serve.engine import Overloaded
+from train.serve.front_door import FrontDoor, HttpLimits
+from train.serve.service import NotServed, Service
 
 _log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def create_app(
     service: Service, *, limits: HttpLimits | None = None, parse_workers: int = 2
 ) -> Any:
     """The ASGI app serving ``service`` (a FastAPI app behind a
-    :class:`~fmm.serve.front_door.FrontDoor` enforcing ``limits``). Closing it (uvicorn's
+    :class:`~train.serve.front_door.FrontDoor` enforcing ``limits``). Closing it (uvicorn's
     shutdown) closes the service. ``parse_workers``: threads validating bodies."""
     from contextlib import asynccontextmanager
 

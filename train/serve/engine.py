@@ -9,7 +9,7 @@ the event loop keeps accepting requests. Every queued or running item holds one 
 cancelled gives its slots back immediately (its items are skipped if still queued).
 
 An :class:`Engine` holds one batcher per kind of input (``"text"``, ``"image"``, ...) and an
-optional embedding store (``fmm.store.EmbeddingStore`` or anything with ``get_many`` /
+optional embedding store (``train.store.EmbeddingStore`` or anything with ``get_many`` /
 ``put_many``): each request's items are looked up first and only the misses are computed;
 each computed batch is written back in one transaction, as cached rows (``pinned=False``:
 the store's bounded LRU part, never search results), so serving never grows the store
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fmm.serve.metrics import Metrics
+from train.serve.metrics import Metrics
 
 _log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class Engine:
     ) -> tuple[torch.Tensor, list[bool]]:
         """``(vectors [len(items), dim], hit per item)``: store hits first, the rest batched.
 
-        ``keys``: one store key per item (``fmm.store.content_key``); without them (or
+        ``keys``: one store key per item (``train.store.content_key``); without them (or
         without a store) everything is computed. ``keep=False``: look up, but do not store
         what is computed (a search query is not an item). Raises ``KeyError`` for an
         unknown ``kind``, :class:`Overloaded`, ``TimeoutError``.

@@ -1,7 +1,7 @@
 """The ASGI front door: every request body is bounded in bytes and in time before the app sees it.
 
 - Headers over ``max_header_bytes`` are answered 431 (the protocol refuses partial ones
-  that grow past it: :mod:`fmm.serve.server`).
+  that grow past it: :mod:`train.serve.server`).
 - A body over ``max_body_bytes`` is answered 413 before it is read (by its Content-Length)
   or as soon as it passes the limit (chunked).
 - All bodies being read or handled at once share ``max_buffered_bytes``: a request that would
@@ -10,8 +10,8 @@
   more: uvicorn's read-ahead).
 - A body that has not fully arrived ``body_timeout_s`` after its headers is answered 408 and
   its connection closed (a slow sender holds a connection for at most that long; the header
-  timeout is the protocol's, in :mod:`fmm.serve.server`).
-- Every answer's status and latency is counted in :class:`~fmm.serve.metrics.Metrics`.
+  timeout is the protocol's, in :mod:`train.serve.server`).
+- Every answer's status and latency is counted in :class:`~train.serve.metrics.Metrics`.
 
 Plain ASGI: Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request.
 
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fmm.serve.metrics import Metrics
+from train.serve.metrics import Metrics
 
 _NO_BODY = ("GET", "HEAD")  # routes of these methods never read a body: pass them through
 

@@ -2,11 +2,11 @@
 
 Request models are built per served model by :func:`request_models`, so the OpenAPI document
 states the exact image shape ``[C][H][W]`` and vector length the model takes. Every list has
-a bound (``fmm.serve.bodies.json_budget`` refuses a model with an unbounded one) and stops at
+a bound (``train.serve.bodies.json_budget`` refuses a model with an unbounded one) and stops at
 its first bad item (``fail_fast``: a million bad pixels are one error, not a million).
 
 Images travel as a base64 PNG or JPEG string (format ``png-or-jpeg-base64`` in the OpenAPI
-document) or as nested lists of floats in ``[0, 1]``; ``fmm.serve.images`` decodes them.
+document) or as nested lists of floats in ``[0, 1]``; ``train.serve.images`` decodes them.
 
 Example::
 
@@ -30,8 +30,8 @@ from pydantic import (
     Tag,
 )
 
-from fmm.serve.images import ACCEPTED_FORMATS, MAX_IMAGE_BASE64_CHARS, MAX_IMAGE_SIDE
 from fmm.templates import TEMPLATE_PATTERN, check_template
+from train.serve.images import ACCEPTED_FORMATS, MAX_IMAGE_BASE64_CHARS, MAX_IMAGE_SIDE
 
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 2_000

@@ -11,7 +11,7 @@ HTTP protocol (httptools' when installed, else h11's) so that, per connection:
 - a connection past ``max_connections`` gets 503 and is closed, before it costs a request;
 - uvicorn's own plain-text 400 for a malformed request becomes the API's JSON error body.
 
-Body limits and deadlines are the ASGI front door's (:mod:`fmm.serve.front_door`).
+Body limits and deadlines are the ASGI front door's (:mod:`train.serve.front_door`).
 :func:`make_server` builds the ``uvicorn.Server`` with them and the listen backlog;
 :func:`tcp_counters` reads the kernel's counts of connections dropped because the listen
 queue was full, or reset after a close (they never reach the process, so only the kernel
@@ -30,7 +30,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from fmm.serve.front_door import HttpLimits
+from train.serve.front_door import HttpLimits
 
 _NETSTAT = Path("/proc/net/netstat")
 _SOMAXCONN = Path("/proc/sys/net/core/somaxconn")

@@ -1,6 +1,6 @@
 """What a server serves: a model's functions (:class:`ServedModel`) behind an engine and a store.
 
-:class:`Service` is the HTTP-free core of ``fmm.serve.app``: every endpoint is one of its
+:class:`Service` is the HTTP-free core of ``train.serve.app``: every endpoint is one of its
 coroutines, so it can be tested and embedded without a web framework. It knows no model by
 name; ``train/recipes/serve.py`` builds a :class:`ServedModel` from a checkpoint.
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from fmm.serve.engine import Engine, Overloaded
-from fmm.serve.metrics import Metrics
 from fmm.templates import check_template, fill_template
+from train.serve.engine import Engine, Overloaded
+from train.serve.metrics import Metrics
 
 
 class NotServed(LookupError):
@@ -43,7 +43,7 @@ class ServedModel:
     - ``generate_limits``: ``{"max_new_tokens" | "guidance": (low, high)}``, the ranges of
       ``generate``'s options the model takes (an mmgpt image's fixed code count), so that
       the OpenAPI document states them.
-    - ``fingerprint``: identifies config and weights (``fmm.store.model_fingerprint``).
+    - ``fingerprint``: identifies config and weights (``train.store.model_fingerprint``).
     """
 
     name: str
@@ -69,7 +69,7 @@ class Service:
 
     ``timeout_s``: per-request budget for embeddings (``TimeoutError`` past it);
     ``max_generations``: concurrent generations before :class:`Overloaded`. Other
-    arguments go to :class:`~fmm.serve.engine.Engine`.
+    arguments go to :class:`~train.serve.engine.Engine`.
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class Service:
     def _keys(self, kind: str, payloads: list) -> list[str] | None:
         if self.store is None:
             return None
-        from fmm.store import content_key
+        from train.store import content_key
 
         return [content_key(kind, p) for p in payloads]
 

@@ -3,7 +3,7 @@ only where the user asked.
 
 Compute once, serve many times: a vector is filed under its **content key** (the sha256 of
 what was embedded) *and* the **model fingerprint** (a hash of the config and every weight;
-both in ``fmm.store_keys``), so a retrained or requantized model never reads another
+both in ``train.store.keys``), so a retrained or requantized model never reads another
 model's vectors. A row is one of two kinds:
 
 - **pinned** (``put_many(..., pinned=True)``, the default): a user's item. Kept until
@@ -15,8 +15,8 @@ model's vectors. A row is one of two kinds:
 
 A put is one transaction with its evictions, so a writer killed at any moment leaves every
 committed batch whole, no partial one, and the cap held. WAL lets readers proceed while a
-writer commits. The schema and its upgrade of older files live in ``fmm.store_schema``,
-the search matrices in ``fmm.store_index``.
+writer commits. The schema and its upgrade of older files live in ``train.store.schema``,
+the search matrices in ``train.store.index``.
 
 Example::
 
@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from fmm import store_sql
-from fmm.store_index import PinnedIndex
-from fmm.store_keys import content_key, model_fingerprint, tensor_bytes
-from fmm.store_memory import PendingUses, VectorLRU
-from fmm.store_schema import (
+from train.store import sql
+from train.store.index import PinnedIndex
+from train.store.keys import content_key, model_fingerprint, tensor_bytes
+from train.store.memory import PendingUses, VectorLRU
+from train.store.schema import (
     DTYPES,
     check_database_file,
     ensure_schema,
@@ -138,7 +138,7 @@ class EmbeddingStore:
             self.dim = dim if dim is not None else (row[0] if row else None)
             if max_cached_bytes is not None and self.stats()["cached_bytes"] > max_cached_bytes:
                 with self._transaction("evict from") as conn:
-                    store_sql.clock_of(conn, fingerprint)
+                    sql.clock_of(conn, fingerprint)
                     self._evict(conn)
         except BaseException:
             self._close_connections()
@@ -228,7 +228,7 @@ class EmbeddingStore:
         """This fingerprint's rows: ``{"pinned": rows, "cached": rows, "cached_bytes": their
         vector + meta bytes, "evicted": cached rows evicted since the file was made}``."""
         with self._sql_errors("read"):
-            return store_sql.account(self._conn(), self.fingerprint)
+            return sql.account(self._conn(), self.fingerprint)
 
     # -- the recency of hits -------------------------------------------------------------
 
@@ -244,15 +244,15 @@ class EmbeddingStore:
     def _write_uses(self, conn: sqlite3.Connection, clock: int) -> int:
         # Inside a write transaction. If it fails the hits are lost: only eviction order
         # depended on them.
-        return store_sql.touch(conn, self.fingerprint, self._uses.take(), clock)
+        return sql.touch(conn, self.fingerprint, self._uses.take(), clock)
 
     def _write_uses_now(self) -> None:
         if not self._uses:
             return
         try:
             with self._transaction("record hits in") as conn:
-                clock = self._write_uses(conn, store_sql.clock_of(conn, self.fingerprint))
-                store_sql.set_clock(conn, self.fingerprint, clock)
+                clock = self._write_uses(conn, sql.clock_of(conn, self.fingerprint))
+                sql.set_clock(conn, self.fingerprint, clock)
         except OSError:  # a read-only or full store still serves reads
             _log.warning("could not record recent hits in %s", self.path, exc_info=True)
 
@@ -278,7 +278,7 @@ class EmbeddingStore:
         read: list[tuple[str, torch.Tensor, bool]] = []
         if missing:
             with self._sql_errors("read"):
-                rows = store_sql.select_rows(self._conn(), self.fingerprint, missing)
+                rows = sql.select_rows(self._conn(), self.fingerprint, missing)
             read = [(key, vector_from_blob(b, dtype), bool(p)) for key, dtype, b, p in rows]
         self._lru.remember(read)
         found.update((key, (vec, pinned)) for key, vec, pinned in read)
@@ -346,9 +346,9 @@ class EmbeddingStore:
             for key, v in vectors.items()
         ]
         with self._transaction("write to") as conn:
-            clock = self._write_uses(conn, store_sql.clock_of(conn, self.fingerprint))
-            clock = store_sql.upsert(conn, self.fingerprint, rows, clock)
-            store_sql.set_clock(conn, self.fingerprint, clock)
+            clock = self._write_uses(conn, sql.clock_of(conn, self.fingerprint))
+            clock = sql.upsert(conn, self.fingerprint, rows, clock)
+            sql.set_clock(conn, self.fingerprint, clock)
             evicted = set(self._evict(conn))
         self.dim = dim
         self._lru.remember((k, v.clone(), pinned) for k, v in vectors.items() if k not in evicted)
@@ -363,7 +363,7 @@ class EmbeddingStore:
         """Delete these keys' rows, pinned or cached, in one transaction; how many existed."""
         keys = list(dict.fromkeys(self._check_keys(keys, "delete_many")))
         with self._transaction("delete from") as conn:
-            deleted = store_sql.delete(conn, self.fingerprint, keys)
+            deleted = sql.delete(conn, self.fingerprint, keys)
         self._lru.forget(keys)
         self._uses.drop(keys)
         return deleted
@@ -372,13 +372,13 @@ class EmbeddingStore:
         """The ``meta`` strings stored beside ``keys`` (keys without one are absent)."""
         keys = list(dict.fromkeys(self._check_keys(keys, "meta_many")))
         with self._sql_errors("read"):
-            return store_sql.select_meta(self._conn(), self.fingerprint, keys)
+            return sql.select_meta(self._conn(), self.fingerprint, keys)
 
     def _evict(self, conn: sqlite3.Connection) -> list[str]:
         # Inside a write transaction, after clock_of: the victims leave memory too.
         if self.max_cached_bytes is None:
             return []
-        victims = store_sql.evict(conn, self.fingerprint, self.max_cached_bytes)
+        victims = sql.evict(conn, self.fingerprint, self.max_cached_bytes)
         self._lru.forget(victims)
         self._uses.drop(victims)
         return victims

@@ -3,7 +3,7 @@
 The matrices are refreshed from SQLite when the pinned rows changed (in this process or
 another): a refresh reads only rows written after the last one it saw (by their
 ``written`` tick), and rebuilds from scratch only when rows were deleted. Cached rows (the
-store's evictable embeddings) are never searched. Used by ``fmm.store.EmbeddingStore``.
+store's evictable embeddings) are never searched. Used by ``train.store.EmbeddingStore``.
 
 Example::
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm.store_schema import read_snapshot, vector_from_blob
+from train.store.schema import read_snapshot, vector_from_blob
 
 __all__ = ["PinnedIndex"]
 

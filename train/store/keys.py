@@ -3,7 +3,7 @@
 A vector is identified by the sha256 of what was embedded (:func:`content_key`) and the
 sha256 of the model that embedded it (:func:`model_fingerprint`: config and every weight),
 so a retrained, requantized or reconfigured model never reads another model's vectors.
-``fmm.store`` re-exports both.
+``train.store`` re-exports both.
 
 Example::
 

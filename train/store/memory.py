@@ -3,7 +3,7 @@
 :class:`VectorLRU` serves repeated keys without SQLite; :class:`PendingUses` collects the
 hits on cached rows so that their recency reaches the file in one batched write (with the
 next put, or when enough piled up) instead of one UPDATE per hit. Both are thread-safe.
-Used by ``fmm.store.EmbeddingStore``.
+Used by ``train.store.EmbeddingStore``.
 
 Example::
 

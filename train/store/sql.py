@@ -1,10 +1,10 @@
-"""The embedding store's statements on one fingerprint's rows (schema: ``fmm.store_schema``).
+"""The embedding store's statements on one fingerprint's rows (schema: ``train.store.schema``).
 
 Reads by key are chunked under SQLite's cap on bound parameters. The writes run inside a
 transaction their caller opened (``BEGIN IMMEDIATE``), so ticks handed out from the
 fingerprint's clock are unique and increasing across every process writing the file, and
 an eviction commits with the put that needed it or not at all. Used by
-``fmm.store.EmbeddingStore``.
+``train.store.EmbeddingStore``.
 
 Example::
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 
-from fmm.store_schema import ROW_BYTES, read_snapshot
+from train.store.schema import ROW_BYTES, read_snapshot
 
 __all__ = [
     "account",
