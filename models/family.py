@@ -39,7 +39,7 @@ What a family may give:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ __all__ = [
     "Serving",
     "Stack",
     "check_batch",
+    "plan_seq",
+    "without_dropout",
 ]
 
 DTYPES = ("float", "int", "bool")
@@ -63,10 +65,11 @@ DTYPES = ("float", "int", "bool")
 class Field:
     """One batch field: ``dtype`` is ``"float"``, ``"int"`` (int64 ids or labels) or
     ``"bool"``; ``shape`` entries are ints or names (``"batch"`` is shared by every field,
-    other names must agree between fields, e.g. ``"seq"``); ``high``: ids lie in
-    ``[low, high)`` when given; ``optional``: the loss has a default when it is absent.
+    other names must agree between fields, e.g. ``"seq"``); ``limits``: the largest size a
+    name may take (``{"seq": 77}``); ``high``: ids lie in ``[low, high)`` when given;
+    ``optional``: the loss has a default when it is absent.
 
-    Example: ``Field("int", ("batch", "seq"), high=64, doc="caption token ids")``.
+    Example: ``Field("int", ("batch", "seq"), limits={"seq": 77}, high=64, doc="token ids")``.
     """
 
     dtype: str
@@ -75,6 +78,7 @@ class Field:
     high: int | None = None
     low: int = 0
     optional: bool = False
+    limits: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -83,7 +87,8 @@ class Field:
     def describe(self) -> str:
         """``int64 [batch, seq] in [0, 64)``, as error messages and ``--help`` show it."""
         kind = {"float": "float", "int": "int64", "bool": "bool"}[self.dtype]
-        text = f"{kind} [{', '.join(map(str, self.shape))}]"
+        dims = [f"{d} <= {self.limits[d]}" if d in self.limits else str(d) for d in self.shape]
+        text = f"{kind} [{', '.join(dims)}]"
         return text + (f" in [{self.low}, {self.high})" if self.high is not None else "")
 
 
@@ -118,6 +123,26 @@ class Layout:
     stacks: tuple[Stack, ...]
     edges: tuple[tuple[int, int | None], ...] = ()
     note: str = ""
+
+
+def plan_seq(seq: int | None, limit: int, what: str) -> int:
+    """The tokens per example a ``plan`` lays out: ``seq`` (the ``--seq`` flag) checked
+    against the model's ``limit``, or ``limit`` itself when ``seq`` is None; ``what`` says
+    what the tokens are in the error.
+
+    Example: ``plan_seq(None, cfg.context_length, "text tokens") == cfg.context_length``.
+    """
+    if seq is None:
+        return limit
+    if not 1 <= seq <= limit:
+        raise ValueError(f"--seq must be in [1, {limit}] ({what}), got {seq}")
+    return seq
+
+
+def without_dropout(cfg: TransformerConfig) -> TransformerConfig:
+    """``cfg`` with both dropouts off: the stack a ``plan(..., train=False)`` lays out, since
+    an evaluation step keeps no dropout masks."""
+    return replace(cfg, dropout=0.0, attn_dropout=0.0)
 
 
 @dataclass(frozen=True)
@@ -199,7 +224,9 @@ def check_batch(fields: Mapping[str, Field], batch: Mapping[str, Any], *, where:
         value = batch[name]
         label = f"{where}: batch[{name!r}]"
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{label} must be a tensor {spec.describe()}, got {type(value).__name__}")
+            raise TypeError(
+                f"{label} must be a tensor {spec.describe()}, got {type(value).__name__}"
+            )
         ok = {
             "float": value.is_floating_point(),
             "int": value.dtype in (torch.int64, torch.int32),
@@ -216,6 +243,11 @@ def check_batch(fields: Mapping[str, Field], batch: Mapping[str, Any], *, where:
                         f"{label} must be {spec.describe()}, got shape {list(value.shape)} "
                         f"(dim {dim} is {got}, expected {want})"
                     )
+            elif want in spec.limits and got > spec.limits[want]:
+                raise ValueError(
+                    f"{label} must be {spec.describe()}, got shape {list(value.shape)} "
+                    f"({want}={got} is over {spec.limits[want]})"
+                )
             elif want in sizes and sizes[want][0] != got:
                 seen, other = sizes[want]
                 raise ValueError(
