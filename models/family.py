@@ -262,3 +262,46 @@ def check_batch(fields: Mapping[str, Field], batch: Mapping[str, Any], *, where:
                 raise ValueError(
                     f"{label} must lie in [{spec.low}, {spec.high}), got values in [{low}, {high}]"
                 )
+
+
+def example_batch(
+    fields: Mapping[str, Field], key: torch.Tensor, *, batch_size: int = 3, size: int = 5
+) -> dict[str, torch.Tensor]:
+    """A random batch that :func:`check_batch` accepts: floats uniform in ``[0, 1)``, ids
+    uniform in ``[low, high)`` (``arange`` where unbounded: distinct example ids), bools
+    True; a named size is ``min(size, its limit)``. Pure in ``key`` (``fmm.random``).
+
+    For smoke tests and the contract tests; a loss may still need more than the shapes say
+    (e.g. a text model's end-of-text token), which a family's own tests cover.
+
+    Example: ``batch = example_batch(FAMILY.batch(cfg), fmm.random.key(0))``.
+    """
+    from fmm import random
+
+    def dims(spec: Field) -> tuple[int, ...]:
+        out = []
+        for d in spec.shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif d == "batch":
+                out.append(batch_size)
+            else:
+                out.append(min(size, spec.limits.get(d, size)))
+        return tuple(out)
+
+    batch = {}
+    for name, spec in fields.items():
+        if spec.optional:
+            continue
+        k, shape = random.fold_in(key, name), dims(spec)
+        if spec.dtype == "float":
+            batch[name] = random.uniform(k, shape)
+        elif spec.dtype == "bool":
+            batch[name] = torch.ones(shape, dtype=torch.bool)
+        elif spec.high is None:
+            n = max(1, torch.Size(shape).numel())
+            batch[name] = (torch.arange(n, dtype=torch.int64) + spec.low).reshape(shape)
+        else:
+            u = random.uniform(k, shape, dtype=torch.float64)
+            batch[name] = (spec.low + (u * (spec.high - spec.low)).floor()).to(torch.int64)
+    return batch
