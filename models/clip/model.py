@@ -29,6 +29,7 @@ from fmm.losses import contrastive_loss, local_gather, logit_scale_value
 from fmm.losses.contrastive import Gather
 from fmm.nn.transformer import BlockFn
 from models.clip.config import CLIPConfig
+from models.family import Field
 
 Params = dict[str, Any]
 
@@ -208,19 +209,39 @@ def apply(
     return _apply(params, images, tokens, cfg, block_fn)
 
 
+def batch_fields(cfg: CLIPConfig) -> dict[str, Field]:
+    """The batch :func:`loss` reads: ``images [batch, C, H, W]`` float and ``tokens
+    [batch, seq]`` int64 ids (``seq <= context_length``; the end-of-text token is each row's
+    largest id)."""
+    c, s = cfg.in_channels, cfg.image_size
+    return {
+        "images": Field("float", ("batch", c, s, s), doc="pixels, normalised as in training"),
+        "tokens": Field(
+            "int", ("batch", "seq"), high=cfg.vocab_size, doc="caption ids, end-of-text last"
+        ),
+    }
+
+
 def loss(
     params: Params,
     batch: dict[str, torch.Tensor],
     *,
     cfg: CLIPConfig,
-    gather: Gather = local_gather,
+    key: torch.Tensor | None = None,
+    train: bool = True,
     block_fn: BlockFn | None = None,
+    gather: Gather = local_gather,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Contrastive loss of ``batch = {"images": [B,3,H,W], "tokens": [B,T]}``.
+    """Symmetric contrastive loss of ``batch = {"images": [B, C, H, W], "tokens": [B, T]}``.
 
-    Returns ``(loss [], metrics)`` with ``metrics["logit_scale"]`` the clamped scale, so it
-    plugs straight into ``train.step.make_train_step``.
+    Returns ``(loss [], {"logit_scale": []})``, the clamped scale, detached. ``gather``
+    (``fmm.losses.contrastive``'s seam) brings the other ranks' embeddings with gradients,
+    so every image meets every caption of the global batch. ``key`` and ``train`` are the
+    contract's: CLIP has no dropout, so neither changes the result.
+
+    Example: ``value, metrics = loss(params, {"images": x, "tokens": t}, cfg=clip_tiny())``.
     """
+    del key, train  # no stochastic layer in CLIP
     checks.check_keys(batch, ("images", "tokens"))
     _check_pairs(
         params, batch["images"], batch["tokens"], cfg, ("batch['images']", "batch['tokens']")
@@ -228,3 +249,14 @@ def loss(
     img, txt, scale = _apply(params, batch["images"], batch["tokens"], cfg, block_fn)
     value = contrastive_loss(img, txt, params["logit_scale"], gather=gather)
     return value, {"logit_scale": scale.detach()}
+
+
+def logit_scale(params: Params) -> torch.Tensor:
+    """The zero-shot scale ``[]``: logits are ``logit_scale(params) * image @ text.T``."""
+    checks.check_keys(params, ("logit_scale",), name="params")
+    return logit_scale_value(params["logit_scale"])
+
+
+def image_shape(cfg: CLIPConfig) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images the image tower takes."""
+    return (cfg.in_channels, cfg.image_size, cfg.image_size)
