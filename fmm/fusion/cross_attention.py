@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fmm.nn.transformer import TransformerConfig, init_transformer, transformer
+from fmm.nn.transformer import BlockFn, TransformerConfig, init_transformer, transformer
 
 Params = dict
 
@@ -46,9 +46,12 @@ def cross_attention_fusion(
     context_mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """``x: [batch, seq, width]`` attends to itself and to ``context: [batch, ctx, cross_dim]``
-    -> ``[batch, seq, width]``. ``mask`` / ``context_mask`` as in :func:`fmm.nn.block`.
+    -> ``[batch, seq, width]``. ``mask`` / ``context_mask`` as in :func:`fmm.nn.block`;
+    ``block_fn`` runs each block (:func:`fmm.nn.transformer`'s seam, where
+    ``fmm.adapter`` shards and checkpoints).
 
     Example: text tokens ``[B, T, 8]`` over image patches ``[B, P, 6]``.
     """
@@ -76,4 +79,5 @@ def cross_attention_fusion(
         context_mask=context_mask,
         key=key,
         train=train,
+        block_fn=block_fn,
     )

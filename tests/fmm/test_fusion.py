@@ -144,6 +144,22 @@ def test_cross_attention_fusion_matches_the_transformer_and_depends_on_context()
     assert ctx.grad.abs().sum() > 0
 
 
+def test_cross_attention_fusion_runs_every_block_through_block_fn_with_its_context():
+    tc = TransformerConfig(width=8, layers=3, heads=2, cross_dim=6, norm_first=False)
+    cfg = fusion.CrossAttentionFusionConfig(transformer=tc)
+    params = fusion.init_cross_attention_fusion(cfg, fmm.random.key(5))
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 3, 6)
+    seen = []
+
+    def block_fn(block_params, h, **kwargs):
+        seen.append((id(block_params), kwargs["context"] is ctx))
+        return fmm.nn.block(block_params, h, **kwargs)
+
+    out = fusion.cross_attention_fusion(params, x, ctx, cfg=cfg, block_fn=block_fn)
+    assert seen == [(id(b), True) for b in params["blocks"]]
+    torch.testing.assert_close(out, fusion.cross_attention_fusion(params, x, ctx, cfg=cfg))
+
+
 @pytest.mark.parametrize(
     ("features", "match"),
     [
