@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from fmm.nn import TransformerConfig
+from fmm.nn.towers import TextConfig, ViTConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,6 +15,10 @@ class CLIPConfig:
 
     The dataclass is CLIP's component builder: pass any sizes. Presets below fix the
     published ones. Hashable, so ``torch.compile`` guards on it cheaply.
+
+    Each tower has its own width, depth, heads and MLP width: ``image_mlp_dim`` /
+    ``text_mlp_dim`` (None: ``int(width * mlp_ratio)``, the published CLIPs' 4x) state a
+    tower's MLP hidden width as checkpoints do, so towers whose ratios differ load too.
     """
 
     embed_dim: int
@@ -23,6 +28,7 @@ class CLIPConfig:
     image_width: int
     image_layers: int
     image_heads: int
+    image_mlp_dim: int | None = None
     in_channels: int = 3
     # text tower
     context_length: int
@@ -30,6 +36,7 @@ class CLIPConfig:
     text_width: int
     text_layers: int
     text_heads: int
+    text_mlp_dim: int | None = None
     # shared
     mlp_ratio: float = 4.0
     act: str = "quick_gelu"
@@ -46,30 +53,50 @@ class CLIPConfig:
         for name in ("embed_dim", "image_size", "patch_size", "context_length", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CLIPConfig: {name} must be positive, got {getattr(self, name)}")
-        # Building the tower configs validates widths, heads and the activation now.
-        self.image_transformer, self.text_transformer  # noqa: B018
+        # Building the tower configs validates widths, heads, MLP widths and the activation now.
+        self.image_tower, self.text_tower  # noqa: B018
 
     @property
     def grid(self) -> int:
         """Patches per side."""
         return self.image_size // self.patch_size
 
-    def _tower(self, width: int, layers: int, heads: int) -> TransformerConfig:
+    def _tower(self, width: int, layers: int, heads: int, mlp_dim: int | None) -> TransformerConfig:
         return TransformerConfig(
-            width=width, layers=layers, heads=heads, mlp_ratio=self.mlp_ratio, act=self.act,
-            norm_eps=self.norm_eps, attn_impl=self.attn_impl,
+            width=width, layers=layers, heads=heads, mlp_ratio=self.mlp_ratio, mlp_dim=mlp_dim,
+            act=self.act, norm_eps=self.norm_eps, attn_impl=self.attn_impl,
         )  # fmt: skip
 
     @property
     def image_transformer(self) -> TransformerConfig:
-        return self._tower(self.image_width, self.image_layers, self.image_heads)
+        return self._tower(
+            self.image_width, self.image_layers, self.image_heads, self.image_mlp_dim
+        )
 
     @property
     def text_transformer(self) -> TransformerConfig:
-        return self._tower(self.text_width, self.text_layers, self.text_heads)
+        return self._tower(self.text_width, self.text_layers, self.text_heads, self.text_mlp_dim)
+
+    @property
+    def image_tower(self) -> ViTConfig:
+        """The shared ViT tower as CLIP configures it: a patch conv without bias, a layer
+        norm before the stack (OpenAI's ``ln_pre``) and a final one."""
+        return ViTConfig(
+            image_size=self.image_size, patch_size=self.patch_size,
+            transformer=self.image_transformer, in_channels=self.in_channels, patch_bias=False,
+            norm_pre=True,
+        )  # fmt: skip
+
+    @property
+    def text_tower(self) -> TextConfig:
+        """The shared text tower as CLIP configures it: causal, with a final layer norm."""
+        return TextConfig(
+            vocab_size=self.vocab_size, context_length=self.context_length,
+            transformer=self.text_transformer, causal=True,
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready fields (for ``config.json``)."""
+        """Plain JSON-ready fields (for ``config.json``); ``CLIPConfig(**d)`` reads them back."""
         return asdict(self)
 
 

@@ -41,6 +41,7 @@ from models.clip.foreign_config import (
     config_beside,
     config_from_hf,
     config_from_open_clip,
+    mlp_widths,
 )
 from models.clip.model import init
 
@@ -123,11 +124,11 @@ def open_clip_rules(cfg: CLIPConfig) -> list[Rule]:
         same("image.cls", "visual.class_embedding"),
         same("image.pos", "visual.positional_embedding"),
         *_weight_bias("image.norm_pre", "visual.ln_pre"),
-        *_weight_bias("image.norm_post", "visual.ln_post"),
+        *_weight_bias("image.norm", "visual.ln_post"),
         Rule("image.proj.weight", ("visual.proj",), transpose, transpose),
         same("text.token.weight", "token_embedding.weight"),
         same("text.pos", "positional_embedding"),
-        *_weight_bias("text.norm_final", "ln_final"),
+        *_weight_bias("text.norm", "ln_final"),
         Rule("text.proj.weight", ("text_projection",), transpose, transpose),
         same("logit_scale", "logit_scale"),
         *_towers(
@@ -144,11 +145,11 @@ def hf_rules(cfg: CLIPConfig) -> list[Rule]:
         same("image.cls", f"{v}.embeddings.class_embedding"),
         same("image.pos", f"{v}.embeddings.position_embedding.weight"),
         *_weight_bias("image.norm_pre", f"{v}.pre_layrnorm"),  # sic: HF's spelling
-        *_weight_bias("image.norm_post", f"{v}.post_layernorm"),
+        *_weight_bias("image.norm", f"{v}.post_layernorm"),
         same("image.proj.weight", "visual_projection.weight"),
         same("text.token.weight", f"{t}.embeddings.token_embedding.weight"),
         same("text.pos", f"{t}.embeddings.position_embedding.weight"),
-        *_weight_bias("text.norm_final", f"{t}.final_layer_norm"),
+        *_weight_bias("text.norm", f"{t}.final_layer_norm"),
         same("text.proj.weight", "text_projection.weight"),
         same("logit_scale", "logit_scale"),
         *_towers(cfg, f"{v}.encoder.layers.{{}}", f"{t}.encoder.layers.{{}}", _HF_BLOCK, False),
@@ -167,11 +168,11 @@ def torchmultimodal_rules(cfg: CLIPConfig) -> list[Rule]:
         same("image.cls", f"{a}.cls_token_embedding"),
         same("image.pos", f"{a}.positional_embedding"),
         *_weight_bias("image.norm_pre", f"{a}.ln_pre"),
-        *_weight_bias("image.norm_post", f"{a}.ln_post"),
+        *_weight_bias("image.norm", f"{a}.ln_post"),
         Rule("image.proj.weight", (f"{a}.projection",), transpose, transpose),
         same("text.token.weight", f"{b}.token_embedding.weight"),
         same("text.pos", f"{b}.positional_embedding"),
-        *_weight_bias("text.norm_final", f"{b}.ln_final"),
+        *_weight_bias("text.norm", f"{b}.ln_final"),
         same("text.proj.weight", f"{b}.projection.weight"),
         *_towers(cfg, f"{a}.encoder.layers.{{}}", f"{b}.encoder.layers.{{}}", _TMM_BLOCK, True),
     ]
@@ -278,6 +279,7 @@ class _Probe(NamedTuple):
     text_pos: str  # [context, text_width]
     text_block: str
     image_fc1: str  # first MLP weight of image block 0: [hidden, width]
+    text_fc1: str  # and of text block 0
     embed_dim: Callable[[Mapping[str, torch.Tensor]], int]
 
 
@@ -286,7 +288,7 @@ _PROBES = {
         "visual.conv1.weight", "visual.positional_embedding",
         "visual.transformer.resblocks.{}.ln_1.weight", "token_embedding.weight",
         "positional_embedding", "transformer.resblocks.{}.ln_1.weight",
-        "visual.transformer.resblocks.0.mlp.c_fc.weight",
+        "visual.transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_fc.weight",
         lambda sd: sd["visual.proj"].shape[1],
     ),
     "hf": _Probe(
@@ -297,13 +299,14 @@ _PROBES = {
         "text_model.embeddings.position_embedding.weight",
         "text_model.encoder.layers.{}.layer_norm1.weight",
         "vision_model.encoder.layers.0.mlp.fc1.weight",
+        "text_model.encoder.layers.0.mlp.fc1.weight",
         lambda sd: sd["visual_projection.weight"].shape[0],
     ),
     "torchmultimodal": _Probe(
         "encoder_a.conv.weight", "encoder_a.positional_embedding",
         "encoder_a.encoder.layers.{}.norm1.weight", "encoder_b.token_embedding.weight",
         "encoder_b.positional_embedding", "encoder_b.encoder.layers.{}.norm1.weight",
-        "encoder_a.encoder.layers.0.linear1.weight",
+        "encoder_a.encoder.layers.0.linear1.weight", "encoder_b.encoder.layers.0.linear1.weight",
         lambda sd: sd["encoder_a.projection"].shape[1],
     ),
 }  # fmt: skip
@@ -347,7 +350,9 @@ def config_from_state_dict(
             text_width=text_width,
             text_layers=depth(probe.text_block),
             text_heads=text_width // 64,
-            mlp_ratio=sd[probe.image_fc1].shape[0] / width,
+            **mlp_widths(
+                (width, sd[probe.image_fc1].shape[0]), (text_width, sd[probe.text_fc1].shape[0])
+            ),
             act=act,
         )
     except KeyError as e:

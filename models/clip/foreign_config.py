@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,17 @@ from models.clip.config import CLIPConfig
 _HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh"}
 
 
-def _mlp_ratio(name: str, pairs: list[tuple[int, int]]) -> float:
-    ratios = {hidden / width for width, hidden in pairs}
-    if len(ratios) != 1:
-        raise ValueError(
-            f"{name}: the two towers use different MLP ratios {sorted(ratios)}; "
-            f"CLIPConfig has one mlp_ratio"
-        )
-    ratio = ratios.pop()
-    for width, hidden in pairs:
-        if int(width * ratio) != hidden:
-            raise ValueError(f"{name}: MLP width {hidden} is not width {width} x ratio {ratio}")
-    return ratio
+def mlp_widths(image: tuple[int, int], text: tuple[int, int]) -> dict[str, float | int]:
+    """The :class:`CLIPConfig` fields for towers of ``(width, MLP hidden width)``: one
+    ``mlp_ratio`` when it reproduces both hidden widths exactly (every published CLIP),
+    else each tower's ``image_mlp_dim`` / ``text_mlp_dim``.
+
+    Example: ``mlp_widths((768, 3072), (512, 2048)) == {"mlp_ratio": 4.0}``.
+    """
+    ratio = image[1] / image[0]
+    if all(int(width * ratio) == hidden for width, hidden in (image, text)):
+        return {"mlp_ratio": ratio}
+    return {"image_mlp_dim": image[1], "text_mlp_dim": text[1]}
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -58,12 +58,9 @@ def config_from_hf(hf_config: Any) -> CLIPConfig:
         text_width=_get(text, "hidden_size"),
         text_layers=_get(text, "num_hidden_layers"),
         text_heads=_get(text, "num_attention_heads"),
-        mlp_ratio=_mlp_ratio(
-            "config_from_hf",
-            [
-                (_get(vision, "hidden_size"), _get(vision, "intermediate_size")),
-                (_get(text, "hidden_size"), _get(text, "intermediate_size")),
-            ],
+        **mlp_widths(
+            (_get(vision, "hidden_size"), _get(vision, "intermediate_size")),
+            (_get(text, "hidden_size"), _get(text, "intermediate_size")),
         ),
         act=_HF_ACTS[acts.pop()],
         norm_eps=epses.pop(),
@@ -124,9 +121,8 @@ def config_from_open_clip(name_or_dict: str | Mapping | Path) -> CLIPConfig:
     vision, text = spec["vision_cfg"], spec["text_cfg"]
     if isinstance(vision.get("layers"), (list, tuple)):
         raise ValueError("config_from_open_clip: ResNet image towers are not supported")
-    ratio = vision.get("mlp_ratio", 4.0)
-    if text.get("mlp_ratio", 4.0) != ratio:
-        raise ValueError("config_from_open_clip: the towers use different mlp_ratio")
+    # open_clip sizes each tower's MLP as int(width * mlp_ratio), its ratio defaulting to 4.
+    hidden = {n: int(c["width"] * c.get("mlp_ratio", 4.0)) for n, c in (("v", vision), ("t", text))}
     return CLIPConfig(
         embed_dim=spec["embed_dim"],
         image_size=vision["image_size"],
@@ -139,7 +135,7 @@ def config_from_open_clip(name_or_dict: str | Mapping | Path) -> CLIPConfig:
         text_width=text["width"],
         text_layers=text["layers"],
         text_heads=text["heads"],
-        mlp_ratio=ratio,
+        **mlp_widths((vision["width"], hidden["v"]), (text["width"], hidden["t"])),
         act="quick_gelu" if quick or spec.get("quick_gelu", False) else "gelu",
     )
 
@@ -167,7 +163,8 @@ def config_beside(path: Path) -> CLIPConfig:
             f"cfg=config_from_open_clip({str(path)!r}) (--config {path}), or format='open_clip' "
             "if the weights are open_clip's"
         )
-    if set(CLIPConfig.__dataclass_fields__) <= data.keys():
+    required = {f.name for f in fields(CLIPConfig) if f.default is MISSING}
+    if required <= data.keys():
         raise ConversionError(
             f"{path} is an fmm CLIPConfig, not a Hugging Face config: pass "
             f"cfg=CLIPConfig(**json.load(open({str(path)!r}))) for these weights"

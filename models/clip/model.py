@@ -1,17 +1,20 @@
 """CLIP as pure functions: ``init``, ``encode_image``, ``encode_text``, ``apply``, ``loss``.
 
-Param tree (PyTorch layouts, so converters are key maps)::
+Both towers are :mod:`fmm.nn.towers`' (``cfg.image_tower``, ``cfg.text_tower``); CLIP adds
+a projection to each and the learned temperature. Param tree (PyTorch layouts, so
+converters are key maps)::
 
     image.patch.weight          [width, 3, patch, patch]   (no bias, as in OpenAI CLIP)
     image.cls                   [width]
     image.pos                   [grid*grid + 1, width]
-    image.norm_pre / norm_post  layer norms
+    image.norm_pre              layer norm before the stack (OpenAI's ln_pre)
     image.transformer.blocks.N  pre-norm blocks
+    image.norm                  final layer norm (ln_post)
     image.proj.weight           [embed, width]
     text.token.weight           [vocab, width]
     text.pos                    [context, width]
-    text.transformer.blocks.N
-    text.norm_final
+    text.transformer.blocks.N   causal pre-norm blocks
+    text.norm                   final layer norm (ln_final)
     text.proj.weight            [embed, width]
     logit_scale                 []   log inverse temperature
 """
@@ -22,11 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 
 from fmm import checks, nn, random
 from fmm.losses import contrastive_loss, local_gather, logit_scale_value
 from fmm.losses.contrastive import Gather
+from fmm.nn import towers
 from fmm.nn.transformer import BlockFn
 from models.clip.config import CLIPConfig
 from models.family import Field
@@ -42,44 +45,15 @@ def init(cfg: CLIPConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
     """
     checks.check_type("cfg", cfg, CLIPConfig)
     ki, kt = random.fold_in(key, "image"), random.fold_in(key, "text")
-    wi, wt, dev = cfg.image_width, cfg.text_width, key.device
-    image = {
-        "patch": nn.init_patch_embed(
-            cfg.patch_size,
-            cfg.in_channels,
-            wi,
-            random.fold_in(ki, "patch"),
-            bias=False,
-            dtype=dtype,
-        ),
-        "cls": random.normal(random.fold_in(ki, "cls"), (wi,), dtype=dtype) * wi**-0.5,
-        "pos": random.normal(random.fold_in(ki, "pos"), (cfg.grid**2 + 1, wi), dtype=dtype)
-        * wi**-0.5,
-        "norm_pre": nn.init_layer_norm(wi, device=dev, dtype=dtype),
-        "transformer": nn.init_transformer(
-            cfg.image_transformer, random.fold_in(ki, "transformer"), dtype=dtype
-        ),
-        "norm_post": nn.init_layer_norm(wi, device=dev, dtype=dtype),
-        "proj": nn.init_linear(
-            wi, cfg.embed_dim, random.fold_in(ki, "proj"), bias=False, dtype=dtype
-        ),
-    }
-    text = {
-        "token": nn.init_embedding(
-            cfg.vocab_size, wt, random.fold_in(kt, "token"), std=0.02, dtype=dtype
-        ),
-        "pos": nn.init_learned_positions(
-            cfg.context_length, wt, random.fold_in(kt, "pos"), std=0.01, dtype=dtype
-        ),
-        "transformer": nn.init_transformer(
-            cfg.text_transformer, random.fold_in(kt, "transformer"), dtype=dtype
-        ),
-        "norm_final": nn.init_layer_norm(wt, device=dev, dtype=dtype),
-        "proj": nn.init_linear(
-            wt, cfg.embed_dim, random.fold_in(kt, "proj"), bias=False, dtype=dtype
-        ),
-    }
-    logit_scale = torch.full((), cfg.init_logit_scale, dtype=dtype, device=dev)
+    image = towers.init_vit(cfg.image_tower, ki, dtype=dtype)
+    image["proj"] = nn.init_linear(
+        cfg.image_width, cfg.embed_dim, random.fold_in(ki, "proj"), bias=False, dtype=dtype
+    )
+    text = towers.init_text(cfg.text_tower, kt, dtype=dtype)
+    text["proj"] = nn.init_linear(
+        cfg.text_width, cfg.embed_dim, random.fold_in(kt, "proj"), bias=False, dtype=dtype
+    )
+    logit_scale = torch.full((), cfg.init_logit_scale, dtype=dtype, device=key.device)
     return {"image": image, "text": text, "logit_scale": logit_scale}
 
 
@@ -97,22 +71,11 @@ def _check_tokens(tokens: torch.Tensor, cfg: CLIPConfig, name: str) -> None:
 
 
 def _image_features(params: Params, images, cfg: CLIPConfig, block_fn) -> torch.Tensor:
-    p = params["image"]
-    x = nn.patch_embed(p["patch"], images)
-    cls = repeat(p["cls"], "d -> b 1 d", b=x.shape[0]).to(x.dtype)
-    x = torch.cat([cls, x], dim=1) + p["pos"]
-    x = nn.layer_norm(p["norm_pre"], x, eps=cfg.norm_eps)
-    x = nn.transformer(p["transformer"], x, cfg=cfg.image_transformer, block_fn=block_fn)
-    return nn.layer_norm(p["norm_post"], x, eps=cfg.norm_eps)
+    return towers.vit(params["image"], images, cfg=cfg.image_tower, block_fn=block_fn).sequence
 
 
 def _text_features(params: Params, tokens, cfg: CLIPConfig, block_fn) -> torch.Tensor:
-    p = params["text"]
-    x = nn.embed(p["token"], tokens) + p["pos"][: tokens.shape[1]]
-    x = nn.transformer(
-        p["transformer"], x, cfg=cfg.text_transformer, causal=True, block_fn=block_fn
-    )
-    return nn.layer_norm(p["norm_final"], x, eps=cfg.norm_eps)
+    return towers.text(params["text"], tokens, cfg=cfg.text_tower, block_fn=block_fn).sequence
 
 
 def _encode_image(params: Params, images, cfg: CLIPConfig, normalize: bool, block_fn):

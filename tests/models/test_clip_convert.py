@@ -294,3 +294,56 @@ def test_cfg_overrides_a_config_json_of_another_kind(tiny_hf_weights):
     finally:
         beside.unlink()
     assert read == cfg and params["text"]["token"]["weight"].shape == (64, 128)
+
+
+# Towers whose MLP ratios differ (4 in the image tower, 2.5 in the text tower), small
+# widths in heads of 64 (what config_from_state_dict assumes).
+UNEVEN_OPEN_CLIP = dict(
+    embed_dim=48, quick_gelu=True,
+    vision_cfg=dict(image_size=32, patch_size=8, layers=2, width=128, mlp_ratio=4.0),
+    text_cfg=dict(context_length=20, vocab_size=100, width=128, heads=2, layers=2, mlp_ratio=2.5),
+)  # fmt: skip
+
+
+def test_towers_with_different_mlp_widths_match_open_clip():
+    oc = reference("open_clip")
+    spec = UNEVEN_OPEN_CLIP
+    ref = randomize_(
+        oc.model.CLIP(spec["embed_dim"], spec["vision_cfg"], spec["text_cfg"], quick_gelu=True),
+        seed=4,
+    )
+    cfg = convert.config_from_open_clip(spec)
+    assert (cfg.image_transformer.hidden, cfg.text_transformer.hidden) == (512, 320)
+    assert convert.config_from_state_dict(ref.state_dict(), "open_clip") == cfg
+    params = convert.from_open_clip(ref.state_dict(), cfg)
+    images, tokens = inputs(cfg)
+    with torch.no_grad():
+        img, txt, scale = ref(images, tokens)
+    assert_same(params, img, txt, scale, images=images, tokens=tokens, cfg=cfg)
+    assert_state_dicts_equal(convert.to_open_clip(params, cfg), ref.state_dict())
+    assert CLIPConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_towers_with_different_mlp_widths_match_hf():
+    import transformers
+
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=128, intermediate_size=320,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=20,
+                         bos_token_id=98, eos_token_id=99),  # inputs()' start and end ids
+        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=48,
+    )  # fmt: skip
+    ref = randomize_(transformers.CLIPModel(config), seed=5)
+    cfg = convert.config_from_hf(config)
+    assert (cfg.image_mlp_dim, cfg.text_mlp_dim) == (512, 320)
+    assert replace(convert.config_from_state_dict(ref.state_dict(), "hf"),
+                   init_logit_scale=cfg.init_logit_scale) == cfg  # fmt: skip
+    params = convert.from_hf(ref.state_dict(), cfg)
+    images, tokens = inputs(cfg)
+    with torch.no_grad():
+        out = ref(input_ids=tokens, pixel_values=images)
+    scale = ref.logit_scale.exp()
+    assert_same(params, out.image_embeds, out.text_embeds, scale, images=images, tokens=tokens,
+                cfg=cfg)  # fmt: skip
