@@ -20,8 +20,8 @@ A decoding step attends over the whole preallocated cache with a boolean mask bu
 position 10 and 1000 and, with ``pos`` a tensor, a compiled step never recompiles.
 
 The functions are generic over a :class:`DecoderSpec`: how a model embeds tokens at given
-positions, where its pre-norm blocks (:mod:`fmm.nn.transformer`'s layout) live, and its
-output head. A model family provides one (``models.gpt.decoder_spec(cfg)``); every ``cfg=``
+positions, where its blocks (:mod:`fmm.nn.transformer`'s layout: pre- or post-norm, with or
+without cross-attention) live, and its output head. A model family provides one (``models.gpt.decoder_spec(cfg)``); every ``cfg=``
 below takes a spec or a config with a ``decoder_spec`` attribute.
 
 Example::
@@ -38,11 +38,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from einops import rearrange
 
 from fmm import checks, random
 from fmm.kv_cache import Cache, DecoderSpec, Params, as_spec, init_cache, run_cached
-from fmm.nn.linear import linear
 from fmm.nn.transformer import init_block
 from fmm.sampling import Sampling, greedy, sample, top_k_mask, top_p_mask
 
@@ -170,7 +168,6 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
     positions = (slots - start[:, None]).clamp(min=0)
 
     t = spec.transformer
-    cross_kv = None
     new_cache: Cache = {"start": start}
     if t.cross_dim is not None and context is not None:
         want_t = cache["layers"][0]["ck"].shape[2]
@@ -178,12 +175,6 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
             "context", context, (batch, want_t, t.cross_dim), like=cache["layers"][0]["ck"],
             hint="batch, the cache's context_len, cross_dim",
         )  # fmt: skip
-        cross_kv = []
-        for bp in spec.blocks(params):
-            ck, cv = rearrange(
-                linear(bp["cross"]["kv"], context), "b t (n h d) -> n b h t d", n=2, h=t.heads
-            )
-            cross_kv.append((ck, cv))
         cm = torch.ones(batch, want_t, dtype=torch.bool, device=tokens.device)
         if context_mask is not None:
             checks.check_mask("context_mask", context_mask, (batch, want_t))
@@ -198,7 +189,7 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
 
     run_cache = {**cache, **new_cache}
     logits, layers = run_cached(
-        params, tokens, run_cache, spec, slots, start, positions, donate, cross_kv, last_only
+        params, tokens, run_cache, spec, slots, start, positions, donate, context, last_only
     )
     new_cache.update(layers=layers, pos=slots[:, -1] + 1 - start)
     return logits, {**cache, **new_cache}

@@ -2,8 +2,9 @@
 
 :class:`DecoderSpec` says what decoding needs to know about a decoder-only model;
 :func:`init_cache` preallocates the cache pytree (its layout is in :mod:`fmm.decoding`'s
-docstring); :func:`run_cached` runs tokens through the model's pre-norm blocks, writing
-their keys/values into given slots and attending over the whole cache under a mask built
+docstring); :func:`run_cached` runs tokens through the model's blocks (:func:`fmm.nn.block`
+with its layer of the cache: pre- or post-norm, with or without cross-attention), which
+write their keys/values into given slots and attend over the whole cache under a mask built
 from explicit offsets. :mod:`fmm.decoding` builds ``prefill``, ``decode_step`` and
 ``generate`` on these; most callers want that module.
 """
@@ -15,13 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
-from fmm.nn.linear import linear
-from fmm.nn.mlp import mlp
-from fmm.nn.norm import layer_norm
-from fmm.nn.transformer import TransformerConfig
+from fmm.nn.transformer import TransformerConfig, transformer
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -36,7 +32,8 @@ class DecoderSpec:
     """What decoding needs to know about a decoder-only model (hashable, so compile guards
     on it cheaply; build it once per config, e.g. with ``functools.cache``).
 
-    ``transformer``: the stack's config; its blocks are pre-norm :func:`fmm.nn.block`s.
+    ``transformer``: the stack's config; its blocks are :func:`fmm.nn.block`s (pre- or
+    post-norm, optionally cross-attending).
     ``embed(params, tokens [B, S], positions [B, S]) -> [B, S, width]``: token (and position)
     embedding; ``positions`` are per-sequence position ids, 0 at each prompt's first token.
     ``head(params, h [B, S, width]) -> logits [B, S, vocab]``: final norm and output layer.
@@ -56,15 +53,6 @@ class DecoderSpec:
     vocab_size: int | None = None
     init: Callable[[Any, torch.Tensor], Params] | None = None
     config: Any = None
-
-    def __post_init__(self) -> None:
-        t = self.transformer
-        # The cached block below is the pre-norm one; a post-norm stack would decode wrongly.
-        if not t.norm_first:
-            raise ValueError(
-                "DecoderSpec: cached decoding supports pre-norm transformers only "
-                "(transformer.norm_first=False was given)"
-            )
 
 
 def as_spec(cfg: Any) -> DecoderSpec:
@@ -134,18 +122,6 @@ def init_cache(
     return cache
 
 
-def _write(buf: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, donate: bool):
-    """``buf [B, H, L, D]`` with ``new [B, H, S, D]`` at ``slots [B, S]`` along L."""
-    rows = torch.arange(buf.shape[0], device=buf.device)[:, None, None]
-    heads = torch.arange(buf.shape[1], device=buf.device)[None, :, None]
-    index = (rows, heads, slots[:, None, :])
-    # Donated buffers belong to the loop that allocated them: writing one slot in place keeps
-    # a step O(1) in memory traffic instead of copying the whole cache. index_put_, not
-    # scatter_: inductor writes an index_put_ on a graph input in place, while a scatter_
-    # became a copy of the whole buffer per layer (~1/3 of a GPT-2-small step at 1024 slots).
-    return buf.index_put_(index, new) if donate else buf.index_put(index, new)
-
-
 def _self_mask(slots: torch.Tensor, start: torch.Tensor, max_len: int) -> torch.Tensor:
     """``[B, 1, S, max_len]``: the query in slot ``s`` sees real keys in slots ``<= s``.
 
@@ -167,38 +143,23 @@ def run_cached(
     start: torch.Tensor,
     positions: torch.Tensor,
     donate: bool,
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    context: torch.Tensor | None,
     last_only: bool = False,
 ) -> tuple[torch.Tensor, list[Params]]:
     """Run ``tokens [B, S]`` through the model, their keys/values written at ``slots [B, S]``
     of every layer's cache; queries see the cache's real slots (from ``start [B]``) up to
-    their own. ``positions [B, S]``: position ids. ``cross_kv``: per-layer context keys and
-    values computed at a prefill (``None``: those already in the cache). ``donate``: write
-    the cache's buffers in place. Returns ``(logits [B, S or 1, vocab], new layer caches)``.
+    their own. ``positions [B, S]``: position ids. ``context [B, T, cross_dim]``: fills the
+    cross-attention keys/values (a first prefill; ``None``: those already in the cache).
+    ``donate``: write the cache's buffers in place. Returns ``(logits [B, S or 1, vocab],
+    new layer caches)``.
     """
     t = spec.transformer
     x = spec.embed(params, tokens, positions)
     mask = _self_mask(slots, start, cache["layers"][0]["k"].shape[2]) if t.layers else None
     cmask = cache["context_mask"][:, None, None, :] if "context_mask" in cache else None
-    layers = []
-    for i, (bp, layer) in enumerate(zip(spec.blocks(params), cache["layers"])):
-        h = layer_norm(bp["norm1"], x, eps=t.norm_eps)
-        q, k, v = rearrange(
-            linear(bp["attn"]["qkv"], h), "b s (n h d) -> n b h s d", n=3, h=t.heads
-        )
-        k_all = _write(layer["k"], slots, k, donate)
-        v_all = _write(layer["v"], slots, v, donate)
-        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        x = x + linear(bp["attn"]["out"], rearrange(a, "b h s d -> b s (h d)"))
-        new = {**layer, "k": k_all, "v": v_all}
-        if t.cross_dim is not None:
-            ck, cv = cross_kv[i] if cross_kv is not None else (layer["ck"], layer["cv"])
-            new["ck"], new["cv"] = ck, cv
-            h = layer_norm(bp["norm_cross"], x, eps=t.norm_eps)
-            q = rearrange(linear(bp["cross"]["q"], h), "b s (h d) -> b h s d", h=t.heads)
-            a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=cmask)
-            x = x + linear(bp["cross"]["out"], rearrange(a, "b h s d -> b s (h d)"))
-        x = x + mlp(bp["mlp"], layer_norm(bp["norm2"], x, eps=t.norm_eps), act=t.act)
-        layers.append(new)
+    x, layers = transformer(
+        {"blocks": spec.blocks(params)}, x, cfg=t, cache=cache["layers"], slots=slots,
+        donate=donate, mask=mask, context=context, context_mask=cmask,
+    )  # fmt: skip
     # The output layer is often the largest matmul: skip it where no one reads the logits.
     return spec.head(params, x[:, -1:] if last_only else x), layers

@@ -7,6 +7,10 @@ A pre-norm block (``norm_first=True``, the default) computes ``x + attn(norm1(x)
 ``x = norm2(x + mlp(x))``. Both use the same param names, so one converter layout serves
 either. A stack is ``{"blocks": [block, ...]}``; the final norm of a pre-norm stack, if
 any, belongs to the model that owns the stack.
+
+The same block decodes: given its layer of :mod:`fmm.decoding`'s KV cache it writes this
+call's keys/values at explicit slots and returns ``(y, new_layer_cache)``, so training and
+cached decoding run one implementation, pre- or post-norm, with or without cross-attention.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from typing import Any
 import torch
 
 from fmm import random
-from fmm.nn.attention import AttentionConfig, attention, init_attention
+from fmm.nn.attention import AttentionConfig, KVCache, attention, init_attention
 from fmm.nn.mlp import activation, init_mlp, mlp
 from fmm.nn.norm import init_layer_norm, layer_norm
 
 Params = dict[str, Any]
-BlockFn = Callable[..., torch.Tensor]
+BlockFn = Callable[..., Any]
+# One layer of fmm.decoding's cache: {"k", "v"[, "ck", "cv"]: [B, heads, len, head_dim]}.
+LayerCache = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,73 +138,71 @@ def block(
     context_mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
-) -> torch.Tensor:
+    cache: LayerCache | None = None,
+    slots: torch.Tensor | None = None,
+    donate: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
     """One block (pre- or post-norm by ``cfg.norm_first``).
     ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
 
     ``mask``/``context_mask``: bool, broadcastable to ``[B, heads, S, S]`` / ``[B, heads, S, T]``.
     ``key`` is needed only for dropout in training.
+
+    ``cache``: this layer's KV cache (:mod:`fmm.decoding`'s layout: ``{"k", "v": [B, heads,
+    L, head_dim]}``, plus ``"ck", "cv": [B, heads, T, head_dim]`` with cross-attention);
+    then the block returns ``(y [B, S, width], new_cache)``. The block's keys/values are
+    written at ``slots: [B, S]`` and ``mask`` (broadcastable to ``[B, heads, S, L]``) is the
+    explicit offset mask over the cache's slots; the context's keys/values are computed
+    when ``context`` is given and read from the cache otherwise. ``donate``: write the
+    cache in place. See :func:`fmm.nn.attention`.
+
+    Example: ``y, layer = block(p, x, cfg=cfg, cache=layer, slots=slots, mask=offsets)``.
     """
     stochastic = train and (cfg.dropout > 0.0 or cfg.attn_dropout > 0.0)
     if stochastic and key is None:
         raise ValueError("key= is missing: block dropout in training needs key=")
     sub = (lambda name: random.fold_in(key, name)) if stochastic else (lambda name: None)
-    if not cfg.norm_first:
-        return _post_norm_block(
-            params, x, cfg, mask, causal, context, context_mask, key, sub, train
-        )
-    eps = cfg.norm_eps
-    h = attention(
-        params["attn"],
-        layer_norm(params["norm1"], x, eps=eps),
-        cfg=cfg.self_attention,
-        mask=mask,
-        causal=causal,
-        key=sub("attn"),
-        train=train,
-    )
-    x = _residual(x, h, cfg, key, "attn_out", train)
+    eps, pre = cfg.norm_eps, cfg.norm_first
+
+    # Pre-norm normalises each branch's input, post-norm each residual sum; the params and
+    # dropout key names are the same either way, so one converter layout serves both.
+    def norm_in(x, name):
+        return layer_norm(params[name], x, eps=eps) if pre else x
+
+    def norm_out(y, name):
+        return y if pre else layer_norm(params[name], y, eps=eps)
+
+    h, kv = _attend(
+        params["attn"], norm_in(x, "norm1"), cfg=cfg.self_attention, cache=_pair(cache, "k", "v"),
+        mask=mask, causal=causal, slots=slots, donate=donate, key=sub("attn"), train=train,
+    )  # fmt: skip
+    x = norm_out(_residual(x, h, cfg, key, "attn_out", train), "norm1")
+    new_cache = None if cache is None else {**cache, "k": kv["k"], "v": kv["v"]}
     if cfg.cross_dim is not None:
-        h = attention(
-            params["cross"],
-            layer_norm(params["norm_cross"], x, eps=eps),
-            cfg=cfg.cross_attention,
-            context=context,
-            mask=context_mask,
-            key=sub("cross"),
-            train=train,
-        )
-        x = _residual(x, h, cfg, key, "cross_out", train)
-    h = mlp(params["mlp"], layer_norm(params["norm2"], x, eps=eps), act=cfg.act)
-    return _residual(x, h, cfg, key, "mlp_out", train)
+        h, ckv = _attend(
+            params["cross"], norm_in(x, "norm_cross"), cfg=cfg.cross_attention,
+            cache=_pair(cache, "ck", "cv"), context=context, mask=context_mask,
+            key=sub("cross"), train=train,
+        )  # fmt: skip
+        x = norm_out(_residual(x, h, cfg, key, "cross_out", train), "norm_cross")
+        if new_cache is not None:
+            new_cache["ck"], new_cache["cv"] = ckv["k"], ckv["v"]
+    h = mlp(params["mlp"], norm_in(x, "norm2"), act=cfg.act)
+    x = norm_out(_residual(x, h, cfg, key, "mlp_out", train), "norm2")
+    return x if cache is None else (x, new_cache)
 
 
-def _post_norm_block(params, x, cfg, mask, causal, context, context_mask, key, sub, train):
-    # Same params and dropout key names as the pre-norm path; only where the norms sit moves.
-    eps = cfg.norm_eps
-    h = attention(
-        params["attn"],
-        x,
-        cfg=cfg.self_attention,
-        mask=mask,
-        causal=causal,
-        key=sub("attn"),
-        train=train,
-    )
-    x = layer_norm(params["norm1"], _residual(x, h, cfg, key, "attn_out", train), eps=eps)
-    if cfg.cross_dim is not None:
-        h = attention(
-            params["cross"],
-            x,
-            cfg=cfg.cross_attention,
-            context=context,
-            mask=context_mask,
-            key=sub("cross"),
-            train=train,
-        )
-        x = layer_norm(params["norm_cross"], _residual(x, h, cfg, key, "cross_out", train), eps=eps)
-    h = mlp(params["mlp"], x, act=cfg.act)
-    return layer_norm(params["norm2"], _residual(x, h, cfg, key, "mlp_out", train), eps=eps)
+def _pair(cache: LayerCache | None, k: str, v: str) -> KVCache | None:
+    # A layer cache holds self- ("k", "v") and cross-attention ("ck", "cv") entries;
+    # attention() sees only its own pair.
+    return None if cache is None else {"k": cache[k], "v": cache[v]}
+
+
+def _attend(params, x, *, cache, **kwargs):
+    """:func:`attention` as ``(out, new cache or None)``, with or without a cache."""
+    if cache is None:
+        return attention(params, x, **kwargs), None
+    return attention(params, x, cache=cache, **kwargs)
 
 
 def transformer(
@@ -209,20 +213,33 @@ def transformer(
     key: torch.Tensor | None = None,
     train: bool = False,
     block_fn: BlockFn | None = None,
+    cache: list[LayerCache] | None = None,
     **block_kwargs: Any,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, list[LayerCache]]:
     """Apply every block in order. ``x: [B, S, width]`` -> ``[B, S, width]``.
 
-    ``block_kwargs`` (``mask``, ``causal``, ``context``, ``context_mask``) go to each
-    :func:`block`; block ``i`` draws dropout from ``fold_in(key, i)``.
+    ``block_kwargs`` (``mask``, ``causal``, ``context``, ``context_mask``, and with a cache
+    ``slots``, ``donate``) go to each :func:`block`; block ``i`` draws dropout from
+    ``fold_in(key, i)``.
 
     ``block_fn``: what runs one block, called as ``block_fn(block_params, x, cfg=, key=,
     train=, **block_kwargs)``; default :func:`block`. It is the seam where
     ``fmm.adapter`` routes each block through its own module (FSDP2 sharding, activation
     checkpointing) while the math stays :func:`block`.
+
+    ``cache``: one layer cache per block (``fmm.decoding``'s ``cache["layers"]``); block
+    ``i`` gets ``cache=cache[i]`` and the call returns ``(y, new layer caches)``.
     """
     run = block if block_fn is None else block_fn
-    for i, bp in enumerate(params["blocks"]):
+    blocks = params["blocks"]
+    if cache is not None and len(cache) != len(blocks):
+        raise ValueError(f"cache has {len(cache)} layers but the stack has {len(blocks)} blocks")
+    new_cache = []
+    for i, bp in enumerate(blocks):
         k = random.fold_in(key, i) if key is not None else None
-        x = run(bp, x, cfg=cfg, key=k, train=train, **block_kwargs)
-    return x
+        if cache is None:
+            x = run(bp, x, cfg=cfg, key=k, train=train, **block_kwargs)
+        else:
+            x, layer = run(bp, x, cfg=cfg, key=k, train=train, cache=cache[i], **block_kwargs)
+            new_cache.append(layer)
+    return x if cache is None else (x, new_cache)

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import jacrev, vmap
 
-from fmm import nn, random
+from fmm import nn, random, tree
 
 dims = st.sampled_from([3, 5, 7])
 heads_and_dims = st.sampled_from([(1, 3), (1, 5), (3, 9), (5, 15)])
@@ -14,6 +14,11 @@ heads_and_dims = st.sampled_from([(1, 3), (1, 5), (3, 9), (5, 15)])
 
 def _x(seed, *shape):
     return random.normal(random.key(seed), shape)
+
+
+def _perturbed(params):
+    """Non-trivial norms and biases, so that a wrongly wired block cannot pass by accident."""
+    return tree.map(lambda x: x + 0.1 * random.normal(random.key(x.numel()), x.shape), params)
 
 
 @given(i=dims, o=dims, b=st.integers(1, 4))
@@ -179,3 +184,44 @@ def test_configs_refuse_bad_sizes():
         nn.AttentionConfig(dim=5, heads=2)
     with pytest.raises(ValueError, match="activation"):
         nn.TransformerConfig(width=4, layers=1, heads=2, act="nope")
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_norm", "post_norm"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_cached_block_in_chunks_equals_the_causal_block(norm_first, cross):
+    cfg = nn.TransformerConfig(
+        width=6, layers=1, heads=3, norm_first=norm_first, cross_dim=5 if cross else None
+    )
+    p = _perturbed(nn.init_block(cfg, random.key(0)))
+    x, ctx = _x(1, 2, 5, 6), (_x(2, 2, 4, 5) if cross else None)
+    full = nn.block(p, x, cfg=cfg, causal=True, context=ctx)
+    length = 7  # two slots never written
+    cache = {"k": torch.zeros(2, 3, length, 2), "v": torch.zeros(2, 3, length, 2)}
+    if cross:
+        cache["ck"], cache["cv"] = torch.zeros(2, 3, 4, 2), torch.zeros(2, 3, 4, 2)
+    outs = []
+    for lo, hi in ((0, 2), (2, 3), (3, 5)):  # a prefill, then token by token
+        slots = torch.arange(lo, hi).expand(2, -1)
+        mask = nn.causal_mask(hi - lo, length, offset=lo)
+        context = ctx if lo == 0 else None  # cross keys/values come from the cache after
+        y, cache = nn.block(p, x[:, lo:hi], cfg=cfg, cache=cache, slots=slots, mask=mask,
+                            context=context)  # fmt: skip
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-6, rtol=0)
+    assert torch.equal(cache["k"][:, :, 5:], torch.zeros(2, 3, 2, 2))
+
+
+def test_cached_attention_writes_in_place_only_when_donated_and_refuses_is_causal():
+    cfg = nn.AttentionConfig(dim=6, heads=3)
+    p = nn.init_attention(cfg, random.key(0))
+    cache = {"k": torch.zeros(1, 3, 4, 2), "v": torch.zeros(1, 3, 4, 2)}
+    slots, mask = torch.tensor([[1]]), nn.causal_mask(1, 4, offset=1)
+    x = _x(1, 1, 1, 6)
+    _, kept = nn.attention(p, x, cfg=cfg, cache=cache, slots=slots, mask=mask)
+    assert not cache["k"].any() and kept["k"][:, :, 1].abs().sum() > 0
+    _, donated = nn.attention(p, x, cfg=cfg, cache=cache, slots=slots, mask=mask, donate=True)
+    assert donated["k"] is cache["k"] and torch.equal(donated["k"], kept["k"])
+    with pytest.raises(ValueError, match="offset mask"):
+        nn.attention(p, x, cfg=cfg, cache=cache, slots=slots, causal=True)
+    with pytest.raises(ValueError, match="slots="):
+        nn.attention(p, x, cfg=cfg, cache=cache, mask=mask)
