@@ -19,7 +19,15 @@ from fmm.nn.embed import (
 from fmm.nn.linear import init_linear, linear
 from fmm.nn.mlp import ACTIVATIONS, activation, init_mlp, mlp, quick_gelu
 from fmm.nn.norm import init_layer_norm, layer_norm
-from fmm.nn.pool import pool_cls, pool_eot, pool_index, pool_mean
+from fmm.nn.pool import (
+    AttentionPoolConfig,
+    attention_pool,
+    init_attention_pool,
+    pool_cls,
+    pool_eot,
+    pool_index,
+    pool_mean,
+)
 from fmm.nn.transformer import (
     TransformerConfig,
     block,
@@ -31,13 +39,16 @@ from fmm.nn.transformer import (
 __all__ = [
     "ACTIVATIONS",
     "AttentionConfig",
+    "AttentionPoolConfig",
     "TransformerConfig",
     "activation",
     "attention",
+    "attention_pool",
     "block",
     "causal_mask",
     "embed",
     "init_attention",
+    "init_attention_pool",
     "init_block",
     "init_embedding",
     "init_layer_norm",
