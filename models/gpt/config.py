@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fmm.nn import TransformerConfig
+from fmm.nn.towers import TextConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,15 @@ class GPTConfig:
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
             act=self.act, norm_eps=self.norm_eps, dropout=self.dropout,
             attn_dropout=self.attn_dropout, attn_impl=self.attn_impl,
+        )  # fmt: skip
+
+    @property
+    def tower(self) -> TextConfig:
+        """The shared text tower as GPT configures it: causal, learned positions, a final
+        layer norm, ``dropout`` on the embeddings as in every block."""
+        return TextConfig(
+            vocab_size=self.vocab_size, context_length=self.context_length,
+            transformer=self.transformer, causal=True, dropout=self.dropout,
         )  # fmt: skip
 
     @property

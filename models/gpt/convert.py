@@ -61,7 +61,7 @@ def hf_rules(cfg: GPTConfig) -> list[Rule]:
     rules = [
         same("token.weight", "transformer.wte.weight"),
         same("pos", "transformer.wpe.weight"),
-        *_norm("norm_final", "transformer.ln_f"),
+        *_norm("norm", "transformer.ln_f"),
     ]
     for i in range(cfg.layers):
         ours, theirs = f"transformer.blocks.{i}", f"transformer.h.{i}"

@@ -1,12 +1,13 @@
 """GPT as pure functions: ``init``, ``apply`` (full causal forward), ``loss``, and the
 :class:`fmm.decoding.DecoderSpec` for cached generation.
 
-Param tree (PyTorch layouts)::
+The decoder is :mod:`fmm.nn.towers`' text tower (``cfg.tower``: causal, final norm) with
+the token table reused as the output layer. Param tree (PyTorch layouts)::
 
     token.weight            [vocab, width]   input embedding, reused (tied) as the output layer
     pos                     [context, width] learned positions
     transformer.blocks.N    pre-norm blocks (fmm.nn.transformer)
-    norm_final              layer norm before the output layer
+    norm                    final layer norm, before the output layer
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm import checks, decoding, nn, random
+from fmm import checks, decoding, nn
+from fmm.nn import towers
+from fmm.nn.transformer import BlockFn
+from models.family import Field
 from models.gpt.config import GPTConfig
 
 Params = dict[str, Any]
@@ -30,18 +34,7 @@ def init(cfg: GPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float3
     Example: ``params = init(gpt_tiny(), fmm.random.key(0))``.
     """
     checks.check_type("cfg", cfg, GPTConfig)
-    return {
-        "token": nn.init_embedding(
-            cfg.vocab_size, cfg.width, random.fold_in(key, "token"), std=0.02, dtype=dtype
-        ),
-        "pos": nn.init_learned_positions(
-            cfg.context_length, cfg.width, random.fold_in(key, "pos"), std=0.01, dtype=dtype
-        ),
-        "transformer": nn.init_transformer(
-            cfg.transformer, random.fold_in(key, "transformer"), dtype=dtype
-        ),
-        "norm_final": nn.init_layer_norm(cfg.width, device=key.device, dtype=dtype),
-    }
+    return towers.init_text(cfg.tower, key, dtype=dtype)
 
 
 def embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -51,7 +44,11 @@ def embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor) -> torc
 
 def head(params: Params, h: torch.Tensor, *, eps: float = 1e-5) -> torch.Tensor:
     """Final norm and the tied output layer: ``h: [B, S, width]`` -> logits ``[B, S, vocab]``."""
-    return F.linear(nn.layer_norm(params["norm_final"], h, eps=eps), params["token"]["weight"])
+    return _logits(params, nn.layer_norm(params["norm"], h, eps=eps))
+
+
+def _logits(params: Params, normed: torch.Tensor) -> torch.Tensor:
+    return F.linear(normed, params["token"]["weight"])
 
 
 def _check_tokens(name: str, tokens: torch.Tensor, cfg: GPTConfig, extra: int = 0) -> None:
@@ -71,56 +68,66 @@ def apply(
     cfg: GPTConfig,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Full causal forward: ``tokens: [B, S]`` (int64) -> logits ``[B, S, vocab]``.
 
-    ``key`` is needed only for dropout in training.
+    ``key`` is needed only for dropout in training; ``block_fn`` runs each block (see
+    :func:`fmm.nn.transformer`; ``fmm.adapter`` passes one to shard or checkpoint blocks).
 
     Example: ``logits = apply(params, torch.randint(0, 64, (2, 10)), cfg=gpt_tiny())``.
     """
     checks.check_params(params, init=init, cfg=cfg)
     _check_tokens("tokens", tokens, cfg)
-    return _apply(params, tokens, cfg, key, train)
+    return _apply(params, tokens, cfg, key, train, block_fn)
 
 
-def _apply(params: Params, tokens, cfg: GPTConfig, key, train: bool) -> torch.Tensor:
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    x = nn.embed(params["token"], tokens) + params["pos"][positions]
-    if train and cfg.dropout > 0.0:
-        if key is None:
-            raise ValueError("key= is missing: dropout in training needs key=")
-        x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
-    k = random.fold_in(key, "transformer") if key is not None else None
-    x = nn.transformer(
-        params["transformer"], x, cfg=cfg.transformer, causal=True, key=k, train=train
-    )
-    return head(params, x, eps=cfg.norm_eps)
+def _apply(params: Params, tokens, cfg: GPTConfig, key, train: bool, block_fn) -> torch.Tensor:
+    out = towers.text(params, tokens, cfg=cfg.tower, key=key, train=train, block_fn=block_fn)
+    return _logits(params, out.sequence)
+
+
+def batch_fields(cfg: GPTConfig) -> dict[str, Field]:
+    """The batch :func:`loss` reads: ``tokens [batch, seq]`` int64 (``2 <= seq <=
+    context_length + 1``: the model reads all but the last, predicts all but the first) and
+    an optional ``mask [batch, seq]`` bool (True = a real token)."""
+    return {
+        "tokens": Field("int", ("batch", "seq"), high=cfg.vocab_size, doc="token ids"),
+        "mask": Field("bool", ("batch", "seq"), optional=True, doc="True at real tokens"),
+    }
 
 
 def loss(
     params: Params,
-    tokens: torch.Tensor,
+    batch: dict[str, torch.Tensor],
     *,
     cfg: GPTConfig,
-    mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
-    train: bool = False,
-) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``tokens: [B, S]``: position ``i`` predicts ``i+1``.
+    train: bool = True,
+    block_fn: BlockFn | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy of ``batch = {"tokens": [B, S+1], "mask": [B, S+1]
+    (optional)}``: position ``i`` predicts token ``i + 1``, and with a mask only real targets
+    count. Returns ``(loss [], {"perplexity": []})``; ``key`` is needed for dropout in
+    training.
 
-    ``mask: [B, S]`` (bool, True = a real token): only real targets count.
+    Example: ``value, metrics = loss(params, {"tokens": ids}, cfg=gpt_tiny(), train=False)``.
     """
+    checks.check_keys(batch, ("tokens",))
     checks.check_params(params, init=init, cfg=cfg)
-    _check_tokens("tokens", tokens, cfg, extra=1)
+    tokens, mask = batch["tokens"], batch.get("mask")
+    _check_tokens("batch['tokens']", tokens, cfg, extra=1)
     if mask is not None:
-        checks.check_mask("mask", mask, tokens.shape, of="tokens")
-    logits = _apply(params, tokens[:, :-1], cfg, key, train)
+        checks.check_mask("batch['mask']", mask, tokens.shape, of="batch['tokens']")
+    logits = _apply(params, tokens[:, :-1], cfg, key, train, block_fn)
     targets = tokens[:, 1:]
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     if mask is None:
-        return per_token.mean()
-    weight = mask[:, 1:].flatten().to(per_token.dtype)
-    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+        value = per_token.mean()
+    else:
+        weight = mask[:, 1:].flatten().to(per_token.dtype)
+        value = (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+    return value, {"perplexity": value.detach().exp()}
 
 
 @functools.cache

@@ -225,9 +225,12 @@ entry(
     tokens=_ids(GPT.vocab_size, GPT.context_length), params=gpt_params,
 )  # fmt: skip
 entry(
-    "gpt.loss", _w("params=gpt", "tokens=gpt_tokens", mask=lambda w: w["gpt_tokens"] > 3),
-    lambda a: gpt.loss(a["params"], a["tokens"], cfg=GPT, mask=a["mask"]),
-    tokens=_ids(GPT.vocab_size, GPT.context_length + 1), mask=Arg("mask", batch_of="tokens"),
+    "gpt.loss",
+    _w("params=gpt", "batch['tokens']=gpt_tokens", **{"batch['mask']": lambda w: w["gpt_tokens"] > 3}),
+    lambda a: gpt.loss(a["params"], {"tokens": a["batch['tokens']"], "mask": a["batch['mask']"]},
+                       cfg=GPT),
+    **{"batch['tokens']": _ids(GPT.vocab_size, GPT.context_length + 1),
+       "batch['mask']": Arg("mask", batch_of="batch['tokens']")},
     params=gpt_params,
 )  # fmt: skip
 entry(

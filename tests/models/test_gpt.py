@@ -57,7 +57,9 @@ def test_logits_match_hugging_face_gpt2(hf):
     torch.testing.assert_close(gpt.apply(params, tokens, cfg=cfg), want, atol=1e-5, rtol=0)
     with torch.no_grad():
         want_loss = model(tokens, labels=tokens).loss
-    torch.testing.assert_close(gpt.loss(params, tokens, cfg=cfg), want_loss, atol=1e-5, rtol=0)
+    value, metrics = gpt.loss(params, {"tokens": tokens}, cfg=cfg, train=False)
+    torch.testing.assert_close(value, want_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(metrics["perplexity"], want_loss.exp(), atol=1e-4, rtol=0)
 
 
 def test_greedy_tokens_match_hugging_face_generate_for_64_new_tokens(hf):

@@ -50,7 +50,7 @@ def _loss_fn(name, cfg, dtype):
     g = torch.Generator().manual_seed(0)
     if name == "gpt_tiny":
         tokens = torch.randint(0, cfg.vocab_size, (BATCH, cfg.context_length + 1), generator=g)
-        return lambda p: gpt.loss(p, tokens, cfg=cfg)
+        return lambda p: gpt.loss(p, {"tokens": tokens}, cfg=cfg)
     if name == "clip_tiny":
         batch = {
             "images": torch.rand(BATCH, 3, cfg.image_size, cfg.image_size, generator=g).to(dtype),
