@@ -51,7 +51,16 @@ from fmm.nn.transformer import BlockFn, TransformerConfig, init_transformer, tra
 
 Params = dict[str, Any]
 
-__all__ = ["Encoded", "TextConfig", "ViTConfig", "init_text", "init_vit", "text", "vit"]
+__all__ = [
+    "Encoded",
+    "TextConfig",
+    "ViTConfig",
+    "encode_embeddings",
+    "init_text",
+    "init_vit",
+    "text",
+    "vit",
+]
 
 
 class Encoded(NamedTuple):
@@ -176,18 +185,36 @@ def init_text(cfg: TextConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.
     return params
 
 
-def _stack(params, x, tower_cfg, *, mask, causal, key, train, block_fn) -> Encoded:
-    if train and tower_cfg.dropout > 0.0:
+def encode_embeddings(
+    params: Params,
+    x: torch.Tensor,
+    *,
+    cfg: ViTConfig | TextConfig,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    key: torch.Tensor | None = None,
+    train: bool = False,
+    block_fn: BlockFn | None = None,
+) -> Encoded:
+    """A tower after its embeddings: embedding dropout (in training), the stack, the final
+    norm. ``x: [B, S, width]`` -> :class:`Encoded` ``[B, S, width]``; ``mask``: bool,
+    broadcastable to ``[B, heads, S, S]``.
+
+    :func:`vit` and :func:`text` end here; a family whose embeddings are its own (the
+    multimodal GPT's per-modality tables) calls it directly on ``{"transformer", "norm"}``.
+
+    Example: ``encode_embeddings(params, x, cfg=text_cfg, causal=True).sequence``.
+    """
+    if train and cfg.dropout > 0.0:
         if key is None:
             raise ValueError("key= is missing: embedding dropout in training needs key=")
-        x = random.dropout(random.fold_in(key, "embed"), x, tower_cfg.dropout)
+        x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
     k = random.fold_in(key, "transformer") if key is not None else None
     hidden = transformer(
-        params["transformer"], x, cfg=tower_cfg.transformer, mask=mask, causal=causal, key=k,
+        params["transformer"], x, cfg=cfg.transformer, mask=mask, causal=causal, key=k,
         train=train, block_fn=block_fn,
     )  # fmt: skip
-    eps = tower_cfg.transformer.norm_eps
-    out = layer_norm(params["norm"], hidden, eps=eps) if tower_cfg.norm else hidden
+    out = layer_norm(params["norm"], hidden, eps=cfg.transformer.norm_eps) if cfg.norm else hidden
     return Encoded(out, hidden)
 
 
@@ -213,7 +240,7 @@ def vit(
     x = torch.cat([cls, x], dim=1) + params["pos"]
     if cfg.norm_pre:
         x = layer_norm(params["norm_pre"], x, eps=cfg.transformer.norm_eps)
-    return _stack(params, x, cfg, mask=None, causal=False, key=key, train=train, block_fn=block_fn)
+    return encode_embeddings(params, x, cfg=cfg, key=key, train=train, block_fn=block_fn)
 
 
 def text(
@@ -246,6 +273,6 @@ def text(
     if cfg.norm_embed:
         x = layer_norm(params["norm_embed"], x, eps=cfg.transformer.norm_eps)
     mask = None if valid is None else padding_mask(valid)
-    return _stack(
-        params, x, cfg, mask=mask, causal=cfg.causal, key=key, train=train, block_fn=block_fn
+    return encode_embeddings(
+        params, x, cfg=cfg, mask=mask, causal=cfg.causal, key=key, train=train, block_fn=block_fn
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fmm.nn import TransformerConfig
+from fmm.nn.towers import TextConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +60,16 @@ class MMGPTConfig:
         return TransformerConfig(
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
             act=self.act, norm_eps=self.norm_eps, dropout=self.dropout, attn_impl=self.attn_impl,
+        )  # fmt: skip
+
+    @property
+    def tower(self) -> TextConfig:
+        """The shared text tower over the joint id space as this model runs it: causal, a
+        final norm. The embeddings are the model's own (one table per modality), so only
+        the tower's stack and norm run (:func:`fmm.nn.towers.encode_embeddings`)."""
+        return TextConfig(
+            vocab_size=self.vocab_size, context_length=self.seq_len,
+            transformer=self.transformer, causal=True, pos_std=0.02,
         )  # fmt: skip
 
     def to_dict(self) -> dict:

@@ -26,7 +26,7 @@ def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg
 
 
 def _image_head(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
-    logits = output_logits(params, layer_norm(params["norm_final"], h, eps=cfg.norm_eps), cfg=cfg)
+    logits = output_logits(params, layer_norm(params["norm"], h, eps=cfg.norm_eps), cfg=cfg)
     return mask_logits(logits, modality_mask(cfg, "image", device=logits.device))
 
 

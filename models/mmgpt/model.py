@@ -6,8 +6,8 @@ all in one id space (image code ``c`` is id ``text_vocab + c``). Param tree::
     text.token.weight     [text_vocab, width]    per-modality embeddings
     image.token.weight    [image_vocab, width]
     pos                   [seq_len, width]       learned positions
-    transformer.blocks.N  pre-norm causal blocks
-    norm_final
+    transformer.blocks.N  pre-norm causal blocks (the shared text tower's stack)
+    norm                  final layer norm
     text.head.weight      [text_vocab, width]    per-modality output heads
     image.head.weight     [image_vocab, width]
 """
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from fmm import checks, nn, random
+from fmm.nn import towers
+from fmm.nn.transformer import BlockFn
+from models.family import Field
 from models.mmgpt.config import MMGPTConfig
 
 Params = dict[str, Any]
@@ -51,7 +54,7 @@ def init(cfg: MMGPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
         "transformer": nn.init_transformer(
             cfg.transformer, random.fold_in(key, "transformer"), dtype=dtype
         ),
-        "norm_final": nn.init_layer_norm(w, device=dev, dtype=dtype),
+        "norm": nn.init_layer_norm(w, device=dev, dtype=dtype),
     }
 
 
@@ -133,12 +136,12 @@ def output_logits(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch
     )
 
 
-def _features(params: Params, tokens, cfg: MMGPTConfig, key, train: bool) -> torch.Tensor:
+def _features(params: Params, tokens, cfg: MMGPTConfig, key, train: bool, block_fn):
     x = _embed_tokens(params, tokens, cfg, 0)
-    x = nn.transformer(
-        params["transformer"], x, cfg=cfg.transformer, causal=True, key=key, train=train
+    out = towers.encode_embeddings(
+        params, x, cfg=cfg.tower, causal=True, key=key, train=train, block_fn=block_fn
     )
-    return nn.layer_norm(params["norm_final"], x, eps=cfg.norm_eps)
+    return out.sequence
 
 
 def features(
@@ -148,11 +151,14 @@ def features(
     cfg: MMGPTConfig,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
-    """Causal features after the final norm: ``tokens [B, S]`` (unified ids) -> ``[B, S, width]``."""
+    """Causal features after the final norm: ``tokens [B, S]`` (unified ids) -> ``[B, S, width]``.
+
+    ``block_fn`` runs each block (see :func:`fmm.nn.transformer`)."""
     checks.check_params(params, init=init, cfg=cfg)
     _check_tokens(tokens, cfg)
-    return _features(params, tokens, cfg, key, train)
+    return _features(params, tokens, cfg, key, train, block_fn)
 
 
 def apply(
@@ -162,6 +168,7 @@ def apply(
     cfg: MMGPTConfig,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Next-token logits of a causal forward: ``tokens [B, S]`` -> ``[B, S, vocab_size]``.
 
@@ -170,7 +177,7 @@ def apply(
     """
     checks.check_params(params, init=init, cfg=cfg)
     _check_tokens(tokens, cfg)
-    return output_logits(params, _features(params, tokens, cfg, key, train), cfg=cfg)
+    return output_logits(params, _features(params, tokens, cfg, key, train, block_fn), cfg=cfg)
 
 
 def sequence(text: torch.Tensor, codes: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
@@ -186,6 +193,17 @@ def _sequence(text: torch.Tensor, codes: torch.Tensor, cfg: MMGPTConfig) -> torc
     return torch.cat([text, codes.reshape(codes.shape[0], -1) + cfg.text_vocab], dim=1)
 
 
+def batch_fields(cfg: MMGPTConfig) -> dict[str, Field]:
+    """The batch :func:`loss` reads: ``text [batch, text_len]`` caption ids and ``codes
+    [batch, image_len]`` image codes (raster order), both int64."""
+    return {
+        "text": Field("int", ("batch", cfg.text_len), high=cfg.text_vocab, doc="caption ids"),
+        "codes": Field(
+            "int", ("batch", cfg.image_len), high=cfg.image_vocab, doc="VQ-VAE codes, raster order"
+        ),
+    }
+
+
 def loss(
     params: Params,
     batch: dict[str, torch.Tensor],
@@ -193,12 +211,14 @@ def loss(
     cfg: MMGPTConfig,
     key: torch.Tensor | None = None,
     train: bool = True,
+    block_fn: BlockFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Caption -> image next-token loss of ``batch = {"text": [B, text_len], "codes": [B, image_len]}``.
+    """Caption -> image next-token loss of ``batch = {"text": [B, text_len], "codes": [B, image_len]}``
+    (codes may also be a grid ``[B, h, w]``).
 
     Image positions are scored by the image head alone (the logits mask made exact), text
     positions by the text head with weight ``cfg.text_loss_weight``. Returns
-    ``(loss [], {"image_nll", "image_accuracy"})`` for ``train.step.make_train_step``.
+    ``(loss [], {"image_nll", "image_accuracy"})``; ``key`` is needed for dropout in training.
     """
     checks.check_keys(batch, ("text", "codes"))
     checks.check_params(params, init=init, cfg=cfg)
@@ -206,7 +226,7 @@ def loss(
     _check_codes(batch["codes"], cfg, "batch['codes']")
     checks.check_same_batch(("batch['text']", batch["text"]), ("batch['codes']", batch["codes"]))
     seq = _sequence(batch["text"], batch["codes"], cfg)
-    h = _features(params, seq[:, :-1], cfg, key, train)
+    h = _features(params, seq[:, :-1], cfg, key, train, block_fn)
     t = cfg.text_len
     # Features at positions t-1 .. seq_len-2 predict the image tokens.
     image_logits = nn.linear(params["image"]["head"], h[:, t - 1 :])
