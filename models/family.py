@@ -47,6 +47,7 @@ import torch
 from fmm.nn import TransformerConfig
 
 __all__ = [
+    "ACT_SAVED",
     "Converter",
     "Family",
     "Field",
@@ -137,6 +138,12 @@ def plan_seq(seq: int | None, limit: int, what: str) -> int:
     if not 1 <= seq <= limit:
         raise ValueError(f"--seq must be in [1, {limit}] ({what}), got {seq}")
     return seq
+
+
+# Values each activation keeps for backward besides its input (a plan's head edges count
+# them): quick_gelu keeps its sigmoid too; relu keeps only its output, which the next
+# layer saves anyway.
+ACT_SAVED = {"gelu": 2, "gelu_tanh": 2, "silu": 2, "quick_gelu": 3, "relu": 1}
 
 
 def without_dropout(cfg: TransformerConfig) -> TransformerConfig:

@@ -1,5 +1,6 @@
-"""FLAVA's encoders as pure functions: image (ViT), text (BERT embeddings, pre-norm
-blocks) and multimodal (self-attention over both), plus the contrastive embeddings.
+"""FLAVA's encoders as pure functions: image (the shared ViT tower), text (the shared text
+tower: BERT's embeddings under pre-norm blocks) and multimodal (self-attention over both),
+plus the contrastive embeddings. Every stack runs through ``block_fn`` (the adapter's seam).
 
 Param tree (PyTorch layouts)::
 
@@ -9,7 +10,7 @@ Param tree (PyTorch layouts)::
     image.transformer / text.transformer / mm.transformer   pre-norm blocks (fmm.nn)
     image.norm, text.norm, mm.norm   the final LayerNorm of each encoder
     image.pooler, text.pooler, mm.pooler   tanh dense on the first token
-    text.token / pos / token_type / norm_embed   BERT's embeddings (models.bert)
+    text.token / pos / token_type / norm_embed   BERT-style embeddings (fmm.nn.towers.text)
     mm.cls                  [D_mm]: the multimodal class token
     image_to_mm, text_to_mm linear maps of each encoder's hidden states into the mm width
     image_proj, text_proj   linear maps of the class tokens to the contrastive space
@@ -22,13 +23,15 @@ As in FLAVA, the multimodal encoder reads each unimodal encoder's last block out
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from fmm import checks, nn, random
-from models import bert
-from models.bert.model import _embed as _bert_embed
+from fmm.losses import logit_scale_value
+from fmm.nn import towers
+from fmm.nn.towers import Encoded
+from fmm.nn.transformer import BlockFn
 from models.flava.config import FLAVAConfig
 from models.flava.heads import init_heads
 
@@ -37,34 +40,12 @@ Params = dict[str, Any]
 _INIT_STD = 0.02  # FLAVA's initializer_range
 
 
-class Encoded(NamedTuple):
-    """An encoder's outputs: ``sequence`` after the final LayerNorm and ``hidden`` (the last
-    block's output, before it), both ``[batch, seq, width]``."""
-
-    sequence: torch.Tensor
-    hidden: torch.Tensor
-
-
 def _linear(d_in: int, d_out: int, key: torch.Tensor, dtype) -> Params:
     return nn.init_linear(d_in, d_out, key, std=_INIT_STD, dtype=dtype)
 
 
-def _init_image(cfg: FLAVAConfig, key: torch.Tensor, dtype) -> Params:
-    d, dev = cfg.image_width, key.device
-    k = lambda name: random.fold_in(key, name)
-    params: Params = {
-        "patch": nn.init_patch_embed(cfg.patch_size, cfg.in_channels, d, k("patch"), dtype=dtype),
-        "cls": random.normal(k("cls"), (d,), dtype=dtype) * _INIT_STD,
-        "pos": nn.init_learned_positions(
-            cfg.num_patches + 1, d, k("pos"), std=_INIT_STD, dtype=dtype
-        ),
-        "transformer": nn.init_transformer(cfg.image_transformer, k("transformer"), dtype=dtype),
-        "norm": nn.init_layer_norm(d, device=dev, dtype=dtype),
-        "pooler": _linear(d, d, k("pooler"), dtype),
-    }
-    if cfg.image_masking:
-        params["mask_token"] = random.normal(k("mask_token"), (d,), dtype=dtype) * _INIT_STD
-    return params
+def _with_pooler(tower: Params, width: int, key: torch.Tensor, dtype) -> Params:
+    return {**tower, "pooler": _linear(width, width, random.fold_in(key, "pooler"), dtype)}
 
 
 def init_model(
@@ -74,13 +55,14 @@ def init_model(
     the pretraining heads. Pure in ``(cfg, key)``; a ``meta`` key gives shapes only."""
     checks.check_type("cfg", cfg, FLAVAConfig)
     k = lambda name: random.fold_in(key, name)
-    # BERT's init gives the embeddings, the pooler and blocks of the same shapes (a block's
-    # params do not depend on where its norms sit); FLAVA adds a final norm.
-    text = bert.init(cfg.text_embeddings, k("text"), dtype=dtype)
-    text["norm"] = nn.init_layer_norm(cfg.text_width, device=key.device, dtype=dtype)
+    k_image, k_text = k("image"), k("text")
     return {
-        "image": _init_image(cfg, k("image"), dtype),
-        "text": text,
+        "image": _with_pooler(
+            towers.init_vit(cfg.image_tower, k_image, dtype=dtype), cfg.image_width, k_image, dtype
+        ),
+        "text": _with_pooler(
+            towers.init_text(cfg.text_tower, k_text, dtype=dtype), cfg.text_width, k_text, dtype
+        ),
         "mm": {
             "cls": random.normal(k("mm.cls"), (cfg.mm_width,), dtype=dtype) * _INIT_STD,
             "transformer": nn.init_transformer(
@@ -124,13 +106,10 @@ def _check_ids(input_ids: torch.Tensor, cfg: FLAVAConfig, name: str = "input_ids
     )  # fmt: skip
 
 
-def _stack(params: Params, x, cfg, tcfg, mask, key, train, name) -> torch.Tensor:
-    if train and cfg.dropout > 0.0:
-        if key is None:
-            raise ValueError(f"key= is missing: {name} with dropout in training needs key=")
-        x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
-    k = random.fold_in(key, "transformer") if key is not None else None
-    return nn.transformer(params["transformer"], x, cfg=tcfg, mask=mask, key=k, train=train)
+def _check_patch_mask(patch_mask, images, cfg: FLAVAConfig, name: str = "patch_mask") -> None:
+    if not cfg.image_masking:
+        raise ValueError(f"{name} is given but cfg.image_masking is False")
+    checks.check_mask(name, patch_mask, (images.shape[0], cfg.num_patches))
 
 
 def encode_image(
@@ -141,31 +120,28 @@ def encode_image(
     patch_mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> Encoded:
     """Encode ``images: [B, C, H, W]`` with the image params (``params["image"]``) into
-    ``[B, patches + 1, image_width]`` (class token first).
+    :class:`fmm.nn.towers.Encoded` ``[B, patches + 1, image_width]`` (class token first).
 
     ``patch_mask: [B, patches]`` bool, True = replace that patch by the [MASK] token (MIM).
+    ``key`` is needed only for dropout in training.
 
     Example: ``out = encode_image(params["image"], images, cfg=cfg); out.sequence[:, 0]``.
     """
     checks.check_params(params, init=init, cfg=cfg, at="image")
     _check_images(images, cfg, params["patch"]["weight"])
     if patch_mask is not None:
-        if not cfg.image_masking:
-            raise ValueError("patch_mask is given but cfg.image_masking is False")
-        checks.check_mask("patch_mask", patch_mask, (images.shape[0], cfg.num_patches))
-    return _encode_image(params, images, cfg, patch_mask, key, train)
+        _check_patch_mask(patch_mask, images, cfg)
+    return _encode_image(params, images, cfg, patch_mask, key, train, block_fn)
 
 
-def _encode_image(params: Params, images, cfg: FLAVAConfig, patch_mask, key, train) -> Encoded:
-    x = nn.patch_embed(params["patch"], images)
-    if patch_mask is not None:
-        x = torch.where(patch_mask.bool()[..., None], params["mask_token"].to(x.dtype), x)
-    cls = params["cls"].expand(x.shape[0], 1, -1).to(x.dtype)
-    x = torch.cat([cls, x], dim=1) + params["pos"]
-    hidden = _stack(params, x, cfg, cfg.image_transformer, None, key, train, "encode_image")
-    return Encoded(nn.layer_norm(params["norm"], hidden, eps=cfg.norm_eps), hidden)
+def _encode_image(params: Params, images, cfg: FLAVAConfig, patch_mask, key, train, block_fn):
+    return towers.vit(
+        params, images, cfg=cfg.image_tower, patch_mask=patch_mask, key=key, train=train,
+        block_fn=block_fn,
+    )  # fmt: skip
 
 
 def encode_text(
@@ -177,9 +153,10 @@ def encode_text(
     token_type_ids: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> Encoded:
     """Encode ``input_ids: [B, S]`` with the text params (``params["text"]``) into
-    ``[B, S, text_width]``.
+    :class:`fmm.nn.towers.Encoded` ``[B, S, text_width]``.
 
     ``attention_mask: [B, S]`` (True = a real token); by default every token but
     ``cfg.pad_id`` is real (FLAVA's rule). ``token_type_ids: [B, S]`` default all 0.
@@ -193,18 +170,20 @@ def encode_text(
             "token_type_ids", token_type_ids, input_ids.shape, high=cfg.type_vocab_size,
             of="input_ids",
         )  # fmt: skip
-    return _encode_text(params, input_ids, cfg, attention_mask, token_type_ids, key, train)
+    return _encode_text(
+        params, input_ids, cfg, attention_mask, token_type_ids, key, train, block_fn
+    )
 
 
 def _encode_text(
-    params: Params, input_ids, cfg: FLAVAConfig, attention_mask, token_type_ids, key, train
-) -> Encoded:
-    if attention_mask is None:
-        attention_mask = input_ids != cfg.pad_id
-    x = _bert_embed(params, input_ids, cfg.text_embeddings, token_type_ids)
-    mask = nn.padding_mask(attention_mask)
-    hidden = _stack(params, x, cfg, cfg.text_transformer, mask, key, train, "encode_text")
-    return Encoded(nn.layer_norm(params["norm"], hidden, eps=cfg.norm_eps), hidden)
+    params: Params, input_ids, cfg: FLAVAConfig, attention_mask, token_type_ids, key, train,
+    block_fn,
+) -> Encoded:  # fmt: skip
+    valid = input_ids != cfg.pad_id if attention_mask is None else attention_mask
+    return towers.text(
+        params, input_ids, cfg=cfg.text_tower, valid=valid, token_type_ids=token_type_ids,
+        key=key, train=train, block_fn=block_fn,
+    )  # fmt: skip
 
 
 def encode_multimodal(
@@ -216,6 +195,7 @@ def encode_multimodal(
     text_mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Fuse ``image_hidden: [B, Ni, image_width]`` and ``text_hidden: [B, St, text_width]``
     (the ``hidden`` of each encoder) into ``[B, 1 + Ni + St, mm_width]``: the mm class
@@ -235,11 +215,13 @@ def encode_multimodal(
     checks.check_same_batch(("image_hidden", image_hidden), ("text_hidden", text_hidden))
     if text_mask is not None:
         checks.check_mask("text_mask", text_mask, text_hidden.shape[:2])
-    return _encode_multimodal(params, image_hidden, text_hidden, cfg, text_mask, key, train)
+    return _encode_multimodal(
+        params, image_hidden, text_hidden, cfg, text_mask, key, train, block_fn
+    )
 
 
 def _encode_multimodal(
-    params: Params, image_hidden, text_hidden, cfg: FLAVAConfig, text_mask, key, train
+    params: Params, image_hidden, text_hidden, cfg: FLAVAConfig, text_mask, key, train, block_fn
 ) -> torch.Tensor:
     image = nn.linear(params["image_to_mm"], image_hidden)
     text = nn.linear(params["text_to_mm"], text_hidden)
@@ -250,7 +232,16 @@ def _encode_multimodal(
     if text_mask is not None:
         keep = torch.ones(x.shape[0], 1 + image.shape[1], dtype=torch.bool, device=x.device)
         mask = nn.padding_mask(torch.cat([keep, text_mask.bool()], dim=1))
-    hidden = _stack(mm, x, cfg, cfg.mm_transformer, mask, key, train, "encode_multimodal")
+    # The same key names as the towers' stacks: embedding dropout, then the blocks.
+    if train and cfg.dropout > 0.0:
+        if key is None:
+            raise ValueError("key= is missing: the multimodal encoder's dropout needs key=")
+        x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
+    k = random.fold_in(key, "transformer") if key is not None else None
+    hidden = nn.transformer(
+        mm["transformer"], x, cfg=cfg.mm_transformer, mask=mask, key=k, train=train,
+        block_fn=block_fn,
+    )  # fmt: skip
     return nn.layer_norm(mm["norm"], hidden, eps=cfg.norm_eps)
 
 
@@ -291,7 +282,7 @@ def embed_image(params: Params, images: torch.Tensor, *, cfg: FLAVAConfig) -> to
     """Unit-norm image embeddings for retrieval: ``[B, C, H, W] -> [B, embed_dim]``."""
     checks.check_params(params, init=init, cfg=cfg, only=("image", "image_proj"))
     _check_images(images, cfg, params["image"]["patch"]["weight"])
-    seq = _encode_image(params["image"], images, cfg, None, None, False).sequence
+    seq = _encode_image(params["image"], images, cfg, None, None, False, None).sequence
     return torch.nn.functional.normalize(_project(params, "image_proj", seq), dim=-1)
 
 
@@ -307,8 +298,22 @@ def embed_text(
     _check_ids(input_ids, cfg)
     if attention_mask is not None:
         checks.check_mask("attention_mask", attention_mask, input_ids.shape, of="input_ids")
-    seq = _encode_text(params["text"], input_ids, cfg, attention_mask, None, None, False).sequence
+    seq = _encode_text(
+        params["text"], input_ids, cfg, attention_mask, None, None, False, None
+    ).sequence
     return torch.nn.functional.normalize(_project(params, "text_proj", seq), dim=-1)
+
+
+def logit_scale(params: Params) -> torch.Tensor:
+    """The zero-shot scale ``[]``: logits are ``scale * embed_image @ embed_text.T`` (the
+    learned ``heads.logit_scale``, clamped as the contrastive loss clamps it)."""
+    checks.check_keys(params, ("heads",), name="params")
+    return logit_scale_value(params["heads"]["logit_scale"])
+
+
+def image_shape(cfg: FLAVAConfig) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images the model reads."""
+    return (cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
 def apply(
@@ -319,6 +324,7 @@ def apply(
     cfg: FLAVAConfig,
     attention_mask: torch.Tensor | None = None,
     patch_mask: torch.Tensor | None = None,
+    block_fn: BlockFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """The whole model on image-text pairs ``images: [B, C, H, W]``, ``input_ids: [B, S]``.
 
@@ -345,12 +351,12 @@ def apply(
     if attention_mask is not None:
         checks.check_mask("attention_mask", attention_mask, input_ids.shape, of="input_ids")
     if patch_mask is not None:
-        if not cfg.image_masking:
-            raise ValueError("patch_mask is given but cfg.image_masking is False")
-        checks.check_mask("patch_mask", patch_mask, (images.shape[0], cfg.num_patches))
-    image = _encode_image(params["image"], images, cfg, patch_mask, None, False)
-    text = _encode_text(params["text"], input_ids, cfg, attention_mask, None, None, False)
-    mm = _encode_multimodal(params, image.hidden, text.hidden, cfg, attention_mask, None, False)
+        _check_patch_mask(patch_mask, images, cfg)
+    image = _encode_image(params["image"], images, cfg, patch_mask, None, False, block_fn)
+    text = _encode_text(params["text"], input_ids, cfg, attention_mask, None, None, False, block_fn)
+    mm = _encode_multimodal(
+        params, image.hidden, text.hidden, cfg, attention_mask, None, False, block_fn
+    )
     return {
         "image": image.sequence,
         "text": text.sequence,

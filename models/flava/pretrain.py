@@ -1,29 +1,27 @@
-"""FLAVA's multi-task pretraining objective as one pure function, and image tokenizers
-for the MIM targets.
+"""FLAVA's multi-task pretraining objective as one pure function, the batch it reads, and a
+random-codebook image tokenizer for the MIM targets.
 
 Tasks (each a 0-d loss in the returned metrics):
 
 - ``contrastive``: symmetric InfoNCE between the unmasked image and text class-token
-  embeddings (:func:`fmm.losses.contrastive_loss`).
+  embeddings (:func:`fmm.losses.contrastive_loss`; ``gather`` brings the other ranks').
 - ``mlm``: masked language modelling on the text encoder's output.
-- ``mim``: masked image modelling: predict the image tokenizer's code of each masked patch
-  from the image encoder's output.
+- ``mim``: masked image modelling: predict each masked patch's code (``image_codes``).
 - ``itm``: image-text matching on the multimodal encoder's class token, with negatives
   drawn on the device (:func:`fmm.losses.negative_pairs`).
 - ``mmm_text`` / ``mmm_image``: masked text / image modelling on the multimodal encoder's
   output, scored on matching pairs only.
 
-The image tokenizer is any function ``images [B, C, H, W] -> codes [B, grid, grid]`` (or
-``[B, patches]``) with one integer code per patch in ``[0, image_vocab_size)``: our VQ-VAE
-(``functools.partial(models.vqvae.encode, vq_params, cfg=vq_cfg)``), a fixed random codebook
-(:func:`random_codebook_tokenizer`), or DALL-E's encoder as in the paper.
+The objective's static choices (rates, [MASK] id, task weights) are ``cfg.pretrain``. The
+MIM targets are a batch field, ``image_codes [B, grid, grid]``: one code per patch in
+``[0, image_vocab_size)``, computed by the data pipeline with any image tokenizer (our
+VQ-VAE, ``functools.partial(models.vqvae.encode, vq_params, cfg=vq_cfg)``; a fixed random
+codebook, :func:`random_codebook_tokenizer`; or DALL-E's encoder as in the paper). So the
+loss is a pure function of ``(params, batch, key)``.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -32,7 +30,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from fmm import checks, losses, random
-from models.flava.config import FLAVAConfig
+from fmm.losses import local_gather
+from fmm.losses.contrastive import Gather
+from fmm.nn.transformer import BlockFn
+from models.family import Field
+from models.flava.config import TASKS, FLAVAConfig
 from models.flava.heads import itm_head, masked_head
 from models.flava.model import (
     _check_ids,
@@ -45,54 +47,15 @@ from models.flava.model import (
 )
 
 Params = dict[str, Any]
-ImageTokenizer = Callable[[torch.Tensor], torch.Tensor]
-
-TASKS = ("contrastive", "mlm", "mim", "itm", "mmm_text", "mmm_image")
-
-
-def _salt(name: str) -> int:
-    # fold_in(key, _salt(name)) == fold_in(key, name), computed once at import: a Python
-    # int folds in under torch.compile, while hashing a string there breaks the graph.
-    raw = name.encode()
-    return zlib.crc32(raw) | (zlib.crc32(b"fmm:" + raw) << 32)
-
-
-_SALTS = {n: _salt(n) for n in ("text_mask", "patch_mask", "itm", "dropout")}
-_SALTS.update({n: _salt(n) for n in ("image", "text", "image_m", "text_m", "mm")})
-
-
-@dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
-    """Static choices of the objective: masking rates, the text [MASK] id, the ids never
-    masked (padding, start/end tokens), and one weight per task (0 drops its term)."""
-
-    mask_id: int
-    special_ids: tuple[int, ...] = ()
-    text_mask_rate: float = 0.15
-    patch_mask_rate: float = 0.4
-    itm_negative_rate: float = 0.5
-    weights: tuple[tuple[str, float], ...] = tuple((t, 1.0) for t in TASKS)
-
-    def __post_init__(self) -> None:
-        for name in ("text_mask_rate", "patch_mask_rate", "itm_negative_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"PretrainConfig: {name} must be in [0, 1], got {getattr(self, name)}"
-                )
-        unknown = sorted({t for t, _ in self.weights} - set(TASKS))
-        if unknown:
-            raise ValueError(f"PretrainConfig: unknown tasks {unknown} in weights; tasks: {TASKS}")
-
-    def weight(self, task: str) -> float:
-        return dict(self.weights).get(task, 0.0)
 
 
 def random_codebook_tokenizer(
     key: torch.Tensor, *, patch_size: int, codebook_size: int, in_channels: int = 3
-) -> ImageTokenizer:
+):
     """A fixed random image tokenizer: each ``patch_size`` patch of ``[B, C, H, W]`` pixels
     in ``[0, 1]`` gets the code of the random unit vector most aligned with it (pixels
-    centred at 0.5). Returns ``tokenize(images) -> [B, H/p, W/p]`` int64.
+    centred at 0.5). Returns ``tokenize(images) -> [B, H/p, W/p]`` int64, the
+    ``image_codes`` of a batch.
 
     A cheap stand-in for a learned tokenizer: codes then depend on each patch's colour and
     local shape, which is what MIM should learn to predict.
@@ -115,36 +78,47 @@ def random_codebook_tokenizer(
     return tokenize
 
 
-def mim_targets(
-    image_tokenizer: ImageTokenizer,
-    images: torch.Tensor,
-    patch_mask: torch.Tensor,
-    *,
-    cfg: FLAVAConfig,
-) -> torch.Tensor:
-    """Labels ``[B, patches]``: the tokenizer's code at masked patches, ``-1`` elsewhere.
+def _needs_codes(cfg: FLAVAConfig) -> bool:
+    return cfg.pretrain.weight("mim") != 0.0 or cfg.pretrain.weight("mmm_image") != 0.0
 
-    ``images: [B, C, H, W]`` as the tokenizer wants them; ``patch_mask: [B, patches]`` bool.
-    The tokenizer must give one code per patch (``[B, grid, grid]`` or ``[B, patches]``).
+
+def batch_fields(cfg: FLAVAConfig) -> dict[str, Field]:
+    """The batch :func:`loss` reads: ``images [batch, C, H, W]``, ``tokens [batch, seq]``
+    (``seq <= max_positions``), optionally ``attention_mask [batch, seq]`` (default: every
+    id but ``pad_id`` is real), and ``image_codes [batch, grid, grid]``, the MIM targets
+    (optional when ``cfg.pretrain`` weighs neither ``mim`` nor ``mmm_image``)."""
+    c, s, g = cfg.in_channels, cfg.image_size, cfg.grid
+    return {
+        "images": Field("float", ("batch", c, s, s), doc="pixels, normalised as in training"),
+        "tokens": Field(
+            "int", ("batch", "seq"), high=cfg.vocab_size, limits={"seq": cfg.max_positions},
+            doc=f"caption ids; {cfg.pad_id} pads",
+        ),
+        "attention_mask": Field(
+            "bool", ("batch", "seq"), optional=True, doc="True = a real token"
+        ),
+        "image_codes": Field(
+            "int", ("batch", g, g), high=cfg.image_vocab_size, optional=not _needs_codes(cfg),
+            doc="the image tokenizer's code of every patch (MIM targets)",
+        ),
+    }  # fmt: skip
+
+
+def mim_targets(
+    image_codes: torch.Tensor, patch_mask: torch.Tensor, *, cfg: FLAVAConfig
+) -> torch.Tensor:
+    """Labels ``[B, patches]``: ``image_codes [B, grid, grid]`` at the masked patches of
+    ``patch_mask [B, patches]`` (bool), ``-1`` (ignored) elsewhere.
+
+    Example: ``mim_targets(tokenize(images), masks.patch_mask, cfg=cfg)``.
     """
-    with torch.no_grad():
-        codes = image_tokenizer(images)
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise ValueError(f"image_tokenizer must return integer codes, got dtype {codes.dtype}")
-    if codes.shape[0] != images.shape[0] or codes[0].numel() != cfg.num_patches:
-        raise ValueError(
-            f"image_tokenizer returned codes {list(codes.shape)}; FLAVA needs one code per "
-            f"patch: [batch, {cfg.grid}, {cfg.grid}] or [batch, {cfg.num_patches}] "
-            f"for batch {images.shape[0]}"
-        )
-    codes = codes.reshape(codes.shape[0], -1).long()
-    if not torch.compiler.is_compiling() and codes.numel():
-        lo, hi = int(codes.min()), int(codes.max())
-        if lo < 0 or hi >= cfg.image_vocab_size:
-            raise ValueError(
-                f"image_tokenizer codes must lie in [0, image_vocab_size={cfg.image_vocab_size}), "
-                f"got values in [{lo}, {hi}]"
-            )
+    _check_codes(image_codes, cfg, "image_codes")
+    checks.check_mask("patch_mask", patch_mask, (image_codes.shape[0], cfg.num_patches))
+    return _mim_targets(image_codes, patch_mask)
+
+
+def _mim_targets(image_codes: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    codes = rearrange(image_codes, "b h w -> b (h w)").long()
     return torch.where(patch_mask.bool(), codes, torch.full_like(codes, losses.IGNORE))
 
 
@@ -161,61 +135,79 @@ class Masks(NamedTuple):
     itm_labels: torch.Tensor
 
 
-def draw_masks(
-    batch: dict[str, torch.Tensor],
-    key: torch.Tensor,
-    *,
-    cfg: FLAVAConfig,
-    pcfg: PretrainConfig,
-    image_tokenizer: ImageTokenizer,
-) -> Masks:
-    """Draw the text and patch masks and the ITM pairs from ``key`` (pure), and read the
-    MIM targets off ``image_tokenizer``. ``batch`` as in :func:`pretraining_loss`."""
+def draw_masks(batch: dict[str, torch.Tensor], key: torch.Tensor, *, cfg: FLAVAConfig) -> Masks:
+    """Draw the text and patch masks and the ITM pairs from ``key`` (pure) and read the MIM
+    targets off ``batch["image_codes"]``. ``batch`` as in :func:`loss`."""
     _check_batch(batch, cfg, None)
-    _check_objective(pcfg, image_tokenizer)
-    return _draw_masks(batch, key, cfg, pcfg, image_tokenizer)
+    _check_objective(cfg, key)
+    return _draw_masks(batch, key, cfg)
+
+
+def _codes_shape(cfg: FLAVAConfig, batch: int | str = "batch") -> tuple:
+    return (batch, cfg.grid, cfg.grid)
+
+
+def _check_codes(codes, cfg: FLAVAConfig, name: str, batch: int | str = "batch") -> None:
+    checks.check_ids(
+        name, codes, _codes_shape(cfg, batch), high=cfg.image_vocab_size,
+        hint=f"one code per patch of the {cfg.grid}x{cfg.grid} grid",
+    )  # fmt: skip
 
 
 def _check_batch(batch: dict[str, torch.Tensor], cfg: FLAVAConfig, like) -> None:
-    checks.check_keys(batch, ("images", "tokens"))
-    _check_images(batch["images"], cfg, like, "batch['images']")
-    _check_ids(batch["tokens"], cfg, "batch['tokens']")
-    checks.check_same_batch(
-        ("batch['images']", batch["images"]), ("batch['tokens']", batch["tokens"])
-    )
-    if "tokenizer_images" in batch:  # any layout the tokenizer reads, one row per example
-        checks.check_type("batch['tokenizer_images']", batch["tokenizer_images"], torch.Tensor)
-        checks.check_same_batch(
-            ("batch['images']", batch["images"]),
-            ("batch['tokenizer_images']", batch["tokenizer_images"]),
-        )
-
-
-def _check_objective(pcfg: PretrainConfig, image_tokenizer: ImageTokenizer) -> None:
-    checks.check_type("pcfg", pcfg, PretrainConfig)
-    if not callable(image_tokenizer):
-        raise TypeError(
-            "image_tokenizer must be a function images -> codes, got "
-            f"{type(image_tokenizer).__name__}"
-        )
-
-
-def _draw_masks(batch, key, cfg: FLAVAConfig, pcfg: PretrainConfig, image_tokenizer) -> Masks:
+    needs = ("images", "tokens", "image_codes") if _needs_codes(cfg) else ("images", "tokens")
+    checks.check_keys(batch, needs)
     images, tokens = batch["images"], batch["tokens"]
+    _check_images(images, cfg, like, "batch['images']")
+    _check_ids(tokens, cfg, "batch['tokens']")
+    checks.check_same_batch(("batch['images']", images), ("batch['tokens']", tokens))
+    if "attention_mask" in batch:
+        checks.check_mask(
+            "batch['attention_mask']", batch["attention_mask"], tokens.shape, of="batch['tokens']"
+        )
+    if "image_codes" in batch:
+        _check_codes(batch["image_codes"], cfg, "batch['image_codes']", images.shape[0])
+
+
+def _check_objective(cfg: FLAVAConfig, key) -> None:
+    if key is None:
+        raise ValueError(
+            "key= is missing: FLAVA's objective draws its text and patch masks and its ITM "
+            "negatives from key="
+        )
+    p = cfg.pretrain
+    for name, ids in (("mask_id", (p.mask_id,)), ("special_ids", p.special_ids)):
+        if any(i >= cfg.vocab_size for i in ids):
+            raise ValueError(
+                f"cfg.pretrain.{name}={getattr(p, name)} lies outside the vocabulary "
+                f"[0, {cfg.vocab_size}): set FLAVAConfig(pretrain=PretrainConfig(...))"
+            )
+
+
+def _valid(batch, cfg: FLAVAConfig) -> torch.Tensor:
+    if "attention_mask" in batch:
+        return batch["attention_mask"].bool()
+    return batch["tokens"] != cfg.pad_id
+
+
+def _draw_masks(batch, key, cfg: FLAVAConfig) -> Masks:
+    images, tokens, p = batch["images"], batch["tokens"], cfg.pretrain
     b = images.shape[0]
-    k = lambda name: random.fold_in(key, _SALTS[name])
-    maskable = tokens != cfg.pad_id
-    for special in pcfg.special_ids:
+    maskable = _valid(batch, cfg)
+    for special in p.special_ids:
         maskable = maskable & (tokens != special)
     masked_tokens, mlm_labels = losses.mask_tokens(
-        k("text_mask"), tokens, rate=pcfg.text_mask_rate, mask_id=pcfg.mask_id, allowed=maskable
-    )
-    patch_mask = losses.random_mask(k("patch_mask"), (b, cfg.num_patches), pcfg.patch_mask_rate)
-    patch_mask = patch_mask.to(images.device)
-    mim_labels = mim_targets(
-        image_tokenizer, batch.get("tokenizer_images", images), patch_mask, cfg=cfg
-    )
-    partner, itm_labels = losses.negative_pairs(k("itm"), b, pcfg.itm_negative_rate)
+        random.fold_in(key, "text_mask"), tokens, rate=p.text_mask_rate, mask_id=p.mask_id,
+        allowed=maskable,
+    )  # fmt: skip
+    patch_mask = losses.random_mask(
+        random.fold_in(key, "patch_mask"), (b, cfg.num_patches), p.patch_mask_rate
+    ).to(images.device)
+    if "image_codes" in batch:
+        mim_labels = _mim_targets(batch["image_codes"], patch_mask)
+    else:  # no MIM target: both image terms score nothing
+        mim_labels = torch.full(patch_mask.shape, losses.IGNORE, device=images.device)
+    partner, itm_labels = losses.negative_pairs(random.fold_in(key, "itm"), b, p.itm_negative_rate)
     return Masks(masked_tokens, mlm_labels, patch_mask, mim_labels, partner, itm_labels)
 
 
@@ -227,30 +219,38 @@ def task_losses(
     *,
     cfg: FLAVAConfig,
     train: bool = False,
+    block_fn: BlockFn | None = None,
+    gather: Gather = local_gather,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``({task: 0-d loss}, {"mlm_acc", "mim_acc", "itm_acc"})`` for one batch and its
     ``masks``. ``key`` is needed only for dropout in training."""
     checks.check_params(params, init=init, cfg=cfg)
     _check_batch(batch, cfg, params["image"]["patch"]["weight"])
     checks.check_type("masks", masks, Masks)
-    return _task_losses(params, batch, masks, key, cfg, train)
+    return _task_losses(params, batch, masks, key, cfg, train, block_fn, gather)
 
 
-def _task_losses(params: Params, batch, masks: Masks, key, cfg: FLAVAConfig, train: bool):
+def _task_losses(params: Params, batch, masks: Masks, key, cfg, train, block_fn, gather):
     images, tokens = batch["images"], batch["tokens"]
-    k = (lambda name: random.fold_in(key, _SALTS[name])) if key is not None else (lambda n: None)
-    valid = tokens != cfg.pad_id
+    k = (lambda name: random.fold_in(key, name)) if key is not None else (lambda name: None)
+    valid = _valid(batch, cfg)
     heads, out = params["heads"], {}
     head = partial(masked_head, act=cfg.act, eps=cfg.head_norm_eps)
+    image_of = lambda patch_mask, name: _encode_image(
+        params["image"], images, cfg, patch_mask, k(name), train, block_fn
+    )
+    text_of = lambda ids, name: _encode_text(
+        params["text"], ids, cfg, valid, None, k(name), train, block_fn
+    )
 
-    image = _encode_image(params["image"], images, cfg, None, k("image"), train)
-    text = _encode_text(params["text"], tokens, cfg, valid, None, k("text"), train)
+    image, text = image_of(None, "image"), text_of(tokens, "text")
     image_emb = F.normalize(_project(params, "image_proj", image.sequence), dim=-1)
     text_emb = F.normalize(_project(params, "text_proj", text.sequence), dim=-1)
-    out["contrastive"] = losses.contrastive_loss(image_emb, text_emb, heads["logit_scale"])
+    out["contrastive"] = losses.contrastive_loss(
+        image_emb, text_emb, heads["logit_scale"], gather=gather
+    )
 
-    image_m = _encode_image(params["image"], images, cfg, masks.patch_mask, k("image_m"), train)
-    text_m = _encode_text(params["text"], masks.masked_tokens, cfg, valid, None, k("text_m"), train)
+    image_m, text_m = image_of(masks.patch_mask, "image_m"), text_of(masks.masked_tokens, "text_m")
     mlm_logits = head(heads["mlm"], text_m.sequence)
     mim_logits = head(heads["mim"], image_m.sequence[:, 1:])
     out["mlm"] = losses.masked_cross_entropy(mlm_logits, masks.mlm_labels)
@@ -258,8 +258,9 @@ def _task_losses(params: Params, batch, masks: Masks, key, cfg: FLAVAConfig, tra
 
     partner = masks.partner
     mm = _encode_multimodal(
-        params, image_m.hidden, text_m.hidden[partner], cfg, valid[partner], k("mm"), train
-    )
+        params, image_m.hidden, text_m.hidden[partner], cfg, valid[partner], k("mm"), train,
+        block_fn,
+    )  # fmt: skip
     itm_logits = itm_head(heads["itm"], mm)
     out["itm"] = losses.matching_loss(itm_logits, masks.itm_labels)
 
@@ -282,33 +283,36 @@ def _task_losses(params: Params, batch, masks: Masks, key, cfg: FLAVAConfig, tra
     return out, accuracy
 
 
-def pretraining_loss(
+def loss(
     params: Params,
     batch: dict[str, torch.Tensor],
-    key: torch.Tensor,
     *,
     cfg: FLAVAConfig,
-    pcfg: PretrainConfig,
-    image_tokenizer: ImageTokenizer,
+    key: torch.Tensor | None = None,
     train: bool = True,
+    block_fn: BlockFn | None = None,
+    gather: Gather = local_gather,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(weighted sum of the task losses [], metrics)`` for one batch.
+    """FLAVA's pretraining objective: ``(sum of the task losses weighted by
+    cfg.pretrain [], metrics)`` for one batch (:func:`batch_fields`).
 
-    ``batch``: ``images [B, C, H, W]`` (model input), ``tokens [B, S]`` int64, and
-    optionally ``tokenizer_images`` (what ``image_tokenizer`` reads; default ``images``).
-    ``key`` draws the text and patch masks and the ITM negatives (and dropout). Metrics:
-    every task's loss by name, and ``mlm_acc``, ``mim_acc``, ``itm_acc``.
+    ``key`` (required) draws the text and patch masks and the ITM negatives (and dropout,
+    with ``train``); ``block_fn`` runs every block of the five encoder passes;
+    ``gather`` brings the other ranks' contrastive embeddings. Metrics: every task's loss
+    by name, and ``mlm_acc``, ``mim_acc``, ``itm_acc``, all detached.
 
     Example::
 
-        loss_fn = partial(pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
-        step = train.step.make_train_step(loss_fn, optimizer)
+        codes = random_codebook_tokenizer(k, patch_size=8, codebook_size=64)(pixels)
+        batch = {"images": normalised, "tokens": ids, "image_codes": codes}
+        value, metrics = loss(params, batch, cfg=flava_tiny(), key=fmm.random.key(1))
     """
     checks.check_params(params, init=init, cfg=cfg)
     _check_batch(batch, cfg, params["image"]["patch"]["weight"])
-    _check_objective(pcfg, image_tokenizer)
-    masks = _draw_masks(batch, key, cfg, pcfg, image_tokenizer)
-    dropout = random.fold_in(key, _SALTS["dropout"]) if train and cfg.dropout > 0 else None
-    out, accuracy = _task_losses(params, batch, masks, dropout, cfg, train)
-    total = sum(pcfg.weight(t) * out[t] for t in TASKS if pcfg.weight(t) != 0.0)
+    _check_objective(cfg, key)
+    masks = _draw_masks(batch, key, cfg)
+    dropout = random.fold_in(key, "dropout") if train and cfg.dropout > 0 else None
+    out, accuracy = _task_losses(params, batch, masks, dropout, cfg, train, block_fn, gather)
+    weights, zero = cfg.pretrain, torch.zeros((), device=out["mlm"].device)
+    total = sum((weights.weight(t) * out[t] for t in TASKS if weights.weight(t) != 0.0), zero)
     return total, {**{t: out[t].detach() for t in TASKS}, **accuracy}

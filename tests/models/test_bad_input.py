@@ -68,7 +68,6 @@ CLIP, GPT, BERT = clip.clip_tiny(), gpt.gpt_tiny(), bert.bert_tiny()
 VQ, FLAVA = vqvae.vqvae_shapes(), flava.flava_tiny()
 MM = mmgpt.mmgpt_shapes(text_len=5, image_len=6)  # short, so generating images is quick
 ALBEF = albef.albef_tiny(num_answers=3)
-PCFG = flava.PretrainConfig(mask_id=3, special_ids=(1, 2))
 B = 2
 
 
@@ -391,15 +390,18 @@ entry(
 _tokenizer = flava.random_codebook_tokenizer(
     fmm.random.key(5), patch_size=FLAVA.patch_size, codebook_size=FLAVA.image_vocab_size
 )
+_flava_fields = ("images", "tokens", "attention_mask", "image_codes")
 entry(
-    "flava.pretraining_loss",
-    _w("params=flava", "batch['images']=images32", "batch['tokens']=flava_ids"),
-    lambda a: flava.pretraining_loss(
-        a["params"], {"images": a["batch['images']"], "tokens": a["batch['tokens']"]}, KEY,
-        cfg=FLAVA, pcfg=PCFG, image_tokenizer=_tokenizer,
-    ),
+    "flava.loss",
+    _w("params=flava", "batch['images']=images32", "batch['tokens']=flava_ids",
+       **{"batch['attention_mask']": lambda w: w["flava_ids"] > 5,
+          "batch['image_codes']": lambda w: _tokenizer(w["images32"])}),
+    lambda a: flava.loss(a["params"], {f: a[f"batch[{f!r}]"] for f in _flava_fields},
+                         cfg=FLAVA, key=KEY),
     **{"batch['images']": _image(),
-       "batch['tokens']": _ids(FLAVA.vocab_size, FLAVA.max_positions, batch_of="batch['images']")},
+       "batch['tokens']": _ids(FLAVA.vocab_size, FLAVA.max_positions, batch_of="batch['images']"),
+       "batch['attention_mask']": Arg("mask", batch_of="batch['tokens']"),
+       "batch['image_codes']": _ids(FLAVA.image_vocab_size, batch_of="batch['images']")},
     params=flava_params,
 )  # fmt: skip
 

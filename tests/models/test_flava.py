@@ -14,7 +14,6 @@ import models
 from fmm.convert import ConversionError
 from fmm.losses import IGNORE, masked_cross_entropy
 from models import clip, flava, vqvae
-from models.flava import pretrain
 from tests.reference import reference
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -212,22 +211,23 @@ def test_text_and_multimodal_outputs_ignore_trailing_padding(small):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = flava.flava_tiny(vocab_size=30, max_positions=10, image_vocab_size=16)
+    pretrain = flava.PretrainConfig(mask_id=29, special_ids=(1, 2, 28), text_mask_rate=0.3)
+    cfg = flava.flava_tiny(vocab_size=30, max_positions=10, image_vocab_size=16, pretrain=pretrain)
     params = flava.init(cfg, fmm.random.key(0))
-    pcfg = flava.PretrainConfig(mask_id=29, special_ids=(1, 2, 28), text_mask_rate=0.3)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 28, (6, 10), generator=g)
     ids[:, 0], ids[:, 7], ids[:, 8:] = 2, 28, 0
-    batch = {"images": torch.rand(6, 3, 32, 32, generator=g), "tokens": ids}
-    return cfg, params, pcfg, batch
+    images = torch.rand(6, 3, 32, 32, generator=g)
+    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=8, codebook_size=16)
+    batch = {"images": images, "tokens": ids, "image_codes": tok(images)}
+    return cfg, params, batch
 
 
 def test_pretraining_loss_is_finite_pure_and_reaches_every_param(tiny):
-    cfg, params, pcfg, batch = tiny
-    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=8, codebook_size=16)
-    fn = partial(flava.pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
+    cfg, params, batch = tiny
+    fn = partial(flava.loss, cfg=cfg)
     leaves = fmm.tree.map(lambda x: x.detach().requires_grad_(True), params)
-    loss, metrics = fn(leaves, batch, fmm.random.key(5))
+    loss, metrics = fn(leaves, batch, key=fmm.random.key(5))
     assert set(flava.TASKS) <= metrics.keys()
     assert all(torch.isfinite(metrics[t]) and metrics[t] > 0 for t in flava.TASKS)
     torch.testing.assert_close(loss.detach(), sum(metrics[t] for t in flava.TASKS))
@@ -241,56 +241,113 @@ def test_pretraining_loss_is_finite_pure_and_reaches_every_param(tiny):
     assert sorted(no_grad) == [
         f"{m}.pooler.{w}" for m in ("image", "mm", "text") for w in ("bias", "weight")
     ]
-    again, _ = fn(params, batch, fmm.random.key(5))
+    again, _ = fn(params, batch, key=fmm.random.key(5))
     torch.testing.assert_close(again, loss.detach())
-    other, _ = fn(params, batch, fmm.random.key(6))
+    other, _ = fn(params, batch, key=fmm.random.key(6))
     assert not torch.equal(other, loss.detach())
 
 
+def test_the_loss_runs_every_block_of_its_five_encoder_passes_through_block_fn(tiny):
+    cfg, params, batch = tiny
+    ran = []
+
+    def block_fn(block_params, x, **kwargs):
+        ran.append(id(block_params))
+        return fmm.nn.block(block_params, x, **kwargs)
+
+    got, _ = flava.loss(params, batch, cfg=cfg, key=fmm.random.key(5), block_fn=block_fn)
+    want, _ = flava.loss(params, batch, cfg=cfg, key=fmm.random.key(5))
+    torch.testing.assert_close(got, want)
+    blocks = lambda part: [id(b) for b in params[part]["transformer"]["blocks"]]
+    # plain image and text passes, masked ones, then the multimodal encoder
+    assert ran == 2 * (blocks("image") + blocks("text")) + blocks("mm")
+
+
 def test_mim_targets_come_from_any_tokenizer_such_as_our_vqvae(tiny):
-    cfg, params, pcfg, batch = tiny
+    cfg, params, batch = tiny
     vq_cfg = vqvae.vqvae_shapes_4x4()  # 32 px -> 4 x 4 codes: one per FLAVA patch
     vq_params = vqvae.init(vq_cfg, fmm.random.key(2))
     cfg = dataclasses.replace(cfg, image_vocab_size=vq_cfg.codebook_size)
     params = flava.init(cfg, fmm.random.key(0))
-    tok = partial(vqvae.encode, vq_params, cfg=vq_cfg)
+    codes = vqvae.encode(vq_params, batch["images"], cfg=vq_cfg)
     mask = torch.zeros(6, cfg.num_patches, dtype=torch.bool)
     mask[:, ::3] = True
-    labels = flava.mim_targets(tok, batch["images"], mask, cfg=cfg)
-    assert torch.equal(labels[mask], tok(batch["images"]).reshape(6, -1)[mask])
+    labels = flava.mim_targets(codes, mask, cfg=cfg)
+    assert torch.equal(labels[mask], codes.reshape(6, -1)[mask])
     assert (labels[~mask] == IGNORE).all()
-    loss, metrics = flava.pretraining_loss(
-        params, batch, fmm.random.key(0), cfg=cfg, pcfg=pcfg, image_tokenizer=tok
-    )
+    batch = {**batch, "image_codes": codes}
+    loss, metrics = flava.loss(params, batch, cfg=cfg, key=fmm.random.key(0))
     assert torch.isfinite(loss) and metrics["mim"] > 0
     # mmm scores only matching pairs: with every pair a negative it has nothing to score.
-    neg = dataclasses.replace(pcfg, itm_negative_rate=1.0)
-    _, m = flava.pretraining_loss(
-        params, batch, fmm.random.key(0), cfg=cfg, pcfg=neg, image_tokenizer=tok
+    neg = dataclasses.replace(
+        cfg, pretrain=dataclasses.replace(cfg.pretrain, itm_negative_rate=1.0)
     )
+    _, m = flava.loss(params, batch, cfg=neg, key=fmm.random.key(0))
     assert m["mmm_text"] == 0 and m["mmm_image"] == 0 and m["mlm"] > 0
     assert masked_cross_entropy(torch.zeros(1, 1, 3), torch.full((1, 1), IGNORE)) == 0
 
 
+def test_image_codes_are_required_exactly_when_an_image_task_is_weighted(tiny):
+    cfg, params, batch = tiny
+    fields = flava.batch_fields(cfg)
+    assert not fields["image_codes"].optional and fields["attention_mask"].optional
+    no_codes = {k: v for k, v in batch.items() if k != "image_codes"}
+    with pytest.raises(ValueError, match=r"batch lacks \['image_codes'\]"):
+        flava.loss(params, no_codes, cfg=cfg, key=fmm.random.key(0))
+    weights = tuple((t, w) for t, w in cfg.pretrain.weights if t not in ("mim", "mmm_image"))
+    text_only = dataclasses.replace(
+        cfg, pretrain=dataclasses.replace(cfg.pretrain, weights=weights)
+    )
+    assert flava.batch_fields(text_only)["image_codes"].optional
+    loss, metrics = flava.loss(params, no_codes, cfg=text_only, key=fmm.random.key(0))
+    assert metrics["mim"] == 0 and metrics["mmm_image"] == 0
+    torch.testing.assert_close(
+        loss, sum(metrics[t] for t in flava.TASKS if t not in ("mim", "mmm_image"))
+    )
+
+
+def test_an_explicit_attention_mask_equal_to_the_pad_rule_changes_nothing(tiny):
+    cfg, params, batch = tiny
+    key = fmm.random.key(4)
+    want, _ = flava.loss(params, batch, cfg=cfg, key=key)
+    masked = {**batch, "attention_mask": batch["tokens"] != cfg.pad_id}
+    torch.testing.assert_close(flava.loss(params, masked, cfg=cfg, key=key)[0], want)
+
+
+def test_the_config_round_trips_through_json_and_stays_hashable(tiny):
+    cfg = tiny[0]
+    back = flava.FLAVAConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and hash(back) == hash(cfg)
+    assert flava.FLAVAConfig.from_dict({"vocab_size": 99}).pretrain == flava.PretrainConfig()
+
+
+def test_the_family_record_names_its_parts():
+    family = flava.FAMILY
+    assert family.loss is flava.loss and family.init is flava.init
+    assert family.loss_extras == ("gather",)
+    assert set(family.presets) == {"flava_model", "flava_tiny", "flava_1.8b", "flava_10b"}
+    assert family.converters["torchmultimodal"].from_ is flava.from_torchmultimodal
+    big = family.presets["flava_1.8b"]()
+    assert (big.image_width, big.image_layers, big.mm_layers, big.image_heads) == (
+        1280, 32, 16, 16
+    )  # fmt: skip
+
+
 def test_pretraining_loss_traces_as_one_graph_with_the_same_values(tiny):
-    """The whole objective (masks, tokenizer, negatives, encoders, heads) captures as one
-    graph, so a compiled train step never falls back to eager."""
-    cfg, params, pcfg, batch = tiny
-    tok = flava.random_codebook_tokenizer(fmm.random.key(1), patch_size=8, codebook_size=16)
-    fn = partial(flava.pretraining_loss, cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
+    """The whole objective (masks, negatives, encoders, heads) captures as one graph, so a
+    compiled train step never falls back to eager."""
+    cfg, params, batch = tiny
+    fn = partial(flava.loss, cfg=cfg)
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     key = fmm.random.key(7)
-    loss, metrics = compiled(params, batch, key)
-    want, want_metrics = fn(params, batch, key)
+    loss, metrics = compiled(params, batch, key=key)
+    want, want_metrics = fn(params, batch, key=key)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(metrics, want_metrics)
-    # the precomputed salts fold in exactly as the names they stand for
-    for name, salt in pretrain._SALTS.items():
-        assert torch.equal(fmm.random.fold_in(key, salt), fmm.random.fold_in(key, name))
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
-    cfg, params, pcfg, batch = tiny
+    cfg, params, batch = tiny
     images, ids = batch["images"], batch["tokens"]
     with pytest.raises(
         ValueError, match=r"images must have shape \[batch, 3, 32, 32\], got \[6, 3, 16, 16\]"
@@ -316,11 +373,14 @@ def test_bad_inputs_raise_clear_errors(tiny):
         flava.encode_image(
             params["image"], images, cfg=cfg, patch_mask=torch.zeros(6, 15, dtype=torch.bool)
         )
-    bad_tok = lambda x: torch.zeros(x.shape[0], 2, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"one code per patch: \[batch, 4, 4\]"):
-        flava.pretraining_loss(
-            params, batch, fmm.random.key(0), cfg=cfg, pcfg=pcfg, image_tokenizer=bad_tok
-        )
+    coarse = {**batch, "image_codes": torch.zeros(6, 2, 2, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"batch\['image_codes'\] must have shape \[6, 4, 4\]"):
+        flava.loss(params, coarse, cfg=cfg, key=fmm.random.key(0))
+    with pytest.raises(ValueError, match=r"key= is missing"):
+        flava.loss(params, batch, cfg=cfg)
+    with pytest.raises(ValueError, match=r"cfg.pretrain.mask_id=103 lies outside"):
+        flava.loss(params, batch, cfg=dataclasses.replace(cfg, pretrain=flava.PretrainConfig()),
+                   key=fmm.random.key(0))  # fmt: skip
     with pytest.raises(ValueError, match="image_size=30 is not a multiple of patch_size=8"):
         dataclasses.replace(cfg, image_size=30)
     with pytest.raises(ValueError, match="unknown tasks"):
@@ -376,10 +436,14 @@ def test_pretraining_task_losses_match_torchmultimodal_flava_loss():
 
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 22, (6, 7), generator=g)
-    batch = {"images": torch.rand(6, 3, 8, 8, generator=g, dtype=torch.float64), "tokens": ids}
-    pcfg = flava.PretrainConfig(mask_id=22, text_mask_rate=0.4, patch_mask_rate=0.5)
+    images = torch.rand(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    pretrain = flava.PretrainConfig(
+        mask_id=22, special_ids=(), text_mask_rate=0.4, patch_mask_rate=0.5
+    )
+    cfg = dataclasses.replace(cfg, pretrain=pretrain)
     tok = flava.random_codebook_tokenizer(fmm.random.key(2), patch_size=4, codebook_size=13)
-    masks = flava.draw_masks(batch, fmm.random.key(3), cfg=cfg, pcfg=pcfg, image_tokenizer=tok)
+    batch = {"images": images, "tokens": ids, "image_codes": tok(images)}
+    masks = flava.draw_masks(batch, fmm.random.key(3), cfg=cfg)
     assert 0 < int(masks.itm_labels.sum()) < 6  # both positives and negatives
     with torch.no_grad():
         ours, _ = flava.task_losses(params, batch, masks, cfg=cfg)

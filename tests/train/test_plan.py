@@ -58,17 +58,16 @@ def _loss_fn(name, cfg, dtype):
         }
         return lambda p: clip.loss(p, batch, cfg=cfg)
     if name == "flava_tiny":  # the whole pretraining objective: two passes per encoder, heads
-        pcfg = flava.PretrainConfig(mask_id=3, special_ids=(1, 2))
         tok = flava.random_codebook_tokenizer(
             fmm.random.key(5), patch_size=cfg.patch_size, codebook_size=cfg.image_vocab_size
         )
+        images = torch.rand(BATCH, 3, cfg.image_size, cfg.image_size, generator=g)
         batch = {
-            "images": torch.rand(BATCH, 3, cfg.image_size, cfg.image_size, generator=g).to(dtype),
+            "images": images.to(dtype),
             "tokens": torch.randint(4, cfg.vocab_size, (BATCH, cfg.max_positions), generator=g),
+            "image_codes": tok(images),
         }
-        return lambda p: flava.pretraining_loss(
-            p, batch, fmm.random.key(1), cfg=cfg, pcfg=pcfg, image_tokenizer=tok
-        )
+        return lambda p: flava.loss(p, batch, cfg=cfg, key=fmm.random.key(1))
     if name == "bert_tiny":  # dropout 0.1 and attention dropout: masks and [S, S] weights
         ids = torch.randint(0, cfg.vocab_size, (BATCH, cfg.max_positions), generator=g)
         return lambda p: bert.apply(p, ids, cfg=cfg, train=True, key=fmm.random.key(1))
