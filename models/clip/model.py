@@ -180,7 +180,11 @@ def batch_fields(cfg: CLIPConfig) -> dict[str, Field]:
     return {
         "images": Field("float", ("batch", c, s, s), doc="pixels, normalised as in training"),
         "tokens": Field(
-            "int", ("batch", "seq"), high=cfg.vocab_size, doc="caption ids, end-of-text last"
+            "int",
+            ("batch", "seq"),
+            high=cfg.vocab_size,
+            limits={"seq": cfg.context_length},
+            doc="caption ids, the end-of-text token the largest id of each row",
         ),
     }
 

@@ -91,9 +91,12 @@ def batch_fields(cfg: GPTConfig) -> dict[str, Field]:
     """The batch :func:`loss` reads: ``tokens [batch, seq]`` int64 (``2 <= seq <=
     context_length + 1``: the model reads all but the last, predicts all but the first) and
     an optional ``mask [batch, seq]`` bool (True = a real token)."""
+    seq = {"seq": cfg.context_length + 1}
     return {
-        "tokens": Field("int", ("batch", "seq"), high=cfg.vocab_size, doc="token ids"),
-        "mask": Field("bool", ("batch", "seq"), optional=True, doc="True at real tokens"),
+        "tokens": Field("int", ("batch", "seq"), high=cfg.vocab_size, limits=seq, doc="token ids"),
+        "mask": Field(
+            "bool", ("batch", "seq"), optional=True, limits=seq, doc="True at real tokens"
+        ),
     }
 
 

@@ -29,6 +29,8 @@ from fmm import checks, random
 from fmm.losses.vq import commitment_loss, reconstruction_loss
 from fmm.nn import codebook as vq
 from fmm.nn import conv
+from fmm.nn.transformer import BlockFn
+from models.family import Field
 from models.vqvae.config import VQVAEConfig
 
 Params = dict[str, Any]
@@ -161,15 +163,33 @@ def apply(params: Params, images: torch.Tensor, *, cfg: VQVAEConfig) -> dict[str
     return _apply(params, images)
 
 
+def batch_fields(cfg: VQVAEConfig) -> dict[str, Field]:
+    """The batch :func:`loss` reads: ``images [batch, C, H, W]`` float pixels in ``[0, 1]``."""
+    c, s = cfg.in_channels, cfg.image_size
+    return {"images": Field("float", ("batch", c, s, s), doc="pixels in [0, 1]")}
+
+
 def loss(
-    params: Params, batch: dict[str, torch.Tensor], *, cfg: VQVAEConfig
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    params: Params,
+    batch: dict[str, torch.Tensor],
+    *,
+    cfg: VQVAEConfig,
+    key: torch.Tensor | None = None,
+    train: bool = True,
+    block_fn: BlockFn | None = None,
+    state: State | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """``reconstruction MSE + commitment * commitment loss`` of ``batch = {"images": [B, C, H, W]}``.
 
     Returns ``(loss [], metrics)`` with ``recon_mse``, ``commitment`` and the batch's code
-    ``perplexity``, so it plugs into ``train.step.make_train_step``. The codebook gets no
-    gradient: :func:`update_codebook` moves it.
+    ``perplexity`` (0-d), plus ``aux = {"images": [B, C, H, W]}``, what :func:`update_state`
+    needs after the optimizer step. The codebook gets no gradient: :func:`update_codebook`
+    moves it. ``key``, ``train``, ``block_fn`` and ``state`` are the contract's: nothing
+    here is stochastic, there is no transformer stack, and the loss reads no EMA statistics.
+
+    Example: ``value, metrics = loss(params, {"images": x}, cfg=vqvae_shapes())``.
     """
+    del key, train, block_fn, state  # see the docstring
     checks.check_keys(batch, ("images",))
     checks.check_params(params, init=init, cfg=cfg)
     _check_images(params, batch["images"], cfg, "batch['images']")
@@ -181,6 +201,7 @@ def loss(
         "recon_mse": recon.detach(),
         "commitment": commit.detach(),
         "perplexity": usage["perplexity"],
+        "aux": {"images": batch["images"].detach()},
     }
     return recon + cfg.commitment * commit, metrics
 
@@ -214,3 +235,32 @@ def update_codebook(
         weight = vq.codebook_from_ema(state, eps=cfg.eps)
     new_params = {**params, "codebook": {"weight": weight}}
     return new_params, state, {"restarted": dead.sum()}
+
+
+def init_state(cfg: VQVAEConfig, params: Params, key: torch.Tensor) -> State:
+    """The family's train state: the codebook's EMA statistics (:func:`init_codebook_state`).
+    ``cfg`` and ``key`` are the contract's; the statistics start from the codebook alone."""
+    del cfg, key  # see the docstring
+    return init_codebook_state(params)
+
+
+def update_state(
+    state: State,
+    params: Params,
+    aux: dict[str, torch.Tensor],
+    *,
+    cfg: VQVAEConfig,
+    key: torch.Tensor,
+) -> tuple[Params, State]:
+    """After the optimizer step: :func:`update_codebook` on the step's images (``aux`` from
+    :func:`loss`), encoded by the *new* ``params``. Returns ``(params, state)`` with the
+    codebook set from the updated EMA and dead codes restarted (``key`` draws the restarts).
+
+    Example::
+
+        state, metrics = step(state, batch)
+        params, ema = update_state(ema, state["params"], metrics.pop("aux"), cfg=cfg, key=k)
+    """
+    checks.check_keys(aux, ("images",), name="aux")
+    new_params, new_state, _ = update_codebook(params, state, aux["images"], cfg=cfg, key=key)
+    return new_params, new_state

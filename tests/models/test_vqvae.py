@@ -88,6 +88,39 @@ def test_a_few_steps_lower_the_reconstruction_error():
     assert last < 0.3 * first
 
 
+def test_the_familys_state_update_after_each_step_is_update_codebook_on_the_new_params():
+    # What the one training loop runs (loss with state=, then update_state with metrics'
+    # aux) against what the VQ-VAE recipe ran (the step, then update_codebook), bit for bit.
+    family, opt = vqvae.FAMILY, optim.adamw(3e-3, decay_mask=lambda path: False)
+    params = vqvae.init(CFG, fmm.random.key(0))
+    plain = init_state(params, opt, key=fmm.random.key(1))
+    ours = init_state(params, opt, key=fmm.random.key(1))
+    plain_ema = vqvae.init_codebook_state(params)
+    ours_ema = family.init_state(CFG, params, fmm.random.key(2))
+    plain_step = make_train_step(lambda p, b, k: vqvae.loss(p, b, cfg=CFG), opt)
+    g = torch.Generator().manual_seed(3)
+    for i in range(3):
+        batch = {"images": torch.rand(4, 3, 16, 16, generator=g)}
+        restart = fmm.random.fold_in(fmm.random.key(4), i)
+        plain, _ = plain_step(plain, batch)
+        p, plain_ema, _ = vqvae.update_codebook(
+            plain["params"], plain_ema, batch["images"], cfg=CFG, key=restart
+        )
+        plain = {**plain, "params": p}
+        step = make_train_step(
+            lambda p, b, k, ema=ours_ema: family.loss(p, b, cfg=CFG, key=k, state=ema), opt
+        )
+        ours, metrics = step(ours, batch)
+        aux = metrics.pop("aux")
+        assert all(v.ndim == 0 for v in metrics.values())
+        p, ours_ema = family.update_state(ours_ema, ours["params"], aux, cfg=CFG, key=restart)
+        ours = {**ours, "params": p}
+    for a, b in zip(fmm.tree.leaves((plain, plain_ema)), fmm.tree.leaves((ours, ours_ema))):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"aux lacks \['images'\]"):
+        family.update_state(ours_ema, ours["params"], {}, cfg=CFG, key=fmm.random.key(0))
+
+
 def test_meta_init_gives_the_shapes_only():
     meta = vqvae.init(vqvae.vqvae_shapes(), fmm.random.key(0).to("meta"))
     real = vqvae.init(vqvae.vqvae_shapes(), fmm.random.key(0))
