@@ -31,13 +31,14 @@ import re
 import sys
 import traceback
 
+from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
 from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
 
 TASKS = {
-    "clip": (clip, "train a tiny CLIP on the built-in shapes world and evaluate it zero-shot"),
+    "clip": (clip.RECIPE, clip.RECIPE.help),
     "vqvae": (vqvae, "train a VQ-VAE image tokeniser on the shapes world"),
     "mmgpt": (
         mmgpt,
@@ -79,7 +80,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a training recipe's ``--config FILE`` becomes its flags' defaults
+    (checked against them), so the flags on the command line override the file."""
     parser = _Parser(prog="python -m train", description="fmm training recipes")
     parser.add_argument(
         "--debug",
@@ -87,14 +90,24 @@ def _parser() -> argparse.ArgumentParser:
         help="print the traceback of user errors too (as FMM_DEBUG=1 does)",
     )
     sub = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+    tasks = {}
     for name, (recipe, help_text) in TASKS.items():
-        recipe.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    return parser
+        tasks[name] = sub.add_parser(name, help=help_text, description=help_text)
+        recipe.add_arguments(tasks[name])
+    args = parser.parse_args(argv)
+    if isinstance(TASKS[args.task][0], Recipe) and args.config is not None:
+        task = tasks[args.task]
+        try:
+            task.set_defaults(**config_defaults(task, args.config, recipe=args.task))
+        except ValueError as e:
+            task.error(str(e))
+        args = parser.parse_args(argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command line; errors are raised, not answered (see :func:`cli`)."""
-    args = _parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     TASKS[args.task][0].run(args)
     return 0
 
@@ -113,7 +126,7 @@ def _user_message(error: BaseException) -> str | None:
 def cli(argv: list[str] | None = None) -> int:
     """``python -m train``: :func:`main`, with user errors answered in one line (status 2)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)  # a refused flag exits 2 here, its line printed
+    args = _parse(argv)  # a refused flag exits 2 here, its line printed
     debug = args.debug or os.environ.get("FMM_DEBUG", "") not in ("", "0")
     try:
         TASKS[args.task][0].run(args)

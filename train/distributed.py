@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 from fmm import random, tree
 from fmm.adapter import ModelAdapter
 from train.optim import Optimizer, global_norm
+from train.step import clip_grads
 
 MODES = ("ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -291,42 +292,124 @@ def make_step(
     adapter: ModelAdapter,
     optimizer: Optimizer,
     *,
-    loss_call: Callable[[torch.nn.Module, Any, torch.Tensor], tuple[torch.Tensor, dict]],
+    loss_call: Callable[..., tuple[torch.Tensor, dict]],
     mode: str | None,
     max_grad_norm: float | None = None,
     precision: str = "fp32",
     device: torch.device | None = None,
+    update_state: Callable[..., tuple[Any, Any]] | None = None,
 ) -> Callable[[dict, Any], tuple[dict, dict]]:
     """``step(state, batch) -> (state, metrics)`` for a (possibly distributed) module.
 
     ``state = {"opt_state", "step", "key"}`` (params live in ``adapter``, updated in place);
     step ``n`` passes ``fold_in(key, n)`` to ``loss_call(model, batch, key) -> (loss, metrics)``,
-    which must call ``model`` (so DDP/FSDP hooks run). Metrics: ``loss`` averaged over ranks
-    (each rank's loss is over its equal share of the global batch) and ``grad_norm`` of the
-    full gradient before clipping. ``max_grad_norm``: scale grads by
-    ``min(1, max_norm / (grad_norm + 1e-6))`` first, as ``optim.clip_by_global_norm``.
+    which must call ``model`` (so DDP/FSDP hooks run). With more than one rank, rank ``r``
+    gets ``fold_in(fold_in(key, n), r)``: its rows draw their own dropout and masks. Metrics:
+    ``loss`` averaged over ranks (each rank's loss is over its equal share of the global
+    batch) and ``grad_norm`` of the full gradient before clipping. ``max_grad_norm``: scale
+    grads by ``min(1, max_norm / (grad_norm + 1e-6))`` first, as ``optim.clip_by_global_norm``.
     ``mode``: ``None`` (one process, or a plain module), ``"ddp"`` or ``"fsdp"``.
+
+    A family's train state (``state["model_state"]``, laid out by :func:`place_state`) goes
+    to ``loss_call(model, batch, key, state=...)`` whole (sharded leaves gathered), and
+    ``update_state(model_state, params, aux, key) -> (params, model_state)`` runs after the
+    optimizer step on this rank's shards of the new params and of the state (an EMA toward
+    the params is leafwise, so shards update independently), with ``aux``'s rows gathered
+    from every rank in rank order: every rank's queue then holds the global batch.
     """
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
     device = device or torch.device("cpu")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
 
     def step(state: dict, batch: Any) -> tuple[dict, dict]:
         key = random.fold_in(state["key"], state["step"])
+        if world > 1:
+            key = random.fold_in(key, rank)
+        call = loss_call
+        if update_state is not None:
+            gathered = tree.map(whole, state["model_state"])
+            call = lambda m, b, k: loss_call(m, b, k, state=gathered)
         loss, metrics, params, grads = backward(
-            model, adapter, loss_call, batch, key, mode=mode, precision=precision, device=device
+            model, adapter, call, batch, key, mode=mode, precision=precision, device=device
         )
         grad_norm = sharded_global_norm(grads)
         local_grads = tree.map(local, grads)
         local_params = tree.map(lambda p: local(p.detach()), params)  # shares storage
         if max_grad_norm is not None:
-            scale = torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0)
-            local_grads = tree.map(lambda g: g * scale.to(g.dtype), local_grads)
+            local_grads = clip_grads(local_grads, grad_norm, max_grad_norm)
         updates, opt_state = optimizer.update(local_grads, state["opt_state"], local_params)
         with torch.no_grad():
             for p, u in zip(tree.leaves(local_params), tree.leaves(updates)):
                 p.add_(u)
         new_state = {"opt_state": opt_state, "step": state["step"] + 1, "key": state["key"]}
+        if update_state is not None:
+            aux = tree.map(gather_rows, metrics.pop("aux"))
+            with torch.no_grad():
+                new_params, new_local = update_state(
+                    tree.map(local, state["model_state"]), local_params, aux,
+                    random.fold_in(key, "state"),
+                )  # fmt: skip
+                for p, q in zip(tree.leaves(local_params), tree.leaves(new_params)):
+                    if q is not p:
+                        p.copy_(q)
+            new_state["model_state"] = tree.map(_like, new_local, state["model_state"])
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     return step
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x: [B_r, ...]`` in rank order, ``[sum_r B_r, ...]``, without
+    gradients (the identity on one process). For what a train-state update reads."""
+    if x.ndim < 1:
+        raise ValueError(
+            "gather_rows: a train-state update reads per-example rows [batch, ...], got a "
+            "0-d tensor; return rows in metrics['aux']"
+        )
+    return all_gather_with_grad(x.detach())[0].detach()
+
+
+def whole(x: Any) -> Any:
+    """A ``DTensor`` gathered whole (a collective: every rank calls it); a plain tensor as is."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _like(new_local: torch.Tensor, template: Any) -> Any:
+    if isinstance(template, DTensor):
+        return DTensor.from_local(
+            new_local, template.device_mesh, template.placements,
+            shape=template.shape, stride=template.stride(),
+        )  # fmt: skip
+    return new_local
+
+
+def place_state(model_state: Any, params: Any) -> Any:
+    """A family's train state laid out for the step: each leaf shaped like a param it
+    mirrors (ALBEF's momentum ``momentum.image.patch.weight`` mirrors ``image.patch.weight``:
+    the longest dotted suffix naming a param of the same shape) is sharded like that param
+    when the param is a ``DTensor`` (FSDP); every other leaf (queues, counters) stays whole,
+    the same on every rank.
+
+    Example: ``state["model_state"] = place_state(family.init_state(cfg, p, key), adapter.tree())``.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    by_name = tree.flatten(params)
+
+    def place(name: str, leaf: torch.Tensor) -> Any:
+        parts = name.split(".")
+        suffixes = (".".join(parts[i:]) for i in range(1, len(parts)))
+        mirror = next(
+            (by_name[s] for s in suffixes if s in by_name and by_name[s].shape == leaf.shape),
+            None,
+        )
+        if not isinstance(mirror, DTensor):
+            return leaf
+        placed = distribute_tensor(leaf.detach(), mirror.device_mesh, mirror.placements)
+        if placed.to_local().shape != mirror.to_local().shape:
+            raise RuntimeError(f"place_state: {name} shards unlike its param")
+        return placed
+
+    return tree.map_with_path(place, model_state)

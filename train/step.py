@@ -2,7 +2,11 @@
 
 ``state`` is a pytree ``{"params", "opt_state", "step", "key"}``: ``step`` is a 0-d int64
 tensor (a Python int would recompile a compiled step at every value) and ``key`` the base
-dropout key; step ``n`` draws from ``fold_in(key, n)``.
+dropout key; step ``n`` draws from ``fold_in(key, n)``. A family with train state that
+gradients do not move (ALBEF's momentum encoders and queues, a VQ-VAE's EMA codebook:
+``models.family.Family.update_state``) keeps it under ``"model_state"``: the loss reads it,
+returns what its update needs as ``metrics["aux"]``, and the update runs after the
+optimizer step on the new params.
 
 Gradient engines:
 
@@ -24,20 +28,29 @@ import torch._dynamo
 from fmm import random, tree
 from train.optim import Optimizer, apply_updates, global_norm
 
-LossFn = Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+UpdateFn = Callable[[Any, Any, Any, torch.Tensor], tuple[Any, Any]]
 State = dict[str, Any]
 ENGINES = ("autograd", "func")
 
 
-def init_state(params: Any, optimizer: Optimizer, *, key: torch.Tensor) -> State:
-    """The train state at step 0. Example: ``state = init_state(params, adamw(1e-3), key=key(0))``."""
+def init_state(
+    params: Any, optimizer: Optimizer, *, key: torch.Tensor, model_state: Any = None
+) -> State:
+    """The train state at step 0; ``model_state``: a family's own train state, if it has one.
+
+    Example: ``state = init_state(params, adamw(1e-3), key=key(0))``.
+    """
     device = tree.leaves(params)[0].device
-    return {
+    state = {
         "params": params,
         "opt_state": optimizer.init(params),
         "step": torch.zeros((), dtype=torch.int64, device=device),
         "key": key.to(device),
     }
+    if model_state is not None:
+        state["model_state"] = model_state
+    return state
 
 
 def _grads_autograd(loss_fn: LossFn, params: Any, batch: Any, key: torch.Tensor):
@@ -59,10 +72,20 @@ def _grads_func(loss_fn: LossFn, params: Any, batch: Any, key: torch.Tensor):
     return grads, loss, metrics
 
 
+def clip_grads(grads: Any, grad_norm: torch.Tensor, max_norm: float) -> Any:
+    """``grads`` scaled by ``min(1, max_norm / (grad_norm + 1e-6))``, the scale of
+    ``train.optim.clip_by_global_norm``, given the norm (which may be the norm of every
+    rank's shards: ``train.distributed.sharded_global_norm``)."""
+    scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+    return tree.map(lambda g: g * scale.to(g.dtype), grads)
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: Optimizer,
     *,
+    max_grad_norm: float | None = None,
+    update_state: UpdateFn | None = None,
     compile: bool = False,
     engine: str = "autograd",
 ) -> Callable[[State, Any], tuple[State, dict[str, torch.Tensor]]]:
@@ -73,6 +96,14 @@ def make_train_step(
     With ``compile=True`` it is ``torch.compile(fullgraph=True)``-ed once; later steps of
     the same shapes reuse the graph.
 
+    ``max_grad_norm``: clip as ``optim.clip_by_global_norm`` does, before ``optimizer`` (the
+    state then holds only ``optimizer``'s, as ``train.distributed.make_step``'s does).
+
+    ``update_state(model_state, params, aux, key) -> (params, model_state)``: for a state
+    holding ``"model_state"``, ``loss_fn`` is called with ``state=`` that state and returns
+    ``metrics["aux"]``; after the optimizer step the update gets the new params and
+    ``fold_in(key, "state")`` (a family's ``update_state`` with ``cfg`` bound).
+
     Example::
 
         step = make_train_step(lambda p, b, k: models.clip.loss(p, b, cfg=cfg), adamw(1e-3))
@@ -81,10 +112,18 @@ def make_train_step(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     grads_of = _grads_autograd if engine == "autograd" else _grads_func
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
 
     def step(state: State, batch: Any) -> tuple[State, dict[str, torch.Tensor]]:
         key = random.fold_in(state["key"], state["step"])
-        grads, loss, metrics = grads_of(loss_fn, state["params"], batch, key)
+        fn = loss_fn
+        if update_state is not None:
+            fn = lambda p, b, k: loss_fn(p, b, k, state=state["model_state"])
+        grads, loss, metrics = grads_of(fn, state["params"], batch, key)
+        grad_norm = global_norm(grads)
+        if max_grad_norm is not None:
+            grads = clip_grads(grads, grad_norm, max_grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = {
             "params": apply_updates(state["params"], updates),
@@ -92,7 +131,12 @@ def make_train_step(
             "step": state["step"] + 1,
             "key": state["key"],
         }
-        return new_state, {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
+        if update_state is not None:
+            aux = tree.map(torch.Tensor.detach, metrics.pop("aux"))
+            new_state["params"], new_state["model_state"] = update_state(
+                state["model_state"], new_state["params"], aux, random.fold_in(key, "state")
+            )
+        return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     if not compile:
         return step

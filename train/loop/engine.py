@@ -1,0 +1,138 @@
+"""The two ways the loop steps a family's loss, behind one interface.
+
+- :class:`PureTrainer`: ``train.step.make_train_step``, the pure step over a state pytree,
+  ``torch.compile``-able, on one process.
+- :class:`ModuleTrainer`: the params in a ``fmm.adapter.ModelAdapter`` (one module per
+  transformer block), wrapped by ``train.distributed`` for DDP or FSDP2, with activation
+  checkpointing per block and bf16-mixed, on one process or under ``torchrun``.
+
+Both hold ``{"opt_state", "step", "key"}`` and, for a family with train state,
+``"model_state"``, and expose one :meth:`checkpoint_tree` with the same names, so a
+checkpoint of one path resumes on the other, at any world size. Both clip the gradient
+norm to 1 before AdamW.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fmm import random, tree
+from fmm.adapter import ModelAdapter
+from models.family import Family
+from train import distributed as dist_
+from train import optim
+from train.step import init_state, make_train_step
+
+MAX_GRAD_NORM = 1.0
+
+
+def _update_fn(family: Family, cfg: Any) -> Callable | None:
+    if family.update_state is None:
+        return None
+    return lambda state, params, aux, key: family.update_state(state, params, aux, cfg=cfg, key=key)
+
+
+class PureTrainer:
+    """The pure train step on one process (``compile``: ``torch.compile(fullgraph=True)``)."""
+
+    def __init__(self, family: Family, cfg: Any, params: Any, model_state: Any,
+                 optimizer: optim.Optimizer, key: torch.Tensor, *, compile: bool):  # fmt: skip
+        def loss_fn(p, batch, k, **state):
+            return family.loss(p, batch, cfg=cfg, key=k, train=True, **state)
+
+        self.state = init_state(params, optimizer, key=key, model_state=model_state)
+        self._step = make_train_step(
+            loss_fn, optimizer, max_grad_norm=MAX_GRAD_NORM,
+            update_state=_update_fn(family, cfg), compile=compile,
+        )  # fmt: skip
+
+    def step(self, batch: dict) -> dict:
+        self.state, metrics = self._step(self.state, batch)
+        return metrics
+
+    def checkpoint_tree(self) -> dict:
+        """The train state; a checkpoint loads into these very tensors."""
+        return dict(self.state)
+
+    def params(self) -> Any:
+        return self.state["params"]
+
+    def model_state(self) -> Any:
+        return self.state.get("model_state")
+
+
+class ModuleTrainer:
+    """The module path: ``fmm.adapter`` + ``train.distributed`` (``mode`` ddp, fsdp or None)."""
+
+    def __init__(self, family: Family, cfg: Any, params: Any, model_state: Any,
+                 optimizer: optim.Optimizer, key: torch.Tensor, *, env: dist_.Env,
+                 mode: str | None, ac: bool, precision: str):  # fmt: skip
+        extras = {}
+        if "gather" in family.loss_extras and env.world_size > 1:
+            extras["gather"] = dist_.all_gather_with_grad
+        self.adapter = ModelAdapter(
+            params, functools.partial(family.loss, cfg=cfg, **extras), checkpoint=ac
+        )
+        self.model = (
+            dist_.wrap(self.adapter, mode, precision=precision, device=env.device)
+            if mode
+            else self.adapter
+        )
+
+        def loss_call(model, batch, k, **state):
+            return model(batch, key=k, train=True, **state)
+
+        self._step = dist_.make_step(
+            self.model, self.adapter, optimizer, loss_call=loss_call, mode=mode,
+            max_grad_norm=MAX_GRAD_NORM, precision=precision, device=env.device,
+            update_state=_update_fn(family, cfg),
+        )  # fmt: skip
+        live = self.adapter.tree()
+        self.state = {
+            "opt_state": optimizer.init(tree.map(lambda p: dist_.local(p.detach()), live)),
+            "step": torch.zeros((), dtype=torch.int64, device=env.device),
+            "key": key.to(env.device),
+        }
+        if model_state is not None:
+            self.state["model_state"] = dist_.place_state(model_state, live)
+
+    def step(self, batch: dict) -> dict:
+        self.state, metrics = self._step(self.state, batch)
+        return metrics
+
+    def checkpoint_tree(self) -> dict:
+        """Params (the adapter's, FSDP shards included), optimizer state as ``DTensor``s laid
+        out like them, step, key and model state: what ``torch.distributed.checkpoint``
+        saves and reshards; a load writes into the live tensors."""
+        live = tree.map(lambda p: p.detach(), self.adapter.tree())
+        out = {**self.state, "params": live}
+        out["opt_state"] = dist_.shard_like(self.state["opt_state"], live)
+        return out
+
+    def params(self) -> Any:
+        """The whole params as plain tensors (a collective under FSDP: every rank calls it)."""
+        return dist_.full_params(self.model)
+
+    def model_state(self) -> Any:
+        state = self.state.get("model_state")
+        return None if state is None else tree.map(dist_.whole, state)
+
+
+def optimizer_for(
+    *, lr: float, steps: int, warmup: int, weight_decay: float, decay_mask=None
+) -> optim.Optimizer:
+    """AdamW on a linear-warmup cosine schedule, as every recipe trains (clipping is the
+    trainers' own, before it)."""
+    schedule = optim.cosine_schedule(lr, total_steps=steps, warmup_steps=min(warmup, steps))
+    return optim.adamw(schedule, weight_decay=weight_decay, decay_mask=decay_mask)
+
+
+def base_keys(seed: int) -> dict[str, torch.Tensor]:
+    """The keys of a run from its ``--seed``: ``init`` (params), ``state`` (the family's
+    train state) and ``step`` (each step folds its number in)."""
+    key = random.key(seed)
+    return {name: random.fold_in(key, name) for name in ("init", "state", "step")}
