@@ -185,3 +185,23 @@ def test_the_decoding_guide_snippets_run():
     namespace = {}
     for code in snippets:
         exec(code, namespace)  # our own documentation
+
+
+def test_a_masked_loss_counts_only_the_real_targets():
+    cfg = gpt.gpt_tiny()
+    params = gpt.init(cfg, fmm.random.key(2))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False  # row 1 is padded after its 6th token
+    value, _ = gpt.loss(params, {"tokens": tokens, "mask": mask}, cfg=cfg)
+    logits = gpt.apply(params, tokens[:, :-1], cfg=cfg)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), tokens[:, 1:], reduction="none"
+    )
+    want = torch.cat([per_token[0], per_token[1, :5]]).mean()
+    torch.testing.assert_close(value, want)
+    padded = tokens.clone()
+    padded[1, 6:] = 0  # what sits under the mask changes nothing
+    torch.testing.assert_close(
+        gpt.loss(params, {"tokens": padded, "mask": mask}, cfg=cfg)[0], value
+    )
