@@ -12,17 +12,22 @@ import functools
 import torch
 
 from fmm import checks, decoding, random
-from fmm.nn import embed, layer_norm
+from fmm.nn import layer_norm
 from models.mmgpt.config import MMGPTConfig
-from models.mmgpt.model import Params, _check_text, init, mask_logits, modality_mask, output_logits
+from models.mmgpt.model import (
+    Params,
+    _check_text,
+    _modality_embed,
+    init,
+    mask_logits,
+    modality_mask,
+    output_logits,
+)
 
 
 def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg: MMGPTConfig):
     # embed_tokens at explicit per-sequence positions (decoding passes them as a tensor).
-    is_image = tokens >= cfg.text_vocab
-    text = embed(params["text"]["token"], tokens.clamp(max=cfg.text_vocab - 1))
-    image = embed(params["image"]["token"], (tokens - cfg.text_vocab).clamp(min=0))
-    return torch.where(is_image[..., None], image, text) + params["pos"][positions]
+    return _modality_embed(params, tokens, cfg) + params["pos"][positions]
 
 
 def _image_head(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:

@@ -120,13 +120,17 @@ def embed_tokens(
     return _embed_tokens(params, tokens, cfg, offset)
 
 
-def _embed_tokens(params: Params, tokens, cfg: MMGPTConfig, offset: int) -> torch.Tensor:
+def _modality_embed(params: Params, tokens, cfg: MMGPTConfig) -> torch.Tensor:
+    # Each id looked up in its modality's table, positions not added. Clamp so both
+    # lookups are in range; `where` keeps the right one for each id.
     is_image = tokens >= cfg.text_vocab
-    # Clamp so both lookups are in range; `where` keeps the right one for each id.
     text = nn.embed(params["text"]["token"], tokens.clamp(max=cfg.text_vocab - 1))
     image = nn.embed(params["image"]["token"], (tokens - cfg.text_vocab).clamp(min=0))
-    x = torch.where(is_image[..., None], image, text)
-    return x + params["pos"][offset : offset + tokens.shape[1]]
+    return torch.where(is_image[..., None], image, text)
+
+
+def _embed_tokens(params: Params, tokens, cfg: MMGPTConfig, offset: int) -> torch.Tensor:
+    return _modality_embed(params, tokens, cfg) + params["pos"][offset : offset + tokens.shape[1]]
 
 
 def output_logits(params: Params, h: torch.Tensor, *, cfg: MMGPTConfig) -> torch.Tensor:
