@@ -7,7 +7,10 @@ from typing import Any
 
 from fmm.fusion import CrossAttentionFusionConfig
 from fmm.nn import TransformerConfig
+from fmm.nn.towers import ViTConfig
 from models.bert.config import BertConfig
+
+_INIT_STD = 0.02
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +26,9 @@ class ALBEFConfig:
 
     Training constants: ``momentum`` of the momentum encoders, ``queue_size`` momentum
     features per modality kept for contrast, ``alpha`` the weight of momentum distillation,
-    ``temp`` the initial contrastive temperature (learned, projected into [0.001, 0.5]).
+    ramped linearly from 0 over the first ``alpha_ramp_steps`` steps (0: no ramp; ALBEF
+    ramps over its first epoch), ``temp`` the initial contrastive temperature (learned,
+    projected into [0.001, 0.5]). MLM hides tokens behind ``text.mask_id``.
 
     The dataclass is the component builder; :func:`albef_base` and :func:`albef_tiny` are
     presets. Hashable, so ``torch.compile`` guards on it cheaply.
@@ -48,6 +53,7 @@ class ALBEFConfig:
     queue_size: int = 65536
     momentum: float = 0.995
     alpha: float = 0.4
+    alpha_ramp_steps: int = 0
     temp: float = 0.07
 
     def __post_init__(self) -> None:
@@ -61,8 +67,11 @@ class ALBEFConfig:
         for name in ("image_size", "patch_size", "image_mlp_dim", "embed_dim", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ALBEFConfig: {name} must be positive, got {getattr(self, name)}")
-        if self.num_answers < 0:
-            raise ValueError(f"ALBEFConfig: num_answers must be >= 0, got {self.num_answers}")
+        if self.num_answers < 0 or self.alpha_ramp_steps < 0:
+            raise ValueError(
+                f"ALBEFConfig: num_answers={self.num_answers} and alpha_ramp_steps="
+                f"{self.alpha_ramp_steps} must be >= 0"
+            )
         if not 0.0 <= self.momentum <= 1.0 or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(
                 f"ALBEFConfig: momentum and alpha must lie in [0, 1], "
@@ -76,6 +85,15 @@ class ALBEFConfig:
     def grid(self) -> int:
         """Patches per side."""
         return self.image_size // self.patch_size
+
+    @property
+    def image_tower(self) -> ViTConfig:
+        """The image encoder: the shared ViT tower (patch bias, final norm, no dropout)."""
+        return ViTConfig(
+            image_size=self.image_size, patch_size=self.patch_size, in_channels=self.in_channels,
+            transformer=self.image_transformer, patch_bias=True, norm=True,
+            embed_std=_INIT_STD,
+        )  # fmt: skip
 
     @property
     def image_transformer(self) -> TransformerConfig:
@@ -105,7 +123,7 @@ class ALBEFConfig:
         """The config that :meth:`to_dict` wrote. Example: ``ALBEFConfig.from_dict(c.to_dict())``."""
         if "text" not in d:
             raise ValueError(f"ALBEFConfig.from_dict: no 'text' entry; got keys {sorted(d)}")
-        return cls(**{**d, "text": BertConfig(**d["text"])})
+        return cls(**{**d, "text": BertConfig.from_dict(d["text"])})
 
 
 def albef_base(*, num_answers: int = 0) -> ALBEFConfig:
@@ -129,15 +147,23 @@ def albef_base(*, num_answers: int = 0) -> ALBEFConfig:
 
 
 def albef_tiny(
-    *, vocab_size: int = 64, max_positions: int = 24, num_answers: int = 0, queue_size: int = 256
+    *,
+    vocab_size: int = 64,
+    max_positions: int = 24,
+    num_answers: int = 0,
+    queue_size: int = 256,
+    mask_id: int = 1,
+    alpha_ramp_steps: int = 0,
 ) -> ALBEFConfig:
     """An ALBEF for the built-in shapes world on a laptop CPU: 32 px images in 4 px patches,
     width 64 everywhere, 2 image, 2 text and 2 multimodal layers, 4 heads, no dropout.
     Runs of a few hundred steps want a momentum model that keeps up: momentum 0.98 (an
-    average over ~50 steps) where ALBEF's long runs use 0.995."""
+    average over ~50 steps) where ALBEF's long runs use 0.995. MLM's [MASK] is ``mask_id``
+    (default 1: ``<unk>`` of ``train.data``'s word tokenizer, which the world never uses)."""
     text = BertConfig(
         vocab_size=vocab_size, width=64, layers=2, heads=4, mlp_dim=128,
         max_positions=max_positions, dropout=0.0, attn_dropout=0.0, pooler=False,
+        mask_id=mask_id, special_ids=(),
     )  # fmt: skip
     return ALBEFConfig(
         image_size=32,
@@ -152,6 +178,7 @@ def albef_tiny(
         num_answers=num_answers,
         queue_size=queue_size,
         momentum=0.98,
+        alpha_ramp_steps=alpha_ramp_steps,
     )
 
 

@@ -12,11 +12,13 @@ separate ``query/key/value`` are concatenated (``kv`` of cross-attention is
 leading ones; TorchMultimodal's ``temp`` is our ``log_temp`` (its log); queues ``[E, Q]``
 are stored as ``[Q, E]``; TorchMultimodal's empty queue id (-100) is our -1. Its text MLP's second linear is ``model.3`` when built with dropout and
 ``model.2`` without; both are read. The ITM/MLM/VQA heads are not in these modules, so
-:func:`from_tmm` returns the parts it finds and the caller keeps fresh heads.
+:func:`from_torchmultimodal` returns the parts it finds (params, momentum encoders,
+queues: what the family's ``init`` and ``init_state`` would give) and the caller keeps fresh
+heads.
 
 Example::
 
-    parts = from_tmm(tmm_model.state_dict(), cfg)
+    parts = from_torchmultimodal(tmm_model.state_dict(), cfg)
     params = {**init(cfg, key), **parts["params"]}
     momentum = parts["momentum"]
 """
@@ -172,7 +174,9 @@ def _like(cfg: ALBEFConfig, similarity: bool) -> Params:
     return like
 
 
-def from_tmm(state_dict: Mapping[str, torch.Tensor], cfg: ALBEFConfig) -> dict[str, Params]:
+def from_torchmultimodal(
+    state_dict: Mapping[str, torch.Tensor], cfg: ALBEFConfig
+) -> dict[str, Params]:
     """Our parts from an ``ALBEFModel`` or ``ALBEFModelWithSimilarity`` state dict.
 
     Returns ``{"params": {image, text, fusion[, vision_proj, text_proj, log_temp]},
@@ -216,7 +220,7 @@ def _queue_from_tmm(sd: Mapping[str, torch.Tensor], cfg: ALBEFConfig) -> Params:
     }
 
 
-def to_tmm(
+def to_torchmultimodal(
     params: Params,
     cfg: ALBEFConfig,
     *,

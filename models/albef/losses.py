@@ -1,31 +1,19 @@
-"""ALBEF's losses as pure functions: contrastive with momentum distillation (ITC), image-text
-matching on hard negatives (ITM), masked language modelling (MLM), and the VQA loss.
+"""ALBEF's loss terms as pure functions: contrastive with momentum distillation (ITC) and
+image-text matching on hard negatives (ITM); :mod:`models.albef.objective` composes them
+with masked language modelling into the family's one ``loss``.
 
-The generic pieces come from ``fmm.losses`` (masked cross-entropy, token masking, the
-matching loss); what is ALBEF's own lives here: the queue-aware contrastive targets, the
-distillation, and hard negatives mined from the similarity matrix.
+The generic pieces come from ``fmm.losses`` (the matching loss); what is ALBEF's own lives
+here: the queue-aware contrastive targets, the distillation, and hard negatives mined from
+the similarity matrix.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from fmm import checks, random
-from fmm.losses import mask_tokens, masked_cross_entropy, matching_accuracy, matching_loss
-from models.albef import model as M
-from models.albef.config import ALBEFConfig
-from models.bert.model import _check_inputs as _check_text_inputs
-
-Params = dict[str, Any]
-# Integer key streams: folding in a string hashes it on the host, which a compiled step
-# cannot trace.
-_STREAMS = {
-    name: i
-    for i, name in enumerate(("text", "fuse_pos", "neg", "fuse_neg", "mlm", "text_mlm", "fuse_mlm"))
-}
+from fmm import random
+from fmm.losses import matching_accuracy, matching_loss
 
 
 def itc_similarities(
@@ -144,124 +132,3 @@ def itm_loss(
         ]
     )
     return matching_loss(logits, labels), matching_accuracy(logits, labels).detach()
-
-
-def _check_pairs_in(params: Params, batch: dict[str, Any], cfg: ALBEFConfig) -> None:
-    M._check_images(params, batch["images"], cfg, "batch['images']")
-    _check_text_inputs(
-        batch["input_ids"], batch["attention_mask"], None, cfg.text, in_batch=True,
-        batch_of=("batch['images']", batch["images"]),
-    )  # fmt: skip
-
-
-def _check_pretrain_batch(params: Params, batch: dict[str, Any], cfg: ALBEFConfig, mask_id):
-    fields = ("images", "input_ids", "attention_mask", "idx", "image_feat_m", "text_feat_m")
-    checks.check_keys(batch, (*fields, "queue"))
-    checks.check_params(params, init=M.init, cfg=cfg)
-    _check_pairs_in(params, batch, cfg)
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
-        raise TypeError(f"mask_id must be an int token id, got {type(mask_id).__name__}")
-    if not 0 <= mask_id < cfg.text.vocab_size:
-        raise ValueError(f"mask_id must lie in [0, {cfg.text.vocab_size}), got {mask_id}")
-    b, e = batch["images"].shape[0], cfg.embed_dim
-    checks.check_int("batch['idx']", batch["idx"], (b,))
-    for name in ("image_feat_m", "text_feat_m"):
-        checks.check_float(f"batch[{name!r}]", batch[name], (b, e))
-    queue = batch["queue"]
-    checks.check_keys(queue, ("image", "text", "idx", "ptr"), name="batch['queue']")
-    for name in ("image", "text"):
-        checks.check_float(f"batch['queue'][{name!r}]", queue[name], (cfg.queue_size, e))
-    checks.check_int("batch['queue']['idx']", queue["idx"], (cfg.queue_size,))
-
-
-def pretrain_loss(
-    params: Params,
-    batch: dict[str, Any],
-    key: torch.Tensor,
-    *,
-    cfg: ALBEFConfig,
-    mask_id: int,
-    train: bool = True,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ALBEF's pretraining objective ITC + ITM + MLM on a batch of matched pairs.
-
-    ``batch``: ``images [B, C, H, W]``, ``input_ids [B, S]`` (token 0 is [CLS]),
-    ``attention_mask [B, S]``, ``idx [B]`` (example ids >= 0; equal ids count as positives),
-    the momentum features ``image_feat_m, text_feat_m [B, E]`` (:func:`momentum_features`)
-    and ``queue`` (:func:`models.albef.state.init_queue`); optionally ``alpha`` (0-d tensor,
-    default ``cfg.alpha``), the distillation weight. ``key`` draws the ITM negatives,
-    the MLM corruption and dropout. Returns ``(loss [], metrics)`` for
-    ``train.step.make_train_step``.
-    """
-    _check_pretrain_batch(params, batch, cfg, mask_id)
-    ids, mask, idx = batch["input_ids"], batch["attention_mask"], batch["idx"]
-    queue, temp = batch["queue"], M.temperature(params)
-    kd = lambda name: random.fold_in(key, name) if train else None
-    image = M._encode_image(params, batch["images"], cfg)
-    text = M._encode_text(params, ids, cfg, mask, kd(_STREAMS["text"]), train)
-
-    # ITC against the momentum batch + queue, targets softened by the momentum model.
-    image_all = torch.cat([batch["image_feat_m"], queue["image"]])
-    text_all = torch.cat([batch["text_feat_m"], queue["text"]])
-    targets = positive_targets(idx, torch.cat([idx, queue["idx"]]))
-    sim_i2t, sim_t2i = itc_similarities(
-        M._projected(params, "vision_proj", image),
-        M._projected(params, "text_proj", text),
-        image_all,
-        text_all,
-        temp,
-    )
-    with torch.no_grad():
-        sim_i2t_m, sim_t2i_m = itc_similarities(
-            batch["image_feat_m"], batch["text_feat_m"], image_all, text_all, temp
-        )
-    alpha = batch.get("alpha", cfg.alpha)
-    itc = itc_loss(sim_i2t, sim_t2i, targets, sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m, alpha=alpha)
-
-    # ITM: matched pairs against the hardest-looking mismatches of the same batch.
-    b = ids.shape[0]
-    fuse = lambda t, i, m, name: M._fuse(params, t, i, cfg, m, kd(name), train)
-    fused = fuse(text, image, mask, _STREAMS["fuse_pos"])
-    neg_text, neg_image = hard_negatives(
-        sim_i2t[:, :b], sim_t2i[:, :b], idx, random.fold_in(key, _STREAMS["neg"])
-    )
-    fused_neg = fuse(
-        torch.cat([text, text[neg_text]]),
-        torch.cat([image[neg_image], image]),
-        torch.cat([mask, mask[neg_text]]),
-        _STREAMS["fuse_neg"],
-    )
-    itm, itm_acc = itm_loss(M._itm_logits(params, fused), M._itm_logits(params, fused_neg))
-
-    # MLM: predict corrupted tokens from the rest of the text and the image.
-    position = torch.arange(ids.shape[1], device=ids.device)
-    maskable = mask.bool() & (position > 0) & (ids != cfg.text.pad_id)
-    corrupt, labels = mask_tokens(
-        random.fold_in(key, _STREAMS["mlm"]), ids, rate=0.15, mask_id=mask_id, allowed=maskable
-    )
-    text_mlm = M._encode_text(params, corrupt, cfg, mask, kd(_STREAMS["text_mlm"]), train)
-    fused_mlm = fuse(text_mlm, image, mask, _STREAMS["fuse_mlm"])
-    mlm = masked_cross_entropy(M._mlm_logits(params, fused_mlm, cfg), labels)
-
-    metrics = {"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()}
-    return itc + itm + mlm, {**metrics, "itm_accuracy": itm_acc, "temp": temp.detach()}
-
-
-def vqa_loss(
-    params: Params,
-    batch: dict[str, Any],
-    key: torch.Tensor | None = None,
-    *,
-    cfg: ALBEFConfig,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy of answer classes. ``batch``: ``images [B, C, H, W]``, ``input_ids
-    [B, S]`` (questions), ``attention_mask [B, S]``, ``answers [B]`` int64 in
-    ``[0, cfg.num_answers)``. Returns ``(loss [], {"accuracy": []})``."""
-    checks.check_keys(batch, ("images", "input_ids", "attention_mask", "answers"))
-    M._check_vqa(params, cfg)
-    _check_pairs_in(params, batch, cfg)
-    answers = batch["answers"]
-    checks.check_ids("batch['answers']", answers, (batch["images"].shape[0],), high=cfg.num_answers)
-    logits = M._vqa(params, batch["images"], batch["input_ids"], cfg, batch["attention_mask"])
-    accuracy = (logits.argmax(1) == answers).float().mean().detach()
-    return F.cross_entropy(logits, answers), {"accuracy": accuracy}

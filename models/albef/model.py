@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 
 from fmm import checks, fusion, nn, random
+from fmm.nn import towers
+from fmm.nn.transformer import BlockFn
 from models import bert
 from models.albef.config import ALBEFConfig
-from models.bert.model import _check_inputs as _check_text_inputs
-from models.bert.model import _encode as _bert_encode
 
 Params = dict[str, Any]
 
@@ -49,22 +48,10 @@ def init(cfg: ALBEFConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
     """Fresh params for ``cfg``, a pure function of ``(cfg, key)``; a ``meta`` key gives
     shapes only. Example: ``params = init(albef_tiny(), fmm.random.key(0))``."""
     checks.check_type("cfg", cfg, ALBEFConfig)
-    ki, dev, wi, wt = random.fold_in(key, "image"), key.device, cfg.image_width, cfg.text.width
+    dev, wi, wt = key.device, cfg.image_width, cfg.text.width
     k = lambda name: random.fold_in(key, name)
-    image = {
-        "patch": nn.init_patch_embed(
-            cfg.patch_size, cfg.in_channels, wi, random.fold_in(ki, "patch"), dtype=dtype
-        ),
-        "cls": random.normal(random.fold_in(ki, "cls"), (wi,), dtype=dtype) * _INIT_STD,
-        "pos": random.normal(random.fold_in(ki, "pos"), (cfg.grid**2 + 1, wi), dtype=dtype)
-        * _INIT_STD,
-        "transformer": nn.init_transformer(
-            cfg.image_transformer, random.fold_in(ki, "transformer"), dtype=dtype
-        ),
-        "norm": nn.init_layer_norm(wi, device=dev, dtype=dtype),
-    }
     params: Params = {
-        "image": image,
+        "image": towers.init_vit(cfg.image_tower, k("image"), dtype=dtype),
         "text": bert.init(cfg.text, k("text"), dtype=dtype),
         "fusion": fusion.init_cross_attention_fusion(cfg.fusion, k("fusion"), dtype=dtype),
         "vision_proj": nn.init_linear(wi, cfg.embed_dim, k("vision_proj"), dtype=dtype),
@@ -91,36 +78,40 @@ def _check_images(params: Params, images, cfg: ALBEFConfig, name: str = "images"
 
 def _check_pairs(params: Params, images, input_ids, attention_mask, cfg: ALBEFConfig) -> None:
     _check_images(params, images, cfg)
-    _check_text_inputs(input_ids, attention_mask, None, cfg.text, batch_of=("images", images))
+    bert.check_inputs(
+        input_ids, cfg=cfg.text, attention_mask=attention_mask, batch_of=("images", images)
+    )
 
 
-def _encode_image(params: Params, images: torch.Tensor, cfg: ALBEFConfig) -> torch.Tensor:
-    p = params["image"]
-    x = nn.patch_embed(p["patch"], images)
-    cls = repeat(p["cls"], "d -> b 1 d", b=x.shape[0]).to(x.dtype)
-    x = torch.cat([cls, x], dim=1) + p["pos"]
-    x = nn.transformer(p["transformer"], x, cfg=cfg.image_transformer)
-    return nn.layer_norm(p["norm"], x, eps=cfg.image_norm_eps)
+def _encode_image(params: Params, images, cfg: ALBEFConfig, block_fn=None) -> torch.Tensor:
+    return towers.vit(params["image"], images, cfg=cfg.image_tower, block_fn=block_fn).sequence
 
 
-def _encode_text(params: Params, input_ids, cfg: ALBEFConfig, attention_mask, key, train):
-    return _bert_encode(params["text"], input_ids, cfg.text, attention_mask, None, key, train)
+def _encode_text(params: Params, input_ids, cfg: ALBEFConfig, attention_mask, key, train,
+                 block_fn=None) -> torch.Tensor:  # fmt: skip
+    return towers.text(
+        params["text"], input_ids, cfg=cfg.text.tower, valid=attention_mask, key=key,
+        train=train, block_fn=block_fn,
+    ).sequence  # fmt: skip
 
 
-def _fuse(params: Params, text_tokens, image_tokens, cfg: ALBEFConfig, attention_mask, key, train):
+def _fuse(params: Params, text_tokens, image_tokens, cfg: ALBEFConfig, attention_mask, key, train,
+          block_fn=None) -> torch.Tensor:  # fmt: skip
     mask = None if attention_mask is None else nn.padding_mask(attention_mask)
     return fusion.cross_attention_fusion(
         params["fusion"], text_tokens, image_tokens, cfg=cfg.fusion, mask=mask, key=key,
-        train=train,
+        train=train, block_fn=block_fn,
     )  # fmt: skip
 
 
-def encode_image(params: Params, images: torch.Tensor, *, cfg: ALBEFConfig) -> torch.Tensor:
+def encode_image(
+    params: Params, images: torch.Tensor, *, cfg: ALBEFConfig, block_fn: BlockFn | None = None
+) -> torch.Tensor:
     """ViT tokens after the final norm: ``images [B, C, H, W] -> [B, 1 + grid², image_width]``
     (token 0 is [CLS]). ``params``: the full tree or a momentum tree."""
     checks.check_params(params, init=init, cfg=cfg, only=("image",))
     _check_images(params, images, cfg)
-    return _encode_image(params, images, cfg)
+    return _encode_image(params, images, cfg, block_fn)
 
 
 def encode_text(
@@ -131,12 +122,13 @@ def encode_text(
     attention_mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """BERT tokens ``input_ids [B, S] -> [B, S, text width]`` (token 0 is [CLS]);
     ``attention_mask [B, S]``: True/1 for real tokens."""
     checks.check_params(params, init=init, cfg=cfg, only=("text",))
-    _check_text_inputs(input_ids, attention_mask, None, cfg.text)
-    return _encode_text(params, input_ids, cfg, attention_mask, key, train)
+    bert.check_inputs(input_ids, cfg=cfg.text, attention_mask=attention_mask)
+    return _encode_text(params, input_ids, cfg, attention_mask, key, train, block_fn)
 
 
 def fuse(
@@ -148,6 +140,7 @@ def fuse(
     attention_mask: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """The multimodal encoder: ``text_tokens [B, S, Wt]`` attend to themselves (padding
     excluded by ``attention_mask [B, S]``) and to ``image_tokens [B, P, Wi]`` -> ``[B, S, Wt]``.
@@ -161,7 +154,7 @@ def fuse(
     checks.check_same_batch(("text_tokens", text_tokens), ("image_tokens", image_tokens))
     if attention_mask is not None:
         checks.check_mask("attention_mask", attention_mask, text_tokens.shape[:2])
-    return _fuse(params, text_tokens, image_tokens, cfg, attention_mask, key, train)
+    return _fuse(params, text_tokens, image_tokens, cfg, attention_mask, key, train, block_fn)
 
 
 def _check_features(name: str, tokens: torch.Tensor, weight) -> None:
@@ -184,6 +177,38 @@ def text_embedding(params: Params, text_tokens: torch.Tensor) -> torch.Tensor:
     checks.check_keys(params, ("text_proj",), name="params")
     _check_features("text_tokens", text_tokens, params["text_proj"]["weight"])
     return _projected(params, "text_proj", text_tokens)
+
+
+def embed_image(params: Params, images: torch.Tensor, *, cfg: ALBEFConfig) -> torch.Tensor:
+    """Unit-norm image embeddings for retrieval: ``[B, C, H, W] -> [B, embed_dim]``."""
+    checks.check_params(params, init=init, cfg=cfg, only=("image", "vision_proj"))
+    _check_images(params, images, cfg)
+    return _projected(params, "vision_proj", _encode_image(params, images, cfg))
+
+
+def embed_text(
+    params: Params,
+    input_ids: torch.Tensor,
+    *,
+    cfg: ALBEFConfig,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unit-norm text embeddings for retrieval: ``[B, S] -> [B, embed_dim]``."""
+    checks.check_params(params, init=init, cfg=cfg, only=("text", "text_proj"))
+    bert.check_inputs(input_ids, cfg=cfg.text, attention_mask=attention_mask)
+    text = _encode_text(params, input_ids, cfg, attention_mask, None, False)
+    return _projected(params, "text_proj", text)
+
+
+def logit_scale(params: Params) -> torch.Tensor:
+    """The zero-shot scale ``[]``, ``1 / temperature``: logits are
+    ``scale * embed_image @ embed_text.T``, as the contrastive loss scores them."""
+    return 1.0 / temperature(params)
+
+
+def image_shape(cfg: ALBEFConfig) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images the model reads."""
+    return (cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
 def temperature(params: Params) -> torch.Tensor:
@@ -235,10 +260,10 @@ def _vqa_logits(params: Params, fused: torch.Tensor) -> torch.Tensor:
 _ENCODERS = ("image", "text", "fusion")
 
 
-def _apply(params: Params, images, input_ids, cfg: ALBEFConfig, attention_mask):
-    image = _encode_image(params, images, cfg)
-    text = _encode_text(params, input_ids, cfg, attention_mask, None, False)
-    fused = _fuse(params, text, image, cfg, attention_mask, None, False)
+def _apply(params: Params, images, input_ids, cfg: ALBEFConfig, attention_mask, block_fn=None):
+    image = _encode_image(params, images, cfg, block_fn)
+    text = _encode_text(params, input_ids, cfg, attention_mask, None, False, block_fn)
+    fused = _fuse(params, text, image, cfg, attention_mask, None, False, block_fn)
     return {"image": image, "text": text, "fused": fused}
 
 
@@ -249,6 +274,7 @@ def apply(
     *,
     cfg: ALBEFConfig,
     attention_mask: torch.Tensor | None = None,
+    block_fn: BlockFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """All three encoders on matched pairs. ``images [B, C, H, W]``, ``input_ids [B, S]`` ->
     ``{"image": [B, P, Wi], "text": [B, S, Wt], "fused": [B, S, Wt]}``.
@@ -261,7 +287,7 @@ def apply(
     """
     checks.check_params(params, init=init, cfg=cfg, only=_ENCODERS)
     _check_pairs(params, images, input_ids, attention_mask, cfg)
-    return _apply(params, images, input_ids, cfg, attention_mask)
+    return _apply(params, images, input_ids, cfg, attention_mask, block_fn)
 
 
 def _vqa(params: Params, images, question_ids, cfg: ALBEFConfig, attention_mask):
@@ -316,7 +342,7 @@ def rank_texts(
     parts = (*_ENCODERS, "vision_proj", "text_proj", "itm_head")
     checks.check_params(params, init=init, cfg=cfg, only=parts)
     _check_images(params, images, cfg)
-    _check_text_inputs(input_ids, attention_mask, None, cfg.text)
+    bert.check_inputs(input_ids, cfg=cfg.text, attention_mask=attention_mask)
     image = _encode_image(params, images, cfg)
     text = _encode_text(params, input_ids, cfg, attention_mask, None, False)
     sim = _projected(params, "vision_proj", image) @ _projected(params, "text_proj", text).T

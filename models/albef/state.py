@@ -1,12 +1,15 @@
 """ALBEF's train-time state as explicit pytrees, updated by pure functions.
 
-``momentum``: an exponential moving average of the encoders and projections
-(:data:`models.albef.model.MOMENTUM_PARTS`); it provides soft contrastive targets and the
-features that enter the queues. ``queue``: the last ``cfg.queue_size`` momentum features
-of each modality, with the ids of the examples they came from (so an example seen again
-is not counted as its own negative)::
+The family's train state (:func:`init_state`, :func:`update_state`) is
+``{"momentum": ..., "queue": ..., "step": [] int64}``. ``momentum``: an exponential moving
+average of the encoders and projections (:data:`models.albef.model.MOMENTUM_PARTS`); it
+provides soft contrastive targets and the features that enter the queues. ``queue``: the
+last ``cfg.queue_size`` momentum features of each modality, with the ids of the examples
+they came from (so an example seen again is not counted as its own negative)::
 
     {"image": [Q, embed], "text": [Q, embed], "idx": [Q] int64 (-1 = empty), "ptr": [] int64}
+
+``step`` counts updates (the distillation weight ramps over ``cfg.alpha_ramp_steps``).
 
 Every update returns new tensors and leaves its inputs untouched, so a train step that
 carries this state is a pure function and compiles without graph breaks or host syncs.
@@ -110,3 +113,55 @@ def momentum_features(
     image = M._encode_image(momentum, images, cfg)
     text = M._encode_text(momentum, input_ids, cfg, attention_mask, None, False)
     return M._projected(momentum, "vision_proj", image), M._projected(momentum, "text_proj", text)
+
+
+def init_state(cfg: ALBEFConfig, params: Tree, key: torch.Tensor) -> Tree:
+    """The train state at step 0: momentum encoders copied from ``params``, queues of random
+    unit features drawn from ``key`` (on ``params``' device), ``step`` 0.
+
+    Example: ``state = init_state(cfg, params, fmm.random.key(1))``.
+    """
+    device = params["log_temp"].device if "log_temp" in params else key.device
+    return {
+        "momentum": init_momentum(params),
+        "queue": init_queue(cfg, key.to(device)),
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+    }
+
+
+def update_state(
+    state: Tree, params: Tree, aux: dict[str, torch.Tensor], *, cfg: ALBEFConfig, key=None
+) -> tuple[Tree, Tree]:
+    """After an optimizer step: move the momentum encoders toward the *new* ``params``, then
+    enqueue the momentum features the loss computed (``aux``, its ``metrics["aux"]``).
+    Returns ``(params, new_state)`` (``params`` unchanged; nothing is modified in place).
+    An empty ``aux`` (a VQA step) only counts the step. ``key``: unused (the contract's).
+    """
+    del key  # nothing random in the update
+    check_state(state, cfg)
+    step = state["step"] + 1
+    if not aux:
+        return params, {**state, "step": step}
+    checks.check_keys(aux, ("image_feat_m", "text_feat_m", "idx"), name="aux")
+    momentum = momentum_update(state["momentum"], params, m=cfg.momentum)
+    queue = enqueue(state["queue"], aux["image_feat_m"], aux["text_feat_m"], aux["idx"])
+    return params, {"momentum": momentum, "queue": queue, "step": step}
+
+
+def check_state(state: Any, cfg: ALBEFConfig) -> None:
+    """``state`` is :func:`init_state`'s tree for ``cfg`` (keys, momentum shapes, queues)."""
+    if state is None:
+        raise ValueError(
+            "state= is missing: ALBEF's pretraining reads its momentum encoders and queues "
+            "(models.albef.init_state)"
+        )
+    checks.check_keys(state, ("momentum", "queue", "step"), name="state")
+    checks.check_params(
+        state["momentum"], init=M.init, cfg=cfg, only=MOMENTUM_PARTS, name="state['momentum']"
+    )
+    queue, e = state["queue"], cfg.embed_dim
+    checks.check_keys(queue, ("image", "text", "idx", "ptr"), name="state['queue']")
+    for name in ("image", "text"):
+        checks.check_float(f"state['queue'][{name!r}]", queue[name], (cfg.queue_size, e))
+    checks.check_int("state['queue']['idx']", queue["idx"], (cfg.queue_size,))
+    checks.check_int("state['step']", state["step"], ())

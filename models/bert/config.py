@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fmm.nn import TransformerConfig
+from fmm.nn.towers import TextConfig
+
+_INIT_STD = 0.02  # BERT's initializer_range, for embeddings and the pooler
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,6 +20,11 @@ class BertConfig:
     ones. ``mlp_dim`` is the intermediate width as an integer, as checkpoints state it.
     ``act`` defaults to exact (erf) GELU, ``norm_eps`` to BERT's 1e-12. Hashable, so
     ``torch.compile`` guards on it cheaply.
+
+    The masked-LM objective (:func:`models.bert.loss`): ``mask_id`` replaces a hidden token,
+    ``special_ids`` are never hidden (nor is padding), ``mask_rate`` is the share hidden.
+    The defaults are the ids of Google's BERT WordPiece vocabularies ([MASK] 103, [CLS] 101,
+    [SEP] 102); the loss refuses ids outside ``vocab_size``.
     """
 
     vocab_size: int
@@ -32,8 +41,19 @@ class BertConfig:
     pad_id: int = 0
     pooler: bool = True
     attn_impl: str = "sdpa"
+    mask_id: int = 103
+    special_ids: tuple[int, ...] = (101, 102)
+    mask_rate: float = 0.15
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "special_ids", tuple(self.special_ids))  # JSON gives a list
+        if self.mask_id < 0 or any(i < 0 for i in self.special_ids):
+            raise ValueError(
+                f"BertConfig: mask_id={self.mask_id} and special_ids={self.special_ids} must "
+                "be token ids >= 0"
+            )
+        if not 0.0 <= self.mask_rate <= 1.0:
+            raise ValueError(f"BertConfig: mask_rate must be in [0, 1], got {self.mask_rate}")
         for name in ("vocab_size", "width", "heads", "mlp_dim", "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BertConfig: {name} must be positive, got {getattr(self, name)}")
@@ -55,9 +75,25 @@ class BertConfig:
             attn_dropout=self.attn_dropout, attn_impl=self.attn_impl, norm_first=False,
         )  # fmt: skip
 
+    @property
+    def tower(self) -> TextConfig:
+        """The shared text tower BERT is: word + position + token-type embeddings with their
+        LayerNorm, post-norm blocks, no final norm (:func:`fmm.nn.towers.text`)."""
+        return TextConfig(
+            vocab_size=self.vocab_size, context_length=self.max_positions,
+            transformer=self.transformer, type_vocab_size=self.type_vocab_size,
+            norm_embed=True, norm=False, token_std=_INIT_STD, pos_std=_INIT_STD,
+            dropout=self.dropout,
+        )  # fmt: skip
+
     def to_dict(self) -> dict:
-        """Plain JSON-ready fields (for ``config.json``)."""
+        """Plain JSON-ready fields (for ``config.json``); inverse of :meth:`from_dict`."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        """The config :meth:`to_dict` wrote. Example: ``BertConfig.from_dict(c.to_dict()) == c``."""
+        return cls(**d)
 
 
 def bert_base() -> BertConfig:
@@ -71,7 +107,9 @@ def minilm_l6() -> BertConfig:
 
 
 def bert_tiny(*, vocab_size: int = 64, max_positions: int = 64) -> BertConfig:
-    """A BERT for tests on a laptop CPU: width 64 x 2 layers, 4 heads, MLP 128."""
+    """A BERT for tests on a laptop CPU: width 64 x 2 layers, 4 heads, MLP 128. Its masked
+    LM uses the ids of ``train.data``'s word tokenizer: ``<unk>`` (1) as [MASK], ``<sot>``
+    (2) as [CLS], never masked."""
     return BertConfig(
         vocab_size=vocab_size,
         width=64,
@@ -79,4 +117,6 @@ def bert_tiny(*, vocab_size: int = 64, max_positions: int = 64) -> BertConfig:
         heads=4,
         mlp_dim=128,
         max_positions=max_positions,
+        mask_id=1,
+        special_ids=(2,),
     )

@@ -1,7 +1,7 @@
-"""BERT as pure functions: ``init``, ``apply`` (hidden states), ``pooler`` and
-sentence-transformers style ``sentence_embedding``.
+"""BERT as pure functions: ``init``, ``apply`` (hidden states, through the shared text tower),
+``pooler``, sentence-transformers style ``sentence_embedding``, and the masked-LM ``loss``.
 
-Param tree (PyTorch layouts)::
+Param tree (PyTorch layouts; the text tower's names, :mod:`fmm.nn.towers`)::
 
     token.weight            [vocab, width]           word embeddings
     pos                     [max_positions, width]   learned absolute positions
@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from fmm import checks, nn, random
-from models.bert.config import BertConfig
+from fmm.losses import mask_tokens, masked_accuracy, masked_cross_entropy
+from fmm.nn import towers
+from fmm.nn.transformer import BlockFn
+from models.bert.config import _INIT_STD, BertConfig
+from models.family import Field
 
 Params = dict[str, Any]
-
-_INIT_STD = 0.02  # BERT's initializer_range, for embeddings and the pooler
 
 
 def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
@@ -33,25 +35,7 @@ def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
     Example: ``params = init(bert_tiny(), fmm.random.key(0))``.
     """
     checks.check_type("cfg", cfg, BertConfig)
-    params: Params = {
-        "token": nn.init_embedding(
-            cfg.vocab_size, cfg.width, random.fold_in(key, "token"), std=_INIT_STD, dtype=dtype
-        ),
-        "pos": nn.init_learned_positions(
-            cfg.max_positions, cfg.width, random.fold_in(key, "pos"), std=_INIT_STD, dtype=dtype
-        ),
-        "token_type": nn.init_embedding(
-            cfg.type_vocab_size,
-            cfg.width,
-            random.fold_in(key, "token_type"),
-            std=_INIT_STD,
-            dtype=dtype,
-        ),
-        "norm_embed": nn.init_layer_norm(cfg.width, device=key.device, dtype=dtype),
-        "transformer": nn.init_transformer(
-            cfg.transformer, random.fold_in(key, "transformer"), dtype=dtype
-        ),
-    }
+    params = towers.init_text(cfg.tower, key, dtype=dtype)
     if cfg.pooler:
         params["pooler"] = nn.init_linear(
             cfg.width, cfg.width, random.fold_in(key, "pooler"), std=_INIT_STD, dtype=dtype
@@ -59,58 +43,33 @@ def init(cfg: BertConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
     return params
 
 
-def _check_inputs(
-    input_ids,
-    attention_mask,
-    token_type_ids,
-    cfg: BertConfig,
+def check_inputs(
+    input_ids: torch.Tensor,
     *,
-    in_batch: bool = False,
+    cfg: BertConfig,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    names: tuple[str, str, str] = ("input_ids", "attention_mask", "token_type_ids"),
     batch_of: tuple[str, torch.Tensor] | None = None,
 ) -> None:
-    # Shared with the families that embed text the BERT way (FLAVA, ALBEF); ``in_batch``
-    # names the arguments as fields of a loss's batch (``batch['input_ids']``); ``batch_of``
-    # is another (name, tensor) whose batch size the ids must share (checked before the
-    # mask, so the message blames the ids rather than the mask that matches them).
-    name = (lambda n: f"batch[{n!r}]") if in_batch else (lambda n: n)
-    ids = name("input_ids")
+    """Check BERT-style text inputs against ``cfg``: ``input_ids [B, S]`` in
+    ``[0, vocab_size)`` with ``S <= max_positions``, ``attention_mask`` and
+    ``token_type_ids`` of the same shape. ``names``: how the three arguments appear in the
+    errors (e.g. ``batch['tokens']``); ``batch_of``: another ``(name, tensor)`` whose batch
+    size the ids must share (checked before the mask, so the error blames the ids).
+
+    Example: ``check_inputs(ids, cfg=cfg, attention_mask=ids != cfg.pad_id)``.
+    """
+    ids, mask, types = names
     seq = ("batch", range(1, cfg.max_positions + 1))
     hint = f"max_positions={cfg.max_positions}"
     checks.check_ids(ids, input_ids, seq, high=cfg.vocab_size, hint=hint)
     if batch_of is not None:
         checks.check_same_batch(batch_of, (ids, input_ids))
     if token_type_ids is not None:
-        checks.check_ids(
-            name("token_type_ids"), token_type_ids, input_ids.shape, high=cfg.type_vocab_size,
-            of=ids,
-        )  # fmt: skip
+        checks.check_ids(types, token_type_ids, input_ids.shape, high=cfg.type_vocab_size, of=ids)
     if attention_mask is not None:
-        checks.check_mask(name("attention_mask"), attention_mask, input_ids.shape, of=ids)
-
-
-def embed(
-    params: Params,
-    input_ids: torch.Tensor,
-    *,
-    cfg: BertConfig,
-    token_type_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Normalised word + position + token-type embeddings (before dropout).
-    ``input_ids, token_type_ids: [B, S]`` -> ``[B, S, width]``."""
-    _check_inputs(input_ids, None, token_type_ids, cfg)
-    checks.check_params(
-        params, init=init, cfg=cfg, only=("token", "pos", "token_type", "norm_embed")
-    )
-    return _embed(params, input_ids, cfg, token_type_ids)
-
-
-def _embed(params: Params, input_ids, cfg: BertConfig, token_type_ids) -> torch.Tensor:
-    x = nn.embed(params["token"], input_ids) + params["pos"][: input_ids.shape[1]]
-    if token_type_ids is None:
-        x = x + params["token_type"]["weight"][0]  # HF's default: every token in segment 0
-    else:
-        x = x + nn.embed(params["token_type"], token_type_ids)
-    return nn.layer_norm(params["norm_embed"], x, eps=cfg.norm_eps)
+        checks.check_mask(mask, attention_mask, input_ids.shape, of=ids)
 
 
 def apply(
@@ -122,37 +81,31 @@ def apply(
     token_type_ids: torch.Tensor | None = None,
     key: torch.Tensor | None = None,
     train: bool = False,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Encode ``input_ids: [B, S]`` (int64) into hidden states ``[B, S, width]``.
 
     ``attention_mask: [B, S]`` (1/True = a real token, 0/False = padding): no token attends
     to padding; the hidden states at padded positions are computed but meaningless.
     ``token_type_ids: [B, S]`` in ``[0, type_vocab_size)`` (default all 0).
-    ``key`` is needed only for dropout in training.
+    ``key`` is needed only for dropout in training; ``block_fn`` runs each block (the
+    adapter's seam).
 
     Example::
 
         cfg = bert_tiny()
         h = apply(init(cfg, fmm.random.key(0)), torch.tensor([[2, 5, 7, 3]]), cfg=cfg)
     """
-    _check_inputs(input_ids, attention_mask, token_type_ids, cfg)
+    check_inputs(input_ids, cfg=cfg, attention_mask=attention_mask, token_type_ids=token_type_ids)
     checks.check_params(params, init=init, cfg=cfg)
-    return _encode(params, input_ids, cfg, attention_mask, token_type_ids, key, train)
+    return _encode(params, input_ids, cfg, attention_mask, token_type_ids, key, train, block_fn)
 
 
-def _encode(params, input_ids, cfg: BertConfig, attention_mask, token_type_ids, key, train):
-    # apply without its checks: for callers that checked their inputs against their own
-    # config (ALBEF's text encoder is a BERT inside a bigger tree).
-    x = _embed(params, input_ids, cfg, token_type_ids)
-    if train and cfg.dropout > 0.0:
-        if key is None:
-            raise ValueError("key= is missing: dropout in training needs key=")
-        x = random.dropout(random.fold_in(key, "embed"), x, cfg.dropout)
-    mask = None if attention_mask is None else nn.padding_mask(attention_mask)
-    k = random.fold_in(key, "transformer") if key is not None else None
-    return nn.transformer(
-        params["transformer"], x, cfg=cfg.transformer, mask=mask, key=k, train=train
-    )
+def _encode(params, input_ids, cfg: BertConfig, valid, token_type_ids, key, train, block_fn):
+    return towers.text(
+        params, input_ids, cfg=cfg.tower, valid=valid, token_type_ids=token_type_ids, key=key,
+        train=train, block_fn=block_fn,
+    ).sequence  # fmt: skip
 
 
 def pooler(params: Params, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,11 +147,73 @@ def sentence_embedding(
     ``e @ e.T`` are cosine similarities.
     """
     hidden = apply(
-        params,
-        input_ids,
-        cfg=cfg,
-        attention_mask=attention_mask,
-        token_type_ids=token_type_ids,
+        params, input_ids, cfg=cfg, attention_mask=attention_mask, token_type_ids=token_type_ids
     )
     pooled = _mean_pool(hidden, attention_mask)
     return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def batch_fields(cfg: BertConfig) -> dict[str, Field]:
+    """The batch :func:`loss` reads: ``tokens [batch, seq]`` (``seq <= max_positions``),
+    optionally ``attention_mask [batch, seq]`` (default: every id but ``pad_id`` is real)
+    and ``token_type_ids [batch, seq]`` (default all 0)."""
+    seq = {"seq": cfg.max_positions}
+    return {
+        "tokens": Field("int", ("batch", "seq"), high=cfg.vocab_size, limits=seq, doc="text ids"),
+        "attention_mask": Field("bool", ("batch", "seq"), optional=True, doc="True = a real token"),
+        "token_type_ids": Field(
+            "int", ("batch", "seq"), high=cfg.type_vocab_size, optional=True, doc="segments"
+        ),
+    }
+
+
+_BATCH_NAMES = ("batch['tokens']", "batch['attention_mask']", "batch['token_type_ids']")
+
+
+def _check_objective(cfg: BertConfig, key) -> None:
+    if key is None:
+        raise ValueError("key= is missing: the masked LM draws which tokens to hide from key=")
+    for name, ids in (("mask_id", (cfg.mask_id,)), ("special_ids", cfg.special_ids)):
+        if any(i >= cfg.vocab_size for i in ids):
+            raise ValueError(
+                f"cfg.{name}={getattr(cfg, name)} lies outside the vocabulary "
+                f"[0, {cfg.vocab_size}): set BertConfig({name}=...)"
+            )
+
+
+def loss(
+    params: Params,
+    batch: dict[str, torch.Tensor],
+    *,
+    cfg: BertConfig,
+    key: torch.Tensor | None = None,
+    train: bool = True,
+    block_fn: BlockFn | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Masked language modelling on ``batch`` (:func:`batch_fields`): hide
+    ``cfg.mask_rate`` of the real, non-special tokens behind ``cfg.mask_id`` and predict
+    them, the tied word embeddings serving as the output layer (no params beyond
+    :func:`init`'s). ``key`` (required) draws the hidden tokens and, with ``train``,
+    dropout. Returns ``(loss [], {"mlm": [], "mlm_acc": []})`` (detached metrics).
+
+    Example: ``value, metrics = loss(params, {"tokens": ids}, cfg=cfg, key=fmm.random.key(1))``.
+    """
+    checks.check_keys(batch, ("tokens",))
+    tokens = batch["tokens"]
+    mask, types = batch.get("attention_mask"), batch.get("token_type_ids")
+    check_inputs(tokens, cfg=cfg, attention_mask=mask, token_type_ids=types, names=_BATCH_NAMES)
+    checks.check_params(params, init=init, cfg=cfg)
+    _check_objective(cfg, key)
+    valid = tokens != cfg.pad_id if mask is None else mask.bool()
+    allowed = valid
+    for special in cfg.special_ids:
+        allowed = allowed & (tokens != special)
+    hidden_ids, labels = mask_tokens(
+        random.fold_in(key, "mask"), tokens, rate=cfg.mask_rate, mask_id=cfg.mask_id,
+        allowed=allowed,
+    )  # fmt: skip
+    k = random.fold_in(key, "dropout") if train else None
+    hidden = _encode(params, hidden_ids, cfg, valid, types, k, train, block_fn)
+    logits = F.linear(hidden, params["token"]["weight"])  # tied: the embedding is the head
+    value = masked_cross_entropy(logits, labels)
+    return value, {"mlm": value.detach(), "mlm_acc": masked_accuracy(logits.detach(), labels)}

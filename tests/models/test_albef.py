@@ -1,6 +1,7 @@
 """ALBEF: parity with TorchMultimodal's encoders, pure momentum/queue state, loss laws,
 hard negatives without host syncs, retrieval and VQA heads, errors, golden specs."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ META = fmm.random.key(0).to("meta")
 W, HEADS, MLP, VOCAB = 24, 3, 40, 50
 TEXT = BertConfig(
     vocab_size=VOCAB, width=W, layers=2, heads=HEADS, mlp_dim=MLP, max_positions=16,
-    dropout=0.0, attn_dropout=0.0, pooler=False,
+    dropout=0.0, attn_dropout=0.0, pooler=False, mask_id=1,
 )  # fmt: skip
 CFG = A.ALBEFConfig(
     image_size=20, patch_size=5, image_width=W, image_layers=2, image_heads=HEADS,
@@ -77,7 +78,7 @@ def _inputs(b=3, s=9, seed=0):
 
 def test_encoders_match_torchmultimodal_albef_on_identical_random_weights(tmm):
     model, _ = tmm
-    parts = C.from_tmm(model.state_dict(), CFG)
+    parts = C.from_torchmultimodal(model.state_dict(), CFG)
     params = {**A.init(CFG, fmm.random.key(1)), **parts["params"]}
     images, ids, mask = _inputs()
     with torch.no_grad():
@@ -100,8 +101,8 @@ def test_encoders_match_torchmultimodal_albef_on_identical_random_weights(tmm):
 def test_state_dict_round_trips_exactly_with_and_without_similarity(tmm):
     model, mm = tmm
     sd = model.state_dict()
-    parts = C.from_tmm(sd, CFG)
-    back = C.to_tmm(
+    parts = C.from_torchmultimodal(sd, CFG)
+    back = C.to_torchmultimodal(
         {**A.init(CFG, META), **parts["params"]}, CFG, momentum=parts["momentum"], text_mlp_out=3
     )
     assert back.keys() == sd.keys()
@@ -114,10 +115,10 @@ def test_state_dict_round_trips_exactly_with_and_without_similarity(tmm):
     sim.queue_ptr[0] = 5
     sim.idx_queue[0, :5] = torch.arange(5)
     sd = sim.state_dict()
-    parts = C.from_tmm(sd, CFG)
+    parts = C.from_torchmultimodal(sd, CFG)
     assert parts["queue"]["ptr"].item() == 5 and parts["queue"]["idx"][5].item() == -1
     torch.testing.assert_close(parts["queue"]["image"], sd["image_queue"].T)
-    back = C.to_tmm(
+    back = C.to_torchmultimodal(
         {**A.init(CFG, META), **parts["params"]},
         CFG,
         momentum=parts["momentum"],
@@ -137,7 +138,7 @@ def test_a_bad_state_dict_lists_every_missing_and_mis_shaped_key(tmm):
     del sd["multimodal_encoder.layer.1.cross_attention.key.bias"]
     sd["vision_encoder.encoder.class_token"] = torch.zeros(1, 1, W + 1)
     with pytest.raises(ConversionError) as err:
-        C.from_tmm(sd, CFG)
+        C.from_torchmultimodal(sd, CFG)
     msg = str(err.value)
     assert "missing: multimodal_encoder.layer.1.cross_attention.key.bias" in msg
     assert "mismatched vision_encoder.encoder.class_token" in msg
@@ -237,36 +238,162 @@ def test_a_batch_of_one_id_falls_back_to_any_other_row():
     assert (t != torch.arange(3)).all() and (im != torch.arange(3)).all()
 
 
-def _pretrain_batch(params, b=4):
+def _pretrain_batch(b=4):
     images, ids, mask = _inputs(b=b, s=9, seed=1)
     ids[:, 0] = 2
-    momentum = A.init_momentum(params)
-    fi, ft = A.momentum_features(momentum, images, ids, cfg=CFG, attention_mask=mask)
-    queue = A.init_queue(CFG, fmm.random.key(5))
-    return dict(images=images, input_ids=ids, attention_mask=mask, idx=torch.arange(b),
-                image_feat_m=fi, text_feat_m=ft, queue=queue)  # fmt: skip
+    return dict(images=images, tokens=ids, attention_mask=mask.bool(), idx=torch.arange(b))
 
 
-def test_pretrain_loss_is_finite_and_reaches_every_trained_part(params):
-    batch = _pretrain_batch(params)
-    grads = torch.func.grad(
-        lambda p: A.pretrain_loss(p, batch, fmm.random.key(0), cfg=CFG, mask_id=1)[0]
-    )(params)
-    loss, metrics = A.pretrain_loss(params, batch, fmm.random.key(0), cfg=CFG, mask_id=1)
-    assert torch.isfinite(loss) and set(metrics) >= {"itc", "itm", "mlm", "itm_accuracy"}
+def test_pretraining_loss_is_finite_and_reaches_every_trained_part(params):
+    batch, state = _pretrain_batch(), A.init_state(CFG, params, fmm.random.key(5))
+    fn = lambda p: A.loss(p, batch, cfg=CFG, key=fmm.random.key(0), state=state)
+    grads = torch.func.grad(lambda p: fn(p)[0])(params)
+    loss, metrics = fn(params)
+    assert torch.isfinite(loss) and set(metrics) >= {"itc", "itm", "mlm", "itm_accuracy", "aux"}
     torch.testing.assert_close(loss, metrics["itc"] + metrics["itm"] + metrics["mlm"])
-    for part in (
-        "image",
-        "text",
-        "fusion",
-        "vision_proj",
-        "text_proj",
-        "log_temp",
-        "itm_head",
-        "mlm_head",
-    ):
+    parts = ("image", "text", "fusion", "vision_proj", "text_proj", "log_temp", "itm_head",
+             "mlm_head")  # fmt: skip
+    for part in parts:
         norm = sum(g.abs().sum() for g in fmm.tree.leaves(grads[part]))
         assert torch.isfinite(norm) and norm > 0, part
+    # The momentum features in aux are the momentum encoders' own embeddings of the batch.
+    want = A.momentum_features(
+        state["momentum"], batch["images"], batch["tokens"], cfg=CFG,
+        attention_mask=batch["attention_mask"],
+    )  # fmt: skip
+    torch.testing.assert_close(metrics["aux"]["image_feat_m"], want[0])
+    torch.testing.assert_close(metrics["aux"]["text_feat_m"], want[1])
+    assert torch.equal(metrics["aux"]["idx"], batch["idx"])
+
+
+def test_the_loss_runs_every_stack_through_block_fn_the_momentum_encoders_included(params):
+    batch, state = _pretrain_batch(), A.init_state(CFG, params, fmm.random.key(5))
+    ran = []
+
+    def block_fn(block_params, x, **kwargs):
+        ran.append(id(block_params))
+        return fmm.nn.block(block_params, x, **kwargs)
+
+    run = lambda **kw: A.loss(params, batch, cfg=CFG, key=fmm.random.key(0), state=state, **kw)
+    torch.testing.assert_close(run(block_fn=block_fn)[0], run()[0])
+    ids = lambda tree, part: [
+        id(b) for b in (tree[part].get("transformer") or tree[part])["blocks"]
+    ]
+    p, m = params, state["momentum"]
+    # image, text, the momentum copies, fused positives, negatives, MLM text, MLM fused
+    assert ran == (
+        ids(p, "image") + ids(p, "text") + ids(m, "image") + ids(m, "text")
+        + 2 * ids(p, "fusion") + ids(p, "text") + ids(p, "fusion")
+    )  # fmt: skip
+
+
+def _sgd(params, grads, lr=0.5):
+    return fmm.tree.map(lambda p, g: (p - lr * g).detach(), params, grads)
+
+
+def test_updating_the_state_after_the_step_gives_the_sequence_of_moving_momentum_first():
+    """The recipe's old step moved the momentum encoders toward the current params, then
+    took the gradient step with their features and enqueued them. The family's loop takes
+    the step first and moves the momentum toward the new params after it. From momentum
+    encoders that copy the params, both give the same losses, params and queues."""
+    cfg = A.with_answers(CFG, 0)
+    params = A.init(cfg, fmm.random.key(0))
+    grad = lambda p, b, k, st: torch.func.grad(
+        lambda q: A.loss(q, b, cfg=cfg, key=k, state=st), has_aux=True
+    )(p)
+    batches = [_pretrain_batch() for _ in range(4)]
+    for i, b in enumerate(batches):
+        b["idx"] = b["idx"] + 4 * i  # new examples each step, so the queue matters
+
+    # the old order: momentum update, features, gradient step, enqueue
+    old_p, state = params, A.init_state(cfg, params, fmm.random.key(5))
+    old = []
+    for i, b in enumerate(batches):
+        moved = {**state, "momentum": A.momentum_update(state["momentum"], old_p, m=cfg.momentum)}
+        g, metrics = grad(old_p, b, fmm.random.key(i), moved)
+        old_p = _sgd(old_p, g)
+        queue = A.enqueue(moved["queue"], *(metrics["aux"][k] for k in ("image_feat_m",
+                          "text_feat_m", "idx")))  # fmt: skip
+        state = {**moved, "queue": queue, "step": state["step"] + 1}
+        old.append((metrics["itc"] + metrics["itm"] + metrics["mlm"], old_p, state))
+
+    # the family's order: gradient step, then update_state toward the new params
+    new_p, state = params, A.FAMILY.init_state(cfg, params, fmm.random.key(5))
+    for i, b in enumerate(batches):
+        g, metrics = grad(new_p, b, fmm.random.key(i), state)
+        new_p = _sgd(new_p, g)
+        new_p, state = A.FAMILY.update_state(state, new_p, metrics.pop("aux"), cfg=cfg, key=None)
+        loss, old_params, old_state = old[i]
+        torch.testing.assert_close(metrics["itc"] + metrics["itm"] + metrics["mlm"], loss)
+        torch.testing.assert_close(new_p, old_params)
+        torch.testing.assert_close(state["queue"], old_state["queue"])
+        # ours moved toward the params after step i, which the old step does first at i + 1
+        ahead = A.momentum_update(old_state["momentum"], old_params, m=cfg.momentum)
+        torch.testing.assert_close(state["momentum"], ahead)
+    assert int(state["step"]) == 4 and int(state["queue"]["ptr"]) == 16 % cfg.queue_size
+
+
+def test_update_state_is_pure_and_a_vqa_step_only_counts(params):
+    state = A.init_state(CFG, params, fmm.random.key(5))
+    before = fmm.tree.map(torch.clone, state)
+    _, metrics = A.loss(params, _pretrain_batch(), cfg=CFG, key=fmm.random.key(0), state=state)
+    moved = fmm.tree.map(lambda x: x + 1.0 if x.is_floating_point() else x, params)
+    same, new = A.update_state(state, moved, metrics["aux"], cfg=CFG)
+    assert same is moved
+    flat, flat_before = fmm.tree.flatten(state), fmm.tree.flatten(before)
+    assert all(torch.equal(flat[k], flat_before[k]) for k in flat)  # old state untouched
+    assert fmm.tree.flatten(new).keys() == flat.keys() and int(new["step"]) == 1
+    assert int(new["queue"]["ptr"]) == 4
+    _, counted = A.update_state(state, moved, {}, cfg=CFG)
+    assert int(counted["step"]) == 1 and counted["momentum"] is state["momentum"]
+
+
+def test_distillation_ramps_with_the_state_step(params):
+    ramped = dataclasses.replace(CFG, alpha_ramp_steps=4)
+    batch, state = _pretrain_batch(), A.init_state(CFG, params, fmm.random.key(5))
+    itc = lambda cfg, step: A.loss(
+        params, batch, cfg=cfg, key=fmm.random.key(0), state={**state, "step": torch.tensor(step)}
+    )[1]["itc"]
+    no_alpha = dataclasses.replace(CFG, alpha=0.0)
+    half = dataclasses.replace(CFG, alpha=CFG.alpha / 2)
+    torch.testing.assert_close(itc(ramped, 0), itc(no_alpha, 0))
+    torch.testing.assert_close(itc(ramped, 2), itc(half, 2))
+    torch.testing.assert_close(itc(ramped, 9), itc(CFG, 9))
+    assert not torch.allclose(itc(CFG, 0), itc(no_alpha, 0))
+
+
+def test_the_loss_compiles_as_one_graph_with_its_state(params):
+    batch, state = _pretrain_batch(), A.init_state(CFG, params, fmm.random.key(5))
+    fn = lambda p, b, k, st: A.loss(p, b, cfg=CFG, key=k, state=st)
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    got, got_metrics = compiled(params, batch, fmm.random.key(3), state)
+    want, want_metrics = fn(params, batch, fmm.random.key(3), state)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_metrics, want_metrics)
+
+
+def test_batch_fields_name_each_tasks_inputs():
+    assert set(A.batch_fields(CFG)) == {"images", "tokens", "attention_mask", "idx"}
+    vqa = A.batch_fields(CFG, task="vqa")
+    assert set(vqa) == {"images", "tokens", "attention_mask", "answers"}
+    assert vqa["answers"].high == CFG.num_answers and vqa["attention_mask"].optional
+    with pytest.raises(ValueError, match="num_answers > 0"):
+        A.batch_fields(A.with_answers(CFG, 0), task="vqa")
+    with pytest.raises(ValueError, match="task must be one of"):
+        A.batch_fields(CFG, task="retrieval")
+
+
+def test_retrieval_embeddings_are_the_projected_class_tokens(params):
+    images, ids, mask = _inputs(b=3)
+    img = A.embed_image(params, images, cfg=CFG)
+    txt = A.embed_text(params, ids, cfg=CFG, attention_mask=mask)
+    torch.testing.assert_close(
+        img, A.image_embedding(params, A.encode_image(params, images, cfg=CFG))
+    )
+    want = A.text_embedding(params, A.encode_text(params, ids, cfg=CFG, attention_mask=mask))
+    torch.testing.assert_close(txt, want)
+    torch.testing.assert_close(A.logit_scale(params), 1 / A.temperature(params))
+    assert A.FAMILY.serving.image_shape(CFG) == (3, 20, 20)
 
 
 def test_outputs_are_independent_across_the_batch(params):
@@ -293,12 +420,16 @@ def test_rank_texts_reranks_the_contrastive_top_k_by_itm(params):
     torch.testing.assert_close(scores[0, top[0, 0]], A.itm_logits(params, fused).softmax(-1)[0, 1])
 
 
-def test_vqa_loss_trains_the_answer_head(params):
+def test_a_batch_with_answers_trains_the_answer_head(params):
     images, ids, mask = _inputs(b=3)
-    batch = dict(images=images, input_ids=ids, attention_mask=mask, answers=torch.tensor([0, 4, 2]))
-    loss, metrics = A.vqa_loss(params, batch, cfg=CFG)
-    assert torch.isfinite(loss) and 0 <= metrics["accuracy"] <= 1
-    g = torch.func.grad(lambda p: A.vqa_loss(p, batch, cfg=CFG)[0])(params)
+    batch = dict(images=images, tokens=ids, attention_mask=mask, answers=torch.tensor([0, 4, 2]))
+    loss, metrics = A.loss(params, batch, cfg=CFG)
+    assert torch.isfinite(loss) and 0 <= metrics["vqa_accuracy"] <= 1 and metrics["aux"] == {}
+    want = F.cross_entropy(
+        A.vqa(params, images, ids, cfg=CFG, attention_mask=mask), batch["answers"]
+    )
+    torch.testing.assert_close(loss, want)
+    g = torch.func.grad(lambda p: A.loss(p, batch, cfg=CFG)[0])(params)
     assert g["vqa_head"]["fc2"]["weight"].abs().sum() > 0
 
 

@@ -87,7 +87,7 @@ def world() -> dict[str, Any]:
     w["mm_codes"] = ids(MM.image_vocab, MM.image_len)
     w["flava_ids"] = ids(FLAVA.vocab_size, FLAVA.max_positions, low=4)
     w["albef_ids"] = ids(ALBEF.text.vocab_size, 8, low=4)
-    w["albef_queue"] = albef.init_queue(ALBEF, KEY)
+    w["albef_state"] = albef.init_state(ALBEF, w["albef"], KEY)
     spec = GPT.decoder_spec
     w["gpt_cache"] = decoding.prefill(
         w["gpt"], w["gpt_tokens"], decoding.init_cache(spec, B, 12), cfg=spec
@@ -269,10 +269,18 @@ for fn in (bert.apply, bert.sentence_embedding):
                             attention_mask=a["attention_mask"], token_type_ids=a["token_type_ids"]),
         **bert_text,
     )  # fmt: skip
+_bert_fields = ("tokens", "attention_mask", "token_type_ids")
 entry(
-    "bert.embed", _w("params=bert", "input_ids=bert_ids"),
-    lambda a: bert.embed(a["params"], a["input_ids"], cfg=BERT),
-    input_ids=bert_text["input_ids"], params=bert_params,
+    "bert.loss",
+    _w("params=bert", "batch['tokens']=bert_ids",
+       **{"batch['attention_mask']": lambda w: w["bert_ids"] > 5,
+          "batch['token_type_ids']": lambda w: (w["bert_ids"] > 30).long()}),
+    lambda a: bert.loss(a["params"], {f: a[f"batch[{f!r}]"] for f in _bert_fields}, cfg=BERT,
+                        key=KEY),
+    **{"batch['tokens']": _ids(BERT.vocab_size, BERT.max_positions),
+       "batch['attention_mask']": Arg("mask", batch_of="batch['tokens']"),
+       "batch['token_type_ids']": _ids(BERT.type_vocab_size, batch_of="batch['tokens']")},
+    params=bert_params,
 )  # fmt: skip
 entry(
     "bert.mean_pool",
@@ -458,36 +466,49 @@ entry(
 )  # fmt: skip
 
 
+entry(
+    "albef.embed_image", _w("params=albef", "images=images32"),
+    lambda a: albef.embed_image(a["params"], a["images"], cfg=ALBEF),
+    images=_image(), params=albef_params,
+)  # fmt: skip
+entry(
+    "albef.embed_text", albef_good,
+    lambda a: albef.embed_text(a["params"], a["input_ids"], cfg=ALBEF,
+                               attention_mask=a["attention_mask"]),
+    **albef_text, params=albef_params,
+)  # fmt: skip
+
+
 def _albef_batch(a: dict[str, Any]) -> dict[str, Any]:
-    fields = ("images", "input_ids", "attention_mask", "idx", "answers")
-    batch = {f: a[f"batch[{f!r}]"] for f in fields if f"batch[{f!r}]" in a}
-    b = len(batch["images"])
-    feats = torch.nn.functional.normalize(torch.randn(b, ALBEF.embed_dim), dim=-1)
-    return {**batch, "image_feat_m": feats, "text_feat_m": feats,
-            "queue": world()["albef_queue"]}  # fmt: skip
+    fields = ("images", "tokens", "attention_mask", "idx", "answers")
+    return {f: a[f"batch[{f!r}]"] for f in fields if f"batch[{f!r}]" in a}
 
 
 albef_batch = {
     "batch['images']": _image(),
-    "batch['input_ids']": _ids(
+    "batch['tokens']": _ids(
         ALBEF.text.vocab_size, ALBEF.text.max_positions, batch_of="batch['images']"
     ),
-    "batch['attention_mask']": Arg("mask", batch_of="batch['input_ids']"),
+    "batch['attention_mask']": Arg("mask", batch_of="batch['tokens']"),
 }
 entry(
-    "albef.pretrain_loss",
-    _w("params=albef", "batch['images']=images32", "batch['input_ids']=albef_ids",
+    "albef.loss",
+    _w("params=albef", "state=albef_state", "batch['images']=images32",
+       "batch['tokens']=albef_ids",
        **{"batch['attention_mask']": lambda w: w["albef_ids"] > 5,
           "batch['idx']": lambda w: torch.arange(B)}),
-    lambda a: albef.pretrain_loss(a["params"], _albef_batch(a), KEY, cfg=ALBEF, mask_id=3),
+    lambda a: albef.loss(a["params"], _albef_batch(a), cfg=ALBEF, key=KEY, state=a["state"]),
     **albef_batch, params=albef_params,
+    state=Arg("params", other=functools.cache(
+        lambda: albef.init_state(albef.albef_base(num_answers=3), OTHER["albef"](), KEY.to("meta"))
+    )),
 )  # fmt: skip
 entry(
-    "albef.vqa_loss",
-    _w("params=albef", "batch['images']=images32", "batch['input_ids']=albef_ids",
+    "albef.loss[vqa]",
+    _w("params=albef", "batch['images']=images32", "batch['tokens']=albef_ids",
        **{"batch['attention_mask']": lambda w: w["albef_ids"] > 5,
           "batch['answers']": lambda w: torch.tensor([0, 2])}),
-    lambda a: albef.vqa_loss(a["params"], _albef_batch(a), cfg=ALBEF),
+    lambda a: albef.loss(a["params"], _albef_batch(a), cfg=ALBEF),
     **albef_batch, **{"batch['answers']": _ids(3, batch_of="batch['images']")},
     params=albef_params,
 )  # fmt: skip

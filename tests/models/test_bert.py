@@ -415,3 +415,89 @@ def test_apply_compiles_as_one_graph_without_recompiling(small_params):
     with torch._dynamo.config.patch(error_on_recompile=True):
         other = (ids + 1) % SMALL.vocab_size
         f(small_params, other, cfg=SMALL, attention_mask=mask, token_type_ids=types)
+
+
+# --- the masked-LM objective and the family record ------------------------------------------
+
+MLM = dataclasses.replace(SMALL, mask_id=1, special_ids=(2,), dropout=0.0, attn_dropout=0.0)
+
+
+def _mlm_batch(seed=0):
+    ids, mask, types = _batch(MLM, s=9, seed=seed)
+    ids[:, 0] = 2  # [CLS], never hidden
+    return {"tokens": ids, "attention_mask": mask.bool(), "token_type_ids": types}
+
+
+def test_masked_lm_predicts_every_hidden_token_through_the_tied_embeddings(small_params):
+    batch = _mlm_batch()
+    ids, real = batch["tokens"], batch["attention_mask"]
+    hide = real & (ids != 2)
+    every = dataclasses.replace(MLM, mask_rate=1.0)  # every real, non-special token hidden
+    loss, metrics = bert.loss(small_params, batch, cfg=every, key=fmm.random.key(0), train=False)
+    hidden = bert.apply(
+        small_params, torch.where(hide, 1, ids), cfg=every, attention_mask=real,
+        token_type_ids=batch["token_type_ids"],
+    )  # fmt: skip
+    logits = hidden @ small_params["token"]["weight"].T
+    want = torch.nn.functional.cross_entropy(logits[hide], ids[hide])
+    torch.testing.assert_close(loss, want)
+    assert metrics["mlm"] == loss.detach() and 0 <= metrics["mlm_acc"] <= 1
+    none = dataclasses.replace(MLM, mask_rate=0.0)
+    assert bert.loss(small_params, batch, cfg=none, key=fmm.random.key(0))[0] == 0
+
+
+def test_masked_lm_trains_the_encoder_and_its_tied_embeddings_only(small_params):
+    batch = _mlm_batch()
+    grads = torch.func.grad(lambda p: bert.loss(p, batch, cfg=MLM, key=fmm.random.key(3))[0])(
+        small_params
+    )
+    norms = {k: float(v.abs().sum()) for k, v in fmm.tree.flatten(grads).items()}
+    assert norms["token.weight"] > 0 and norms["transformer.blocks.1.mlp.fc2.weight"] > 0
+    assert norms["pooler.weight"] == 0  # the pooler is not part of the objective
+    assert set(fmm.tree.flatten(bert.init(MLM, META))) == set(norms)  # no new params
+
+
+def test_masked_lm_draws_from_its_key_and_runs_every_block_through_block_fn(small_params):
+    batch, ran = _mlm_batch(), []
+
+    def block_fn(block_params, x, **kwargs):
+        ran.append(id(block_params))
+        return nn.block(block_params, x, **kwargs)
+
+    run = lambda k, **kw: bert.loss(small_params, batch, cfg=MLM, key=fmm.random.key(k), **kw)[0]
+    torch.testing.assert_close(run(1, block_fn=block_fn), run(1))
+    assert ran == [id(b) for b in small_params["transformer"]["blocks"]]
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+def test_masked_lm_compiles_as_one_graph_without_recompiling(small_params):
+    fn = lambda p, b, k: bert.loss(p, b, cfg=MLM, key=k)
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    batch = _mlm_batch()
+    torch.testing.assert_close(
+        compiled(small_params, batch, fmm.random.key(1)), fn(small_params, batch, fmm.random.key(1))
+    )
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(small_params, _mlm_batch(seed=1), fmm.random.key(2))
+
+
+def test_masked_lm_refuses_a_missing_key_and_ids_outside_the_vocabulary(small_params):
+    batch = _mlm_batch()
+    with pytest.raises(ValueError, match="key= is missing"):
+        bert.loss(small_params, batch, cfg=MLM)
+    with pytest.raises(ValueError, match=r"cfg.mask_id=103 lies outside the vocabulary \[0, 23\)"):
+        bert.loss(small_params, batch, cfg=SMALL, key=fmm.random.key(0))
+    with pytest.raises(ValueError, match=r"batch\['tokens'\] must lie in \[0, 23\)"):
+        bert.loss(small_params, {"tokens": batch["tokens"] + 23}, cfg=MLM, key=fmm.random.key(0))
+
+
+def test_the_config_round_trips_through_json_and_the_record_names_its_parts():
+    back = bert.BertConfig.from_dict(json.loads(json.dumps(MLM.to_dict())))
+    assert back == MLM and hash(back) == hash(MLM)
+    family = bert.FAMILY
+    assert family.loss is bert.loss and family.batch is bert.batch_fields
+    assert family.converters["hf"].from_ is bert.from_hf
+    assert family.serving.embed_text is bert.sentence_embedding
+    fields = bert.batch_fields(bert.bert_tiny())
+    assert fields["tokens"].limits == {"seq": 64} and fields["attention_mask"].optional
+    assert bert.plan(bert.bert_base(), seq=128).stacks[0].seq == 128
