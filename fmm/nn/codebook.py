@@ -165,9 +165,12 @@ def code_usage(codes: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
     Returns 0-d tensors ``perplexity`` (``exp`` of the entropy of the code histogram: 1 when
     one code is used, ``num_codes`` when all are used equally) and ``fraction_used``.
     """
-    counts = torch.bincount(codes.reshape(-1), minlength=num_codes)
-    if counts.shape[0] != num_codes:
-        raise ValueError(f"code_usage: codes must lie in [0, {num_codes}), got {int(codes.max())}")
+    checks.check_ids("codes", codes, tuple(codes.shape), high=num_codes)
+    # A histogram of static size (bincount's length depends on the values), so a compiled
+    # loss that reports usage stays one graph.
+    flat = codes.reshape(-1)
+    counts = torch.zeros(num_codes, dtype=torch.int64, device=codes.device)
+    counts = counts.scatter_add(0, flat, torch.ones_like(flat))
     p = counts.double() / counts.sum().clamp_min(1)
     entropy = -(p * p.clamp_min(1e-30).log()).sum()
     return {"perplexity": entropy.exp().float(), "fraction_used": (counts > 0).float().mean()}

@@ -121,6 +121,27 @@ def test_the_familys_state_update_after_each_step_is_update_codebook_on_the_new_
         family.update_state(ours_ema, ours["params"], {}, cfg=CFG, key=fmm.random.key(0))
 
 
+def test_the_loss_and_the_codebook_update_compile_as_one_graph(params):
+    # code_usage's histogram has a static size, so the perplexity metric breaks no graph.
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    state = vqvae.init_codebook_state(params)
+
+    def loss_then_update(p, images, state):
+        value, metrics = vqvae.loss(p, {"images": images}, cfg=CFG)
+        return (
+            value,
+            metrics["perplexity"],
+            vqvae.update_state(state, p, metrics["aux"], cfg=CFG, key=fmm.random.key(6)),
+        )
+
+    compiled = torch.compile(loss_then_update, fullgraph=True, backend="aot_eager")
+    for got, want in zip(
+        fmm.tree.leaves(compiled(params, images, state)),
+        fmm.tree.leaves(loss_then_update(params, images, state)),
+    ):
+        torch.testing.assert_close(got, want)
+
+
 def test_meta_init_gives_the_shapes_only():
     meta = vqvae.init(vqvae.vqvae_shapes(), fmm.random.key(0).to("meta"))
     real = vqvae.init(vqvae.vqvae_shapes(), fmm.random.key(0))
