@@ -10,7 +10,7 @@ from fmm.nn import TransformerConfig
 from fmm.nn.towers import ViTConfig
 from models.bert.config import BertConfig
 
-_INIT_STD = 0.02
+_INIT_STD = 0.02  # ALBEF's initializer_range (embeddings, heads)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,11 +34,10 @@ from fmm import checks, fusion, nn, random
 from fmm.nn import towers
 from fmm.nn.transformer import BlockFn
 from models import bert
-from models.albef.config import ALBEFConfig
+from models.albef.config import _INIT_STD, ALBEFConfig
 
 Params = dict[str, Any]
 
-_INIT_STD = 0.02
 TEMP_RANGE = (0.001, 0.5)
 # The parts a momentum encoder copies (ALBEF keeps momentum copies of these, not of heads).
 MOMENTUM_PARTS = ("image", "text", "fusion", "vision_proj", "text_proj")

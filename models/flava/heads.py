@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from fmm import nn, random
+from models.flava.config import _INIT_STD
 
 Params = dict[str, Any]
-
-_INIT_STD = 0.02
 
 
 def init_masked_head(

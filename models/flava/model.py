@@ -32,12 +32,10 @@ from fmm.losses import logit_scale_value
 from fmm.nn import towers
 from fmm.nn.towers import Encoded
 from fmm.nn.transformer import BlockFn
-from models.flava.config import FLAVAConfig
+from models.flava.config import _INIT_STD, FLAVAConfig
 from models.flava.heads import init_heads
 
 Params = dict[str, Any]
-
-_INIT_STD = 0.02  # FLAVA's initializer_range
 
 
 def _linear(d_in: int, d_out: int, key: torch.Tensor, dtype) -> Params:

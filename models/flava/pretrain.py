@@ -22,6 +22,7 @@ loss is a pure function of ``(params, batch, key)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -51,7 +52,7 @@ Params = dict[str, Any]
 
 def random_codebook_tokenizer(
     key: torch.Tensor, *, patch_size: int, codebook_size: int, in_channels: int = 3
-):
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A fixed random image tokenizer: each ``patch_size`` patch of ``[B, C, H, W]`` pixels
     in ``[0, 1]`` gets the code of the random unit vector most aligned with it (pixels
     centred at 0.5). Returns ``tokenize(images) -> [B, H/p, W/p]`` int64, the
