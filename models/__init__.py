@@ -1,32 +1,39 @@
-"""Model families. Each is ``(config, init, apply, ...)``; presets are zero-argument builders.
+"""Model families. Each package exports ``FAMILY`` (:class:`models.family.Family`), its
+contract with the machinery; the registry below is built by iterating over them.
 
 Example::
 
     import fmm, models
     cfg = models.get_config("clip_vit_b16")
-    params = models.clip.init(cfg, fmm.random.key(0))
+    family = models.family_of(cfg)            # models.clip.FAMILY
+    params = family.init(cfg, fmm.random.key(0))
 """
 
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 from models import albef, bert, clip, flava, gpt, mmgpt, vqvae
+from models.family import Family
 
-REGISTRY: dict[str, Callable[[], Any]] = {**clip.PRESETS}
-_FAMILIES = {clip.CLIPConfig: clip}
-REGISTRY.update(gpt.PRESETS)
-_FAMILIES[gpt.GPTConfig] = gpt
-REGISTRY.update(vqvae.PRESETS)
-_FAMILIES[vqvae.VQVAEConfig] = vqvae
-REGISTRY.update(mmgpt.PRESETS)
-_FAMILIES[mmgpt.MMGPTConfig] = mmgpt
-REGISTRY.update(bert.PRESETS)
-_FAMILIES[bert.BertConfig] = bert
-REGISTRY.update(flava.PRESETS)
-_FAMILIES[flava.FLAVAConfig] = flava
-REGISTRY.update(albef.PRESETS)
-_FAMILIES[albef.ALBEFConfig] = albef
+# Adding a family: one package under models/ and its module in this tuple.
+FAMILIES: tuple[Family, ...] = tuple(
+    package.FAMILY for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef)
+)
+
+
+def _registry() -> dict[str, Callable[[], Any]]:
+    registry: dict[str, Callable[[], Any]] = {}
+    for family in FAMILIES:
+        for name, build in family.presets.items():
+            if name in registry:
+                raise ValueError(f"preset {name!r} is declared by two families")
+            registry[name] = build
+    return registry
+
+
+REGISTRY: dict[str, Callable[[], Any]] = _registry()
+_BY_CONFIG: dict[type, Family] = {family.config: family for family in FAMILIES}
+_BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}
 
 
 def get_config(name: str, **overrides: Any) -> Any:
@@ -38,22 +45,33 @@ def get_config(name: str, **overrides: Any) -> Any:
     return builder(**overrides)
 
 
-def family_of(cfg: Any) -> ModuleType:
-    """The family module (with ``init``, ``apply``, ...) that a config belongs to."""
+def family_of(cfg: Any) -> Family:
+    """The :class:`~models.family.Family` a config belongs to."""
     try:
-        return _FAMILIES[type(cfg)]
+        return _BY_CONFIG[type(cfg)]
     except KeyError:
         raise TypeError(f"no model family for config type {type(cfg).__name__}") from None
 
 
+def get_family(name: str) -> Family:
+    """The family named ``name`` (``"clip"``, ``"flava"``, ...)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; available: {sorted(_BY_NAME)}") from None
+
+
 __all__ = [
+    "FAMILIES",
     "REGISTRY",
+    "Family",
     "albef",
     "bert",
     "clip",
     "family_of",
     "flava",
     "get_config",
+    "get_family",
     "gpt",
     "mmgpt",
     "vqvae",

@@ -1,7 +1,10 @@
-"""Regenerate the golden param specs in tests/golden/ (names, shapes, dtypes per preset).
+"""Regenerate the golden files in tests/golden/: param specs (names, shapes, dtypes per
+preset) and the numeric golden (each family's loss at fixed keys, ``numeric.json``).
 
-Run only after a deliberate change of a model's params: ``python tests/scripts/make_golden.py``
-(all presets) or ``python tests/scripts/make_golden.py NAME ...`` (only those presets).
+Run only after a deliberate change: ``python tests/scripts/make_golden.py`` (all presets),
+``python tests/scripts/make_golden.py NAME ...`` (only those presets), or
+``python tests/scripts/make_golden.py --numeric`` (the loss values of the contract suite,
+tests/test_family_contract.py, which builds them the same way).
 """
 
 import json
@@ -24,7 +27,22 @@ def spec(name: str) -> dict:
     }
 
 
+def numeric() -> None:
+    sys.path.insert(0, str(GOLDEN.parents[1]))  # the repo root, for `tests.`
+    from tests.test_family_contract import FAMILIES, Case
+
+    values = {}
+    for name in sorted(FAMILIES):
+        case = Case(name)
+        loss, _ = case.loss(case.params, case.batch, fmm.random.key(3))
+        values[name] = {"preset": case.preset, "loss": round(float(loss), 6)}
+    (GOLDEN / "numeric.json").write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
+    print("wrote", GOLDEN / "numeric.json", values)
+
+
 def main(names: list[str] | None = None) -> None:
+    if names == ["--numeric"]:
+        return numeric()
     GOLDEN.mkdir(exist_ok=True)
     for name in names or sorted(models.REGISTRY):
         (GOLDEN / f"{name}.json").write_text(json.dumps(spec(name), indent=1) + "\n")
