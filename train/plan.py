@@ -52,21 +52,50 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+import models
 from fmm import tree
-from train.plan_layouts import ACT_SAVED, FLAVA_NATIVE, Layout, Stack, layout, model_names
+from models.family import ACT_SAVED, Layout, Stack
 
 __all__ = [
-    "FLAVA_NATIVE", "PRECISIONS", "STRATEGIES", "Layout", "Plan", "Precision", "Row", "Stack",
+    "PRECISIONS", "STRATEGIES", "Layout", "Plan", "Precision", "Row", "Stack",
     "activation_bytes", "block_activation_bytes", "block_counts", "format_plan", "layout",
     "model_names", "plan", "saved_activation_bytes", "state_bytes",
 ]  # fmt: skip
 
 GiB = 1024**3
+
+
+def model_names() -> list[str]:
+    """Every preset :func:`layout` accepts: those whose family declares a ``plan``."""
+    return sorted(name for name, build in models.REGISTRY.items() if models.family_of(build()).plan)
+
+
+def layout(name: str, *, seq: int | None = None, train: bool = True) -> Layout:
+    """The :class:`~models.family.Layout` of preset ``name``, from its family's ``plan``
+    (params built by the family's ``init`` on the meta device).
+
+    ``seq``: tokens per example (the text tokens for CLIP/FLAVA), default the model's
+    context. ``train``: count dropout masks (the activations of a training step).
+
+    Example: ``layout("gpt2_small", seq=512).stacks[0].seq == 512``.
+    """
+    if name not in models.REGISTRY:
+        raise ValueError(f"--model: unknown model {name!r}; choose one of {model_names()}")
+    cfg = models.get_config(name)
+    family = models.family_of(cfg)
+    if family.plan is None:
+        raise ValueError(
+            f"--model: {name!r} is of the {family.name} family, for which the planner has no layout; "
+            f"choose one of {model_names()}"
+        )
+    return replace(family.plan(cfg, seq=seq, train=train), name=name)
+
+
 STRATEGIES = ("DDP", "FSDP")
 _BLOCK_RE = re.compile(r"^(.*\bblocks\.\d+)\.")
 

@@ -21,8 +21,8 @@ from train.recipes import number
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="a preset (gpt2_small, clip_vit_l14, ...) or "
-        f"a FLAVA native size ({', '.join(planning.FLAVA_NATIVE)})",
+        "--model", required=True, help="a preset of a family with a plan layout "
+        "(gpt2_small, clip_vit_l14, flava_10b, ...; see `python -m train plan --help`)",
     )  # fmt: skip
     parser.add_argument(
         "--world-size",
