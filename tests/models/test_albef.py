@@ -1,5 +1,5 @@
 """ALBEF: parity with TorchMultimodal's encoders, pure momentum/queue state, loss laws,
-hard negatives without host syncs, retrieval and VQA heads, errors, golden specs."""
+hard negatives without host syncs, retrieval and VQA heads, errors."""
 
 import dataclasses
 import json
@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import fmm
-import models
 from fmm.convert import ConversionError
 from models import albef as A
 from models.albef import convert as C
 from models.bert import BertConfig
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 META = fmm.random.key(0).to("meta")
 W, HEADS, MLP, VOCAB = 24, 3, 40, 50
 TEXT = BertConfig(
@@ -495,20 +493,6 @@ def test_base_preset_has_the_published_dimensions():
     assert (cfg.image_width, cfg.image_layers, cfg.image_heads, cfg.patch_size) == (768, 12, 12, 16)
     assert (cfg.text.width, cfg.text.layers, cfg.text.heads, cfg.fusion_layers) == (768, 6, 12, 6)
     assert (cfg.embed_dim, cfg.queue_size, cfg.momentum, cfg.alpha) == (256, 65536, 0.995, 0.4)
-
-
-@pytest.mark.parametrize("name", sorted(A.PRESETS))
-def test_golden_param_spec(name):
-    cfg = models.get_config(name)
-    p = models.family_of(cfg).init(cfg, META)
-    got = {
-        k: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
-        for k, v in fmm.tree.flatten(p).items()
-    }
-    want = json.loads((GOLDEN / f"{name}.json").read_text())
-    assert got == want, (
-        "param names/shapes changed: if deliberate, run tests/scripts/make_golden.py"
-    )
 
 
 def test_docs_albef_snippets_run():

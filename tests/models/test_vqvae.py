@@ -142,15 +142,6 @@ def test_the_loss_and_the_codebook_update_compile_as_one_graph(params):
         torch.testing.assert_close(got, want)
 
 
-def test_meta_init_gives_the_shapes_only():
-    meta = vqvae.init(vqvae.vqvae_shapes(), fmm.random.key(0).to("meta"))
-    real = vqvae.init(vqvae.vqvae_shapes(), fmm.random.key(0))
-    assert {k: v.shape for k, v in fmm.tree.flatten(meta).items()} == {
-        k: v.shape for k, v in fmm.tree.flatten(real).items()
-    }
-    assert fmm.tree.flatten(real)["codebook.weight"].shape == (128, 32)
-
-
 def test_bad_input_is_refused_with_shapes(params):
     with pytest.raises(
         ValueError, match=r"images must have shape \[batch, 3, 16, 16\], got \[2, 3, 8, 8\]"
