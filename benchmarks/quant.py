@@ -43,7 +43,8 @@ from models import clip
 from train import checkpoint
 from train.data import WorldConfig, eval_set
 from train.evaluate import zero_shot_accuracy
-from train.recipes.clip import load_run, normalize_images
+from train.loop import load_run
+from train.recipes.clip import normalize_images
 
 
 def interleaved(calls: dict, *, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -188,7 +189,7 @@ def main() -> None:
         size_and_latency("micro", cfg, clip.init(cfg, fmm.random.key(0)), 2, 1, 1)
         return
     if args.ckpt is None:
-        from train.recipes import clip as recipe
+        from train.recipes.clip import RECIPE as recipe
 
         args.ckpt = Path(tempfile.mkdtemp(prefix="quant-bench-"))
         sub = argparse.ArgumentParser()
@@ -196,7 +197,8 @@ def main() -> None:
         started = time.perf_counter()
         recipe.run(sub.parse_args(["--out", str(args.ckpt), "--steps", str(args.train_steps)]))
         print(f"trained {args.ckpt} in {time.perf_counter() - started:.0f} s")
-    cfg, params, tokenizer = load_run(args.ckpt)
+    run = load_run(args.ckpt, family="clip")
+    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     for name in args.configs:
         if name == "tiny":
             size_and_latency(

@@ -56,7 +56,8 @@ import fmm  # noqa: E402
 from models import clip  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.data import WordTokenizer, WorldConfig  # noqa: E402
-from train.recipes.clip import load_run, normalize_images  # noqa: E402
+from train.loop import load_run  # noqa: E402
+from train.recipes.clip import normalize_images  # noqa: E402
 from train.serve import percentile  # noqa: E402
 
 
@@ -336,7 +337,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         run_dir = args.ckpt or random_run(Path(tmp) / "clip", micro=args.quick)
-        cfg, params, tokenizer = load_run(run_dir)
+        run = load_run(run_dir, family="clip")
+        cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
         world = WorldConfig()
 
         def encode(texts: list[str]) -> torch.Tensor:

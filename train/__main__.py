@@ -39,23 +39,14 @@ from train.recipes import plan as plan_recipe
 
 TASKS = {
     "clip": (clip.RECIPE, clip.RECIPE.help),
-    "vqvae": (vqvae, "train a VQ-VAE image tokeniser on the shapes world"),
-    "mmgpt": (
-        mmgpt,
-        "train a multimodal GPT caption -> image on VQ-VAE tokens of the shapes world",
-    ),
+    "vqvae": (vqvae.RECIPE, vqvae.RECIPE.help),
+    "mmgpt": (mmgpt.RECIPE, mmgpt.RECIPE.help),
     "generate": (generate, "draw images for a caption with a trained mmgpt run, scored by CLIP"),
     "zeroshot": (zeroshot, "rank labels for your images with pretrained CLIP weights"),
-    "flava": (
-        flava_recipe,
-        "pretrain a tiny FLAVA on the shapes world: contrastive, MLM, MIM, ITM and MMM at once",
-    ),
+    "flava": (flava_recipe.RECIPE, flava_recipe.RECIPE.help),
     "serve": (serve, "serve a clip or mmgpt run over HTTP: embeddings, search, generation"),
     "plan": (plan_recipe, "per-rank memory of training a model under DDP and FSDP (meta device)"),
-    "albef": (
-        albef_recipe,
-        "train a tiny ALBEF on the shapes world: --task retrieval (image->text R@1) or vqa",
-    ),
+    "albef": (albef_recipe.RECIPE, albef_recipe.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
 

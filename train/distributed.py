@@ -313,9 +313,12 @@ def make_step(
     A family's train state (``state["model_state"]``, laid out by :func:`place_state`) goes
     to ``loss_call(model, batch, key, state=...)`` whole (sharded leaves gathered), and
     ``update_state(model_state, params, aux, key) -> (params, model_state)`` runs after the
-    optimizer step on this rank's shards of the new params and of the state (an EMA toward
-    the params is leafwise, so shards update independently), with ``aux``'s rows gathered
-    from every rank in rank order: every rank's queue then holds the global batch.
+    optimizer step on that whole state and the whole new params (gathered under FSDP: one
+    more all-gather of the params per step, so any update is exact, checks included), with
+    ``aux``'s rows gathered from every rank in rank order (every rank's queue then holds the
+    global batch) and ``fold_in(fold_in(key, n), "state")``, the same on every rank. Its
+    result goes back to the shards: the state stays sharded between steps and in
+    checkpoints, params it sets (an EMA codebook) are written into this rank's shards.
     """
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
@@ -324,9 +327,8 @@ def make_step(
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     def step(state: dict, batch: Any) -> tuple[dict, dict]:
-        key = random.fold_in(state["key"], state["step"])
-        if world > 1:
-            key = random.fold_in(key, rank)
+        step_key = random.fold_in(state["key"], state["step"])
+        key = random.fold_in(step_key, rank) if world > 1 else step_key
         call = loss_call
         if update_state is not None:
             gathered = tree.map(whole, state["model_state"])
@@ -347,14 +349,14 @@ def make_step(
         if update_state is not None:
             aux = tree.map(gather_rows, metrics.pop("aux"))
             with torch.no_grad():
-                new_params, new_local = update_state(
-                    tree.map(local, state["model_state"]), local_params, aux,
-                    random.fold_in(key, "state"),
-                )  # fmt: skip
-                for p, q in zip(tree.leaves(local_params), tree.leaves(new_params)):
-                    if q is not p:
-                        p.copy_(q)
-            new_state["model_state"] = tree.map(_like, new_local, state["model_state"])
+                new_params = tree.map(whole, params)  # the updated params, whole
+                changed, model_state = update_state(
+                    gathered, new_params, aux, random.fold_in(step_key, "state")
+                )  # the same key on every rank, so the state stays the same everywhere
+                for p, old, new in zip(*map(tree.leaves, (params, new_params, changed))):
+                    if new is not old:  # an update that sets params (an EMA codebook)
+                        local(p.detach()).copy_(local(_like(new, p)))
+            new_state["model_state"] = tree.map(_like, model_state, state["model_state"])
         return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     return step
@@ -376,13 +378,14 @@ def whole(x: Any) -> Any:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-def _like(new_local: torch.Tensor, template: Any) -> Any:
-    if isinstance(template, DTensor):
-        return DTensor.from_local(
-            new_local, template.device_mesh, template.placements,
-            shape=template.shape, stride=template.stride(),
-        )  # fmt: skip
-    return new_local
+def _like(value: torch.Tensor, template: Any) -> Any:
+    """``value`` (whole, the same on every rank) laid out like ``template``: this rank's
+    shard of it if ``template`` is a ``DTensor`` (sliced locally, no communication)."""
+    if not isinstance(template, DTensor):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, template.device_mesh, template.placements, src_data_rank=None)
 
 
 def place_state(model_state: Any, params: Any) -> Any:
@@ -394,8 +397,6 @@ def place_state(model_state: Any, params: Any) -> Any:
 
     Example: ``state["model_state"] = place_state(family.init_state(cfg, p, key), adapter.tree())``.
     """
-    from torch.distributed.tensor import distribute_tensor
-
     by_name = tree.flatten(params)
 
     def place(name: str, leaf: torch.Tensor) -> Any:
@@ -405,11 +406,6 @@ def place_state(model_state: Any, params: Any) -> Any:
             (by_name[s] for s in suffixes if s in by_name and by_name[s].shape == leaf.shape),
             None,
         )
-        if not isinstance(mirror, DTensor):
-            return leaf
-        placed = distribute_tensor(leaf.detach(), mirror.device_mesh, mirror.placements)
-        if placed.to_local().shape != mirror.to_local().shape:
-            raise RuntimeError(f"place_state: {name} shards unlike its param")
-        return placed
+        return _like(leaf.detach(), mirror)
 
     return tree.map_with_path(place, model_state)

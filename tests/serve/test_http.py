@@ -17,8 +17,9 @@ from PIL import Image
 import fmm
 from models import clip
 from tests.serve._runs import running, tiny_clip_run, tiny_mmgpt_run
+from train.loop import load_run
 from train.recipes import serve, serve_streams
-from train.recipes.clip import load_run, normalize_images
+from train.recipes.clip import normalize_images
 from train.serve import ServedModel, Service
 from train.serve.app import create_app
 from train.serve.front_door import HttpLimits
@@ -67,7 +68,8 @@ def test_text_embeddings_equal_direct_and_repeat_from_the_store(clip_server):
     first = client.post("/v1/embed/text", json={"texts": texts})
     assert first.status_code == 200, first.text
     again = client.post("/v1/embed/text", json={"texts": texts}).json()
-    cfg, params, tok = load_run(run_dir)
+    run = load_run(run_dir, family="clip")
+    cfg, params, tok = run.cfg, run.params, run.tokenizer
     with torch.no_grad():
         want = clip.encode_text(params, tok.encode(texts, cfg.context_length), cfg=cfg)
     got = torch.tensor(first.json()["embeddings"])
@@ -82,7 +84,8 @@ def test_image_as_png_or_lists_embeds_as_direct(clip_server):
     by_png = client.post("/v1/embed/image", json={"images": [_png(pixels)]})
     by_lists = client.post("/v1/embed/image", json={"images": [pixels.tolist()]})
     assert by_png.status_code == by_lists.status_code == 200, by_png.text
-    cfg, params, _ = load_run(run_dir)
+    run = load_run(run_dir, family="clip")
+    cfg, params = run.cfg, run.params
     with torch.no_grad():
         want = clip.encode_image(params, normalize_images(pixels[None]), cfg=cfg)
     torch.testing.assert_close(torch.tensor(by_png.json()["embeddings"]), want, atol=1e-5, rtol=0)
@@ -212,7 +215,7 @@ def test_full_queue_is_503_and_timeout_504_then_slots_come_back():
 
 def test_generation_streams_the_greedy_codes_as_events(tmp_path):
     from models import mmgpt
-    from train.recipes.generate import load_run as load_mmgpt
+    from train.recipes.generate import drawing_kit
 
     run_dir = tiny_mmgpt_run(tmp_path / "mmgpt")
     service = serve.build_service(_args("--ckpt", str(run_dir)))
@@ -226,7 +229,7 @@ def test_generation_streams_the_greedy_codes_as_events(tmp_path):
         assert client.post("/v1/embed/text", json={"texts": ["a"]}).status_code == 404
         bad = client.post("/v1/generate", json={"prompt": "a", "temperature": -1})
         assert bad.status_code == 422
-    run = load_mmgpt(run_dir)
+    run = drawing_kit(load_run(run_dir, family="mmgpt"))
     want = mmgpt.generate_images(
         run["params"], run["tokenizer"].encode(["a red circle"], run["cfg"].text_len),
         cfg=run["cfg"], temperature=0,
@@ -240,9 +243,9 @@ def test_generation_streams_the_greedy_codes_as_events(tmp_path):
 
 def test_guided_stream_draws_what_generate_images_draws_and_stops_when_asked(tmp_path):
     from models import mmgpt
-    from train.recipes.generate import load_run as load_mmgpt
+    from train.recipes.generate import drawing_kit
 
-    run = load_mmgpt(tiny_mmgpt_run(tmp_path / "mmgpt"))
+    run = drawing_kit(load_run(tiny_mmgpt_run(tmp_path / "mmgpt"), family="mmgpt"))
     tok, cfg = run["tokenizer"], run["cfg"]
     options = {"temperature": 1.0, "top_k": 5, "guidance": 3.0, "seed": 7}
     events = list(

@@ -1,5 +1,6 @@
-"""`python -m train albef`: questions and answers, the stateful ALBEF step, a few steps of
-each task end to end (files written, metrics in range, the run reloads)."""
+"""`python -m train albef`: questions and answers, the batches the ALBEF family reads, a few
+steps of each task end to end (files written, metrics in range, the run and its momentum
+encoders and queues reload)."""
 
 import json
 from dataclasses import replace
@@ -7,13 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-import fmm
 from models import albef
-from train import optim
+from models.family import check_batch
 from train.__main__ import main
 from train.data import WorldConfig, sample_scenes
+from train.loop import load_run
 from train.recipes import albef as recipe
-from train.step import init_state
 
 WORLD = WorldConfig()
 
@@ -37,11 +37,11 @@ def test_retrieval_captions_name_exactly_the_object_of_their_id():
     # Partial matches (a two-object image against one of its objects' captions) would be
     # ITM negatives; one-object scenes with ids by class leave none.
     tok = recipe.tokenizer_for(WORLD)
-    batch = recipe.retrieval_batch(WORLD, tok, 32, torch.Generator().manual_seed(0))
+    batch = recipe.retrieval_batch(WORLD, tok, torch.Generator().manual_seed(0), 32)
     scenes = sample_scenes(
         replace(WORLD, p_two_objects=0.0), 32, generator=torch.Generator().manual_seed(0)
     )
-    assert torch.equal(batch["input_ids"], tok.encode(scenes.captions, recipe.CONTEXT))
+    assert torch.equal(batch["tokens"], tok.encode(scenes.captions, recipe.CONTEXT))
     n_shapes = len(WORLD.shapes)
     for caption, i in zip(scenes.captions, batch["idx"].tolist()):
         words = caption.split()
@@ -49,26 +49,13 @@ def test_retrieval_captions_name_exactly_the_object_of_their_id():
         assert WORLD.colors[i // n_shapes] in words, caption
 
 
-def test_the_albef_step_carries_momentum_and_queue_without_touching_the_old_state():
+def test_both_tasks_draw_the_batches_the_family_reads():
     tok = recipe.tokenizer_for(WORLD)
-    cfg = albef.albef_tiny(vocab_size=tok.vocab_size, max_positions=recipe.CONTEXT, queue_size=12)
-    params = albef.init(cfg, fmm.random.key(0))
-    opt = optim.adamw(1e-3)
-    state = init_state(params, opt, key=fmm.random.key(1))
-    state["momentum"] = albef.init_momentum(params)
-    state["queue"] = albef.init_queue(cfg, fmm.random.key(2))
-    before = fmm.tree.map(torch.clone, state)
-    batch = recipe.retrieval_batch(WORLD, tok, 8, torch.Generator().manual_seed(0))
-    step = recipe.make_albef_step(cfg, opt, mask_id=tok.unk_id)
-    new, metrics = step(state, batch)
-    for k, v in fmm.tree.flatten(before).items():
-        assert torch.equal(v, fmm.tree.flatten(state)[k]), k
-    assert new["queue"]["ptr"].item() == 8 and torch.equal(new["queue"]["idx"][:8], batch["idx"])
-    want = albef.momentum_update(state["momentum"], params, m=cfg.momentum)
-    assert all(
-        torch.equal(a, b) for a, b in zip(fmm.tree.leaves(new["momentum"]), fmm.tree.leaves(want))
-    )
-    assert torch.isfinite(metrics["loss"]) and new["step"].item() == 1
+    for task, draw in (("pretrain", recipe.retrieval_batch), ("vqa", recipe.vqa_batch)):
+        cfg = albef.albef_tiny(vocab_size=tok.vocab_size, max_positions=recipe.CONTEXT,
+                               num_answers=len(recipe.answer_names(WORLD)))  # fmt: skip
+        batch = draw(WORLD, tok, torch.Generator().manual_seed(0), 8)
+        check_batch(albef.FAMILY.batch(cfg, task=task), batch, where=task)
 
 
 @pytest.mark.parametrize("task", recipe.TASKS)
@@ -85,9 +72,13 @@ def test_a_few_steps_of_each_task_run_end_to_end(tmp_path, task, capsys):
         by_k = metrics["eval_validation_r1_by_k"]
         assert sorted(map(int, by_k)) == list(recipe.VALIDATION_KS)
         assert all(0.0 <= r <= 1.0 for r in by_k.values())
-    cfg, params, tok = recipe.load_run(out)
-    assert (cfg.num_answers > 0) == (task == "vqa") == ("vqa_head" in params)
-    assert tok == recipe.tokenizer_for(WORLD)
+    run = load_run(out, family="albef")
+    assert (run.cfg.num_answers > 0) == (task == "vqa") == ("vqa_head" in run.params)
+    assert run.tokenizer == recipe.tokenizer_for(WORLD)
+    # the momentum encoders and queues are saved with the params, at the step the run ended
+    assert int(run.model_state["step"]) == 3 and set(run.model_state["momentum"]) == set(
+        albef.MOMENTUM_PARTS
+    )
     assert "wrote" in capsys.readouterr().out
 
 

@@ -13,8 +13,9 @@ from train.__main__ import cli, main
 from train.checkpoint import CheckpointError
 from train.data import WorldConfig
 from train.evaluate import zero_shot_accuracy
+from train.loop import load_run
 from train.recipes import plan as plan_recipe
-from train.recipes.clip import load_run, normalize_images
+from train.recipes.clip import normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_main_job_writes_every_output(run_dir):
 
 
 def test_saved_run_reloads_and_scores_the_same(run_dir):
-    cfg, params, tokenizer = load_run(run_dir)
+    run = load_run(run_dir, family="clip")
+    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     metrics = json.loads((run_dir / "metrics.json").read_text())
     encode = lambda images: clip.encode_image(params, normalize_images(images), cfg=cfg)
     embed = lambda texts: clip.encode_text(

@@ -10,8 +10,8 @@ from models import vqvae
 from train import checkpoint
 from train.__main__ import main
 from train.data import WorldConfig
+from train.loop import load_run
 from train.recipes import generate
-from train.recipes.vqvae import load_run as load_vqvae_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,25 +35,26 @@ def test_vqvae_reports_reconstruction_and_codebook_usage(runs):
     assert 0.0 < metrics["heldout_fraction_codes_used"] <= 1.0
     for name in ("reconstructions.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == PNG
-    cfg, params = load_vqvae_run(out)
-    assert cfg.grid == metrics["grid"]
-    fresh = vqvae.init(cfg, fmm.random.fold_in(fmm.random.key(0), "init"))
-    assert not torch.equal(fresh["codebook"]["weight"], params["codebook"]["weight"])
-    assert (out / "codebook_state.safetensors").is_file()
+    run = load_run(out, family="vqvae")
+    assert run.cfg.grid == metrics["grid"]
+    fresh = vqvae.init(run.cfg, fmm.random.fold_in(fmm.random.key(0), "init"))
+    assert not torch.equal(fresh["codebook"]["weight"], run.params["codebook"]["weight"])
+    # the EMA statistics the codebook came from are saved with it
+    assert set(run.model_state) == {"cluster_size", "embed_sum"}
 
 
 def test_mmgpt_trains_saves_and_scores_with_clip(runs):
     out = runs / "mmgpt"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final_image_nll"] > 0 and metrics["scored_images"] == 48
+    assert metrics["mean_last_50_steps"]["image_nll"] > 0 and metrics["scored_images"] == 48
     for name in ("consistency", "consistency_unseen_combos", "clip_on_vqvae_reconstructions"):
         assert 0.0 <= metrics[name] <= 1.0
     assert (out / "samples.png").read_bytes()[:8] == PNG
-    run = generate.load_run(out)
-    assert run["cfg"].image_len == run["vqvae_cfg"].grid ** 2
+    kit = generate.drawing_kit(load_run(out, family="mmgpt"))
+    assert kit["cfg"].image_len == kit["vqvae_cfg"].grid ** 2
     # the run carries its own copy of the tokeniser, identical to the VQ-VAE run's
-    _, vq_params = load_vqvae_run(runs / "vqvae")
-    assert torch.equal(run["vqvae_params"]["codebook"]["weight"], vq_params["codebook"]["weight"])
+    vq_params = load_run(runs / "vqvae", family="vqvae").params
+    assert torch.equal(kit["vqvae_params"]["codebook"]["weight"], vq_params["codebook"]["weight"])
 
 
 def test_generate_writes_a_grid_and_scores_the_prompt(runs, tmp_path, capsys):
@@ -85,9 +86,13 @@ def test_bad_flags_and_wrong_runs_are_refused(runs, tmp_path):
     with pytest.raises(SystemExit, match="names no colour-shape pair"):
         main(["generate", "--ckpt", str(runs / "mmgpt"), "--prompt", "a dog", "--n", "1",
               "--clip", str(runs / "clip"), "--out", str(tmp_path / "x.png")])  # fmt: skip
-    with pytest.raises(checkpoint.CheckpointError, match="not a 'vqvae' one"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="holds a 'clip' run, not a run of the 'vqvae' family"
+    ):
         main(["mmgpt", "--vqvae", str(runs / "clip"), "--out", str(tmp_path / "m")])
-    with pytest.raises(checkpoint.CheckpointError, match="not an 'mmgpt' one"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="holds a 'vqvae' run, not a run of the 'mmgpt' family"
+    ):
         main(["generate", "--ckpt", str(runs / "vqvae")])
     with pytest.raises(SystemExit, match="--steps"):
         main(["vqvae", "--out", str(tmp_path / "v"), "--steps", "0"])

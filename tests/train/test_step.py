@@ -118,3 +118,52 @@ def test_vmapped_func_step_trains_an_ensemble_like_a_loop():
 def test_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="engine"):
         make_train_step(loss_fn, OPT, engine="jax")
+
+
+def test_max_grad_norm_clips_as_clip_by_global_norm_before_the_optimizer():
+    adamw = optim.adamw(
+        optim.cosine_schedule(1e-2, total_steps=20, warmup_steps=2), weight_decay=0.1
+    )  # OPT without its clipping
+    chained = make_train_step(loss_fn, OPT)
+    clipped = make_train_step(loss_fn, adamw, max_grad_norm=1.0)
+    a = _state()
+    b = init_state(clip.init(CFG, fmm.random.key(0)), adamw, key=fmm.random.key(1))
+    for batch in _batches(3):
+        a, m_a = chained(a, batch)
+        b, m_b = clipped(b, batch)
+    assert m_b["grad_norm"] > 1.0  # clipping was active
+    assert torch.equal(m_a["grad_norm"], m_b["grad_norm"])
+    assert all(torch.equal(x, y) for x, y in zip(fmm.tree.leaves(a["params"]), fmm.tree.leaves(b["params"])))  # fmt: skip
+
+
+def test_model_state_is_read_by_the_loss_and_updated_with_the_new_params():
+    # A family whose train state is an EMA of its params, pulling the params toward it.
+    def state_loss(p, batch, key, *, state):
+        value, metrics = clip.loss(p, batch, cfg=CFG)
+        pull = sum(((a - b) ** 2).sum() for a, b in zip(fmm.tree.leaves(p), fmm.tree.leaves(state)))
+        return value + 1e-3 * pull, {**metrics, "aux": {"contrastive": value.detach().reshape(1)}}
+
+    calls = []
+
+    def update(state, params, aux, key):
+        calls.append((params, aux, key))
+        return params, fmm.tree.map(lambda s, q: 0.5 * s + 0.5 * q, state, params)
+
+    adamw = optim.adamw(1e-2)
+    params = clip.init(CFG, fmm.random.key(0))
+    ema = fmm.tree.map(lambda x: x + 1.0, params)
+    s0 = init_state(params, adamw, key=fmm.random.key(1), model_state=ema)
+    before = fmm.tree.map(torch.clone, ema)
+    batch = _batches(1)[0]
+    s1, metrics = make_train_step(state_loss, adamw, update_state=update)(s0, batch)
+    contrastive, _ = clip.loss(params, batch, cfg=CFG)
+    pull = sum(((a - b) ** 2).sum() for a, b in zip(fmm.tree.leaves(params), fmm.tree.leaves(ema)))
+    torch.testing.assert_close(metrics["loss"], contrastive + 1e-3 * pull)  # the loss read it
+    assert "aux" not in metrics  # taken for the update
+    ((seen, aux, key),) = calls
+    assert seen is s1["params"]  # the params after the optimizer step
+    assert torch.equal(aux["contrastive"], contrastive.detach().reshape(1))
+    assert torch.equal(key, fmm.random.fold_in(fmm.random.fold_in(s0["key"], 0), "state"))
+    want = fmm.tree.map(lambda s, q: 0.5 * s + 0.5 * q, before, s1["params"])
+    assert _max_diff(s1["model_state"], want) == 0.0
+    assert _max_diff(s0["model_state"], before) == 0.0  # pure: the old state is untouched

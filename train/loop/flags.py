@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from train.distributed import MODES, PRECISIONS
-from train.recipes import device_name, number, out_dir
+from train.recipes import add_device_argument, number, out_dir
 
 RUN_FILE = "run.json"
 LOGGERS = ("tensorboard",)
@@ -33,20 +33,23 @@ _NOT_FLAGS = ("help", "task", "debug")
 @dataclass(frozen=True)
 class Defaults:
     """A recipe's defaults for the shared flags. ``min_batch_size``: the smallest batch its
-    objective accepts (a contrastive loss needs 2)."""
+    objective accepts (a contrastive loss needs 2). ``steps`` or ``batch_size`` ``None``:
+    the recipe's ``resolve`` sets them from other flags, as ``depends`` says in ``--help``."""
 
-    steps: int
-    batch_size: int
+    steps: int | None
+    batch_size: int | None
     lr: float
     weight_decay: float
     warmup: int
     min_batch_size: int = 1
+    depends: str = ""
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: Defaults, *, name: str) -> None:
     """Add the shared training flags to a recipe's ``parser`` with the recipe's defaults."""
     d = defaults
     add = parser.add_argument
+    shown = lambda value: "%(default)s" if value is not None else d.depends
     add("--out", type=out_dir, default=None, help=f"run directory (default: runs/{name}-<time>)")
     add(
         "--overwrite",
@@ -57,13 +60,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Defaults, *, 
         "--steps",
         type=number(at_least=1),
         default=d.steps,
-        help="optimizer steps (default: %(default)s)",
+        help=f"optimizer steps (default: {shown(d.steps)})",
     )
     add(
         "--batch-size",
         type=number(at_least=d.min_batch_size),
         default=d.batch_size,
-        help="examples per step over all processes (default: %(default)s)",
+        help=f"examples per step over all processes (default: {shown(d.batch_size)})",
     )
     add(
         "--lr",
@@ -89,12 +92,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Defaults, *, 
         default=0,
         help="seed for init, the data stream and the step keys (default: %(default)s)",
     )
-    add(
-        "--device",
-        type=device_name,
-        default=None,
-        help="cpu, cuda, cuda:N or mps (default: cuda if available)",
-    )
+    add_device_argument(parser)
     add(
         "--compile",
         action=argparse.BooleanOptionalAction,

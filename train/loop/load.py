@@ -53,13 +53,11 @@ class Run:
         return _to(self.saved.params(name, like=like), device)
 
 
-def family_named(name: Any) -> Family:
-    """The registered family called ``name`` (a run's ``config.json`` says which)."""
-    for family in models.FAMILIES:
-        if family.name == name:
-            return family
-    known = sorted(f.name for f in models.FAMILIES)
-    raise checkpoint.CheckpointError(f"config.json names model {name!r}, not one of {known}")
+def _family(name: Any, run_dir) -> Family:
+    try:
+        return models.get_family(name)
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{run_dir}/config.json: {e}") from None
 
 
 def config_from_dict(family: Family, values: Any) -> Any:
@@ -87,8 +85,10 @@ def load_run(
     config = saved.config()
     name = config.get("model")
     if family is not None and name != family:
-        raise checkpoint.CheckpointError(f"{run_dir} holds a {name!r} run, not a {family!r} one")
-    fam = family_named(name)
+        raise checkpoint.CheckpointError(
+            f"{run_dir} holds a {name!r} run, not a run of the {family!r} family"
+        )
+    fam = _family(name, run_dir)
     cfg = config_from_dict(fam, config.get(fam.name))
     meta = fmm.random.key(0).to("meta")
     like = fam.init(cfg, meta)

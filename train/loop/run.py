@@ -98,7 +98,7 @@ class Recipe:
     names, so a wrong one fails before a directory is made); ``evaluate(job, params,
     model_state, args, device) -> Evaluation`` scores the trained params. ``add_arguments``
     adds the recipe's own flags; ``resolve(args)`` fills defaults that depend on other
-    flags; ``fsdp``: whether ``--dist fsdp`` makes sense for it (``False``: said why).
+    flags.
     """
 
     name: str
@@ -109,7 +109,6 @@ class Recipe:
     evaluate: Callable[..., Evaluation]
     extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     resolve: Callable[[argparse.Namespace], None] | None = None
-    no_fsdp: str = ""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The shared flags with this recipe's defaults, then its own."""
@@ -122,15 +121,13 @@ class Recipe:
         return run(self, args)
 
 
-def _launch(args: argparse.Namespace, recipe: Recipe) -> dist_.Env:
+def _launch(args: argparse.Namespace) -> dist_.Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dist is None and world > 1:
         raise SystemExit(
             f"launched as {world} processes (torchrun) without --dist: each would train alone "
             "and write the same --out; pass --dist ddp or --dist fsdp"
         )
-    if args.dist == "fsdp" and recipe.no_fsdp:
-        raise SystemExit(f"--dist fsdp: {recipe.no_fsdp}; use --dist ddp")
     if args.dist is None:
         return dist_.Env(0, 1, device_of(args))
     if args.out is None:
@@ -230,7 +227,7 @@ def run(recipe: Recipe, args: argparse.Namespace) -> dict:
     on ranks other than 0)."""
     if recipe.resolve is not None:
         recipe.resolve(args)
-    env = _launch(args, recipe)
+    env = _launch(args)
     try:
         return _run(recipe, args, env)
     finally:

@@ -1,10 +1,11 @@
-"""One readable file per task. Each recipe exposes ``add_arguments(parser)`` and ``run(args)``.
+"""One readable file per task. Each task exposes ``add_arguments(parser)`` and ``run(args)``:
+the training recipes as a :class:`train.loop.Recipe` (``RECIPE``: a family, defaults, data
+and evaluation; the loop declares their shared flags once, :mod:`train.loop.flags`), the
+other tasks (``generate``, ``zeroshot``, ``serve``, ``plan``) as modules.
 
-The flags every training recipe shares (``--device``, ``--compile``, ``--out``'s default)
-live here, so that they mean the same in every recipe, and so do the ``type=`` checks that
-refuse a bad flag value while the command line is parsed, before any work: :func:`number`
-(finite, in range), :func:`device_name` (a device this build and machine have),
-:func:`out_dir` (not a file) and :func:`existing_file`.
+Here live the ``type=`` checks that refuse a bad flag value while the command line is
+parsed, before any work: :func:`number` (finite, in range), :func:`device_name` (a device
+this build and machine have), :func:`out_dir` (not a file) and :func:`existing_file`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import operator
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,17 +114,6 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, *, compile_note: str = "") -> None:
-    """Add ``--compile/--no-compile`` and ``--device`` to a recipe's parser."""
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"torch.compile the train step (default: on with CUDA, off on CPU{compile_note})",
-    )
-    add_device_argument(parser)
-
-
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--device``, checked by :func:`device_name`."""
     parser.add_argument(
@@ -141,15 +130,3 @@ def device_of(args: argparse.Namespace) -> torch.device:
         except argparse.ArgumentTypeError as e:
             raise SystemExit(f"--device {e}") from None
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def wants_compile(args: argparse.Namespace, device: torch.device) -> bool:
-    """``--compile`` if given; otherwise compile on CUDA only (on CPU it gains ~nothing)."""
-    return device.type == "cuda" if args.compile is None else args.compile
-
-
-def run_dir(args: argparse.Namespace, name: str) -> Path:
-    """``--out``, or ``runs/<name>-<date>-<time>``; created if missing."""
-    out = args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    return out

@@ -107,14 +107,3 @@ RECIPE = Recipe(
     evaluate=evaluate,
     extra_arguments=_arguments,
 )
-
-
-def load_run(run_dir):
-    """``(cfg, params, tokenizer)`` of a run saved by :func:`run`, checked key by key."""
-    import fmm
-    from train import checkpoint
-
-    run = checkpoint.open_run(run_dir)
-    cfg = clip.CLIPConfig(**run.config()["clip"])
-    params = run.params(like=clip.init(cfg, fmm.random.key(0).to("meta")))
-    return cfg, params, WordTokenizer.from_json(run.text(checkpoint.TOKENIZER_FILE))

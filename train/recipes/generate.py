@@ -18,9 +18,9 @@ import torch
 
 import fmm
 from models import clip, mmgpt, vqvae
-from train import checkpoint
-from train.data import WordTokenizer, WorldConfig, class_names, prompt_templates
+from train.data import WorldConfig, class_names, prompt_templates
 from train.evaluate import class_embeddings
+from train.loop import Run, load_run
 from train.plots_generation import save_image_grid
 from train.recipes import add_device_argument, device_of, number
 
@@ -69,28 +69,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
 
 
-def load_run(run_dir: str | Path, *, device: torch.device | str = "cpu") -> dict:
-    """Everything a saved ``mmgpt`` run needs to draw: ``{"cfg", "params", "vqvae_cfg",
-    "vqvae_params", "tokenizer", "world"}``, every params file checked key by key."""
-    run = checkpoint.open_run(run_dir)
-    config = run.config()
-    if config.get("model") != "mmgpt":
-        raise checkpoint.CheckpointError(
-            f"{run_dir} holds a {config.get('model')!r} run, not an 'mmgpt' one"
-        )
-    cfg = mmgpt.MMGPTConfig(**config["mmgpt"])
-    vq_cfg = vqvae.VQVAEConfig.from_dict(config["vqvae"])
-    meta = fmm.random.key(0).to("meta")
-    params = run.params(like=mmgpt.init(cfg, meta))
-    vq_params = run.params(VQVAE_FILE, like=vqvae.init(vq_cfg, meta))
-    to = lambda tree: fmm.tree.map(lambda x: x.to(device), tree)
+def drawing_kit(run: Run) -> dict:
+    """What a saved ``mmgpt`` run needs to draw, from :func:`train.loop.load_run`'s
+    :class:`~train.loop.Run`: ``{"cfg", "params", "vqvae_cfg", "vqvae_params", "tokenizer",
+    "world"}``, its copy of the VQ-VAE checked key by key, on the run's params' device.
+
+    Example: ``kit = drawing_kit(load_run("runs/mmgpt", family="mmgpt"))``.
+    """
+    vq_cfg = vqvae.VQVAEConfig.from_dict(run.config["vqvae"])
+    device = fmm.tree.leaves(run.params)[0].device
+    like = vqvae.init(vq_cfg, fmm.random.key(0).to("meta"))
     return {
-        "cfg": cfg,
-        "params": to(params),
+        "cfg": run.cfg,
+        "params": run.params,
         "vqvae_cfg": vq_cfg,
-        "vqvae_params": to(vq_params),
-        "tokenizer": WordTokenizer.from_json(run.text(checkpoint.TOKENIZER_FILE)),
-        "world": world_from_dict(config["world"]),
+        "vqvae_params": run.more_params(VQVAE_FILE, like=like, device=device),
+        "tokenizer": run.tokenizer,
+        "world": world_from_dict(run.config["world"]),
     }
 
 
@@ -138,11 +133,10 @@ def clip_classifier(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A zero-shot colour x shape classifier from a ``python -m train clip`` run:
     ``images [N, 3, H, W]`` in ``[0, 1]`` -> class ids ``[N]`` (``color * n_shapes + shape``)."""
-    from train.recipes.clip import load_run as load_clip_run
     from train.recipes.clip import normalize_images
 
-    cfg, params, tokenizer = load_clip_run(clip_dir)
-    params = fmm.tree.map(lambda x: x.to(device), params)
+    run = load_run(clip_dir, family="clip", device=device)
+    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     with torch.no_grad():
         classes = class_embeddings(
             lambda texts: clip.encode_text(
@@ -177,7 +171,7 @@ def prompt_classes(prompt: str, world: WorldConfig) -> list[int]:
 def run(args: argparse.Namespace) -> dict:
     """Sample, save the grid, score with CLIP if asked; returns the printed summary."""
     device = device_of(args)
-    loaded = load_run(args.ckpt, device=device)
+    loaded = drawing_kit(load_run(args.ckpt, family="mmgpt", device=device))
     world = loaded["world"]
     targets = prompt_classes(args.prompt, world)
     images = draw(

@@ -133,11 +133,13 @@ def clip_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
 
     Images arrive as ``[3, H, W]`` in ``[0, 1]`` and are normalised as in training.
     """
-    from train.recipes.clip import load_run, normalize_images
+    from train.loop import load_run
+    from train.recipes.clip import normalize_images
 
-    cfg, params, tokenizer = load_run(run_dir)
-    params = _maybe_quantize(fmm.tree.map(lambda x: x.to(device), params), quantize)
-    config = {**checkpoint.load_config(run_dir), "quantize": quantize}
+    run = load_run(run_dir, family="clip", device=device)
+    cfg, tokenizer = run.cfg, run.tokenizer
+    params = _maybe_quantize(run.params, quantize)
+    config = {**run.config, "quantize": quantize}
 
     def embed_text(texts: list[str]) -> torch.Tensor:
         tokens = tokenizer.encode(texts, cfg.context_length).to(device)
@@ -161,11 +163,13 @@ def clip_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
 
 def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
     """A :class:`ServedModel` of a ``python -m train mmgpt`` run: streamed image generation."""
-    from train.recipes.generate import load_run
+    from train.loop import load_run
+    from train.recipes.generate import drawing_kit
 
-    run = load_run(run_dir, device=device)
+    saved = load_run(run_dir, family="mmgpt", device=device)
+    run = drawing_kit(saved)
     run["params"] = _maybe_quantize(run["params"], quantize)
-    config = {**checkpoint.load_config(run_dir), "quantize": quantize}
+    config = {**saved.config, "quantize": quantize}
     return ServedModel(
         name="mmgpt",
         fingerprint=_fingerprint(config, {"mmgpt": run["params"], "vqvae": run["vqvae_params"]}),

@@ -1,0 +1,52 @@
+"""Every family through the loop's FSDP2 path at 2 ranks (real processes, gloo) equals one
+process on the same global batches within 1e-5 (float64): the loss of both steps, the
+step-1 gradients, the params after two clipped AdamW steps and, for ALBEF, the momentum
+encoders and queues. What "one process" computes for each family (the global batch for
+CLIP; the mean of the per-rank losses over the same halves for terms that pair examples
+within a rank) is stated in tests/scripts/dist_families.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests/scripts/dist_families.py"
+TOL = 1e-5
+FAMILIES = ("clip", "flava", "mmgpt", "albef")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("families")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(WORKER), str(out)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((out / "families.json").read_text())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_2_rank_fsdp_step_equals_one_process(results, name):
+    r = results[name]
+    assert results["world_size"] == 2 and r["blocks_sharded"]
+    assert r["loss_diff"] < TOL and r["grad_diff"] < TOL and r["param_diff"] < TOL, r
+    assert r["losses"][0] != r["losses"][1]  # two different steps were compared
+
+
+def test_albef_momentum_and_queues_stay_those_of_one_process(results):
+    r = results["albef"]
+    assert r["state_diff"] < TOL
+    # the momentum encoders are sharded like the params they mirror; queues and the step
+    # counter are whole on every rank
+    assert r["state_leaves"] - r["state_leaves_sharded"] == 5
+
+
+def test_flavas_reference_contrastive_term_is_the_one_in_its_loss(results):
+    assert results["flava"]["contrastive_recomputed"] < 1e-12
