@@ -19,6 +19,7 @@ import fmm
 from train import checkpoint
 from train import distributed as D
 from train.__main__ import main
+from train.loop import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests/scripts/dist_worker.py"
@@ -123,6 +124,36 @@ def test_torchrun_fsdp_cli_then_resume_on_one_process(tmp_path):
     resumed = _losses(out)
     assert resumed[:2] == losses and len(resumed) == 3
     assert checkpoint.latest_step(out / "checkpoints") is not None
+
+
+def test_torchrun_albef_with_its_train_state_then_resume_on_one_process(tmp_path):
+    # The stateful family end to end: momentum encoders sharded like the params, queues whole,
+    # both in the checkpoint; the one-process resume continues the same history.
+    out = tmp_path / "albef_fsdp"
+    args = ["--batch-size", "8", "--eval-per-class", "1", "--rerank-k", "1", "--out", str(out)]
+    _torchrun("-m", "train", "albef", "--dist", "fsdp", "--ac", "--checkpoint-every", "2",
+              "--steps", "2", *args)  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    losses = _losses(out)
+    main(["albef", "--resume", "--steps", "3", *args])
+    assert _losses(out)[:2] == losses and len(_losses(out)) == 3
+    state = load_run(out, family="albef").model_state
+    assert int(state["step"]) == 3 and int(state["queue"]["ptr"]) == 3 * 8  # queue of 256
+
+
+@pytest.mark.slow  # ~10 s each on 2 cores: the engine is covered for every family by test_families
+@pytest.mark.parametrize("recipe", ["flava", "mmgpt"])
+def test_torchrun_fsdp_ac_runs_the_recipe(tmp_path, recipe):
+    extra = []
+    if recipe == "mmgpt":
+        main(["vqvae", "--out", str(tmp_path / "vq"), "--steps", "1", "--batch-size", "4",
+              "--eval-per-class", "1"])  # fmt: skip
+        extra = ["--vqvae", str(tmp_path / "vq"), "--width", "32", "--layers", "2"]
+    out = tmp_path / recipe
+    _torchrun("-m", "train", recipe, "--dist", "fsdp", "--ac", "--steps", "5", "--batch-size",
+              "8", "--eval-per-class", "1", "--out", str(out), *extra)  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert len(_losses(out)) == 5
 
 
 def test_cached_decoding_entry_points_under_fsdp(runs):

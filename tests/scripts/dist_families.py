@@ -1,5 +1,5 @@
-"""The worker of tests/distributed/test_families.py: every family through the loop's FSDP2
-path (``train.loop.engine.ModuleTrainer``, activation checkpointing on) at 2 ranks, against
+"""The worker of tests/distributed/test_families.py: every registered family through the
+loop's FSDP2 path (``train.loop.engine.ModuleTrainer``, activation checkpointing on) at 2 ranks, against
 one process on the same global batches.
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/scripts/dist_families.py OUT``
@@ -9,12 +9,14 @@ What the one process computes, step ``n`` with base key ``k`` (each rank ``r`` h
 
 - **clip**: the loss of the whole global batch (its contrastive term gathers every rank's
   embeddings, so the ranks' mean is the global-batch loss).
-- **mmgpt**, **albef**: the mean of the per-rank losses over the same halves with the same
-  per-rank keys, i.e. gradient accumulation over the ranks' micro-batches (ALBEF's hard
-  negatives and MLM masks pair examples within a half). ALBEF's train state: both halves
-  read the same momentum encoders and queues, and after the step ``update_state`` gets the
-  new params and both halves' momentum features in rank order (what the ranks' gathered
-  ``aux`` holds), so every rank's queue is the one process's.
+- every other family (**mmgpt**, **albef**, **bert**, **gpt**, **vqvae**, and any family
+  registered later whose loss does not gather), on its smallest preset: the mean of the
+  per-rank losses over the same halves with the same per-rank keys, i.e. gradient
+  accumulation over the ranks' micro-batches (ALBEF's hard negatives and MLM masks pair
+  examples within a half). A train state (ALBEF's momentum encoders and queues, the
+  VQ-VAE's EMA codebook): both halves read the same state, and after the step
+  ``update_state`` gets the new params and both halves' ``aux`` rows in rank order (what
+  the ranks' gathered ``aux`` holds), so every rank's state is the one process's.
 - **flava**: that mean, with its contrastive term taken over the whole global batch (it
   gathers); its ITM negatives, MLM/MIM masks and MMM terms stay per half.
 
@@ -32,8 +34,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import fmm
+import models
 from fmm.losses import contrastive_loss
-from models import albef, clip, flava, mmgpt
+from models import clip, flava
 from models.family import example_batch
 from train import checkpoint
 from train import distributed as D
@@ -43,28 +46,42 @@ from train.optim import apply_updates, global_norm
 from train.step import clip_grads
 
 BATCH, STEPS, WORLD = 4, 2, 2
-CASES = {
-    "clip": (clip.FAMILY, dataclasses.replace(
+# Families whose loss gathers across ranks need their own statement of the one process's
+# loss (see the module docstring), on a config small enough for float64 on 2 processes.
+GATHERING = {
+    "clip": dataclasses.replace(
         clip.clip_tiny(vocab_size=13, context_length=6), image_size=8, patch_size=4,
         image_width=16, image_layers=2, image_heads=2, text_width=12, text_layers=2,
         text_heads=3, embed_dim=10,
-    ), {}),
-    "flava": (flava.FAMILY, flava.flava_tiny(vocab_size=20, max_positions=8, image_vocab_size=9), {}),
-    "mmgpt": (mmgpt.FAMILY, dataclasses.replace(
-        mmgpt.mmgpt_shapes(text_vocab=13, text_len=5, image_vocab=11, image_len=4),
-        width=16, layers=2, heads=2,
-    ), {}),
-    "albef": (albef.FAMILY, albef.albef_tiny(vocab_size=20, max_positions=8, queue_size=16),
-              {"task": "pretrain"}),
+    ),
+    "flava": flava.flava_tiny(vocab_size=20, max_positions=8, image_vocab_size=9),
 }  # fmt: skip
+
+
+def smallest(family):
+    """The family's preset with the fewest params (counted on the meta device)."""
+    meta = fmm.random.key(0).to("meta")
+    sizes = {n: fmm.tree.count(family.init(b(), meta)) for n, b in family.presets.items()}
+    return family.presets[min(sizes, key=sizes.get)]()
+
+
+def cases() -> dict:
+    """Every registered family: the others on their smallest preset, whose per-rank terms
+    make the one process's loss the mean over the halves."""
+    out = {}
+    for family in models.FAMILIES:
+        if "gather" in family.loss_extras and family.name not in GATHERING:
+            raise SystemExit(f"{family.name} gathers across ranks: state its reference here")
+        out[family.name] = (family, GATHERING.get(family.name) or smallest(family))
+    return out
 
 
 def _optimizer():
     return optimizer_for(lr=3e-3, steps=10, warmup=2, weight_decay=0.1)
 
 
-def _batches(family, cfg, options) -> list[dict]:
-    fields = family.batch(cfg, **options)
+def _batches(family, cfg) -> list[dict]:
+    fields = family.batch(cfg)
     out = []
     for n in range(STEPS):
         batch = example_batch(fields, fmm.random.key(10 + n), batch_size=BATCH)
@@ -107,8 +124,8 @@ def objective(name, family, cfg, p, batch, halves, keys, state):
     return value, [m.get("aux", {}) for _, m in parts], checks
 
 
-def reference(name, family, cfg, options, params, state, batches, key):
-    fields, opt = family.batch(cfg, **options), _optimizer()
+def reference(name, family, cfg, params, state, batches, key):
+    fields, opt = family.batch(cfg), _optimizer()
     opt_state, losses, first_grads, checks = opt.init(params), [], None, {}
     for n, batch in enumerate(batches):
         step_key = fmm.random.fold_in(key, n)
@@ -135,8 +152,8 @@ def reference(name, family, cfg, options, params, state, batches, key):
     return losses, first_grads, params, state, checks
 
 
-def distributed(family, cfg, options, params, state, batches, key, env):
-    fields = family.batch(cfg, **options)
+def distributed(family, cfg, params, state, batches, key, env):
+    fields = family.batch(cfg)
     trainer = ModuleTrainer(family, cfg, fmm.tree.map(torch.clone, params),
                             None if state is None else fmm.tree.map(torch.clone, state),
                             _optimizer(), key, env=env, mode="fsdp", ac=True, precision="fp32")  # fmt: skip
@@ -162,16 +179,16 @@ def _diff(a, b) -> float:
     return max((fa[k].double() - fb[k].double()).abs().max().item() for k in fa)
 
 
-def case(name, env) -> dict:
-    family, cfg, options = CASES[name]
+def case(family, cfg, env) -> dict:
+    name = family.name
     params = family.init(cfg, fmm.random.key(0), dtype=torch.float64)
     state = None
     if family.init_state is not None:
         state = family.init_state(cfg, params, fmm.random.key(1))
         state = fmm.tree.map(lambda x: x.double() if x.is_floating_point() else x, state)
-    batches, key = _batches(family, cfg, options), fmm.random.key(2)
-    ref = reference(name, family, cfg, options, params, state, batches, key)
-    got = distributed(family, cfg, options, params, state, batches, key, env)
+    batches, key = _batches(family, cfg), fmm.random.key(2)
+    ref = reference(name, family, cfg, params, state, batches, key)
+    got = distributed(family, cfg, params, state, batches, key, env)
     out = {
         "loss_diff": max(abs(a - b) for a, b in zip(ref[0], got[0])),
         "grad_diff": _diff(ref[1], got[1]),
@@ -191,7 +208,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     env = D.setup("cpu")
     try:
-        results = {name: case(name, env) for name in CASES}
+        results = {name: case(family, cfg, env) for name, (family, cfg) in cases().items()}
         if env.is_main:
             checkpoint.write_json(out / "families.json", {"world_size": env.world_size, **results})
     finally:
