@@ -4,12 +4,13 @@ Momentum encoders and feature queues are explicit state (:mod:`models.albef.stat
 
 ``FAMILY`` is its contract (:class:`models.family.Family`): presets, ``init``, one ``loss``
 for pretraining and VQA (``batch(cfg, task=...)`` says which fields), the momentum
-encoders and queues as ``init_state`` / ``update_state``, the TorchMultimodal converter and
-the retrieval embeddings.
+encoders and queues as ``init_state`` / ``update_state``, the TorchMultimodal converter, the
+memory-planner layout (of a pretraining step) and the retrieval embeddings.
 """
 
 from models.albef.config import ALBEFConfig, albef_base, albef_tiny, with_answers
 from models.albef.convert import from_torchmultimodal, to_torchmultimodal
+from models.albef.layout import plan
 from models.albef.losses import (
     hard_negatives,
     itc_loss,
@@ -66,6 +67,7 @@ FAMILY = Family(
     converters={
         "torchmultimodal": Converter(from_=from_torchmultimodal, to=to_torchmultimodal),
     },
+    plan=plan,
     serving=Serving(
         embed_text=embed_text,
         embed_image=embed_image,
@@ -109,6 +111,7 @@ __all__ = [
     "mlm_logits",
     "momentum_features",
     "momentum_update",
+    "plan",
     "positive_targets",
     "rank_texts",
     "sample_categorical",
