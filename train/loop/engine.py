@@ -39,16 +39,28 @@ def _update_fn(family: Family, cfg: Any) -> Callable | None:
 class PureTrainer:
     """The pure train step on one process (``compile``: ``torch.compile(fullgraph=True)``)."""
 
-    def __init__(self, family: Family, cfg: Any, params: Any, model_state: Any,
-                 optimizer: optim.Optimizer, key: torch.Tensor, *, compile: bool):  # fmt: skip
+    def __init__(
+        self,
+        family: Family,
+        cfg: Any,
+        params: Any,
+        model_state: Any,
+        optimizer: optim.Optimizer,
+        key: torch.Tensor,
+        *,
+        compile: bool,
+    ):
         def loss_fn(p, batch, k, **state):
             return family.loss(p, batch, cfg=cfg, key=k, train=True, **state)
 
         self.state = init_state(params, optimizer, key=key, model_state=model_state)
         self._step = make_train_step(
-            loss_fn, optimizer, max_grad_norm=MAX_GRAD_NORM,
-            update_state=_update_fn(family, cfg), compile=compile,
-        )  # fmt: skip
+            loss_fn,
+            optimizer,
+            max_grad_norm=MAX_GRAD_NORM,
+            update_state=_update_fn(family, cfg),
+            compile=compile,
+        )
 
     def step(self, batch: dict) -> dict:
         self.state, metrics = self._step(self.state, batch)
@@ -68,9 +80,20 @@ class PureTrainer:
 class ModuleTrainer:
     """The module path: ``fmm.adapter`` + ``train.distributed`` (``mode`` ddp, fsdp or None)."""
 
-    def __init__(self, family: Family, cfg: Any, params: Any, model_state: Any,
-                 optimizer: optim.Optimizer, key: torch.Tensor, *, env: dist_.Env,
-                 mode: str | None, ac: bool, precision: str):  # fmt: skip
+    def __init__(
+        self,
+        family: Family,
+        cfg: Any,
+        params: Any,
+        model_state: Any,
+        optimizer: optim.Optimizer,
+        key: torch.Tensor,
+        *,
+        env: dist_.Env,
+        mode: str | None,
+        ac: bool,
+        precision: str,
+    ):
         extras = {}
         if "gather" in family.loss_extras and env.world_size > 1:
             extras["gather"] = dist_.all_gather_with_grad
@@ -87,10 +110,16 @@ class ModuleTrainer:
             return model(batch, key=k, train=True, **state)
 
         self._step = dist_.make_step(
-            self.model, self.adapter, optimizer, loss_call=loss_call, mode=mode,
-            max_grad_norm=MAX_GRAD_NORM, precision=precision, device=env.device,
+            self.model,
+            self.adapter,
+            optimizer,
+            loss_call=loss_call,
+            mode=mode,
+            max_grad_norm=MAX_GRAD_NORM,
+            precision=precision,
+            device=env.device,
             update_state=_update_fn(family, cfg),
-        )  # fmt: skip
+        )
         live = self.adapter.tree()
         self.state = {
             "opt_state": optimizer.init(tree.map(lambda p: dist_.local(p.detach()), live)),

@@ -176,8 +176,8 @@ def _value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"{where}: {key} ({flag}) {e}") from None
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"{where}: {key} ({flag}) must be one of {list(action.choices)}, got "
-                         f"{value!r}")  # fmt: skip
+        choices = list(action.choices)
+        raise ValueError(f"{where}: {key} ({flag}) must be one of {choices}, got {value!r}")
     return value
 
 
@@ -199,8 +199,9 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path, *, recipe: str)
         dest = str(key).replace("-", "_")
         if dest not in actions or dest == "config":
             known = ", ".join(sorted(d for d in actions if d != "config"))
-            raise ValueError(f"{where}: unknown key {key!r} for `python -m train {recipe}` "
-                             f"(known: {known})")  # fmt: skip
+            raise ValueError(
+                f"{where}: unknown key {key!r} for `python -m train {recipe}` (known: {known})"
+            )
         values[dest] = _value(actions[dest], str(key), value, where)
     return values
 

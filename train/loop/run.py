@@ -49,8 +49,14 @@ from train.recipes import device_of
 CHECKPOINTS = "checkpoints"
 LOSS_PLOT = "loss.png"
 TAIL = 50  # steps averaged for mean_last_50_steps
-_RUN_MARKERS = (checkpoint.MANIFEST_FILE, checkpoint.CONFIG_FILE, RUN_FILE, CHECKPOINTS,
-                records.METRICS_LOG)  # fmt: skip
+# What makes a folder a run (so --overwrite may replace it).
+_RUN_MARKERS = (
+    checkpoint.MANIFEST_FILE,
+    checkpoint.CONFIG_FILE,
+    RUN_FILE,
+    CHECKPOINTS,
+    records.METRICS_LOG,
+)
 
 
 @dataclass
@@ -81,13 +87,12 @@ class Job:
 class Evaluation:
     """A recipe's verdict on the trained params: ``metrics`` (into ``metrics.json``),
     ``headline`` (the keys printed as JSON), ``title`` (of ``loss.png``), ``plots``
-    (``{file name: write(path)}``), ``files`` (more files saved with the run)."""
+    (``{file name: write(path)}``)."""
 
     metrics: dict
     headline: tuple[str, ...]
     title: str = ""
     plots: dict[str, Callable[[Path], None]] = field(default_factory=dict)
-    files: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,13 @@ def _check_out(args: argparse.Namespace, name: str) -> Path:
     return out
 
 
+def _modular(args: argparse.Namespace) -> bool:
+    """Whether the run goes through the adapter (the module path) rather than the pure step."""
+    return bool(args.dist or args.ac or args.precision != "fp32")
+
+
 def _check(args: argparse.Namespace, recipe: Recipe, env: dist_.Env) -> tuple[Path, bool]:
+    """``(out, compiled)``, after the checks that need no work done."""
     out = _check_out(args, recipe.name)
     if args.batch_size % env.world_size:
         raise SystemExit(
@@ -184,7 +195,7 @@ def _check(args: argparse.Namespace, recipe: Recipe, env: dist_.Env) -> tuple[Pa
         )
     if args.log == "tensorboard" and not records.tensorboard_available():
         raise SystemExit("--log tensorboard needs the tensorboard package: pip install tensorboard")
-    modular = bool(args.dist or args.ac or args.precision != "fp32")
+    modular = _modular(args)
     if modular and args.compile:
         raise SystemExit(
             "--compile is for the single-process pure step; drop it with --dist, --ac or "
@@ -246,15 +257,30 @@ def _run(recipe: Recipe, args: argparse.Namespace, env: dist_.Env) -> dict:
     model_state = None
     if family.init_state is not None:
         model_state = family.init_state(job.cfg, params, keys["state"].to(device))
-    optimizer = optimizer_for(lr=args.lr, steps=args.steps, warmup=args.warmup,
-                              weight_decay=args.weight_decay, decay_mask=job.decay_mask)  # fmt: skip
-    modular = bool(args.dist or args.ac or args.precision != "fp32")
-    if modular:
-        trainer = ModuleTrainer(family, job.cfg, params, model_state, optimizer, keys["step"],
-                                env=env, mode=args.dist, ac=args.ac, precision=args.precision)  # fmt: skip
+    optimizer = optimizer_for(
+        lr=args.lr,
+        steps=args.steps,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        decay_mask=job.decay_mask,
+    )
+    if _modular(args):
+        trainer = ModuleTrainer(
+            family,
+            job.cfg,
+            params,
+            model_state,
+            optimizer,
+            keys["step"],
+            env=env,
+            mode=args.dist,
+            ac=args.ac,
+            precision=args.precision,
+        )
     else:
-        trainer = PureTrainer(family, job.cfg, params, model_state, optimizer, keys["step"],
-                              compile=compiled)  # fmt: skip
+        trainer = PureTrainer(
+            family, job.cfg, params, model_state, optimizer, keys["step"], compile=compiled
+        )
     start, history = 0, []
     if args.resume:
         saved = {**trainer.checkpoint_tree(), "data": job.source.state_dict()}
@@ -268,13 +294,17 @@ def _run(recipe: Recipe, args: argparse.Namespace, env: dist_.Env) -> dict:
     if env.is_main:
         how = f"dist={args.dist or 'none'} x{env.world_size} ac={'on' if args.ac else 'off'} "
         how += f"precision={args.precision} compile={'on' if compiled else 'off'}"
-        print(f"{job.describe or family.name}: {fmm.tree.count(params):,} params | {args.steps} "
-              f"steps x {args.batch_size} | {device} | {how} | out={out}")  # fmt: skip
+        print(
+            f"{job.describe or family.name}: {fmm.tree.count(params):,} params | "
+            f"{args.steps} steps x {args.batch_size} | {device} | {how} | out={out}"
+        )
         if start:
             print(f"resumed from {out / CHECKPOINTS} at step {start}")
         if compiled:
-            print("compiling the train step on the first batch (a minute or more on CPU; timed "
-                  "apart as first_step_seconds)")  # fmt: skip
+            print(
+                "compiling the train step on the first batch (a minute or more on CPU; timed "
+                "apart as first_step_seconds)"
+            )
     timing = _train(trainer, job, fields, args, env, out, history, start, recipe.name)
     params, model_state = trainer.params(), trainer.model_state()
     if not env.is_main:
@@ -285,8 +315,9 @@ def _run(recipe: Recipe, args: argparse.Namespace, env: dist_.Env) -> dict:
 
 def _train(trainer, job, fields, args, env, out, history, start, name) -> dict:
     """Steps ``start .. --steps``, appending to ``history``; returns the clock's report."""
-    log = records.MetricsLog(out, history, tensorboard=env.is_main and args.log == "tensorboard") \
-        if env.is_main else None  # fmt: skip
+    log = None
+    if env.is_main:
+        log = records.MetricsLog(out, history, tensorboard=args.log == "tensorboard")
     clock = records.Clock()
     every = args.checkpoint_every
     try:
@@ -305,8 +336,8 @@ def _train(trainer, job, fields, args, env, out, history, start, name) -> dict:
                     log.append(record)
                 if every and ((i + 1) % every == 0 or i == args.steps - 1):
                     state = {**trainer.checkpoint_tree(), "data": job.source.state_dict()}
-                    checkpoint.save_sharded(out / CHECKPOINTS, i + 1, state,
-                                            extra={"history": history})  # fmt: skip
+                    extra = {"history": history}
+                    checkpoint.save_sharded(out / CHECKPOINTS, i + 1, state, extra=extra)
                 if i % 10 == 0 or i == args.steps - 1:
                     records.show(bar, record, clock, batch_size=args.batch_size)
     finally:
@@ -316,8 +347,9 @@ def _train(trainer, job, fields, args, env, out, history, start, name) -> dict:
 
 
 def _listing(out: Path) -> list[str]:
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                  if not p.name.startswith("."))  # fmt: skip
+    """The run's files and folders (``checkpoints/``), as the "wrote" line names them."""
+    names = (p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    return sorted(n for n in names if not n.startswith("."))
 
 
 def _finish(recipe, job, args, env, out, params, model_state, history, training) -> dict:
@@ -342,7 +374,6 @@ def _finish(recipe, job, args, env, out, params, model_state, history, training)
         RUN_FILE: (out / RUN_FILE).read_text(),
         records.METRICS_LOG: (out / records.METRICS_LOG).read_text(),
         **job.files,
-        **evaluation.files,
     }
     if model_state is not None:
         files[MODEL_STATE_FILE] = model_state

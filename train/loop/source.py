@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -46,17 +46,12 @@ class BatchSource(Protocol):
 class SeededSource:
     """Global batches ``draw(generator, batch_size) -> {field: tensor}`` from one seeded
     ``torch.Generator``; the generator's state and the count of batches drawn are the data
-    position (``index`` tells ``draw`` which batch it is drawing, from 0).
-
-    ``draw`` takes ``index`` as a keyword only if it asks for it: ``draw(generator,
-    batch_size, *, index)``, e.g. for a schedule that ramps with the step.
-    """
+    position."""
 
     def __init__(
-        self, draw: Callable[..., Batch], *, batch_size: int, seed: int, indexed: bool = False
+        self, draw: Callable[[torch.Generator, int], Batch], *, batch_size: int, seed: int
     ):
         self._draw = draw
-        self._indexed = indexed
         self.batch_size = batch_size
         self._generator = torch.Generator().manual_seed(seed)
         self._drawn = 0
@@ -65,8 +60,7 @@ class SeededSource:
         return self
 
     def __next__(self) -> Batch:
-        extra = {"index": self._drawn} if self._indexed else {}
-        batch = self._draw(self._generator, self.batch_size, **extra)
+        batch = self._draw(self._generator, self.batch_size)
         self._drawn += 1
         return batch
 
@@ -101,14 +95,5 @@ def rows_of(batch: Batch, fields: Mapping[str, Field], *, rank: int, world_size:
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Every tensor of ``batch`` on ``device`` (non-blocking where the copy allows)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}  # fmt: skip
-
-
-def first_dim(batch: Mapping[str, Any], fields: Mapping[str, Field]) -> int:
-    """The batch size of ``batch``: the first dimension of its ``"batch"``-led fields."""
-    for name, spec in fields.items():
-        if name in batch and spec.shape[:1] == ("batch",):
-            return int(batch[name].shape[0])
-    raise ValueError(f"batch has none of the per-example fields {sorted(fields)}")
+    """Every tensor of ``batch`` on ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}
