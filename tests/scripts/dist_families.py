@@ -40,7 +40,7 @@ from models import clip, flava
 from models.family import example_batch
 from train import checkpoint
 from train import distributed as D
-from train.loop.engine import ModuleTrainer, optimizer_for
+from train.loop.engine import ModuleTrainer, Training, optimizer_for
 from train.loop.source import rows_of
 from train.optim import apply_updates, global_norm
 from train.step import clip_grads
@@ -154,9 +154,9 @@ def reference(name, family, cfg, params, state, batches, key):
 
 def distributed(family, cfg, params, state, batches, key, env):
     fields = family.batch(cfg)
-    trainer = ModuleTrainer(family, cfg, fmm.tree.map(torch.clone, params),
-                            None if state is None else fmm.tree.map(torch.clone, state),
-                            _optimizer(), key, env=env, mode="fsdp", ac=True, precision="fp32")  # fmt: skip
+    state0 = None if state is None else fmm.tree.map(torch.clone, state)
+    what = Training(family, cfg, fmm.tree.map(torch.clone, params), state0, _optimizer(), key)
+    trainer = ModuleTrainer(what, env=env, mode="fsdp", ac=True, precision="fp32")
     mine = [_halves(b, fields)[env.rank] for b in batches]
     whole = trainer.model_state()
     extras = {} if whole is None else {"state": whole}

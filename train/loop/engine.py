@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,35 +31,40 @@ from train.step import init_state, make_train_step
 MAX_GRAD_NORM = 1.0
 
 
-def _update_fn(family: Family, cfg: Any) -> Callable | None:
-    if family.update_state is None:
-        return None
-    return lambda state, params, aux, key: family.update_state(state, params, aux, cfg=cfg, key=key)
+@dataclass(frozen=True)
+class Training:
+    """What both trainers train: a family's ``cfg``, its initial ``params`` and train state
+    (``model_state``, ``None`` if it has none), the ``optimizer`` and the base ``key`` (step
+    ``n`` draws from ``fold_in(key, n)``)."""
+
+    family: Family
+    cfg: Any
+    params: Any
+    model_state: Any
+    optimizer: optim.Optimizer
+    key: torch.Tensor
+
+    def update_fn(self) -> Callable | None:
+        """The family's ``update_state`` with ``cfg`` bound, as the steps take it."""
+        update, cfg = self.family.update_state, self.cfg
+        if update is None:
+            return None
+        return lambda state, params, aux, key: update(state, params, aux, cfg=cfg, key=key)
 
 
 class PureTrainer:
     """The pure train step on one process (``compile``: ``torch.compile(fullgraph=True)``)."""
 
-    def __init__(
-        self,
-        family: Family,
-        cfg: Any,
-        params: Any,
-        model_state: Any,
-        optimizer: optim.Optimizer,
-        key: torch.Tensor,
-        *,
-        compile: bool,
-    ):
+    def __init__(self, t: Training, *, compile: bool):
         def loss_fn(p, batch, k, **state):
-            return family.loss(p, batch, cfg=cfg, key=k, train=True, **state)
+            return t.family.loss(p, batch, cfg=t.cfg, key=k, train=True, **state)
 
-        self.state = init_state(params, optimizer, key=key, model_state=model_state)
+        self.state = init_state(t.params, t.optimizer, key=t.key, model_state=t.model_state)
         self._step = make_train_step(
             loss_fn,
-            optimizer,
+            t.optimizer,
             max_grad_norm=MAX_GRAD_NORM,
-            update_state=_update_fn(family, cfg),
+            update_state=t.update_fn(),
             compile=compile,
         )
 
@@ -80,25 +86,12 @@ class PureTrainer:
 class ModuleTrainer:
     """The module path: ``fmm.adapter`` + ``train.distributed`` (``mode`` ddp, fsdp or None)."""
 
-    def __init__(
-        self,
-        family: Family,
-        cfg: Any,
-        params: Any,
-        model_state: Any,
-        optimizer: optim.Optimizer,
-        key: torch.Tensor,
-        *,
-        env: dist_.Env,
-        mode: str | None,
-        ac: bool,
-        precision: str,
-    ):
+    def __init__(self, t: Training, *, env: dist_.Env, mode: str | None, ac: bool, precision: str):
         extras = {}
-        if "gather" in family.loss_extras and env.world_size > 1:
+        if "gather" in t.family.loss_extras and env.world_size > 1:
             extras["gather"] = dist_.all_gather_with_grad
         self.adapter = ModelAdapter(
-            params, functools.partial(family.loss, cfg=cfg, **extras), checkpoint=ac
+            t.params, functools.partial(t.family.loss, cfg=t.cfg, **extras), checkpoint=ac
         )
         self.model = (
             dist_.wrap(self.adapter, mode, precision=precision, device=env.device)
@@ -112,22 +105,22 @@ class ModuleTrainer:
         self._step = dist_.make_step(
             self.model,
             self.adapter,
-            optimizer,
+            t.optimizer,
             loss_call=loss_call,
             mode=mode,
             max_grad_norm=MAX_GRAD_NORM,
             precision=precision,
             device=env.device,
-            update_state=_update_fn(family, cfg),
+            update_state=t.update_fn(),
         )
         live = self.adapter.tree()
         self.state = {
-            "opt_state": optimizer.init(tree.map(lambda p: dist_.local(p.detach()), live)),
+            "opt_state": t.optimizer.init(tree.map(lambda p: dist_.local(p.detach()), live)),
             "step": torch.zeros((), dtype=torch.int64, device=env.device),
-            "key": key.to(env.device),
+            "key": t.key.to(env.device),
         }
-        if model_state is not None:
-            self.state["model_state"] = dist_.place_state(model_state, live)
+        if t.model_state is not None:
+            self.state["model_state"] = dist_.place_state(t.model_state, live)
 
     def step(self, batch: dict) -> dict:
         self.state, metrics = self._step(self.state, batch)

@@ -39,7 +39,7 @@ from models.family import Family, check_batch
 from train import checkpoint
 from train import distributed as dist_
 from train.loop import records
-from train.loop.engine import ModuleTrainer, PureTrainer, base_keys, optimizer_for
+from train.loop.engine import ModuleTrainer, PureTrainer, Training, base_keys, optimizer_for
 from train.loop.flags import RUN_FILE, Defaults, add_train_arguments, resolved
 from train.loop.load import MODEL_STATE_FILE
 from train.loop.source import BatchSource, rows_of, to_device
@@ -264,23 +264,11 @@ def _run(recipe: Recipe, args: argparse.Namespace, env: dist_.Env) -> dict:
         weight_decay=args.weight_decay,
         decay_mask=job.decay_mask,
     )
+    what = Training(family, job.cfg, params, model_state, optimizer, keys["step"])
     if _modular(args):
-        trainer = ModuleTrainer(
-            family,
-            job.cfg,
-            params,
-            model_state,
-            optimizer,
-            keys["step"],
-            env=env,
-            mode=args.dist,
-            ac=args.ac,
-            precision=args.precision,
-        )
+        trainer = ModuleTrainer(what, env=env, mode=args.dist, ac=args.ac, precision=args.precision)
     else:
-        trainer = PureTrainer(
-            family, job.cfg, params, model_state, optimizer, keys["step"], compile=compiled
-        )
+        trainer = PureTrainer(what, compile=compiled)
     start, history = 0, []
     if args.resume:
         saved = {**trainer.checkpoint_tree(), "data": job.source.state_dict()}
