@@ -69,6 +69,26 @@ def test_help_explains_every_flag():
         assert flag in out
 
 
+SHARED_FLAGS = ("--out", "--overwrite", "--steps", "--batch-size", "--lr", "--weight-decay",
+                "--warmup", "--seed", "--device", "--compile", "--dist", "--ac", "--precision",
+                "--checkpoint-every", "--resume", "--config", "--log")  # fmt: skip
+
+
+def test_every_training_recipe_declares_the_shared_flags_once():
+    import argparse
+
+    from train.__main__ import TASKS
+    from train.loop import Recipe
+
+    recipes = {name: task for name, (task, _) in TASKS.items() if isinstance(task, Recipe)}
+    assert set(recipes) == {"clip", "flava", "albef", "vqvae", "mmgpt"}
+    for name, recipe in recipes.items():
+        parser = argparse.ArgumentParser()
+        recipe.add_arguments(parser)  # argparse refuses a flag declared twice
+        flags = {f for a in parser._actions for f in a.option_strings}
+        assert set(SHARED_FLAGS) <= flags, (name, set(SHARED_FLAGS) - flags)
+
+
 CUDA_MISSING = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 
