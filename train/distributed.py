@@ -162,7 +162,9 @@ def wrap(
         )
     if mode == "ddp":
         ids = [device.index] if device is not None and device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # static_graph: params a loss never uses (a VQ-VAE's EMA codebook, ALBEF's ITM head
+        # under VQA) are found in the first step, instead of failing the second one.
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()

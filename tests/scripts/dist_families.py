@@ -1,6 +1,6 @@
 """The worker of tests/distributed/test_families.py: every registered family through the
-loop's FSDP2 path (``train.loop.engine.ModuleTrainer``, activation checkpointing on) at 2 ranks, against
-one process on the same global batches.
+loop's module path (``train.loop.engine.ModuleTrainer``, FSDP2 and DDP, activation
+checkpointing on) at 2 ranks, against one process on the same global batches.
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/scripts/dist_families.py OUT``
 
@@ -152,24 +152,25 @@ def reference(name, family, cfg, params, state, batches, key):
     return losses, first_grads, params, state, checks
 
 
-def distributed(family, cfg, params, state, batches, key, env):
+def distributed(family, cfg, params, state, batches, key, env, mode):
     fields = family.batch(cfg)
     state0 = None if state is None else fmm.tree.map(torch.clone, state)
     what = Training(family, cfg, fmm.tree.map(torch.clone, params), state0, _optimizer(), key)
-    trainer = ModuleTrainer(what, env=env, mode="fsdp", ac=True, precision="fp32")
+    trainer = ModuleTrainer(what, env=env, mode=mode, ac=True, precision="fp32")
     mine = [_halves(b, fields)[env.rank] for b in batches]
     whole = trainer.model_state()
     extras = {} if whole is None else {"state": whole}
     call = lambda m, b, k: m(b, key=k, train=True, **extras)
     k0 = fmm.random.fold_in(fmm.random.fold_in(key, 0), env.rank)
-    _, _, _, grads = D.backward(trainer.model, trainer.adapter, call, mine[0], k0, mode="fsdp")
+    _, _, _, grads = D.backward(trainer.model, trainer.adapter, call, mine[0], k0, mode=mode)
     grads = fmm.tree.map(D.whole, grads)
     losses = [float(trainer.step(b)["loss"]) for b in mine]
+    block_params = [p for b in trainer.adapter.block_modules() for p in b.parameters() if p.ndim]
+    state_leaves = fmm.tree.leaves(trainer.state.get("model_state", {}))
     sharded = {
-        "blocks": all(isinstance(p, DTensor) for b in trainer.adapter.block_modules()
-                      for p in b.parameters() if p.ndim),
-        "state": [isinstance(x, DTensor) for x in fmm.tree.leaves(trainer.state.get("model_state", {}))],
-    }  # fmt: skip
+        "blocks": [len(block_params), sum(isinstance(p, DTensor) for p in block_params)],
+        "state": [isinstance(x, DTensor) for x in state_leaves],
+    }
     return losses, grads, trainer.params(), trainer.model_state(), sharded
 
 
@@ -188,20 +189,24 @@ def case(family, cfg, env) -> dict:
         state = fmm.tree.map(lambda x: x.double() if x.is_floating_point() else x, state)
     batches, key = _batches(family, cfg), fmm.random.key(2)
     ref = reference(name, family, cfg, params, state, batches, key)
-    got = distributed(family, cfg, params, state, batches, key, env)
-    out = {
-        "loss_diff": max(abs(a - b) for a, b in zip(ref[0], got[0])),
-        "grad_diff": _diff(ref[1], got[1]),
-        "param_diff": _diff(ref[2], got[2]),
-        "losses": got[0],
-        "blocks_sharded": got[4]["blocks"],
-        **ref[4],
-    }
-    if state is not None:
-        out["state_diff"] = _diff(ref[3], got[3])
-        out["state_leaves_sharded"] = sum(got[4]["state"])
-        out["state_leaves"] = len(got[4]["state"])
-    return out
+    results = {}
+    for mode in ("fsdp", "ddp"):
+        got = distributed(family, cfg, params, state, batches, key, env, mode)
+        out = {
+            "loss_diff": max(abs(a - b) for a, b in zip(ref[0], got[0])),
+            "grad_diff": _diff(ref[1], got[1]),
+            "param_diff": _diff(ref[2], got[2]),
+            "losses": got[0],
+            "block_params": got[4]["blocks"][0],
+            "block_params_sharded": got[4]["blocks"][1],
+            **ref[4],
+        }
+        if state is not None:
+            out["state_diff"] = _diff(ref[3], got[3])
+            out["state_leaves_sharded"] = sum(got[4]["state"])
+            out["state_leaves"] = len(got[4]["state"])
+        results[mode] = out
+    return results
 
 
 def main() -> None:
