@@ -30,11 +30,11 @@ from fmm.convert import (
     concat,
     export_state_dict,
     import_state_dict,
-    read_state_dict,
     same,
     strip_prefix,
     transpose,
 )
+from fmm.io import read_state_dict
 from models.clip.config import CLIPConfig
 from models.clip.foreign_config import (
     OPEN_CLIP_CONFIGS,

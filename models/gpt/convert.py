@@ -32,11 +32,11 @@ from fmm.convert import (
     Rule,
     export_state_dict,
     import_state_dict,
-    read_state_dict,
     same,
     strip_prefix,
     transpose,
 )
+from fmm.io import read_state_dict
 from models.gpt.config import GPTConfig
 from models.gpt.model import init
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmm.convert import ConversionError, read_state_dict
+from fmm.convert import ConversionError
+from fmm.io import read_state_dict
 from models import gpt
 from models.clip import convert as clip_convert
 from tests.reference import reference
