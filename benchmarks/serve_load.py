@@ -226,7 +226,7 @@ def engine_figure(args, run_dir: Path, world: WorldConfig) -> tuple[float, dict]
     from train.recipes import serve
     from train.serve import Service
 
-    model = serve.clip_model(run_dir)
+    model = serve.load_model(run_dir)
     texts = captions(world, args.requests, offset=10_000)
 
     async def burst() -> tuple[float, dict]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import fmm
+import models
 from models import clip, mmgpt, vqvae
 from train import checkpoint
 from train.data import WordTokenizer, WorldConfig
@@ -89,3 +90,16 @@ def running(app, *, limits=None, protocol=None, timeout: float = 20.0):
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+def tiny_family_run(run_dir: Path, family: str) -> Path:
+    """A random-weight run of ``family``'s tiny preset over the world's words, laid out as
+    the training loop saves runs (config under the family's name, tokenizer beside)."""
+    tokenizer = WordTokenizer.for_world(WORLD)
+    fam = models.get_family(family)
+    build = fam.presets[f"{family}_tiny"]
+    cfg = build(vocab_size=tokenizer.vocab_size)
+    config = {"model": family, family: cfg.to_dict(), "world": dataclasses.asdict(WORLD)}
+    checkpoint.save(run_dir, fam.init(cfg, fmm.random.key(0)), config=config)
+    _save_tokenizer(run_dir, tokenizer)
+    return run_dir

@@ -10,8 +10,8 @@ from train.recipes import serve
 
 def test_int8_embeddings_stay_close_to_fp32_under_their_own_fingerprint(tmp_path):
     run_dir = tiny_clip_run(tmp_path / "clip", width=64)  # MLPs large enough to quantize
-    fp32 = serve.clip_model(run_dir)
-    int8 = serve.clip_model(run_dir, quantize="int8")
+    fp32 = serve.load_model(run_dir)
+    int8 = serve.load_model(run_dir, quantize="int8")
     assert int8.fingerprint != fp32.fingerprint and int8.info["quantize"] == "int8"
     texts = ["a red circle", "a large blue square below a green bar", "a small white cross"]
     images = list(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))

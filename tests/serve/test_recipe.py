@@ -2,10 +2,16 @@
 serve is named."""
 
 import pytest
+import torch
 
-from tests.serve._runs import tiny_clip_run
+import fmm
+from models import vqvae
+from tests.serve._runs import tiny_family_run
 from train import checkpoint
 from train.__main__ import cli, main
+from train.loop import load_run
+from train.recipes import serve
+from train.recipes.clip import normalize_images
 
 
 @pytest.mark.parametrize(
@@ -36,10 +42,30 @@ def test_bad_flags_are_refused_by_name_in_one_line(tmp_path, capsys, flag, value
 
 
 def test_a_run_of_another_kind_is_refused_by_name(tmp_path):
-    params, config = checkpoint.load(tiny_clip_run(tmp_path / "clip"))
-    run_dir = tmp_path / "run"  # saved whole as another kind: a save is one checked unit
-    checkpoint.save(run_dir, params, config={**config, "model": "vqvae"})
-    with pytest.raises(checkpoint.CheckpointError, match="holds a 'vqvae' run"):
+    cfg = vqvae.vqvae_shapes_4x4()  # a family with nothing to serve: no embeddings, no drawing
+    run_dir = tmp_path / "run"
+    params = vqvae.init(cfg, fmm.random.key(0))
+    checkpoint.save(run_dir, params, config={"model": "vqvae", "vqvae": cfg.to_dict()})
+    with pytest.raises(checkpoint.CheckpointError, match="holds a 'vqvae' run, which `serve`"):
         main(["serve", "--ckpt", str(run_dir), "--port", "0"])
     with pytest.raises(checkpoint.CheckpointError, match=r"no config\.json"):
         main(["serve", "--ckpt", str(tmp_path / "missing"), "--port", "0"])
+
+
+@pytest.mark.parametrize("family", ["flava", "albef", "bert"])
+def test_every_family_with_serving_hooks_serves_its_embeddings(tmp_path, family):
+    # One path for all: the family's FAMILY.serving, nothing in `serve` knows it by name.
+    run = load_run(tiny_family_run(tmp_path / family, family))
+    served = serve.load_model(run.path)
+    serving, cfg = run.family.serving, run.cfg
+    texts = ["a red circle", "a large blue square"]
+    length = run.family.batch(cfg)["tokens"].limits["seq"]
+    want = serving.embed_text(run.params, run.tokenizer.encode(texts, length), cfg=cfg)
+    torch.testing.assert_close(served.embed_text(texts), want)
+    assert served.name == family and served.dim == want.shape[-1]
+    if serving.embed_image is not None:
+        images = [torch.rand(served.image_shape) for _ in range(2)]
+        direct = serving.embed_image(run.params, normalize_images(torch.stack(images)), cfg=cfg)
+        torch.testing.assert_close(served.embed_image(images), direct)
+    else:
+        assert served.embed_image is None and served.image_shape is None

@@ -4,9 +4,10 @@
 
     python -m train serve --ckpt runs/clip --store runs/clip/store.sqlite [--quantize int8]
 
-A ``python -m train clip`` run serves text and image embeddings, zero-shot labels and (with
-``--store``) top-k search; a ``python -m train mmgpt`` run serves image generation with the
-codes streamed as server-sent events; a Hugging Face GPT-2 directory (``config.json``,
+A run of a family that declares embeddings (``FAMILY.serving``: ``python -m train clip``,
+``flava``, ``albef``, a BERT run) serves text and image embeddings, zero-shot labels and
+(with ``--store``) top-k search; a caption -> image run (``python -m train mmgpt``) serves
+image generation with the codes streamed as server-sent events; a Hugging Face GPT-2 directory (``config.json``,
 ``model.safetensors`` or ``pytorch_model.bin``, ``tokenizer.json``) serves text generation
 with the tokens streamed likewise. Routes and status codes: :mod:`train.serve.app`.
 """
@@ -19,9 +20,10 @@ from pathlib import Path
 import torch
 
 import fmm
-from fmm.losses import logit_scale_value
-from models import clip, gpt
+import models
+from models import gpt
 from train import checkpoint
+from train.loop import Run, load_run
 from train.recipes import add_device_argument, device_of, number
 from train.recipes.serve_streams import stream_image_codes, stream_text
 from train.serve import ServedModel, Service
@@ -128,54 +130,77 @@ def _maybe_quantize(params: dict, quantize: str) -> dict:
     return quant.quantize(params)
 
 
-def clip_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
-    """A :class:`ServedModel` of a ``python -m train clip`` run: text and image embeddings.
+def _text_length(run: Run) -> int:
+    # The longest token sequence the family's loss reads: what its tokenizer pads to.
+    field = run.family.batch(run.cfg)["tokens"]
+    return field.limits["seq"]
 
-    Images arrive as ``[3, H, W]`` in ``[0, 1]`` and are normalised as in training.
+
+def embedding_model(run: Run, *, quantize: str = "none") -> ServedModel:
+    """A :class:`ServedModel` of a run whose family declares embeddings
+    (``FAMILY.serving``: CLIP, FLAVA, ALBEF, BERT): text and/or image embeddings, and
+    zero-shot labels when it has both. Images arrive as ``[C, H, W]`` in ``[0, 1]`` and are
+    normalised as the built-in data's training normalised them; texts are tokenised with the
+    run's tokenizer.
     """
-    from train.loop import load_run
     from train.recipes.clip import normalize_images
 
-    run = load_run(run_dir, family="clip", device=device)
-    cfg, tokenizer = run.cfg, run.tokenizer
+    family, cfg, serving = run.family, run.cfg, run.family.serving
     params = _maybe_quantize(run.params, quantize)
+    device = fmm.tree.leaves(params)[0].device
+    embed_text = embed_image = None
+    if serving.embed_text is not None and run.tokenizer is not None:
+        length = _text_length(run)
+
+        def embed_text(texts: list[str]) -> torch.Tensor:
+            tokens = run.tokenizer.encode(texts, length).to(device)
+            return serving.embed_text(params, tokens, cfg=cfg)
+
+    if serving.embed_image is not None:
+
+        def embed_image(images: list[torch.Tensor]) -> torch.Tensor:
+            batch = normalize_images(torch.stack(images)).to(device)
+            return serving.embed_image(params, batch, cfg=cfg)
+
+    if embed_text is None and embed_image is None:
+        raise checkpoint.CheckpointError(
+            f"{run.path} holds a {family.name} run without a tokenizer: nothing to embed"
+        )
+    image_shape = serving.image_shape(cfg) if serving.image_shape is not None else None
+    with torch.no_grad():  # the embedding width, from one real call
+        probe = embed_text(["a"]) if embed_text else embed_image([torch.zeros(image_shape)])
+    scale = serving.logit_scale(params) if serving.logit_scale is not None else 1.0
     config = {**run.config, "quantize": quantize}
-
-    def embed_text(texts: list[str]) -> torch.Tensor:
-        tokens = tokenizer.encode(texts, cfg.context_length).to(device)
-        return clip.encode_text(params, tokens, cfg=cfg)
-
-    def embed_image(images: list[torch.Tensor]) -> torch.Tensor:
-        batch = normalize_images(torch.stack(images)).to(device)
-        return clip.encode_image(params, batch, cfg=cfg)
-
     return ServedModel(
-        name="clip",
+        name=family.name,
         fingerprint=_fingerprint(config, params),
-        dim=cfg.embed_dim,
+        dim=probe.shape[-1],
         embed_text=embed_text,
         embed_image=embed_image,
-        image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-        logit_scale=float(logit_scale_value(params["logit_scale"])),
-        info={"run": _run_name(run_dir), "quantize": quantize, "clip": cfg.to_dict()},
+        image_shape=image_shape if embed_image is not None else None,
+        logit_scale=float(scale),
+        info={
+            "run": _run_name(run.path),
+            "quantize": quantize,
+            family.name: run.config[family.name],
+        },
     )
 
 
-def mmgpt_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
-    """A :class:`ServedModel` of a ``python -m train mmgpt`` run: streamed image generation."""
-    from train.loop import load_run
+def drawing_model(run: Run, *, quantize: str = "none") -> ServedModel:
+    """A :class:`ServedModel` of a caption -> image run (``python -m train mmgpt``: a
+    generator and the VQ-VAE whose codes it draws): streamed image generation."""
     from train.recipes.generate import drawing_kit
 
-    saved = load_run(run_dir, family="mmgpt", device=device)
-    run = drawing_kit(saved)
-    run["params"] = _maybe_quantize(run["params"], quantize)
-    config = {**saved.config, "quantize": quantize}
+    kit = drawing_kit(run)
+    kit["params"] = _maybe_quantize(kit["params"], quantize)
+    config = {**run.config, "quantize": quantize}
     return ServedModel(
-        name="mmgpt",
-        fingerprint=_fingerprint(config, {"mmgpt": run["params"], "vqvae": run["vqvae_params"]}),
-        generate=lambda prompt, **options: stream_image_codes(run, prompt, **options),
-        generate_limits={"max_new_tokens": (run["cfg"].image_len,) * 2},
-        info={"run": _run_name(run_dir), "quantize": quantize, "image_len": run["cfg"].image_len},
+        name=run.family.name,
+        fingerprint=_fingerprint(config, {"mmgpt": kit["params"], "vqvae": kit["vqvae_params"]}),
+        generate=lambda prompt, **options: stream_image_codes(kit, prompt, **options),
+        generate_limits={"max_new_tokens": (kit["cfg"].image_len,) * 2},
+        info={"run": _run_name(run.path), "quantize": quantize, "image_len": kit["cfg"].image_len},
     )
 
 
@@ -217,8 +242,9 @@ def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "c
 
 
 def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
-    """The :class:`ServedModel` for whatever ``run_dir`` holds: a ``clip`` or ``mmgpt`` run,
-    or a Hugging Face GPT-2 directory (its ``config.json`` says ``"model_type": "gpt2"``)."""
+    """The :class:`ServedModel` for whatever ``run_dir`` holds: a run of a family with
+    embeddings (``FAMILY.serving``), a caption -> image run (it carries its VQ-VAE), or a
+    Hugging Face GPT-2 directory (its ``config.json`` says ``"model_type": "gpt2"``)."""
     config = checkpoint.load_config(run_dir)
     if "model_type" in config:  # Hugging Face's config.json, not one of our runs'
         if config["model_type"] != "gpt2":
@@ -227,14 +253,16 @@ def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
                 "serves gpt2 ones"
             )
         return gpt_model(run_dir, quantize=quantize, device=device)
-    kind = config.get("model")
-    builders = {"clip": clip_model, "mmgpt": mmgpt_model}
-    if kind not in builders:
-        raise checkpoint.CheckpointError(
-            f"{run_dir} holds a {kind!r} run; `serve` serves {sorted(builders)} runs "
-            "and Hugging Face gpt2 directories"
-        )
-    return builders[kind](run_dir, quantize=quantize, device=device)
+    run = load_run(run_dir, device=device)
+    if run.family.serving is not None:
+        return embedding_model(run, quantize=quantize)
+    if run.family.decoder_spec is not None and "vqvae" in run.config:
+        return drawing_model(run, quantize=quantize)
+    servable = sorted(f.name for f in models.FAMILIES if f.serving is not None)
+    raise checkpoint.CheckpointError(
+        f"{run_dir} holds a {run.family.name!r} run, which `serve` cannot serve: it serves runs "
+        f"of {servable}, caption -> image runs and Hugging Face gpt2 directories"
+    )
 
 
 def _mb(value: float) -> int:
