@@ -33,7 +33,8 @@ from train.serve.front_door import HttpLimits
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ckpt", type=Path, required=True,
-        help="run directory of `python -m train clip|mmgpt`, or a Hugging Face GPT-2 directory",
+        help="a run directory (clip, flava, albef, bert: embeddings; mmgpt: image generation), "
+        "or a Hugging Face GPT-2 directory",
     )  # fmt: skip
     parser.add_argument(
         "--quantize", choices=("none", "int8"), default="none",
