@@ -12,8 +12,8 @@ import time
 import torch
 
 import fmm
+from fmm import optim
 from models import clip
-from train import optim
 
 OPTIMIZER = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=0.1))
 

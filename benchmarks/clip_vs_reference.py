@@ -3,7 +3,7 @@
 One step is forward, the symmetric contrastive loss, backward, global-norm clipping to 1.0
 and AdamW (lr 1e-3, weight decay 0.1), for every contender:
 
-- fmm: ``train.step.make_train_step`` over ``models.clip.loss``, eager and compiled;
+- fmm: ``fmm.step.make_train_step`` over ``models.clip.loss``, eager and compiled;
 - open_clip: its ``CLIP`` module and its own ``ClipLoss``, ``torch.nn.utils.clip_grad_norm_``
   and ``torch.optim.AdamW`` (default foreach kernels), eager and with the module compiled;
 - TorchMultimodal: its ``CLIP`` (``CLIPViTEncoder`` + ``CLIPTextEncoder``) and its own
@@ -35,9 +35,9 @@ from _common import OPTIMIZER, interleaved_ms, random_batch
 from train_step import CONFIGS
 
 import fmm
+from fmm.step import init_state, make_train_step
 from models import clip
 from models.clip import convert
-from train.step import init_state, make_train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.reference import reference  # test-only reference packages

@@ -9,7 +9,7 @@ For each N (4 and 8 by default), in the same process with the same threads:
 - one ``torch.func.vmap`` of the func step over the members' stacked states.
 
 Each row is a ratio against the baseline. The step is forward, backward, global-norm
-clipping and AdamW, as in ``train.step.make_train_step``; every member sees the same batch.
+clipping and AdamW, as in ``fmm.step.make_train_step``; every member sees the same batch.
 
 Run from the repo root::
 
@@ -27,8 +27,8 @@ import torch
 from _common import OPTIMIZER, max_abs_diff, median_ms, micro_config, random_batch
 
 import fmm
+from fmm.step import init_state, make_train_step
 from models import clip
-from train.step import init_state, make_train_step
 
 
 def member_states(cfg, members: int) -> list[dict]:

@@ -47,7 +47,7 @@ def _worker(args) -> None:
     from fmm.adapter import ModelAdapter
     from models import clip
     from train import distributed as D
-    from train import optim
+    from fmm import optim
 
     env = D.setup()
     cfg = dataclasses.replace(

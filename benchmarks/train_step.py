@@ -1,7 +1,7 @@
 """The CLIP train step, compiled vs eager, and its model FLOP utilisation (MFU).
 
 One step is forward, backward, global-norm clipping and AdamW
-(``train.step.make_train_step``). Measured in one process with the same threads:
+(``fmm.step.make_train_step``). Measured in one process with the same threads:
 
 - the machine's peak float32 matmul rate: the best of a few large ``torch.mm`` calls;
 - the step's FLOPs: counted exactly by ``torch.utils.flop_counter.FlopCounterMode`` on one
@@ -34,8 +34,8 @@ from _common import OPTIMIZER, median_ms, micro_config, random_batch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fmm
+from fmm.step import init_state, make_train_step
 from models import clip
-from train.step import init_state, make_train_step
 
 CONFIGS = {
     "micro": micro_config,

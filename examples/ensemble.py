@@ -25,10 +25,10 @@ import dataclasses
 import torch
 
 import fmm
+from fmm import optim
+from fmm.step import init_state, make_train_step
 from models import clip
-from train import optim
 from train.data import WordTokenizer, WorldConfig, scene_stream
-from train.step import init_state, make_train_step
 
 
 def make_batch(scenes, tokenizer, context_length: int) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 ``models.arch.late_fusion`` wires three parts given as functions plus params subtrees:
 per-modality encoders (a small conv net for images, a bag of word embeddings for
 captions), a fusion layer from ``fmm.fusion`` and a head. The model is these few lines of
-configuration; training is ``train.step.make_train_step`` with ``train.optim.adamw``.
+configuration; training is ``fmm.step.make_train_step`` with ``fmm.optim.adamw``.
 
 The same architecture with only the image encoder is the image-only baseline, so the
 printout shows what the caption adds on held-out scenes (one object each, including
@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fmm
-from fmm import fusion, nn
+from fmm import fusion, nn, optim
 from fmm.nn.conv import conv2d, init_conv2d
+from fmm.step import init_state, make_train_step
 from models import arch
-from train import optim
 from train.data import WordTokenizer, WorldConfig, sample_scenes, scene_stream
-from train.step import init_state, make_train_step
 
 CONTEXT = 16
 

@@ -29,9 +29,9 @@ import dataclasses
 import torch
 
 import fmm
+from fmm.optim import global_norm
 from models import clip
 from train.data import WordTokenizer, WorldConfig, scene_stream
-from train.optim import global_norm
 
 
 def per_example_grads(params, batch, cfg):

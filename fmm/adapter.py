@@ -27,7 +27,7 @@ Example::
     model.state_dict().keys() == fmm.tree.flatten(params).keys()  # True
 
 Activation checkpointing uses ``torch.utils.checkpoint(use_reentrant=False)``, which works
-with ``loss.backward()`` and ``torch.autograd.grad`` (``train.step``'s default engine) but
+with ``loss.backward()`` and ``torch.autograd.grad`` (``fmm.step``'s default engine) but
 not inside ``torch.func.grad`` or ``vmap``: its saved-tensor hooks are refused under
 functorch transforms. A compiled train step with checkpointed blocks needs
 ``attn_impl="math"`` (inductor counts the SDPA kernel as an RNG op in a recompute region). With explicit dropout keys the

@@ -9,7 +9,7 @@ batch independence of its embeddings, golden param specs and a numeric golden.
 
 Compiling uses the ``aot_eager`` backend: graph breaks and recompiles are dynamo's (and
 AOT autograd's) business, which inductor's code generation would only make slower to test;
-``tests/train/test_step.py`` compiles a whole train step with inductor.
+``tests/fmm/test_step.py`` compiles a whole train step with inductor.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ process calls :func:`setup` (gloo on CPU, NCCL on CUDA), wraps the model's param
   ``logit_scale``), which ``fully_shard`` refuses, stay replicated and their grads are
   averaged by :func:`make_step`.
 
-The optimizer stays ``train.optim``'s pure ``(init, update)`` pair. :func:`make_step` runs
+The optimizer stays ``fmm.optim``'s pure ``(init, update)`` pair. :func:`make_step` runs
 it on each rank's *local* shards (AdamW is elementwise, so shards update independently,
 and plain tensors skip DTensor dispatch); only the gradient norm needs every rank:
 :func:`sharded_global_norm` all-reduces it, and ``make_step(max_grad_norm=)`` clips with
-it exactly as ``train.optim.clip_by_global_norm`` does on one process. :func:`shard_like` turns the local optimizer
+it exactly as ``fmm.optim.clip_by_global_norm`` does on one process. :func:`shard_like` turns the local optimizer
 state back into DTensors for ``torch.distributed.checkpoint``, so it reshards on load.
 
 The contrastive loss sees every rank's embeddings through :func:`all_gather_with_grad`,
@@ -37,8 +37,8 @@ from torch.utils import _pytree as pytree
 
 from fmm import random, tree
 from fmm.adapter import ModelAdapter
-from train.optim import Optimizer, global_norm
-from train.step import clip_grads
+from fmm.optim import Optimizer, global_norm
+from fmm.step import clip_grads
 
 MODES = ("ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -189,7 +189,7 @@ def sharded_global_norm(grads: Any) -> torch.Tensor:
 
     Each rank sums the squares of its local shards; one all-reduce adds the ranks. Plain
     (replicated) leaves are counted once, not once per rank. Returns a 0-d tensor, equal
-    on every rank to ``train.optim.global_norm`` of the full gradients.
+    on every rank to ``fmm.optim.global_norm`` of the full gradients.
     """
     leaves = tree.leaves(grads)
     shards = [local(g) for g in leaves if isinstance(g, DTensor)]

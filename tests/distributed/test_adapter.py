@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import fmm
-from fmm import nn
+from fmm import nn, optim
 from fmm.adapter import Block, ModelAdapter, ParamTree, checkpointed_block
+from fmm.step import init_state, make_train_step
 from models import clip
 from train import distributed as D
-from train import optim
-from train.step import init_state, make_train_step
 
 CFG = dataclasses.replace(
     clip.clip_tiny(vocab_size=13, context_length=6),
@@ -143,7 +142,7 @@ def test_checkpointed_blocks_compose_with_the_default_train_step(params):
 
 
 def test_single_process_module_step_equals_the_pure_step(params):
-    """train.distributed.make_step without a process group == train.step with clipping."""
+    """train.distributed.make_step without a process group == fmm.step with clipping."""
     sched = optim.cosine_schedule(1e-2, total_steps=5, warmup_steps=1)
     pure_opt = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(sched, weight_decay=0.1))
     pure = make_train_step(lambda p, b, k: clip.loss(p, b, cfg=CFG), pure_opt)

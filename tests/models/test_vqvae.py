@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fmm
+from fmm import optim
+from fmm.step import init_state, make_train_step
 from models import vqvae
-from train import optim
-from train.step import init_state, make_train_step
 
 # Real structure (two stride-2 stages, residual blocks), small widths: fast on a CPU.
 CFG = vqvae.VQVAEConfig(image_size=16, channels=(8, 16), res_blocks=1, res_hidden=8, code_dim=6,

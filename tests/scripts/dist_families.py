@@ -36,14 +36,14 @@ from torch.distributed.tensor import DTensor
 import fmm
 import models
 from fmm.losses import contrastive_loss
+from fmm.optim import apply_updates, global_norm
+from fmm.step import clip_grads
 from models import clip, flava
 from models.family import example_batch
 from train import checkpoint
 from train import distributed as D
 from train.loop.engine import ModuleTrainer, Training, optimizer_for
 from train.loop.source import rows_of
-from train.optim import apply_updates, global_norm
-from train.step import clip_grads
 
 BATCH, STEPS, WORLD = 4, 2, 2
 # Families whose loss gathers across ranks need their own statement of the one process's

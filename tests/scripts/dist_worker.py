@@ -23,11 +23,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import fmm
+from fmm import optim
 from fmm.adapter import ModelAdapter
+from fmm.step import init_state, make_train_step
 from models import clip
-from train import checkpoint, optim
+from train import checkpoint
 from train import distributed as D
-from train.step import init_state, make_train_step
 
 CFG = dataclasses.replace(
     clip.clip_tiny(vocab_size=13, context_length=6),

@@ -1,6 +1,6 @@
 """The two ways the loop steps a family's loss, behind one interface.
 
-- :class:`PureTrainer`: ``train.step.make_train_step``, the pure step over a state pytree,
+- :class:`PureTrainer`: ``fmm.step.make_train_step``, the pure step over a state pytree,
   ``torch.compile``-able, on one process.
 - :class:`ModuleTrainer`: the params in a ``fmm.adapter.ModelAdapter`` (one module per
   transformer block), wrapped by ``train.distributed`` for DDP or FSDP2, with activation
@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 
-from fmm import random, tree
+from fmm import optim, random, tree
 from fmm.adapter import ModelAdapter
+from fmm.step import init_state, make_train_step
 from models.family import Family
 from train import distributed as dist_
-from train import optim
-from train.step import init_state, make_train_step
 
 MAX_GRAD_NORM = 1.0
 
