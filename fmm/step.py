@@ -26,7 +26,7 @@ import torch
 import torch._dynamo
 
 from fmm import random, tree
-from train.optim import Optimizer, apply_updates, global_norm
+from fmm.optim import Optimizer, apply_updates, global_norm
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 UpdateFn = Callable[[Any, Any, Any, torch.Tensor], tuple[Any, Any]]
@@ -74,7 +74,7 @@ def _grads_func(loss_fn: LossFn, params: Any, batch: Any, key: torch.Tensor):
 
 def clip_grads(grads: Any, grad_norm: torch.Tensor, max_norm: float) -> Any:
     """``grads`` scaled by ``min(1, max_norm / (grad_norm + 1e-6))``, the scale of
-    ``train.optim.clip_by_global_norm``, given the norm (which may be the norm of every
+    ``fmm.optim.clip_by_global_norm``, given the norm (which may be the norm of every
     rank's shards: ``train.distributed.sharded_global_norm``)."""
     scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
     return tree.map(lambda g: g * scale.to(g.dtype), grads)

@@ -1,4 +1,4 @@
-"""Parity of train/optim.py with torch.optim, plus purity, compile and vmap laws."""
+"""Parity of fmm/optim.py with torch.optim, plus purity, compile and vmap laws."""
 
 import itertools
 import math
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
-from train.optim import (
+from fmm.optim import (
     Optimizer,
     adamw,
     apply_updates,

@@ -7,9 +7,9 @@ import torch
 import torch._dynamo
 
 import fmm
+from fmm import optim
+from fmm.step import init_state, make_train_step
 from models import clip
-from train import optim
-from train.step import init_state, make_train_step
 
 CFG = dataclasses.replace(
     clip.clip_tiny(vocab_size=13, context_length=6),
