@@ -84,26 +84,41 @@ def concat(ours: str, theirs: Sequence[str]) -> Rule:
 
 
 def mismatch_report(
-    got: Mapping[str, tuple[int, ...]],
-    want: Mapping[str, tuple[int, ...]],
+    got: Mapping[str, Any],
+    want: Mapping[str, Any],
     *,
     ignore: Iterable[str] = (),
 ) -> list[str]:
-    """Lines naming every missing, unexpected and mis-shaped key of ``got`` against ``want``
-    (each a mapping from key to shape); keys in ``ignore`` may be present or absent."""
+    """Lines naming every missing, unexpected and mis-described key of ``got`` against
+    ``want``; keys in ``ignore`` may be present or absent. A key's description is a shape
+    (a tuple of ints, shown as a list) or any comparable value, e.g. ``(shape, dtype)``.
+
+    The one report of every checker: converters, run directories, sharded checkpoints.
+
+    Example: ``mismatch_report({"w": (2, 3)}, {"w": (3, 2), "b": (3,)})`` ->
+    ``["  missing: b", "  mismatched w: expected [3, 2], got [2, 3]"]``.
+    """
     ignore = set(ignore)
     missing = sorted(want.keys() - got.keys())
     unexpected = sorted(got.keys() - want.keys() - ignore)
     mismatched = sorted(
-        f"{k}: expected {list(want[k])}, got {list(got[k])}"
+        f"{k}: expected {_show(want[k])}, got {_show(got[k])}"
         for k in want.keys() & got.keys()
-        if tuple(want[k]) != tuple(got[k])
+        if want[k] != got[k]
     )
     return (
         [f"  missing: {k}" for k in missing]
         + [f"  unexpected: {k}" for k in unexpected]
         + [f"  mismatched {m}" for m in mismatched]
     )
+
+
+def _show(description: Any) -> str:
+    if isinstance(description, tuple) and all(isinstance(d, int) for d in description):
+        return str(list(description))
+    if isinstance(description, tuple):
+        return " ".join(_show(part) for part in description)
+    return str(description)
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from fmm import tree
+from fmm.convert import mismatch_report
 from fmm.io import atomic_write, fsync_dir, is_temp_file, write_synced
 
 PARAMS_FILE = "params.safetensors"
@@ -91,21 +92,12 @@ def _describe(flat: dict[str, torch.Tensor]) -> dict[str, tuple]:
 
 def check_matches(flat: dict[str, torch.Tensor], like: Any, *, source: str = "checkpoint") -> None:
     """Raise one :class:`CheckpointError` listing every missing, unexpected and mis-shaped key
-    of ``flat`` against the tree ``like``."""
-    want, got = _describe(tree.flatten(like)), _describe(flat)
-    missing = sorted(want.keys() - got.keys())
-    unexpected = sorted(got.keys() - want.keys())
-    mismatched = [
-        f"{k}: expected {list(want[k][0])} {want[k][1]}, got {list(got[k][0])} {got[k][1]}"
-        for k in want.keys() & got.keys()
-        if want[k] != got[k]
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the expected params:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mismatched {m}" for m in sorted(mismatched)]
-        raise CheckpointError("\n".join(lines))
+    of ``flat`` against the tree ``like`` (shapes and dtypes)."""
+    problems = mismatch_report(_describe(flat), _describe(tree.flatten(like)))
+    if problems:
+        raise CheckpointError(
+            "\n".join([f"{source} does not match the expected params:", *problems])
+        )
 
 
 # --- reading ------------------------------------------------------------------------------

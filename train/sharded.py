@@ -34,6 +34,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from fmm import tree
+from fmm.convert import mismatch_report
 from train.checkpoint import CheckpointError, write_json
 
 LATEST_FILE = "latest"
@@ -185,22 +186,15 @@ def _check_sharded(folder: Path, flat: dict[str, torch.Tensor]) -> None:
     """One error listing every missing, unexpected, mis-shaped and non-tensor key, before
     loading."""
     saved = SafeFileSystemReader(folder).read_metadata().state_dict_metadata
-    missing = sorted(flat.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - flat.keys())
-    not_tensors = sorted(
-        k for k in flat.keys() & saved.keys() if not isinstance(saved[k], TensorStorageMetadata)
-    )
-    mismatched = [
-        f"{k}: expected {list(flat[k].shape)}, got {list(saved[k].size)}"
-        for k in sorted(flat.keys() & saved.keys())
-        if isinstance(saved[k], TensorStorageMetadata) and tuple(saved[k].size) != flat[k].shape
-    ]
-    if missing or unexpected or not_tensors or mismatched:
-        lines = [f"checkpoint {folder} does not match the expected state:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  not a tensor (a pickle we do not load): {k}" for k in not_tensors]
-        lines += [f"  mismatched {m}" for m in mismatched]
+    is_tensor = {k: isinstance(v, TensorStorageMetadata) for k, v in saved.items()}
+    not_tensors = sorted(k for k in flat.keys() & saved.keys() if not is_tensor[k])
+    got = {k: tuple(v.size) if is_tensor[k] else None for k, v in saved.items()}
+    want = {k: tuple(v.shape) for k, v in flat.items()}
+    problems = mismatch_report({k: v for k, v in got.items() if k not in not_tensors}, want)
+    problems = [p for p in problems if p.removeprefix("  missing: ") not in not_tensors]
+    problems += [f"  not a tensor (a pickle we do not load): {k}" for k in not_tensors]
+    if problems:
+        lines = [f"checkpoint {folder} does not match the expected state:", *problems]
         raise CheckpointError("\n".join(lines))
 
 
