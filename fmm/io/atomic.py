@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-# mkstemp's names: the prefix and suffix below around 8 characters of [a-z0-9_].
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# mkstemp's names: the prefix and suffix below around 8 characters of [a-z0-9_]; and the
+# names safetensors' writer (Rust's tempfile crate) stages a file under, in the same folder.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
 
 
 @functools.cache
@@ -45,7 +46,8 @@ def file_mode() -> int:
 
 
 def is_temp_file(name: str) -> bool:
-    """Whether a file name is one of :func:`atomic_write`'s temporary names (left by a crash)."""
+    """Whether a file name is a temporary name a crash can leave: :func:`atomic_write`'s, or
+    the ``.tmpXXXXXX`` that safetensors writes through before renaming."""
     return bool(_TEMP_NAME.match(name))
 
 
