@@ -34,4 +34,17 @@ def init_linear(
 
 def linear(params: Params, x: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T + bias``. ``x: [..., in]`` -> ``[..., out]``."""
-    return F.linear(x, params["weight"], params.get("bias"))
+    w, b = params["weight"], params.get("bias")
+    if (
+        b is not None
+        and isinstance(w, torch.Tensor)  # not fmm.quant's int8 leaf: it dispatches F.linear
+        and x.device.type == "cpu"
+        and torch.compiler.is_compiling()
+    ):
+        # Inductor lowers F.linear to addmm, which on CPU first copies the broadcast bias
+        # into the whole output and has the GEMM read it back: two passes over the output.
+        # A bare matmul lets inductor fuse the bias into the next op that reads the output
+        # (GELU, the residual sum and layer norm). Eagerly, addmm is the faster of the two.
+        y = torch.matmul(x, w.t())
+        return y + b.to(y.dtype)
+    return F.linear(x, w, b)
