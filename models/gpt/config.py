@@ -23,6 +23,7 @@ class GPTConfig:
     layers: int
     heads: int
     mlp_ratio: float = 4.0
+    mlp_dim: int | None = None
     act: str = "gelu_tanh"
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -39,7 +40,7 @@ class GPTConfig:
     def transformer(self) -> TransformerConfig:
         return TransformerConfig(
             width=self.width, layers=self.layers, heads=self.heads, mlp_ratio=self.mlp_ratio,
-            act=self.act, norm_eps=self.norm_eps, dropout=self.dropout,
+            mlp_dim=self.mlp_dim, act=self.act, norm_eps=self.norm_eps, dropout=self.dropout,
             attn_dropout=self.attn_dropout, attn_impl=self.attn_impl,
         )  # fmt: skip
 

@@ -129,14 +129,15 @@ def config_from_hf(hf_config: Any) -> GPTConfig:
     if not getattr(hf_config, "scale_attn_weights", True):
         raise ValueError("config_from_hf: scale_attn_weights=False is not supported")
     width = _field(hf_config, "n_embd", int)
-    inner = getattr(hf_config, "n_inner", None) or 4 * width
+    # n_inner is an integer: kept as mlp_dim, since a float ratio need not reproduce it.
+    inner = getattr(hf_config, "n_inner", None)
     return GPTConfig(
         vocab_size=_field(hf_config, "vocab_size", int),
         context_length=_field(hf_config, "n_positions", int),
         width=width,
         layers=_field(hf_config, "n_layer", int),
         heads=_field(hf_config, "n_head", int),
-        mlp_ratio=inner / width,
+        mlp_dim=None if inner is None else int(inner),
         act=_ACTS[act],
         norm_eps=_field(hf_config, "layer_norm_epsilon", float),
     )

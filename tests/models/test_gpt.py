@@ -137,6 +137,15 @@ def test_config_from_hf_refuses_variants_it_does_not_implement():
     assert gpt.config_from_hf(transformers.GPT2Config()) == gpt.gpt2_small()
 
 
+def test_an_mlp_width_no_float_ratio_reproduces_converts_exactly():
+    transformers = reference("transformers")
+    hf_cfg = transformers.GPT2Config(n_embd=28, n_head=2, n_layer=1, n_inner=61, n_positions=8)
+    cfg = gpt.config_from_hf(hf_cfg)  # int(28 * (61 / 28)) is 60, not 61
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    params = gpt.from_hf(model.state_dict(), cfg)
+    assert params["transformer"]["blocks"][0]["mlp"]["fc1"]["weight"].shape == (61, 28)
+
+
 def test_a_config_json_missing_fields_reads_as_transformers_defaults_and_bad_ones_are_named(
     tmp_path,
 ):
