@@ -42,6 +42,7 @@ class Training:
     model_state: Any
     optimizer: optim.Optimizer
     key: torch.Tensor
+    trainable: Callable[[str], bool] | None = None
 
     def update_fn(self) -> Callable | None:
         """The family's ``update_state`` with ``cfg`` bound, as the steps take it."""

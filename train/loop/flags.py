@@ -131,6 +131,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Defaults, *, 
         help="replay a run.json (or any JSON/YAML file of these flags); flags given here win",
     )
     add(
+        "--eval-every",
+        type=number(at_least=0),
+        default=0,
+        help="evaluate every N steps where the recipe can (--val-data, --zeroshot-data), "
+        "into metrics.jsonl (default: off)",
+    )
+    add(
         "--log",
         choices=LOGGERS,
         default=None,

@@ -124,8 +124,12 @@ def progress(name: str, start: int, steps: int, *, show: bool):
     )
 
 
-def show(bar, record: dict, clock: Clock, *, batch_size: int) -> None:
-    """Loss, examples/s (steps after the first) and the data-wait share on the bar."""
+def show(bar, record: dict, clock: Clock, *, batch_size: int, data: dict | None = None) -> None:
+    """Loss, examples/s (steps after the first), the data-wait share and the data source's
+    counts (``data``: e.g. ``{"skipped_samples": 3}``) on the bar."""
     later = clock.steps - 1
     rate = f"{later * batch_size / clock.rest:.0f}" if later and clock.rest else "-"
-    bar.set_postfix(loss=f"{record['loss']:.4g}", ex_per_s=rate, data=f"{clock.data_share():.0%}")
+    counts = {k: v for k, v in (data or {}).items() if isinstance(v, int) and v}
+    bar.set_postfix(
+        loss=f"{record['loss']:.4g}", ex_per_s=rate, data=f"{clock.data_share():.0%}", **counts
+    )

@@ -70,6 +70,12 @@ class Job:
     ``curves``: the step metrics ``loss.png`` shows; ``decay_mask``: AdamW's (default: decay
     leaves with ``ndim >= 2``); ``describe``: the model part of the header line; ``context``:
     whatever the recipe's evaluation needs (tokenizer, world).
+
+    Fine-tuning and evaluation while training: ``init_params`` starts from these params
+    (converted weights) instead of ``family.init``; ``trainable(dotted_path) -> bool`` marks
+    the leaves that train (the others are frozen: no gradient, no update, no decay; default:
+    all train); ``periodic(params, model_state) -> {name: float}`` runs on rank 0 every
+    ``--eval-every`` steps, its figures joining that step's line of ``metrics.jsonl``.
     """
 
     cfg: Any
@@ -81,6 +87,9 @@ class Job:
     decay_mask: Callable[[str], bool] | None = None
     describe: str = ""
     context: Any = None
+    init_params: Any = None
+    trainable: Callable[[str], bool] | None = None
+    periodic: Callable[[Any, Any], dict] | None = None
 
 
 @dataclass
@@ -253,7 +262,8 @@ def _run(recipe: Recipe, args: argparse.Namespace, env: dist_.Env) -> dict:
     fields = family.batch(job.cfg, **job.batch_options)
     _first_batch(job, fields, recipe)
     keys = base_keys(args.seed)
-    params = fmm.tree.map(lambda x: x.to(device), family.init(job.cfg, keys["init"]))
+    initial = job.init_params if job.init_params is not None else family.init(job.cfg, keys["init"])
+    params = fmm.tree.map(lambda x: x.to(device), initial)
     model_state = None
     if family.init_state is not None:
         model_state = family.init_state(job.cfg, params, keys["state"].to(device))
@@ -264,7 +274,9 @@ def _run(recipe: Recipe, args: argparse.Namespace, env: dist_.Env) -> dict:
         weight_decay=args.weight_decay,
         decay_mask=job.decay_mask,
     )
-    what = Training(family, job.cfg, params, model_state, optimizer, keys["step"])
+    what = Training(
+        family, job.cfg, params, model_state, optimizer, keys["step"], trainable=job.trainable
+    )
     if _modular(args):
         trainer = ModuleTrainer(what, env=env, mode=args.dist, ac=args.ac, precision=args.precision)
     else:
@@ -312,13 +324,21 @@ def _train(trainer, job, fields, args, env, out, history, start, name) -> dict:
         with records.progress(name, start, args.steps, show=env.is_main) as bar:
             for i in bar:
                 waited = time.perf_counter()
-                batch = rows_of(next(job.source), fields, rank=env.rank, world_size=env.world_size)
+                batch = next(job.source)
+                if not getattr(job.source, "per_rank", False):  # else: the rank's rows already
+                    batch = rows_of(batch, fields, rank=env.rank, world_size=env.world_size)
                 batch = to_device(batch, env.device)
                 clock.data(time.perf_counter() - waited)
                 began = time.perf_counter()
                 metrics = trainer.step(batch)
                 record = {"step": i + 1, **records.scalars(metrics)}  # syncs: the step is done
                 clock.step(time.perf_counter() - began)
+                if job.periodic is not None and args.eval_every and (i + 1) % args.eval_every == 0:
+                    record.update(_periodic(trainer, job, env))
+                    bar.write(
+                        f"step {i + 1}: "
+                        + json.dumps({k: v for k, v in record.items() if k != "step"})
+                    )
                 history.append(record)
                 if log is not None:
                     log.append(record)
@@ -327,11 +347,22 @@ def _train(trainer, job, fields, args, env, out, history, start, name) -> dict:
                     extra = {"history": history}
                     checkpoint.save_sharded(out / CHECKPOINTS, i + 1, state, extra=extra)
                 if i % 10 == 0 or i == args.steps - 1:
-                    records.show(bar, record, clock, batch_size=args.batch_size)
+                    data = getattr(job.source, "report", dict)()
+                    records.show(bar, record, clock, batch_size=args.batch_size, data=data)
     finally:
         if log is not None:
             log.close()
     return clock.report(args.batch_size)
+
+
+def _periodic(trainer, job: Job, env: dist_.Env) -> dict:
+    """``job.periodic``'s figures on the current params (gathered on every rank under FSDP,
+    scored on rank 0, in eval mode)."""
+    params, model_state = trainer.params(), trainer.model_state()
+    if not env.is_main:
+        return {}
+    with torch.no_grad():
+        return {k: float(v) for k, v in job.periodic(params, model_state).items()}
 
 
 def _listing(out: Path) -> list[str]:
@@ -351,6 +382,7 @@ def _finish(recipe, job, args, env, out, params, model_state, history, training)
         "steps": args.steps,
         "batch_size": args.batch_size,
         **training,
+        **getattr(job.source, "report", dict)(),
         "device": str(env.device),
         "dist": args.dist,
         "world_size": env.world_size,

@@ -7,7 +7,11 @@ draws exactly the batches the uninterrupted run would have drawn.
 
 Under data parallelism every rank draws the whole global batch from the same source and
 keeps its rows (:func:`rows_of`): the data position is one state for the whole job, and a
-2-rank job sees the batches of a 1-rank job.
+2-rank job sees the batches of a 1-rank job. A source that reads only this rank's rows
+(decoding files is too costly to do on every rank) says so with ``per_rank = True``; its
+position must still be the same on every rank. A source may also have ``report() -> dict``:
+its counts (``{"skipped_samples": n}``), shown on the progress bar and saved in
+``metrics.json``.
 
 Example::
 
