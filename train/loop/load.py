@@ -27,7 +27,7 @@ import fmm
 import models
 from models.family import Family
 from train import checkpoint
-from train.data import WordTokenizer
+from train.data.tokenizers import tokenizer_from_json
 
 MODEL_STATE_FILE = "model_state.safetensors"
 
@@ -43,7 +43,7 @@ class Run:
     cfg: Any
     params: Any
     config: dict
-    tokenizer: WordTokenizer | None
+    tokenizer: Any
     model_state: Any
     saved: checkpoint.SavedRun
 
@@ -96,7 +96,7 @@ def load_run(
     names = set((saved.manifest or {}).get("files", {})) | {p.name for p in saved.path.iterdir()}
     tokenizer = None
     if checkpoint.TOKENIZER_FILE in names:
-        tokenizer = WordTokenizer.from_json(saved.text(checkpoint.TOKENIZER_FILE))
+        tokenizer = tokenizer_from_json(saved.text(checkpoint.TOKENIZER_FILE))
     model_state = None
     if fam.init_state is not None and MODEL_STATE_FILE in names:
         state_like = fam.init_state(cfg, like, meta)
