@@ -34,6 +34,7 @@ import traceback
 from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
 from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
+from train.recipes import evaluate as evaluate_recipe
 from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
 
@@ -47,6 +48,7 @@ TASKS = {
     "serve": (serve, "serve a clip or mmgpt run over HTTP: embeddings, search, generation"),
     "plan": (plan_recipe, "per-rank memory of training a model under DDP and FSDP (meta device)"),
     "albef": (albef_recipe.RECIPE, albef_recipe.RECIPE.help),
+    "evaluate": (evaluate_recipe, "recall and zero-shot of a run or weights on your data"),
 }
 USER_ERRORS = (ValueError, OSError)
 

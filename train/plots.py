@@ -96,3 +96,35 @@ def plot_class_accuracy(
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def plot_accuracy_bars(
+    accuracy: dict[str, float], path: str | Path, *, title: str = "", most: int = 100
+) -> None:
+    """Save a horizontal bar chart of ``{class name: accuracy}``, worst class at the top
+    (PNG), atomically. The figure grows with the classes (one readable row each); past
+    ``most`` classes it shows the ``most // 2`` worst and best and says how many it left out.
+    """
+    ranked = sorted(accuracy.items(), key=lambda item: (item[1], item[0]))
+    left_out = max(0, len(ranked) - most)
+    if left_out:
+        gap = (f"... {left_out} classes ...", float("nan"))
+        ranked = [*ranked[: most // 2], gap, *ranked[len(ranked) - most // 2 :]]
+    names = [name for name, _ in ranked]
+    values = [value for _, value in ranked]
+    width = max([len(n) for n in names] + [10])
+    fig, ax = plt.subplots(figsize=(6.0 + 0.07 * width, 1.4 + 0.2 * len(names)), dpi=110)
+    rows = range(len(names))
+    ax.barh(rows, [0 if v != v else v for v in values], color="tab:blue")
+    for r, value in zip(rows, values):
+        if value == value:  # not the gap's NaN
+            ax.text(min(value, 0.9) + 0.01, r, f"{value:.2f}", va="center", fontsize=7)
+    ax.set_yticks(list(rows), names, fontsize=7)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # worst first, at the top
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
