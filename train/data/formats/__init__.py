@@ -1,0 +1,169 @@
+"""Users' datasets as :class:`Table` s: ``open_table(path)`` reads what ``path`` points at.
+
+========== ============================================================ ==========
+format     what ``path`` is                                             kind
+========== ============================================================ ==========
+csv, tsv   a ``.csv`` / ``.tsv`` file: image path + caption per row     pairs
+jsonl      a ``.jsonl`` file, the same keys                             pairs
+folder     a folder of images with same-stem ``.txt`` captions          pairs
+wds        webdataset shards: a ``.tar``, a folder of them, or a brace  pairs
+           pattern ``shards/{000000..000099}.tar``
+hf         a ``datasets`` folder (``save_to_disk``) or ``.parquet``     pairs
+           file(s): a file, a folder, a glob
+coco       COCO captions JSON (``captions_*.json``), with image_root    pairs
+karpathy   ``dataset_coco.json`` / ``dataset_flickr30k.json``, with     pairs
+           image_root and split
+vqa        VQA-v2 questions JSON (annotations beside it) or a list of   vqa
+           ``{"image", "question", "answer"}``
+imagefolder one sub-folder of images per class                          classes
+========== ============================================================ ==========
+
+``format`` (``--data-format``) overrides what the path looks like. Example::
+
+    table = open_table("photos/train.csv", caption_key="caption")
+    len(table), table.texts(0), table.where(0)   # 12000, ("a dog on the grass",), "dog.jpg"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from train.data.formats.files import open_csv, open_jsonl
+from train.data.formats.folders import CaptionFolder, ImageFolder, looks_captioned, readable
+from train.data.formats.table import IMAGE_SUFFIXES, MissingPackage, Table, is_image
+
+FORMATS = ("csv", "tsv", "jsonl", "folder", "imagefolder", "wds", "hf", "coco", "karpathy", "vqa")
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+__all__ = ["FORMATS", "MissingPackage", "Table", "open_table", "readable", "sniff"]
+
+
+def open_table(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    img_key: str = "filepath",
+    caption_key: str = "title",
+    separator: str | None = None,
+    image_column: str = "image",
+    text_column: str = "text",
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    annotations: str | Path | None = None,
+) -> Table:
+    """Open the dataset at ``path`` as a :class:`Table` (``format`` sniffed when ``None``).
+
+    ``img_key`` / ``caption_key`` / ``separator``: csv, tsv and jsonl columns
+    (``--csv-img-key``, ``--csv-caption-key``, ``--csv-separator``); ``image_column`` /
+    ``text_column``: hf columns; ``image_root``: where coco, karpathy and vqa images lie;
+    ``split``: karpathy's train|val|test, or a ``datasets`` DatasetDict's split;
+    ``annotations``: a VQA-v2 annotations file when it is not beside the questions.
+    Errors are ``ValueError`` s naming the flag, file or key (a missing optional package
+    too: :class:`MissingPackage`); a missing path is ``FileNotFoundError``.
+    """
+    text = str(path)
+    if format is None:
+        format = sniff(text)
+    elif format not in FORMATS:
+        raise ValueError(f"--data-format {format!r} is not one of: {', '.join(FORMATS)}")
+    pattern = format in ("wds", "hf") and _is_pattern(text)
+    if not pattern and not Path(text).exists():
+        raise FileNotFoundError(f"--data {text}: no such file or folder")
+    path = Path(text)
+    if format in ("csv", "tsv"):
+        return open_csv(
+            _file(path, format), format=format, img_key=img_key, caption_key=caption_key,
+            separator=separator,
+        )  # fmt: skip
+    if format == "jsonl":
+        return open_jsonl(_file(path, format), img_key=img_key, caption_key=caption_key)
+    if format == "folder":
+        return CaptionFolder(_folder(path, format))
+    if format == "imagefolder":
+        return ImageFolder(_folder(path, format))
+    raise ValueError(f"--data-format {format}: not available yet")
+
+
+def sniff(path: str) -> str:
+    """The format ``path`` looks like (see the module's table); a ``ValueError`` naming
+    ``--data-format`` when it is ambiguous or unknown."""
+    p = Path(path)
+    if _is_pattern(path):
+        # "shards/{000000..000099}.tar", "data/*.parquet": what the pattern ends with.
+        known = {".tar": "wds", ".parquet": "hf"}
+        if p.suffix.lower() in known:
+            return known[p.suffix.lower()]
+        return _unknown(path, "a pattern of neither .tar nor .parquet files")
+    if p.is_file():
+        suffix = p.suffix.lower()
+        known = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "wds", ".parquet": "hf"}
+        if suffix in known:
+            return known[suffix]
+        if suffix == ".json":
+            return _sniff_json(p)
+        return _unknown(path, f"a {suffix or 'suffix-less'} file")
+    if p.is_dir():
+        return _sniff_folder(p)
+    raise FileNotFoundError(f"--data {path}: no such file or folder")
+
+
+def _sniff_folder(p: Path) -> str:
+    names = [e.name for e in p.iterdir() if not e.name.startswith(".")]
+    suffixes = {Path(n).suffix.lower() for n in names}
+    if any(n in _HF_MARKERS for n in names):
+        return "hf"
+    # img2dataset writes a .parquet of urls beside its shards and folders: those come first.
+    if ".tar" in suffixes:
+        return "wds"
+    if any(is_image(n) for n in names) or ".txt" in suffixes:
+        return "folder"
+    if any((p / n).is_dir() for n in names):
+        return "folder" if looks_captioned(p) else "imagefolder"
+    if ".parquet" in suffixes:
+        return "hf"
+    return _unknown(str(p), f"a folder with no images ({', '.join(IMAGE_SUFFIXES)}), .tar or "
+                    ".parquet files")  # fmt: skip
+
+
+def _sniff_json(p: Path) -> str:
+    """coco, karpathy or vqa, by the JSON's top-level keys (the whole file is parsed: the
+    format's opener parses it again, a cost that is small beside reading the images)."""
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--data {p}: not a JSON file ({e})") from None
+    if isinstance(data, dict):
+        images = data.get("images")
+        if "questions" in data:
+            return "vqa"
+        if isinstance(images, list) and "annotations" in data:
+            return "coco"
+        if isinstance(images, list) and images and "sentences" in images[0]:
+            return "karpathy"
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "question" in data[0]:
+        return "vqa"
+    return _unknown(str(p), "a JSON file of neither COCO captions, a Karpathy split nor VQA")
+
+
+def _unknown(path: str, what: str) -> str:
+    raise ValueError(
+        f"--data {path}: cannot tell its format ({what}); name it with --data-format, "
+        f"one of: {', '.join(FORMATS)}"
+    )
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[{")
+
+
+def _file(path: Path, format: str) -> Path:
+    if not path.is_file():
+        raise ValueError(f"--data-format {format} reads a file; {path} is a folder")
+    return path
+
+
+def _folder(path: Path, format: str) -> Path:
+    if not path.is_dir():
+        raise ValueError(f"--data-format {format} reads a folder; {path} is a file")
+    return path

@@ -1,0 +1,83 @@
+"""Image paths and captions listed in a file, open_clip's convention: CSV / TSV (a header
+row, then one sample per row) and JSONL (one JSON object per line).
+
+::
+
+    filepath,title                       {"filepath": "images/dog.jpg", "title": "a dog"}
+    images/dog.jpg,a dog on the grass    {"filepath": "images/cat.jpg", "title": ["a cat", "my cat"]}
+
+Relative paths resolve against the file's folder; a row may repeat another row's image (a
+second caption). A JSONL caption may also be a list of strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from train.data.formats.table import FileImages, clean_texts, missing_key
+
+_SEPARATORS = {".csv": ",", ".tsv": "\t"}
+
+
+class Rows(FileImages):
+    """Pairs from a CSV/TSV/JSONL file: ``paths[i]`` as written, ``captions[i]`` a tuple."""
+
+    def __init__(self, *, format: str, source: Path, paths: list[str], captions: list[tuple]):
+        super().__init__(format=format, source=source, root=source.parent, paths=paths)
+        self.captions = captions
+
+    def texts(self, i: int) -> tuple[str, ...]:
+        return self.captions[i]
+
+
+def open_csv(
+    path: Path, *, format: str, img_key: str, caption_key: str, separator: str | None
+) -> Rows:
+    """A CSV (``,``) or TSV (tab) file; ``separator`` overrides the one its extension says."""
+    if separator is None:
+        separator = _SEPARATORS.get(path.suffix.lower(), "\t" if format == "tsv" else ",")
+    if len(separator) != 1:
+        raise ValueError(f"--csv-separator must be one character, got {separator!r}")
+    paths, captions = [], []
+    # utf-8-sig: a spreadsheet's byte-order mark must not become part of the first column.
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        columns = reader.fieldnames or []
+        for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+            if key not in columns:
+                hint = "" if len(columns) > 1 else f" (is --csv-separator {separator!r} right?)"
+                raise ValueError(str(missing_key(key, flag, path, columns)) + hint)
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            image = row[img_key]
+            if not image:
+                raise ValueError(f"{where}: an empty {img_key!r} (--csv-img-key)")
+            paths.append(image)
+            captions.append(clean_texts(row[caption_key], where=where))
+    return Rows(format=format, source=path, paths=paths, captions=captions)
+
+
+def open_jsonl(path: Path, *, img_key: str, caption_key: str) -> Rows:
+    """A JSONL file: one object per line with ``img_key`` and ``caption_key``."""
+    paths, captions = [], []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key, flag in ((img_key, "--csv-img-key"), (caption_key, "--csv-caption-key")):
+                if key not in row:
+                    raise missing_key(key, flag, where, list(row))
+            if not isinstance(row[img_key], str) or not row[img_key]:
+                raise ValueError(f"{where}: {img_key!r} must be a path, got {row[img_key]!r}")
+            paths.append(row[img_key])
+            captions.append(clean_texts(row[caption_key], where=where))
+    return Rows(format="jsonl", source=path, paths=paths, captions=captions)
