@@ -6,6 +6,11 @@ x shape combinations it never saw. Besides the files of every run (see
 :mod:`train.loop.run`) it writes ``tokenizer.json`` and ``zero_shot.png`` (accuracy per
 class). Every flag of the loop applies: ``torchrun --nproc_per_node 2 -m train clip --dist
 fsdp --ac --steps 20 --out runs/clip_fsdp`` (docs/scale.md).
+
+``--data PATH`` trains on a user's image-caption pairs instead (any format of
+:mod:`train.data.formats`, the flags of :mod:`train.data.flags`): a byte-level BPE trained
+on its captions, random resized crops in the loader's workers (:mod:`train.data.pipeline`),
+bad samples skipped and counted (``skipped_samples`` in ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import torch
 
 from models import clip
 from train.data import WordTokenizer, WorldConfig, is_holdout, sample_scenes
+from train.data.flags import add_data_arguments, loader_source, open_data
+from train.data.pipeline import Captions, Samples, training_captions
+from train.data.tokenizers import BPETokenizer
 from train.evaluate import zero_shot_accuracy
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.plots import plot_class_accuracy
@@ -47,9 +55,32 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="held-out images per colour x shape class (default: %(default)s)",
     )
+    add_data_arguments(parser)
+
+
+def data_job(args: argparse.Namespace, table) -> Job:
+    """``clip_tiny`` from scratch on ``--data`` (a pairs table): a BPE tokenizer trained on
+    its captions, crops at the model's image size, the shapes world's mean/std."""
+    tokenizer = BPETokenizer.train(training_captions(table), vocab_size=args.vocab_size)
+    cfg = clip.clip_tiny(vocab_size=tokenizer.vocab_size)
+    mean, std = (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3
+    text = Captions(tokenizer, cfg.context_length)
+    samples = Samples(table, text, size=cfg.image_size, mean=mean, std=std, seed=args.seed)
+    return Job(
+        cfg=cfg,
+        source=loader_source(args, samples),
+        config={"data": str(args.data), "image_mean": list(mean), "image_std": list(std)},
+        files={"tokenizer.json": tokenizer.to_json()},
+        describe=f"clip_tiny on {args.data} ({len(table):,} samples, BPE of "
+        f"{tokenizer.vocab_size:,} ids)",
+        context=(WorldConfig(), tokenizer),
+    )
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
+    table = open_data(args, wants="pairs", recipe="clip")
+    if table is not None:
+        return data_job(args, table)
     world = WorldConfig()
     tokenizer = WordTokenizer.for_world(world)
     cfg = clip.clip_tiny(vocab_size=tokenizer.vocab_size)
