@@ -41,6 +41,8 @@ from models.clip.foreign_config import (
     config_beside,
     config_from_hf,
     config_from_open_clip,
+    config_to_hf,
+    config_to_open_clip,
     mlp_widths,
 )
 from models.clip.model import init
@@ -52,6 +54,8 @@ __all__ = [
     "config_from_hf",
     "config_from_open_clip",
     "config_from_state_dict",
+    "config_to_hf",
+    "config_to_open_clip",
     "detect_format",
     "from_hf",
     "from_open_clip",

@@ -1,7 +1,8 @@
-"""CLIP configs from the reference projects' own config files: Hugging Face's ``config.json``
-(:func:`config_from_hf`, :func:`config_beside`) and open_clip's model configs
-(:func:`config_from_open_clip`, :data:`OPEN_CLIP_CONFIGS`). :mod:`models.clip.convert`
-re-exports them beside the weight converters."""
+"""CLIP configs from and to the reference projects' own config files: Hugging Face's
+``config.json`` (:func:`config_from_hf`, :func:`config_beside`, :func:`config_to_hf`) and
+open_clip's model configs (:func:`config_from_open_clip`, :data:`OPEN_CLIP_CONFIGS`,
+:func:`config_to_open_clip`). :mod:`models.clip.convert` re-exports them beside the weight
+converters."""
 
 from __future__ import annotations
 
@@ -181,3 +182,77 @@ def config_beside(path: Path) -> CLIPConfig:
         raise ConversionError(
             f"{path} lacks {e.args[0]!r}: cannot build the CLIP config; {use}"
         ) from None
+
+
+def config_to_hf(cfg: CLIPConfig) -> dict:
+    """A ``transformers.CLIPConfig`` as its ``config.json`` dict, the inverse of
+    :func:`config_from_hf`. The text tower's ``eos_token_id`` is the largest id (CLIP's, and
+    every fmm tokenizer's, end of text), where ``CLIPModel`` pools as fmm does.
+
+    Example: ``config_from_hf(config_to_hf(cfg)) == cfg`` (for a ``cfg`` with sdpa attention).
+    """
+    act = {ours: theirs for theirs, ours in _HF_ACTS.items()}
+    shared = dict(hidden_act=act[cfg.act], layer_norm_eps=cfg.norm_eps)
+    vision = dict(
+        shared, hidden_size=cfg.image_width, intermediate_size=cfg.image_transformer.hidden,
+        num_hidden_layers=cfg.image_layers, num_attention_heads=cfg.image_heads,
+        image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_channels,
+        projection_dim=cfg.embed_dim,
+    )  # fmt: skip
+    text = dict(
+        shared, hidden_size=cfg.text_width, intermediate_size=cfg.text_transformer.hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.context_length, vocab_size=cfg.vocab_size,
+        projection_dim=cfg.embed_dim, bos_token_id=cfg.vocab_size - 2,
+        eos_token_id=cfg.vocab_size - 1, pad_token_id=0,
+    )  # fmt: skip
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": cfg.init_logit_scale,
+        "vision_config": vision,
+        "text_config": text,
+    }
+
+
+def _open_clip_ratio(width: int, hidden: int, tower: str) -> float:
+    ratio = hidden / width
+    if int(width * ratio) != hidden:  # open_clip sizes a tower's MLP as int(width * ratio)
+        raise ValueError(f"config_to_open_clip: the {tower} MLP width {hidden} is not "
+                         f"int({width} * ratio) for any ratio open_clip can be given")  # fmt: skip
+    return ratio
+
+
+def config_to_open_clip(cfg: CLIPConfig) -> dict:
+    """An open_clip model config (``open_clip.CLIP(**config)``, the ``model_cfg`` of an
+    ``open_clip_config.json``), the inverse of :func:`config_from_open_clip`. open_clip has
+    exact and quick GELU only, and LayerNorm's default eps: other configs are a
+    ``ValueError`` saying which field.
+
+    Example: ``open_clip.CLIP(**config_to_open_clip(cfg))`` loads ``to_open_clip(params, cfg)``.
+    """
+    if cfg.act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"config_to_open_clip: open_clip has no {cfg.act!r} activation")
+    if cfg.norm_eps != 1e-5:
+        raise ValueError(
+            f"config_to_open_clip: open_clip's LayerNorm eps is 1e-5, not {cfg.norm_eps}"
+        )
+    if cfg.image_width % cfg.image_heads:
+        raise ValueError("config_to_open_clip: image_width must be a multiple of image_heads")
+    vision = dict(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.image_width,
+        layers=cfg.image_layers, head_width=cfg.image_width // cfg.image_heads,
+        mlp_ratio=_open_clip_ratio(cfg.image_width, cfg.image_transformer.hidden, "image"),
+    )  # fmt: skip
+    text = dict(
+        context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+        heads=cfg.text_heads, layers=cfg.text_layers,
+        mlp_ratio=_open_clip_ratio(cfg.text_width, cfg.text_transformer.hidden, "text"),
+    )  # fmt: skip
+    return {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": cfg.act == "quick_gelu",
+        "vision_cfg": vision,
+        "text_cfg": text,
+    }

@@ -4,7 +4,7 @@
   layout: <sot> first, and <eot> holds the largest id, so the end-of-text position of each
   row is `tokens.argmax(-1)` with no lookup table.
 - `CLIPTokenizer`: OpenAI CLIP's byte-level BPE (the merges file open_clip ships), equal to
-  `open_clip.tokenize`.
+  `open_clip.tokenize`; `CLIPRunTokenizer` is it as a fine-tuned run's tokenizer.
 - `WordPieceTokenizer`: BERT's uncased WordPiece, equal to `transformers.BertTokenizerFast`.
 - `BPETokenizer`: a byte-level BPE trained on a run's own captions (``--data`` from scratch).
 
@@ -19,7 +19,7 @@ in Python.
 import json
 
 from train.data.tokenizers.bpe import BPETokenizer
-from train.data.tokenizers.clip import CLIPTokenizer
+from train.data.tokenizers.clip import CLIPRunTokenizer, CLIPTokenizer
 from train.data.tokenizers.word import WordTokenizer
 from train.data.tokenizers.wordpiece import WordPieceTokenizer
 
@@ -27,6 +27,7 @@ from train.data.tokenizers.wordpiece import WordPieceTokenizer
 READERS = {
     "fmm.WordTokenizer": WordTokenizer.from_json,
     "fmm.BPETokenizer": BPETokenizer.from_json,
+    "fmm.CLIPTokenizer": CLIPRunTokenizer.from_json,
 }
 
 
@@ -51,6 +52,7 @@ def tokenizer_from_json(text: str):
 __all__ = [
     "READERS",
     "BPETokenizer",
+    "CLIPRunTokenizer",
     "CLIPTokenizer",
     "WordPieceTokenizer",
     "WordTokenizer",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,7 @@ class CLIPTokenizer:
 
     def __init__(self, merges: Sequence[tuple[str, str]], *, context_length: int = 77):
         self._context_length = check_length(context_length, "context_length", 2)
+        self.merges = tuple(tuple(m) for m in merges)
         space = _byte_chars()[ord(" ")]
         alphabet = list(_byte_chars().values())
         tokens = [
@@ -207,6 +209,88 @@ class CLIPTokenizer:
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+_JSON_KIND = "fmm.CLIPTokenizer"
+
+
+class CLIPRunTokenizer:
+    """CLIP's BPE as a run's tokenizer, with the interface of `WordTokenizer` and
+    `BPETokenizer`: `encode(texts, context_length) -> [n, context_length]` int64 (the ids of
+    `open_clip.tokenize`), `vocab_size`, `eot_id` (the largest id: rows pool at `argmax`),
+    and `to_json`, whose document holds the merges: a fine-tuned run's `tokenizer.json`
+    rebuilds it (`tokenizer_from_json`) without the vocabulary file.
+
+    Example::
+
+        tok = CLIPRunTokenizer.from_vocab("bpe_simple_vocab_16e6.txt.gz")
+        tok.encode(["a photo of a cat"], 77)   # == open_clip.tokenize(["a photo of a cat"])
+        CLIPRunTokenizer.from_json(tok.to_json()).encode(["a cat"], 16)  # the same ids
+    """
+
+    pad_id = 0
+
+    def __init__(self, merges: Sequence[tuple[str, str]]):
+        self._by_length = {77: CLIPTokenizer(merges)}  # one pipeline per context length
+
+    @classmethod
+    def from_vocab(cls, path: str | Path) -> CLIPRunTokenizer:
+        """The tokenizer of OpenAI's merges file (``bpe_simple_vocab_16e6.txt.gz``)."""
+        return cls(_read_clip_merges(existing_file(path, "path")))
+
+    def rows(self, context_length: int) -> CLIPTokenizer:
+        """The `CLIPTokenizer` that writes rows of ``context_length`` ids."""
+        if context_length not in self._by_length:
+            merges = self._by_length[77].merges
+            self._by_length[context_length] = CLIPTokenizer(merges, context_length=context_length)
+        return self._by_length[context_length]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._by_length[77].vocab_size
+
+    @property
+    def sot_id(self) -> int:
+        return self._by_length[77].sot_id
+
+    @property
+    def eot_id(self) -> int:
+        return self._by_length[77].eot_id
+
+    def encode(self, texts: Sequence[str] | str, context_length: int) -> torch.Tensor:
+        """Token ids ``[n, context_length]`` int64: <start_of_text> ... <end_of_text>, zeros."""
+        return self.rows(context_length)(texts)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """The cleaned texts of rows ``[n, L]`` (or one row ``[L]``)."""
+        return [self._by_length[77].decode(row) for row in ids.reshape(-1, ids.shape[-1])]
+
+    def to_json(self) -> str:
+        """A JSON document (kind ``fmm.CLIPTokenizer``) holding the merges."""
+        merges = [" ".join(m) for m in self._by_length[77].merges]
+        return json.dumps({"kind": _JSON_KIND, "version": 1, "merges": merges})
+
+    @classmethod
+    def from_json(cls, s: str) -> CLIPRunTokenizer:
+        """Inverse of `to_json`; a document of another kind or version is a ``ValueError``."""
+        data = json.loads(s)
+        if not isinstance(data, dict) or data.get("kind") != _JSON_KIND:
+            raise ValueError(f"s is not a {_JSON_KIND} JSON document")
+        if data.get("version") != 1:
+            raise ValueError(f"s has unsupported version {data.get('version')!r}; expected 1")
+        merges = [tuple(m.split(" ")) for m in data.get("merges", ())]
+        if len(merges) != _CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+            raise ValueError(f"s: a {_JSON_KIND} holds {_CLIP_NUM_MERGES} merges of two symbols")
+        return cls(merges)
+
+    def __getstate__(self) -> dict:  # for DataLoader workers: the merges, not the pipelines
+        return {"merges": self._by_length[77].merges}
+
+    def __setstate__(self, state: dict) -> None:
+        self._by_length = {77: CLIPTokenizer(state["merges"])}
+
+    def __repr__(self) -> str:
+        return f"CLIPRunTokenizer(vocab_size={self.vocab_size})"
 
 
 # ---------------------------------------------------------------------------------------
