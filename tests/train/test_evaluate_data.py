@@ -275,3 +275,33 @@ def test_evaluate_a_run_writes_the_figures_and_the_plot(shapes_data, capsys):
     assert printed["zero_shot_top1"] == figures["zero_shot_top1"]
     assert printed["image_to_text_r1"] == figures["retrieval"]["image_to_text_r1"]
     assert (root / "run" / "eval_zero_shot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clip_training_evaluates_on_user_data_every_n_steps_and_at_the_end(shapes_data, tmp_path):
+    root, out = shapes_data, tmp_path / "run"
+    main(["clip", "--out", str(out), "--steps", "4", "--batch-size", "8", "--eval-every", "2",
+          "--val-data", str(root / "val.csv"), "--zeroshot-data", str(root / "heldout"),
+          "--workers", "0", "--template", "a {}"])  # fmt: skip
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "zero_shot_top1" in r] == [2, 4]
+    assert all("image_to_text_r1" in r for r in lines if r["step"] in (2, 4))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["zero_shot_top1"] == lines[-1]["zero_shot_top1"]  # the same params
+    assert metrics["retrieval"]["text_to_image_r5"] == lines[-1]["text_to_image_r5"]
+    assert metrics["zero_shot_templates"] == ["a {}"] and "eval_images" not in metrics
+    assert "zero_shot_top1_unseen_combos" not in metrics  # the user's zero-shot replaced it
+    # and `evaluate --run` on the saved run gives the same figures
+    main(["evaluate", "--run", str(out), "--zeroshot-data", str(root / "heldout"),
+          "--template", "a {}", "--workers", "0"])  # fmt: skip
+    alone = json.loads((out / "eval.json").read_text())
+    assert alone["zero_shot_per_class"] == metrics["zero_shot_per_class"]
+
+
+def test_the_last_eval_step_ending_a_run_keeps_mean_last_50_steps(shapes_data, tmp_path):
+    main(["clip", "--out", str(tmp_path / "r"), "--steps", "3", "--batch-size", "8",
+          "--eval-every", "3", "--val-data", str(shapes_data / "val.csv"), "--workers", "0",
+          "--eval-per-class", "1"])  # fmt: skip
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    tail = metrics["mean_last_50_steps"]
+    assert tail["image_to_text_r1"] == metrics["retrieval"]["image_to_text_r1"]  # one line has it
+    assert "zero_shot_top1_unseen_combos" in metrics  # the built-in zero-shot stays

@@ -239,7 +239,9 @@ def _prepare_dir(out: Path, args: argparse.Namespace, env: dist_.Env, run_flags:
 def _tail_means(history: list[dict]) -> dict:
     tail = history[-TAIL:]
     names = [k for k in tail[-1] if k != "step"] if tail else []
-    return {k: round(sum(r[k] for r in tail) / len(tail), 6) for k in names}
+    # A periodic figure (--eval-every) is on some lines only: its mean is over those.
+    values = {k: [r[k] for r in tail if k in r] for k in names}
+    return {k: round(sum(v) / len(v), 6) for k, v in values.items()}
 
 
 def run(recipe: Recipe, args: argparse.Namespace) -> dict:

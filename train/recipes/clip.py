@@ -11,6 +11,11 @@ fsdp --ac --steps 20 --out runs/clip_fsdp`` (docs/scale.md).
 :mod:`train.data.formats`, the flags of :mod:`train.data.flags`): a byte-level BPE trained
 on its captions, random resized crops in the loader's workers (:mod:`train.data.pipeline`),
 bad samples skipped and counted (``skipped_samples`` in ``metrics.json``).
+
+``--val-data PATH`` (pairs) and ``--zeroshot-data DIR`` (an ImageFolder) add image<->text
+recall and zero-shot on your own data (:mod:`train.recipes.evaluate`), every
+``--eval-every N`` steps into ``metrics.jsonl`` and at the end into ``metrics.json``; with
+``--zeroshot-data`` its zero-shot replaces the shapes world's (``zero_shot.png`` too).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from train.evaluate import zero_shot_accuracy
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.plots import plot_class_accuracy
 from train.recipes import number
+from train.recipes.evaluate import add_evaluation_arguments, with_user_evaluation, with_user_figures
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
 
@@ -56,6 +62,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out images per colour x shape class (default: %(default)s)",
     )
     add_data_arguments(parser)
+    add_evaluation_arguments(parser)
 
 
 def data_job(args: argparse.Namespace, table) -> Job:
@@ -134,7 +141,7 @@ RECIPE = Recipe(
     defaults=Defaults(
         steps=600, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=50, min_batch_size=2
     ),
-    prepare=prepare,
-    evaluate=evaluate,
+    prepare=with_user_evaluation(prepare, clip.FAMILY),
+    evaluate=with_user_figures(evaluate),
     extra_arguments=_arguments,
 )

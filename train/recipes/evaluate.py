@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -195,6 +196,96 @@ def write_zero_shot_plot(figures: dict, path: Path) -> None:
         f"top-1 {figures['zero_shot_top1']:.3f}, top-5 {figures['zero_shot_top5']:.3f}"
     )
     plot_accuracy_bars(figures["zero_shot_per_class"], path, title=title)
+
+
+# --- during training: --val-data / --zeroshot-data of the training recipes -----------------
+
+EVAL_BATCH = 256  # images or texts per model call while training evaluates
+PERIODIC = ("zero_shot_top1", "zero_shot_top5")
+
+
+class UserEvaluation:
+    """A training run's ``--val-data`` / ``--zeroshot-data``: the tables, opened when the job
+    is prepared (before any directory is made), scored every ``--eval-every`` steps (as
+    ``Job.periodic``: ``self(params, model_state) -> {name: float}``) and at the end
+    (:meth:`final`). The model is the job's: its config, its ``tokenizer.json`` and the
+    ``image_mean`` / ``image_std`` of its config (else the shapes world's)."""
+
+    def __init__(self, args: argparse.Namespace, job, family, device: torch.device) -> None:
+        from train.data.tokenizers import tokenizer_from_json
+
+        self.val = open_eval_table(args, "--val-data")
+        self.zeroshot = open_eval_table(args, "--zeroshot-data")
+        self.templates = args.template
+        self.workers = default_workers() if getattr(args, "workers", None) is None else args.workers
+        self.family, self.cfg, self.device = family, job.cfg, device
+        self.tokenizer = tokenizer_from_json(job.files["tokenizer.json"])
+        self.mean, self.std = image_settings(job.config)
+
+    def figures(self, params) -> tuple[dict, dict]:
+        """:func:`evaluate_tables` on the tables, with ``params``."""
+        from train.data.images import eval_transform
+
+        size = self.family.serving.image_shape(self.cfg)[-1]
+        transform = partial(eval_transform, size=size, mean=self.mean, std=self.std)
+        embedder = evaluate_data.embedder_for(
+            self.family, params, self.cfg, self.tokenizer, transform=transform, device=self.device
+        )
+        return evaluate_tables(
+            embedder, val=self.val, zeroshot=self.zeroshot, templates=self.templates,
+            batch_size=EVAL_BATCH, workers=self.workers,
+        )  # fmt: skip
+
+    def __call__(self, params, model_state) -> dict:
+        figures, _ = self.figures(params)
+        flat = {k: figures[k] for k in PERIODIC if k in figures}
+        found = figures.get("retrieval", {})
+        return flat | {k: v for k, v in found.items() if k.startswith(("image_to", "text_to"))}
+
+    def final(self, evaluation, params):
+        """``evaluation`` (the recipe's own) with these figures added: ``retrieval`` and the
+        ``zero_shot_*`` keys; with ``--zeroshot-data`` its zero-shot replaces the recipe's
+        built-in one (keys, headline and ``zero_shot.png``)."""
+        figures, _ = self.figures(params)
+        metrics, plots = dict(evaluation.metrics), dict(evaluation.plots)
+        headline = list(evaluation.headline)
+        if self.zeroshot is not None:
+            # The built-in zero-shot's keys and its image count (eval_images) give way.
+            builtin = lambda k: k.startswith("zero_shot") or k == "eval_images"
+            metrics = {k: v for k, v in metrics.items() if not builtin(k)}
+            plots["zero_shot.png"] = partial(write_zero_shot_plot, figures)
+            headline = [k for k in headline if not k.startswith("zero_shot")]
+            headline[:0] = ["zero_shot_top1", "zero_shot_top5"]
+        if self.val is not None:
+            headline[:0] = ["retrieval"]
+        metrics |= figures
+        return replace(evaluation, metrics=metrics, headline=tuple(headline), plots=plots)
+
+
+def with_user_evaluation(prepare, family):
+    """A recipe's ``prepare`` that also sets ``Job.periodic`` to a :class:`UserEvaluation`
+    when ``--val-data`` or ``--zeroshot-data`` is given."""
+
+    def prepared(args: argparse.Namespace, device: torch.device):
+        job = prepare(args, device)
+        if args.val_data is not None or args.zeroshot_data is not None:
+            job.periodic = UserEvaluation(args, job, family, device)
+        return job
+
+    return prepared
+
+
+def with_user_figures(evaluate):
+    """A recipe's ``evaluate`` whose :class:`~train.loop.Evaluation` gains the
+    :class:`UserEvaluation` figures (see :meth:`UserEvaluation.final`)."""
+
+    def evaluated(job, params, model_state, args: argparse.Namespace, device):
+        evaluation = evaluate(job, params, model_state, args, device)
+        if isinstance(job.periodic, UserEvaluation):
+            return job.periodic.final(evaluation, params)
+        return evaluation
+
+    return evaluated
 
 
 def headline(figures: dict) -> dict:
