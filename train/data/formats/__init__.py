@@ -29,9 +29,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from train.data.formats.captions import open_coco, open_karpathy
 from train.data.formats.files import open_csv, open_jsonl
 from train.data.formats.folders import CaptionFolder, ImageFolder, looks_captioned, readable
+from train.data.formats.hf import HFTable
+from train.data.formats.shards import Shards
 from train.data.formats.table import IMAGE_SUFFIXES, MissingPackage, Table, is_image
+from train.data.formats.vqa import open_vqa
 
 FORMATS = ("csv", "tsv", "jsonl", "folder", "imagefolder", "wds", "hf", "coco", "karpathy", "vqa")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -82,7 +86,15 @@ def open_table(
         return CaptionFolder(_folder(path, format))
     if format == "imagefolder":
         return ImageFolder(_folder(path, format))
-    raise ValueError(f"--data-format {format}: not available yet")
+    if format == "wds":
+        return Shards(text)
+    if format == "hf":
+        return HFTable(text, image_column=image_column, text_column=text_column, split=split)
+    if format == "coco":
+        return open_coco(_file(path, format), image_root=image_root)
+    if format == "karpathy":
+        return open_karpathy(_file(path, format), image_root=image_root, split=split)
+    return open_vqa(_file(path, format), image_root=image_root, annotations=annotations)
 
 
 def sniff(path: str) -> str:

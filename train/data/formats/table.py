@@ -52,12 +52,13 @@ def clean_texts(values: object, *, where: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in values if v.strip())
 
 
-def missing_key(key: str, flag: str, source: str | Path, found: Sequence[str]) -> ValueError:
-    """The error for a column or key the data lacks: names it, its flag, the file and what
-    the file has instead."""
+def missing_key(key: str, flag: str | None, source: str | Path, found: Sequence[str]) -> ValueError:
+    """The error for a column or key the data lacks: names it, the flag that chooses it
+    (if one does), the file and what the file has instead."""
     shown = ", ".join(repr(k) for k in list(found)[:20]) or "none"
     more = f" (and {len(found) - 20} more)" if len(found) > 20 else ""
-    return ValueError(f"{source} has no {key!r} ({flag}); it has: {shown}{more}")
+    chosen_by = f" ({flag})" if flag else ""
+    return ValueError(f"{source} has no {key!r}{chosen_by}; it has: {shown}{more}")
 
 
 class Table:
