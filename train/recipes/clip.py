@@ -32,6 +32,7 @@ from train.data.flags import add_data_arguments, loader_source, open_data
 from train.data.pipeline import Captions, Samples, training_captions
 from train.data.tokenizers import BPETokenizer
 from train.evaluate import zero_shot_accuracy
+from train.finetune import add_finetune_arguments, finetune_job, pretrained_from, with_export
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.plots import plot_class_accuracy
 from train.recipes import number
@@ -62,6 +63,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out images per colour x shape class (default: %(default)s)",
     )
     add_data_arguments(parser)
+    add_finetune_arguments(parser)
     add_evaluation_arguments(parser)
 
 
@@ -85,7 +87,10 @@ def data_job(args: argparse.Namespace, table) -> Job:
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
+    pretrained = pretrained_from(args)  # --init-from: fine-tune converted weights
     table = open_data(args, wants="pairs", recipe="clip")
+    if pretrained is not None:
+        return finetune_job(args, pretrained, table)
     if table is not None:
         return data_job(args, table)
     world = WorldConfig()
@@ -103,11 +108,12 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
 
 
 def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) -> Evaluation:
-    world, tokenizer = job.context
+    world, tokenizer, *fine = job.context  # a fine-tuning job brings its image inputs
+    scene_inputs = fine[0] if fine else normalize_images
     cfg = job.cfg
     acc = zero_shot_accuracy(
         world,
-        lambda images: clip.encode_image(params, normalize_images(images).to(device), cfg=cfg),
+        lambda images: clip.encode_image(params, scene_inputs(images.to(device)), cfg=cfg),
         lambda texts: clip.encode_text(
             params, tokenizer.encode(texts, cfg.context_length).to(device), cfg=cfg
         ),
@@ -142,6 +148,6 @@ RECIPE = Recipe(
         steps=600, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=50, min_batch_size=2
     ),
     prepare=with_user_evaluation(prepare, clip.FAMILY),
-    evaluate=with_user_figures(evaluate),
+    evaluate=with_export(with_user_figures(evaluate)),
     extra_arguments=_arguments,
 )
