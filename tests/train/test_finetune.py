@@ -205,3 +205,43 @@ def test_the_clip_run_tokenizer_round_trips_and_pickles(vocab):
     assert tok.decode(tok.encode(["A photo of a CAT!"], 12)) == ["a photo of a cat !"]
     with pytest.raises(ValueError, match="merges of two symbols"):
         CLIPRunTokenizer.from_json(json.dumps({"kind": "fmm.CLIPTokenizer", "version": 1}))
+
+
+def test_fine_tuning_on_a_data_table_locks_the_image_tower(hf_dir, vocab, tmp_path):
+    from tests.train.data.test_pipeline import write_csv
+
+    table = write_csv(tmp_path / "pairs", 10)
+    out = tmp_path / "run"
+    main(["clip", "--init-from", str(hf_dir), "--format", "hf", "--vocab", str(vocab),
+          "--data", str(table), "--lock-image", "--workers", "0", "--steps", "2",
+          "--out", str(out), *TINY])  # fmt: skip
+    start = fmm.tree.flatten(load_for_eval(hf_dir, "hf", vocab).params)
+    run = load_run(out, family="clip")
+    got = fmm.tree.flatten(run.params)
+    assert all(torch.equal(got[k], start[k]) == k.startswith("image.") for k in got)
+    assert run.config["data"] == str(table) and run.config["init_from"]["format"] == "hf"
+
+
+def test_a_crashed_locked_run_resumes_bit_for_bit(hf_dir, vocab, tmp_path, monkeypatch):
+    from train import finetune
+
+    argv = ["clip", "--init-from", str(hf_dir), "--format", "hf", "--vocab", str(vocab),
+            "--lock-text", "--steps", "4", *TINY]  # fmt: skip
+    main([*argv, "--out", str(tmp_path / "straight")])
+    draw, drawn = finetune._scenes, []
+
+    def crash_at_the_fourth_batch(*args):
+        drawn.append(1)
+        if len(drawn) == 1 + 4:  # the first batch is drawn once to check it
+            raise KeyboardInterrupt("the machine went away")
+        return draw(*args)
+
+    monkeypatch.setattr(finetune, "_scenes", crash_at_the_fourth_batch)
+    crashed = [*argv, "--out", str(tmp_path / "crashed"), "--checkpoint-every", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        main(crashed)
+    monkeypatch.setattr(finetune, "_scenes", draw)
+    main([*crashed, "--resume"])
+    want, got = (load_file(tmp_path / r / "params.safetensors") for r in ("straight", "crashed"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert json.loads((tmp_path / "crashed" / "metrics.json").read_text())["resumed_from"] == 2
