@@ -5,7 +5,7 @@ directory is made), :func:`loader_source` builds the loop's source over it.
 ``--data PATH`` (any format of :mod:`train.data.formats`; without it a recipe trains on the
 built-in shapes world), ``--data-format``, ``--csv-img-key``, ``--csv-caption-key``,
 ``--csv-separator``, ``--image-column``, ``--text-column``, ``--image-root``, ``--split``,
-``--workers``, ``--max-bad-fraction``, ``--vocab-size``.
+``--vqa-annotations``, ``--workers``, ``--max-bad-fraction``, ``--vocab-size``.
 
 Example::
 
@@ -40,12 +40,14 @@ def data_path(text: str) -> str:
     return text
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, wants: str = "pairs") -> None:
-    """Add the data flags to a recipe's ``parser``; ``wants``: the table kind it trains on."""
+def add_data_arguments(parser: argparse.ArgumentParser, *, wants: tuple = ("pairs",)) -> None:
+    """Add the data flags to a recipe's ``parser``; ``wants``: the table kinds it trains on
+    (for the help)."""
     add = parser.add_argument
+    kinds = " or ".join(_KINDS[k] for k in wants)
     add(
         "--data", type=data_path, default=None, metavar="PATH",
-        help=f"train on this dataset ({_KINDS[wants]}: a CSV/TSV/JSONL, a caption folder, "
+        help=f"train on this dataset ({kinds}: a CSV/TSV/JSONL, a caption folder, "
         "webdataset shards, a datasets folder or parquet, COCO/Karpathy/VQA JSON; default: "
         "the built-in shapes world)",
     )  # fmt: skip
@@ -62,6 +64,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, wants: str = "pairs")
         "(default: %(default)s)")  # fmt: skip
     add("--image-root", type=Path, default=None, help="where COCO/Karpathy/VQA images lie")
     add("--split", default=None, help="Karpathy split (train|val|test) or datasets split")
+    add("--vqa-annotations", type=Path, default=None, help="VQA-v2 annotations JSON "
+        "(default: found beside the questions file)")  # fmt: skip
     add(
         "--workers", type=number(at_least=0), default=None,
         help=f"data loader processes; 0 decodes in the training process (default: "
@@ -94,6 +98,7 @@ def open_data(args: argparse.Namespace, *, wants: str, recipe: str):
         text_column=args.text_column,
         image_root=args.image_root,
         split=args.split,
+        annotations=args.vqa_annotations,
     )
     if table.kind != wants:
         raise ValueError(

@@ -63,19 +63,60 @@ def derived_seed(*words: int) -> int:
 
 
 class Captions:
-    """The text field of a pairs table: one of sample ``i``'s captions, drawn with the
-    sample's generator, as ``tokens [context] int64``. An empty caption (or none) is a
-    :class:`BadSample`. Picklable, so workers receive it."""
+    """The text fields of a pairs table: one of sample ``i``'s captions, drawn with the
+    sample's generator, as ``tokens [context] int64``; with ``mask``, ``attention_mask
+    [context] bool`` (True = a real token); with ``index``, ``idx`` (the sample's index:
+    ALBEF's positives). An empty caption (or none) is a :class:`BadSample`. Picklable, so
+    workers receive it."""
 
-    def __init__(self, tokenizer: Any, context: int):
-        self.tokenizer, self.context = tokenizer, context
+    def __init__(self, tokenizer: Any, context: int, *, mask: bool = False, index: bool = False):
+        self.tokenizer, self.context, self.mask, self.index = tokenizer, context, mask, index
 
     def __call__(self, table, i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         captions = [t for t in table.texts(i) if t.strip()]
         if not captions:
             raise BadSample(table.where(i), "no caption (empty or missing)")
         pick = int(torch.randint(len(captions), (), generator=generator))
-        return {"tokens": self.tokenizer.encode([captions[pick]], self.context)[0]}
+        return self.fields(captions[pick], i)
+
+    def fields(self, text: str, i: int) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer.encode([text], self.context)[0]
+        out = {"tokens": tokens}
+        if self.mask:
+            out["attention_mask"] = tokens != self.tokenizer.pad_id
+        if self.index:
+            out["idx"] = torch.tensor(i, dtype=torch.int64)
+        return out
+
+
+def answer_vocabulary(table, *, limit: int = 3129) -> tuple[str, ...]:
+    """The ``limit`` answers given most often over a VQA table (3129: the VQA-v2 classifier
+    convention), most frequent first (ties: first seen)."""
+    counts: dict[str, int] = {}
+    for i in range(len(table)):
+        for answer in table.answers(i):
+            counts[answer] = counts.get(answer, 0) + 1
+    return tuple(sorted(counts, key=lambda a: -counts[a])[:limit])
+
+
+class Questions:
+    """The text fields of a VQA table: the question as ``tokens`` and ``attention_mask``
+    (:class:`Captions`), and ``answers``: the id in ``vocabulary`` of the answer most
+    annotators gave (ties: the first) among those it holds; a question without one is a
+    :class:`BadSample`."""
+
+    def __init__(self, tokenizer: Any, context: int, vocabulary: Sequence[str]):
+        self.text = Captions(tokenizer, context, mask=True)
+        self.ids = {a: k for k, a in enumerate(vocabulary)}
+
+    def __call__(self, table, i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        question = " ".join(table.texts(i)).strip()
+        given = [a for a in table.answers(i) if a in self.ids]
+        if not question or not given:
+            what = "no question" if not question else "no answer in the training answers"
+            raise BadSample(table.where(i), what)
+        answer = max(given, key=given.count)
+        return {**self.text.fields(question, i), "answers": torch.tensor(self.ids[answer])}
 
 
 class Samples(torch.utils.data.Dataset):

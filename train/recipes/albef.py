@@ -15,6 +15,12 @@ the square blue?", and reports answer accuracy on held-out images. (ALBEF genera
 with a decoder; over the shapes world's fixed answer set a classifier is the same task.)
 
 Both write the files of every run (``loss.png``: one curve per loss) and ``tokenizer.json``.
+
+``--data PATH`` trains on a user's table instead (:mod:`train.data.flags`): image-caption
+pairs for retrieval (``idx``: the sample's index), a VQA table for ``--task vqa`` (the
+answer classes: the training answers, most frequent first; reported: ``vqa_train_accuracy``
+on up to 256 training questions, as no held-out split comes with ``--data``), with a BPE
+tokenizer trained on its texts ([MASK] one id past it).
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ import torch
 
 from models import albef
 from train.data import WordTokenizer, WorldConfig, eval_set, is_holdout, sample_scenes, vocabulary
+from train.data.flags import add_data_arguments, loader_source, open_data
+from train.data.pipeline import Captions, Questions, Samples, answer_vocabulary, training_captions
+from train.data.tokenizers import BPETokenizer
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.recipes import number
-from train.recipes.clip import normalize_images
+from train.recipes.clip import IMAGE_MEAN, IMAGE_STD, normalize_images
 
 TASKS = ("retrieval", "vqa")
 GOAL = 0.8
@@ -208,6 +217,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-per-class", type=number(at_least=1), default=10,
         help="held-out images per colour x shape class (default: %(default)s)",
     )  # fmt: skip
+    add_data_arguments(parser, wants=("pairs", "vqa"))
 
 
 def _resolve(args: argparse.Namespace) -> None:
@@ -217,39 +227,90 @@ def _resolve(args: argparse.Namespace) -> None:
     args.batch_size = batch_size if args.batch_size is None else args.batch_size
 
 
+def vqa_table_accuracy(params, cfg, samples: Samples, *, n: int, device) -> float:
+    """Answer accuracy on the first ``n`` readable samples of ``samples`` (a VQA table's
+    questions with their training crops: no held-out split is given with ``--data``)."""
+    picked = []
+    for i in range(len(samples)):
+        fields, skipped = samples[(0, i)]
+        if not skipped:  # a bad one's replacement is the next sample: taken next anyway
+            picked.append(fields)
+        if len(picked) == n:
+            break
+    batch = {k: torch.stack([f[k] for f in picked]).to(device) for k in picked[0]}
+    logits = albef.vqa(params, batch["images"], batch["tokens"], cfg=cfg,
+                       attention_mask=batch["attention_mask"])  # fmt: skip
+    return round((logits.argmax(1) == batch["answers"]).float().mean().item(), 4)
+
+
+def _data(args: argparse.Namespace, vqa: bool):
+    """``(table, tokenizer, mask id, answers)``: ``--data`` with a BPE trained on its texts
+    ([MASK] one id past it, answers from its training answers), or the shapes world's."""
+    world = WorldConfig()
+    table = open_data(args, wants="vqa" if vqa else "pairs", recipe="albef")
+    if table is None:
+        tokenizer = tokenizer_for(world)
+        return None, tokenizer, tokenizer.unk_id, answer_names(world) if vqa else []
+    tokenizer = BPETokenizer.train(training_captions(table), vocab_size=args.vocab_size)
+    return table, tokenizer, tokenizer.vocab_size, list(answer_vocabulary(table)) if vqa else []
+
+
+def data_samples(args, table, tokenizer, answers: list[str], cfg) -> Samples:
+    """``--data``'s samples: captions (retrieval: ``idx`` the sample's index) or questions
+    and answer ids (vqa), crops at ALBEF's image size."""
+    if answers:
+        text = Questions(tokenizer, CONTEXT, answers)
+    else:
+        text = Captions(tokenizer, CONTEXT, mask=True, index=True)
+    mean, std = (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3
+    return Samples(table, text, size=cfg.image_size, mean=mean, std=std, seed=args.seed)
+
+
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
     world = WorldConfig()
-    tokenizer = tokenizer_for(world)
     vqa = args.albef_task == "vqa"
+    table, tokenizer, mask_id, answers = _data(args, vqa)
     cfg = albef.albef_tiny(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=max(tokenizer.vocab_size, mask_id + 1),
         max_positions=CONTEXT,
-        num_answers=len(answer_names(world)) if vqa else 0,
-        mask_id=tokenizer.unk_id,
+        num_answers=len(answers),
+        mask_id=mask_id,
         # ALBEF ramps distillation up while the momentum model is still poor.
         alpha_ramp_steps=0 if vqa else max(1, args.steps // 3),
     )
     draw = partial(vqa_batch if vqa else retrieval_batch, world, tokenizer)
     config = {"task": args.albef_task, "world": dataclasses.asdict(world)}
     if vqa:
-        config["answers"] = answer_names(world)
+        config["answers"] = answers
+    source, samples = SeededSource(draw, batch_size=args.batch_size, seed=args.seed), None
+    if table is not None:
+        samples = data_samples(args, table, tokenizer, answers, cfg)
+        source = loader_source(args, samples)
+        config |= {"data": str(args.data), "image_mean": [IMAGE_MEAN] * 3,
+                   "image_std": [IMAGE_STD] * 3}  # fmt: skip
     return Job(
         cfg=cfg,
-        source=SeededSource(draw, batch_size=args.batch_size, seed=args.seed),
+        source=source,
         config=config,
         files={"tokenizer.json": tokenizer.to_json()},
         batch_options={"task": "vqa" if vqa else "pretrain"},
         curves=("vqa",) if vqa else ("itc", "itm", "mlm"),
         describe=f"albef_tiny ({args.albef_task})",
-        context=(world, tokenizer),
+        context=(world, tokenizer, samples),
     )
 
 
 def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) -> Evaluation:
-    world, tokenizer = job.context
+    world, tokenizer, samples = job.context
     common = dict(n_per_class=args.eval_per_class, device=device)
     seed = args.seed + 1  # images never seen in training
-    if args.albef_task == "vqa":
+    if args.albef_task == "vqa" and samples is not None:  # the user's answers, not the world's
+        n = min(len(samples), 256)
+        result = {
+            "train_accuracy": vqa_table_accuracy(params, job.cfg, samples, n=n, device=device)
+        }
+        headline, name = result["train_accuracy"], "vqa_train_accuracy"
+    elif args.albef_task == "vqa":
         result = vqa_accuracy(params, job.cfg, world, tokenizer, seed=seed, **common)
         headline, name = result["accuracy"], "vqa_accuracy"
     else:

@@ -11,6 +11,10 @@ computes them, so the loss stays a pure function of params, batch and key.
 Evaluation on held-out data: zero-shot top-1 over every colour x shape class (including
 combinations never seen in training), image->text R@1 among the captions of a batch of
 held-out scenes, and every task's loss and accuracy on held-out scenes.
+
+``--data PATH`` pretrains on a user's image-caption pairs instead (:mod:`train.data.flags`):
+a BPE tokenizer trained on its captions, the loader's crops, MIM targets from the same image
+tokenizer computed on every batch.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ import torch
 import fmm
 from models import flava, vqvae
 from train.data import WordTokenizer, WorldConfig, sample_scenes
+from train.data.flags import add_data_arguments, loader_source, open_data
+from train.data.pipeline import Captions, Samples, training_captions
+from train.data.tokenizers import BPETokenizer
 from train.evaluate import zero_shot_accuracy
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.recipes import number
-from train.recipes.clip import normalize_images
+from train.recipes.clip import IMAGE_MEAN, IMAGE_STD, normalize_images
 
 CONTEXT = 16
 RANDOM_CODES = 64
@@ -57,6 +64,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out scenes for retrieval and the per-task held-out losses "
         "(default: %(default)s)",
     )  # fmt: skip
+    add_data_arguments(parser)
 
 
 def image_tokenizer(args: argparse.Namespace, grid: int, image_size: int):
@@ -93,15 +101,37 @@ def pretraining_scenes(world, tokenizer, tokenize_image, generator, batch_size: 
     return _batch(scenes, tokenizer, tokenize_image)
 
 
+def _with_codes(tokenize_image, batch: dict) -> dict:
+    # The loader's images are normalised; the image tokenizer reads pixels in [0, 1].
+    with torch.no_grad():
+        codes = tokenize_image(batch["images"] * IMAGE_STD + IMAGE_MEAN)
+    return {**batch, "image_codes": codes}
+
+
+def data_source(args: argparse.Namespace, table, tokenizer, tokenize_image, cfg):
+    """The loop's source over ``--data`` (a pairs table): crops at FLAVA's image size, a
+    caption each, and the MIM targets of every batch computed in this process."""
+    mean, std = (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3
+    text = Captions(tokenizer, CONTEXT)
+    samples = Samples(table, text, size=cfg.image_size, mean=mean, std=std, seed=args.seed)
+    return loader_source(args, samples, finish=partial(_with_codes, tokenize_image))
+
+
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
     world = WorldConfig()
-    tokenizer = WordTokenizer.for_world(world)
-    mask_id = tokenizer.vocab_size  # one extra id past the shapes-world words: [MASK]
+    table = open_data(args, wants="pairs", recipe="flava")
+    if table is None:
+        tokenizer = WordTokenizer.for_world(world)
+        specials = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.sot_id, tokenizer.eot_id)
+    else:
+        tokenizer = BPETokenizer.train(training_captions(table), vocab_size=args.vocab_size)
+        specials = (tokenizer.pad_id, tokenizer.sot_id, tokenizer.eot_id)
+    mask_id = tokenizer.vocab_size  # one extra id past the tokenizer's: [MASK]
     shape = flava.flava_tiny()
     tokenize_image, codes, described = image_tokenizer(args, shape.grid, shape.image_size)
     pretrain = flava.PretrainConfig(
         mask_id=mask_id,
-        special_ids=(tokenizer.pad_id, tokenizer.unk_id, tokenizer.sot_id, tokenizer.eot_id),
+        special_ids=specials,
         text_mask_rate=args.text_mask_rate,
         patch_mask_rate=args.patch_mask_rate,
     )
@@ -109,14 +139,17 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
         vocab_size=mask_id + 1, max_positions=CONTEXT, image_vocab_size=codes, pretrain=pretrain
     )
     draw = partial(pretraining_scenes, world, tokenizer, tokenize_image)
+    config = {"world": dataclasses.asdict(world), "context_length": CONTEXT}
+    if table is None:
+        source = SeededSource(draw, batch_size=args.batch_size, seed=args.seed)
+    else:
+        source = data_source(args, table, tokenizer, tokenize_image, cfg)
+        config |= {"data": str(args.data), "image_mean": [IMAGE_MEAN] * 3,
+                   "image_std": [IMAGE_STD] * 3}  # fmt: skip
     return Job(
         cfg=cfg,
-        source=SeededSource(draw, batch_size=args.batch_size, seed=args.seed),
-        config={
-            "world": dataclasses.asdict(world),
-            "context_length": CONTEXT,
-            "mim_targets": described,
-        },
+        source=source,
+        config={**config, "mim_targets": described},
         files={"tokenizer.json": tokenizer.to_json()},
         curves=flava.TASKS,
         describe=f"flava_tiny, MIM targets: {described}",

@@ -1,6 +1,7 @@
 """--data in the recipes end to end: clip trains on a CSV table, resumes bit for bit
 mid-epoch, and refuses a table of the wrong kind before a run directory exists."""
 
+import csv
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from train.__main__ import cli, main
+from train.data import WorldConfig
 from train.data.pipeline import LoaderSource
 from train.data.tokenizers import BPETokenizer
 from train.loop import load_run
@@ -88,3 +90,34 @@ def test_wrong_kind_and_missing_data_are_refused_before_a_run_dir(tmp_path, caps
     _one_line_error(capsys, ["clip", "--data", str(tmp_path / "nope.csv"), "--out", str(out)],
                     "no such file or folder")  # fmt: skip
     assert not out.exists()
+
+
+def test_flava_and_albef_retrieval_train_on_the_table(table_csv, tmp_path):
+    flava_out, albef_out = tmp_path / "flava", tmp_path / "albef"
+    main(["flava", "--data", str(table_csv), "--steps", "2", "--out", str(flava_out),
+          "--eval-scenes", "8", *TINY])  # fmt: skip
+    main(["albef", "--data", str(table_csv), "--steps", "2", "--out", str(albef_out), *TINY])
+    for out, family in ((flava_out, "flava"), (albef_out, "albef")):
+        run = load_run(out, family=family)
+        assert isinstance(run.tokenizer, BPETokenizer) and run.config["data"] == str(table_csv)
+        assert json.loads((out / "metrics.json").read_text())["skipped_samples"] == 0
+
+
+def test_albef_vqa_trains_on_a_vqa_table_with_its_answers(table_csv, tmp_path):
+    rows = list(csv.DictReader(table_csv.read_text().splitlines()))
+    colour = lambda caption: next(w for w in caption.split() if w in WorldConfig().colors)
+    questions = [
+        {"image": r["filepath"], "question": "what colour is it?",
+         "answer": [colour(r["title"])] * 2 + ["blue"]}
+        for r in rows
+    ]  # fmt: skip
+    path = table_csv.parent / "vqa.json"
+    path.write_text(json.dumps(questions))
+    out = tmp_path / "vqa"
+    main(["albef", "--task", "vqa", "--data", str(path), "--steps", "2", "--out", str(out), *TINY])
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["answers"]) == {colour(r["title"]) for r in rows} | {"blue"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["vqa_train_accuracy"] <= 1 and metrics["skipped_samples"] == 0
+    with pytest.raises(ValueError, match="is image-caption pairs: `python -m train albef`"):
+        main(["albef", "--task", "vqa", "--data", str(table_csv), "--out", str(tmp_path / "x")])
