@@ -33,7 +33,7 @@ import traceback
 
 from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
-from train.recipes import clip, generate, mmgpt, serve, vqvae, zeroshot
+from train.recipes import clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import evaluate as evaluate_recipe
 from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
@@ -49,6 +49,7 @@ TASKS = {
     "plan": (plan_recipe, "per-rank memory of training a model under DDP and FSDP (meta device)"),
     "albef": (albef_recipe.RECIPE, albef_recipe.RECIPE.help),
     "evaluate": (evaluate_recipe, "recall and zero-shot of a run or weights on your data"),
+    "export-shapes": (export_shapes, "write shapes-world scenes as a csv/folder/wds/hf dataset"),
 }
 USER_ERRORS = (ValueError, OSError)
 
