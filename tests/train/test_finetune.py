@@ -245,3 +245,18 @@ def test_a_crashed_locked_run_resumes_bit_for_bit(hf_dir, vocab, tmp_path, monke
     want, got = (load_file(tmp_path / r / "params.safetensors") for r in ("straight", "crashed"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert json.loads((tmp_path / "crashed" / "metrics.json").read_text())["resumed_from"] == 2
+
+
+def test_torchmultimodal_weights_load_with_the_config_read_off_their_shapes(tmp_path, vocab):
+    cfg = clip.CLIPConfig(
+        embed_dim=16, image_size=32, patch_size=8, image_width=64, image_layers=2,
+        image_heads=1, context_length=16, vocab_size=49408, text_width=64, text_layers=1,
+        text_heads=1,
+    )  # fmt: skip
+    params = clip.init(cfg, fmm.random.key(2))
+    weights = tmp_path / "tmm.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.to_torchmultimodal(params, cfg).items()}, weights)
+    _, got_cfg, got, _, _ = load_for_eval(weights, "torchmultimodal", vocab)
+    assert got_cfg == cfg  # heads are width / 64, the activation OpenAI's quick GELU
+    want, got = fmm.tree.flatten(params), fmm.tree.flatten(got)
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "logit_scale")
