@@ -16,6 +16,12 @@ bad samples skipped and counted (``skipped_samples`` in ``metrics.json``).
 recall and zero-shot on your own data (:mod:`train.recipes.evaluate`), every
 ``--eval-every N`` steps into ``metrics.jsonl`` and at the end into ``metrics.json``; with
 ``--zeroshot-data`` its zero-shot replaces the shapes world's (``zero_shot.png`` too).
+
+``--init-from FILE --format open_clip|hf|torchmultimodal --vocab BPE_FILE`` fine-tunes
+converted weights instead (on the shapes world or ``--data``, at the checkpoint's image size
+and mean/std), ``--lock-image`` / ``--lock-text`` freeze a tower (LiT), and ``--export
+open_clip|hf`` writes the trained weights back in that layout under ``RUN/export/``
+(:mod:`train.finetune`).
 """
 
 from __future__ import annotations
