@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from train.data.formats import FORMATS, open_table, sniff
@@ -454,3 +455,32 @@ def test_vqa_list_form(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "q": "?"}]))
     with pytest.raises(ValueError, match=r"bad.json \[0\] has no 'question'; it has: 'image', 'q'"):
         open_table(tmp_path / "bad.json", format="vqa")
+
+
+class _Bytes(torch.utils.data.Dataset):
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return i, self.table.image_bytes(i), self.table.texts(i)
+
+
+def test_webdataset_table_reads_right_in_dataloader_workers(tmp_path):
+    # The parent reads first (its handles open), then two forked workers read interleaved
+    # offsets of the same shard: each must get its own file position.
+    _write_shard(
+        tmp_path / "s.tar",
+        [{"__key__": f"{k:04d}", "png": _encoded(k), "txt": str(k)} for k in range(64)],
+    )
+    table = open_table(tmp_path / "s.tar")
+    expected = [table.image_bytes(i) for i in range(64)]
+    loader = torch.utils.data.DataLoader(
+        _Bytes(table), batch_size=None, shuffle=True, num_workers=2,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    seen = {i: (data, tuple(texts)) for i, data, texts in loader}  # collation makes lists
+    assert sorted(seen) == list(range(64))
+    assert all(seen[i] == (expected[i], (str(i),)) for i in range(64))
