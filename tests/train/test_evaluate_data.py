@@ -305,3 +305,44 @@ def test_the_last_eval_step_ending_a_run_keeps_mean_last_50_steps(shapes_data, t
     tail = metrics["mean_last_50_steps"]
     assert tail["image_to_text_r1"] == metrics["retrieval"]["image_to_text_r1"]  # one line has it
     assert "zero_shot_top1_unseen_combos" in metrics  # the built-in zero-shot stays
+
+
+def test_evaluate_converted_weights_equals_the_same_model_evaluated_directly(shapes_data, tmp_path):
+    from functools import partial
+    from pathlib import Path
+
+    from tests.reference import reference
+    from train.data.images import eval_transform
+    from train.finetune import load_for_eval
+
+    transformers = reference("transformers")
+    vocab = Path(reference("open_clip").__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    hf = transformers.CLIPConfig(
+        text_config=dict(**sizes, max_position_embeddings=16, vocab_size=49408),
+        vision_config=dict(**sizes, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    transformers.CLIPModel(hf).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "tiny.json"
+    main(["evaluate", "--weights", str(tmp_path / "tiny"), "--format", "hf", "--vocab",
+          str(vocab), "--zeroshot-data", str(shapes_data / "heldout"), "--val-data",
+          str(shapes_data / "val.csv"), "--out", str(out), "--workers", "0"])  # fmt: skip
+    figures = json.loads(out.read_text())
+    family, cfg, params, tokenizer, settings = load_for_eval(tmp_path / "tiny", "hf", vocab)
+    transform = partial(eval_transform, **settings)
+    embedder = evaluate_data.embedder_for(family, params, cfg, tokenizer, transform=transform)
+    direct = zero_shot(open_table(shapes_data / "heldout"), embedder)
+    assert figures["zero_shot_per_class"] == direct["zero_shot_per_class"]
+    assert figures["retrieval"]["images"] == 12
+    assert (tmp_path / "tiny_zero_shot.png").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["flava", "albef"])
+def test_flava_and_albef_take_val_and_zeroshot_data(recipe, shapes_data, tmp_path):
+    main([recipe, "--out", str(tmp_path / "r"), "--steps", "2", "--batch-size", "4",
+          "--eval-per-class", "1", "--val-data", str(shapes_data / "val.csv"), "--zeroshot-data",
+          str(shapes_data / "heldout"), "--workers", "0"])  # fmt: skip
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["retrieval"]["captions"] == 12 and metrics["zero_shot_classes"] == 48

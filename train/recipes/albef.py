@@ -40,6 +40,7 @@ from train.data.tokenizers import BPETokenizer
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.recipes import number
 from train.recipes.clip import IMAGE_MEAN, IMAGE_STD, normalize_images
+from train.recipes.evaluate import add_evaluation_arguments, with_user_evaluation, with_user_figures
 
 TASKS = ("retrieval", "vqa")
 GOAL = 0.8
@@ -205,6 +206,7 @@ def vqa_accuracy(params, cfg, world, tokenizer, *, n_per_class: int, seed: int, 
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
+    add_evaluation_arguments(parser)
     parser.add_argument(
         "--task", dest="albef_task", choices=TASKS, default="retrieval",  # args.task: the CLI's
         help="what to train and report (default: %(default)s)",
@@ -348,8 +350,8 @@ RECIPE = Recipe(
         min_batch_size=2,
         depends="by --task: retrieval 1000 steps x 128, vqa 2000 x 64",
     ),
-    prepare=prepare,
-    evaluate=evaluate,
+    prepare=with_user_evaluation(prepare, albef.FAMILY),
+    evaluate=with_user_figures(evaluate),
     extra_arguments=_arguments,
     resolve=_resolve,
 )

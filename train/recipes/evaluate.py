@@ -31,6 +31,7 @@ import fmm
 from train import evaluate_data
 from train.checkpoint import write_json
 from train.data.pipeline import default_workers
+from train.finetune import FORMATS, load_for_eval
 from train.plots import plot_accuracy_bars
 from train.recipes import add_device_argument, device_of, existing_file, number
 from train.recipes.zeroshot import _template
@@ -69,12 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--run", type=Path, help="a run directory saved by a training recipe")
     model.add_argument(
-        "--weights", type=existing_file,
-        help="converted weights (.safetensors, .bin, .pt) with --format (and --vocab)",
+        "--weights", type=Path,
+        help="CLIP weights (.safetensors, .bin, .pt, or a Hugging Face save_pretrained "
+        "folder) with --format and --vocab",
     )  # fmt: skip
-    parser.add_argument(
-        "--format", choices=("open_clip", "hf"), default=None, help="the layout of --weights"
-    )
+    parser.add_argument("--format", choices=FORMATS, default=None, help="the layout of --weights")
     parser.add_argument(
         "--vocab", type=existing_file, default=None,
         help="CLIP BPE vocabulary for --weights (bpe_simple_vocab_16e6.txt.gz)",
@@ -154,10 +154,9 @@ def run_embedder(run, *, device: torch.device) -> evaluate_data.Embedder:
 
 def _weights_embedder(args, device: torch.device) -> evaluate_data.Embedder:
     from train.data.images import eval_transform
-    from train.finetune import load_for_eval
 
     if args.format is None:
-        raise SystemExit("--weights needs --format open_clip or hf")
+        raise SystemExit(f"--weights needs --format ({', '.join(FORMATS)})")
     family, cfg, params, tokenizer, settings = load_for_eval(args.weights, args.format, args.vocab)
     params = fmm.tree.map(lambda x: x.to(device), params)
     transform = partial(eval_transform, **settings)

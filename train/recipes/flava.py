@@ -36,12 +36,14 @@ from train.evaluate import zero_shot_accuracy
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.recipes import number
 from train.recipes.clip import IMAGE_MEAN, IMAGE_STD, normalize_images
+from train.recipes.evaluate import add_evaluation_arguments, with_user_evaluation, with_user_figures
 
 CONTEXT = 16
 RANDOM_CODES = 64
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
+    add_evaluation_arguments(parser)
     parser.add_argument(
         "--text-mask-rate", type=number(float, above=0, below=1), default=0.3,
         help="share of caption words masked for MLM/MMM (default: %(default)s)",
@@ -217,7 +219,7 @@ RECIPE = Recipe(
     defaults=Defaults(
         steps=2500, batch_size=48, lr=1e-3, weight_decay=0.05, warmup=30, min_batch_size=2
     ),
-    prepare=prepare,
-    evaluate=evaluate,
+    prepare=with_user_evaluation(prepare, flava.FAMILY),
+    evaluate=with_user_figures(evaluate),
     extra_arguments=_arguments,
 )
