@@ -184,3 +184,19 @@ def test_log_tensorboard_writes_every_step_metric(tmp_path, monkeypatch):
     logged = {w for w in written if w[0].startswith("train/")}
     names = {k for r in _lines(out) for k in r if k != "step"}
     assert logged == {(f"train/{k}", s) for k in names for s in (1, 2)}
+
+
+def test_a_replayed_repeatable_flag_keeps_every_value(tmp_path):
+    import argparse
+
+    from train.loop.flags import config_defaults
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--template", action="append", type=str.strip, default=None)
+    parser.add_argument("--steps", type=int)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"recipe": "clip", "template": [" a {}. ", "{}"], "steps": 3}))
+    assert config_defaults(parser, path, recipe="clip") == {"template": ["a {}.", "{}"], "steps": 3}
+    path.write_text(json.dumps({"steps": [1, 2]}))
+    with pytest.raises(ValueError, match=r"steps \(--steps\) takes one value"):
+        config_defaults(parser, path, recipe="clip")

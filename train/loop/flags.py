@@ -175,6 +175,8 @@ def _value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
         return value
     if value is None:
         return None
+    if isinstance(action, argparse._AppendAction) and isinstance(value, list):  # repeatable
+        return [_value(action, key, item, where) for item in value]
     if isinstance(value, (dict, list, bool)):
         raise ValueError(f"{where}: {key} ({flag}) takes one value, got {value!r}")
     if action.type is not None:
