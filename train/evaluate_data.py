@@ -5,7 +5,7 @@ ImageFolder, for any family that serves embeddings (``FAMILY.serving``: clip, fl
   image->text R@k counts an image as found when ANY of its captions ranks within k, and
   text->image R@k asks for each caption's one image (the COCO / Flickr30k protocol).
 - :func:`zero_shot` (``--zeroshot-data``): class names from the folder names (``_`` read as
-  a space), each class's prompts (:data:`DEFAULT_TEMPLATES` or ``--template``) embedded,
+  a space), each class's prompts (``--template``, else :func:`default_templates`) embedded,
   averaged and renormalised (CLIP's ensembling); top-1, top-5 and per-class top-1.
 
 Ranks are computed in blocks of at most :data:`BLOCK_ELEMENTS` similarities (64 MiB of
@@ -37,9 +37,8 @@ KS = (1, 5, 10)
 BLOCK_ELEMENTS = 2**24
 SHOWN_BAD = 5  # skipped images named in the figures
 # CLIP's seven-template ImageNet ensemble (the CLIP repo's notebook "Prompt_Engineering_for_
-# ImageNet": the subset its authors found best), plus the bare name, which keeps a model
-# trained on short captions (the shapes world's "a red circle") on familiar ground.
-DEFAULT_TEMPLATES = (
+# ImageNet": the subset its authors found best), plus the bare name.
+CLIP_TEMPLATES = (
     "{}",
     "itap of a {}.",
     "a bad photo of the {}.",
@@ -49,6 +48,25 @@ DEFAULT_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+# A text tower trained from scratch on the user's captions knows their words only: the
+# ensemble's "photo", "origami", "video game" are noise to it. Measured on the shapes world
+# (clip --data on 20000 exported scenes, 600 steps, the 48-class heldout ImageFolder):
+# top-1 0.991 with the bare name, 0.935 with CLIP_TEMPLATES.
+SCRATCH_TEMPLATES = ("{}",)
+
+
+def default_templates(tokenizer) -> tuple[str, ...]:
+    """The prompt templates zero-shot uses without ``--template``: CLIP's ensemble for a
+    text tower that reads CLIP's BPE (converted or fine-tuned weights, whose words came from
+    web-scale captions), the bare class name for a tower trained on the user's own captions
+    (a run's byte-level BPE or word tokenizer)."""
+    from train.data.tokenizers import CLIPRunTokenizer, CLIPTokenizer
+
+    return (
+        CLIP_TEMPLATES
+        if isinstance(tokenizer, (CLIPRunTokenizer, CLIPTokenizer))
+        else SCRATCH_TEMPLATES
+    )
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,7 @@ class Embedder:
     images: Callable[[torch.Tensor], torch.Tensor]
     texts: Callable[[list[str]], torch.Tensor]
     device: torch.device
+    templates: tuple[str, ...] = CLIP_TEMPLATES  # zero-shot's default (:func:`default_templates`)
 
 
 def embedder_for(
@@ -89,7 +108,10 @@ def embedder_for(
     def images(batch: torch.Tensor) -> torch.Tensor:
         return serving.embed_image(params, batch.to(device), cfg=cfg)
 
-    return Embedder(transform=transform, images=images, texts=texts, device=device)
+    return Embedder(
+        transform=transform, images=images, texts=texts, device=device,
+        templates=default_templates(tokenizer),
+    )  # fmt: skip
 
 
 # --- the figures, from embeddings -------------------------------------------------------------
@@ -279,11 +301,12 @@ def zero_shot(
     table,
     embedder: Embedder,
     *,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str] | None = None,
     batch_size: int = 256,
     workers: int = 0,
 ) -> dict:
-    """Zero-shot top-1 / top-5 over an ImageFolder table's classes.
+    """Zero-shot top-1 / top-5 over an ImageFolder table's classes (``templates``: default
+    ``embedder.templates``).
 
     Returns ``{"zero_shot_top1", "zero_shot_top5", "zero_shot_per_class": {name: acc},
     "zero_shot_classes", "zero_shot_images", "zero_shot_templates"}`` (and the skipped
@@ -293,6 +316,7 @@ def zero_shot(
         raise ValueError(
             f"--zeroshot-data: zero-shot needs an ImageFolder, got a {table.kind} table"
         )
+    templates = embedder.templates if templates is None else templates
     names = list(table.class_names)  # the folder names, "_" read as a space
     for template in templates:
         fill_template(template, "x", name="--template")  # refuse a bad one before any work

@@ -179,6 +179,18 @@ def test_zero_shot_ensemble_is_the_renormalised_mean_of_its_prompts(tmp_path):
     assert alone["zero_shot_per_class"] == {"a": 0.0, "b": 1.0}
 
 
+def test_the_default_prompts_follow_where_the_text_tower_learned_its_words():
+    from train.data.tokenizers import BPETokenizer, CLIPRunTokenizer
+
+    world = WordTokenizer.for_world(WorldConfig())
+    bpe = BPETokenizer.train(["a red circle", "a blue square"], vocab_size=300)
+    assert evaluate_data.default_templates(world) == ("{}",)
+    assert evaluate_data.default_templates(bpe) == ("{}",)
+    clip_bpe = CLIPRunTokenizer.__new__(CLIPRunTokenizer)  # the type decides; no vocab file read
+    assert evaluate_data.default_templates(clip_bpe) == evaluate_data.CLIP_TEMPLATES
+    assert len(evaluate_data.CLIP_TEMPLATES) == 8
+
+
 TWO_TOWERS = sorted(
     f.name for f in models.FAMILIES if f.serving and f.serving.embed_image and f.serving.embed_text
 )

@@ -11,8 +11,9 @@ flava, albef: its params, tokenizer and image settings) or converted weights
 (``--weights`` / ``--format`` / ``--vocab``, read by :func:`train.finetune.load_for_eval`).
 ``--val-data`` (a pairs table in any format ``--data`` reads) gives image->text and
 text->image recall@1/5/10, ``--zeroshot-data`` (an ImageFolder) zero-shot top-1 / top-5
-and per-class accuracy with ``--template`` prompts (default: an ensemble, see
-:data:`train.evaluate_data.DEFAULT_TEMPLATES`). The figures go to ``--out`` (default
+and per-class accuracy with ``--template`` prompts (default: CLIP's ensemble for CLIP's
+tokenizer, the bare class name for a model trained on your own captions; see
+:func:`train.evaluate_data.default_templates`). The figures go to ``--out`` (default
 ``RUN/eval.json``), written atomically, the per-class plot beside it
 (``eval_zero_shot.png``), and the headline figures are printed as JSON.
 """
@@ -62,7 +63,8 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--template", action="append", type=_template, default=None,
         help="zero-shot prompt with one {} for the class name; repeat for an ensemble "
-        "(default: '{}' and CLIP's 7 ImageNet templates)",
+        "(default: '{}' and CLIP's 7 ImageNet templates with CLIP's tokenizer, '{}' alone "
+        "for a model trained on your own captions)",
     )  # fmt: skip
 
 
@@ -182,7 +184,7 @@ def evaluate_tables(
     if val is not None:
         figures["retrieval"] = evaluate_data.retrieval(val, embedder, **common)
     if zeroshot is not None:
-        chosen = tuple(templates or evaluate_data.DEFAULT_TEMPLATES)
+        chosen = tuple(templates or embedder.templates)
         shot = evaluate_data.zero_shot(zeroshot, embedder, templates=chosen, **common)
         figures |= {k: v for k, v in shot.items() if k not in ("hits", "labels")}
     return figures, shot
