@@ -149,13 +149,18 @@ def embedding_model(run: Run, *, quantize: str = "none") -> ServedModel:
     family, cfg, serving = run.family, run.cfg, run.family.serving
     params = _maybe_quantize(run.params, quantize)
     device = fmm.tree.leaves(params)[0].device
-    embed_text = embed_image = None
+    embed_text = embed_image = tokenize = None
     if serving.embed_text is not None and run.tokenizer is not None:
         length = _text_length(run)
 
         def embed_text(texts: list[str]) -> torch.Tensor:
             tokens = run.tokenizer.encode(texts, length).to(device)
             return serving.embed_text(params, tokens, cfg=cfg)
+
+        def tokenize(texts: list[str]) -> list[list[int]]:  # the ids read, pads (0) left out
+            return [
+                [i for i in row if i != 0] for row in run.tokenizer.encode(texts, length).tolist()
+            ]
 
     if serving.embed_image is not None:
 
@@ -180,6 +185,7 @@ def embedding_model(run: Run, *, quantize: str = "none") -> ServedModel:
         embed_image=embed_image,
         image_shape=image_shape if embed_image is not None else None,
         logit_scale=float(scale),
+        tokenize=tokenize,
         info={
             "run": _run_name(run.path),
             "quantize": quantize,
@@ -238,6 +244,7 @@ def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "c
         fingerprint=_fingerprint(config, params),
         generate=lambda prompt, **options: stream_text(run, prompt, **options),
         generate_limits={"guidance": (1.0, 1.0), "max_new_tokens": (1, cfg.context_length)},
+        tokenize=lambda texts: [e.ids for e in tokenizer.encode_batch(texts)],
         info={"run": _run_name(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
     )
 

@@ -96,7 +96,7 @@ def stream_image_codes(
 
 def stream_text(
     run: dict,
-    prompt: str,
+    prompt: str | list[int],
     *,
     stop: threading.Event,
     temperature: float = 1.0,
@@ -106,7 +106,7 @@ def stream_text(
     seed: int = 0,
     max_new_tokens: int | None = None,
 ) -> Iterator[dict]:
-    """A GPT's continuation of ``prompt``, one token at a time (``{"index", "token",
+    """A GPT's continuation of ``prompt`` (a text, or its token ids), one token at a time (``{"index", "token",
     "text"}``: ``text`` is what the token adds to the decoded string, empty while a
     multi-byte character is incomplete), then ``{"done": True, "tokens", "text",
     "stop_reason": "eos" | "length"}``; stops once ``stop`` is set.
@@ -117,9 +117,11 @@ def stream_text(
     if guidance != 1.0:
         raise ValueError(f"guidance: a text model takes no guidance (1.0), got {guidance}")
     cfg, params, tok, eos = run["cfg"], run["params"], run["tokenizer"], run["eos_id"]
-    ids = tok.encode(prompt).ids
+    ids = tok.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("prompt: encodes to no tokens")
+    if not all(0 <= i < cfg.vocab_size for i in ids):
+        raise ValueError(f"prompt: token ids must lie in [0, {cfg.vocab_size})")
     room = cfg.context_length - len(ids) + 1  # the last token drawn is never fed back
     new = min(TEXT_NEW_TOKENS, room) if max_new_tokens is None else max_new_tokens
     if new < 1 or len(ids) + new - 1 > cfg.context_length:

@@ -43,6 +43,9 @@ class ServedModel:
     - ``generate_limits``: ``{"max_new_tokens" | "guidance": (low, high)}``, the ranges of
       ``generate``'s options the model takes (an mmgpt image's fixed code count), so that
       the OpenAPI document states them.
+    - ``tokenize(texts: list[str]) -> list[list[int]]``: the token ids the model reads for
+      each text (the OpenAI-compatible routes' ``usage`` counts them); a text model's
+      ``generate`` also takes a prompt as such ids.
     - ``fingerprint``: identifies config and weights (``train.store.model_fingerprint``).
     """
 
@@ -55,6 +58,7 @@ class ServedModel:
     logit_scale: float = 1.0
     generate: Callable[..., Iterator[dict]] | None = None
     generate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    tokenize: Callable[[list[str]], list[list[int]]] | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -241,7 +245,7 @@ class Service:
 
         return await loop.run_in_executor(None, top_k)
 
-    async def generate(self, prompt: str, **options: Any) -> AsyncIterator[dict]:
+    async def generate(self, prompt: str | list[int], **options: Any) -> AsyncIterator[dict]:
         """Events of one generation as they are produced (see :class:`ServedModel`).
 
         The model runs in a generation thread; closing the iterator (a client that went
