@@ -95,6 +95,7 @@ def attention(
     cfg: AttentionConfig,
     context: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     causal: bool = False,
     key: torch.Tensor | None = None,
     train: bool = False,
@@ -105,7 +106,9 @@ def attention(
     """Multi-head attention of ``x: [B, S, dim]`` over itself or over ``context: [B, T, kv_dim]``.
 
     ``mask``: bool, broadcastable to ``[B, heads, S, T]``; ``causal``: add a lower-triangular
-    mask (self-attention without a cache). Returns ``[B, S, dim]``.
+    mask (self-attention without a cache). ``bias``: float, broadcastable to ``[B, heads,
+    S, T]``, added to the scores before the softmax (Swin's relative position bias).
+    Returns ``[B, S, dim]``.
 
     ``cache``: this layer's ``{"k": [B, heads, L, head_dim], "v": ...}``; then the call
     returns ``(out [B, S, dim], new_cache)``. Self-attention writes its keys/values at
@@ -151,6 +154,13 @@ def attention(
     drop = cfg.dropout if train else 0.0
     if drop > 0.0 and key is None:
         raise ValueError("key= is missing: attention dropout in training needs key=")
+    if bias is not None:
+        # One additive mask serves both paths: SDPA takes a float attn_mask as is.
+        if causal:
+            mask = causal_mask(q.shape[-2], k.shape[-2], device=x.device)
+            causal = False
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     if drop > 0.0 or cfg.impl == "math":
         out = _math_attention(q, k, v, mask, causal, drop, key)
     else:
@@ -179,8 +189,10 @@ def _math_attention(q, k, v, mask, causal, rate, key):
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
         mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:  # an additive float mask (a bias, -inf where masked)
+        scores = scores + mask
     weights = scores.softmax(dim=-1)
     if rate > 0.0:
         weights = random.dropout(key, weights, rate)

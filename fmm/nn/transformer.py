@@ -25,6 +25,7 @@ from fmm import random
 from fmm.nn.attention import AttentionConfig, KVCache, attention, init_attention
 from fmm.nn.mlp import activation, init_mlp, mlp
 from fmm.nn.norm import init_layer_norm, layer_norm
+from fmm.nn.swin import Window, window_attention
 
 Params = dict[str, Any]
 BlockFn = Callable[..., Any]
@@ -141,6 +142,7 @@ def block(
     cache: LayerCache | None = None,
     slots: torch.Tensor | None = None,
     donate: bool = False,
+    window: Window | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
     """One block (pre- or post-norm by ``cfg.norm_first``).
     ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
@@ -156,8 +158,14 @@ def block(
     when ``context`` is given and read from the cache otherwise. ``donate``: write the
     cache in place. See :func:`fmm.nn.attention`.
 
+    ``window``: a Swin block: ``x: [B, T, H, W, width]`` and the self-attention runs within
+    (shifted) windows (:func:`fmm.nn.swin.window_attention`; the block's ``attn`` params
+    then hold ``rel_bias`` too).
+
     Example: ``y, layer = block(p, x, cfg=cfg, cache=layer, slots=slots, mask=offsets)``.
     """
+    if window is not None and (cache is not None or cfg.cross_dim is not None):
+        raise ValueError("window=: a Swin block has no KV cache and no cross-attention")
     stochastic = train and (cfg.dropout > 0.0 or cfg.attn_dropout > 0.0)
     if stochastic and key is None:
         raise ValueError("key= is missing: block dropout in training needs key=")
@@ -172,10 +180,17 @@ def block(
     def norm_out(y, name):
         return y if pre else layer_norm(params[name], y, eps=eps)
 
-    h, kv = _attend(
-        params["attn"], norm_in(x, "norm1"), cfg=cfg.self_attention, cache=_pair(cache, "k", "v"),
-        mask=mask, causal=causal, slots=slots, donate=donate, key=sub("attn"), train=train,
-    )  # fmt: skip
+    if window is not None:
+        h, kv = window_attention(
+            params["attn"], norm_in(x, "norm1"), cfg=cfg.self_attention, window=window,
+            key=sub("attn"), train=train,
+        ), None  # fmt: skip
+    else:
+        h, kv = _attend(
+            params["attn"], norm_in(x, "norm1"), cfg=cfg.self_attention,
+            cache=_pair(cache, "k", "v"), mask=mask, causal=causal, slots=slots, donate=donate,
+            key=sub("attn"), train=train,
+        )  # fmt: skip
     x = norm_out(_residual(x, h, cfg, key, "attn_out", train), "norm1")
     new_cache = None if cache is None else {**cache, "k": kv["k"], "v": kv["v"]}
     if cfg.cross_dim is not None:
