@@ -196,7 +196,13 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
 
 
 def decode_step(
-    params: Params, token: torch.Tensor, cache: Cache, *, cfg: Any, donate: bool = False
+    params: Params,
+    token: torch.Tensor,
+    cache: Cache,
+    *,
+    cfg: Any,
+    donate: bool = False,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache]:
     """Feed one token per sequence, ``token: [B]`` (or ``[B, 1]``), after a :func:`prefill`.
 
@@ -204,6 +210,11 @@ def decode_step(
     ``donate`` (then the cache's buffers are written in place: only for a cache the caller
     will not read again, as in :func:`generate`). Eagerly, writing past ``max_len`` raises;
     compiled, the caller must keep ``start + pos < max_len``.
+
+    ``active: bool [B]``: rows where it is False keep their ``pos`` (their token's keys and
+    values land in the slot after their last, which their next token overwrites; their
+    logits are meaningless), so one fixed-size batch can carry idle rows
+    (:mod:`fmm.batching`).
 
     Example: ``logits, cache = decode_step(params, logits.argmax(-1), cache, cfg=spec)``.
     """
@@ -213,10 +224,13 @@ def decode_step(
         token = token[:, 0]
     _check_tokens("token", token, ("batch",), spec)
     _check_cache("token", token, cache, spec)
-    return _decode_step(params, token, cache, spec, donate)
+    if active is not None:
+        checks.check_mask("active", active, (token.shape[0],))
+        active = active.bool()
+    return _decode_step(params, token, cache, spec, donate, active)
 
 
-def _decode_step(params: Params, token, cache: Cache, spec: DecoderSpec, donate: bool):
+def _decode_step(params: Params, token, cache: Cache, spec: DecoderSpec, donate: bool, active=None):
     # decode_step after its checks; generate's loop feeds it tokens it sampled itself.
     slots = (cache["start"] + cache["pos"])[:, None]
     if not torch.compiler.is_compiling() and cache["layers"]:
@@ -227,7 +241,10 @@ def _decode_step(params: Params, token, cache: Cache, spec: DecoderSpec, donate:
         params, token[:, None], cache, spec, slots, cache["start"], cache["pos"][:, None],
         donate, None,
     )  # fmt: skip
-    return logits[:, 0], {**cache, "layers": layers, "pos": cache["pos"] + 1}
+    pos = (
+        cache["pos"] + 1 if active is None else torch.where(active, cache["pos"] + 1, cache["pos"])
+    )
+    return logits[:, 0], {**cache, "layers": layers, "pos": pos}
 
 
 # --------------------------------------------------------------------------- generate

@@ -22,8 +22,17 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool ``[..., vocab]``: True for the ``k`` largest logits (and any tied with the k-th)."""
+def top_k_mask(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., vocab]``: True for the ``k`` largest logits (and any tied with the k-th).
+
+    ``k`` may be an int64 tensor ``[...]``, one k per row, each >= 1 (eager only: the
+    largest k sizes the ``topk``); a row's mask is what its own int k gives.
+    """
+    if isinstance(k, torch.Tensor):
+        vocab = logits.shape[-1]
+        values = logits.topk(min(int(k.max()), vocab), dim=-1).values
+        kth = values.gather(-1, (k.clamp(max=vocab) - 1)[..., None])
+        return logits >= kth
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
     k = min(k, logits.shape[-1])
@@ -31,10 +40,15 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits >= kth
 
 
-def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Bool ``[..., vocab]``: the smallest set of most likely tokens whose probability sums to
-    at least ``p`` (nucleus sampling); the most likely token is always in it."""
-    if not 0.0 < p <= 1.0:
+    at least ``p`` (nucleus sampling); the most likely token is always in it.
+
+    ``p`` may be a float tensor ``[...]``, one p per row (the caller checks its range).
+    """
+    if isinstance(p, torch.Tensor):
+        p = p[..., None]
+    elif not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)

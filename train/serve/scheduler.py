@@ -1,0 +1,446 @@
+"""Token-level scheduling of generations: continuous batching over one slot pool.
+
+A :class:`Scheduler` owns a pool of ``max_slots`` sequences in one preallocated cache
+(:mod:`fmm.batching`) and one worker thread. Every iteration it admits waiting requests
+into free slots, prefills up to ``prefill_chunk`` prompt tokens (a long prompt takes several
+iterations, so it never stalls the others for long), runs **one** compiled decode step for
+all active slots, hands each request its token, and frees a slot the moment its request
+ends (EOS, a stop id, its length, or a cancel): the next waiting request joins at the next
+iteration.
+
+A request's tokens are the same whatever else runs (see :mod:`fmm.batching` for why): the
+decode step always has the pool's fixed shape with an active mask (so it compiles once:
+not per step, request or occupancy; buckets of batch sizes would recompile per bucket and
+round differently per bucket), prompts are prefilled alone, and token ``i`` of a request
+is drawn with ``fmm.random.split(fmm.random.key(seed), max_new_tokens)[i]``, what
+``fmm.decoding.generate`` draws for it alone.
+
+Submitting and reading (from an event loop or from any thread)::
+
+    scheduler = Scheduler(params, spec, max_slots=16, prefill_chunk=64, eos_id=50256)
+    handle = scheduler.submit(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=40,
+                              top_p=0.9, seed=0, stop=[198])
+    async for token in handle:          # ints as they are drawn (or: for token in handle.stream())
+        ...
+    handle.stop_reason                  # "eos" | "stop" | "length" | "cancelled"
+    handle.cancel()                     # at any time, from any thread: frees the slot
+    tokens = scheduler.submit(ids, max_new_tokens=8).result()   # blocking: all tokens
+
+An EOS or stop token ends the request and is not yielded. ``guidance != 1`` (an image model's
+classifier-free guidance) takes two slots, the prompt's and ``null_ids``' (the empty
+caption), fed the same token; the guided logits ``uncond + guidance * (cond - uncond)``
+are sampled over ids ``[guided_from, vocab)`` only, as ``models.mmgpt.generate_images``
+does, and yielded as full-vocabulary ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fmm import batching, random
+from fmm.kv_cache import as_spec, init_cache
+from fmm.sampling import Sampling
+from train.serve.engine import EngineClosed, Overloaded
+
+_END = object()
+
+
+@dataclass(eq=False)
+class Handle:
+    """One submitted generation: iterate its tokens (``async for`` or :meth:`stream`),
+    :meth:`cancel` it, or wait for :meth:`result`. ``times``: ``time.perf_counter()`` at
+    each token; ``logits``: each token's logits ``[vocab]`` when submitted with
+    ``keep_logits=True`` (exactness tests)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    keys: torch.Tensor
+    stop_ids: frozenset[int]
+    guidance: float = 1.0
+    null_ids: list[int] | None = None
+    keep_logits: bool = False
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    stop_reason: str | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    _out: collections.deque = field(default_factory=collections.deque)
+    _ready: threading.Condition = field(default_factory=threading.Condition)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _wake: asyncio.Event | None = None
+    _cancelled: bool = False
+    _error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Stop this generation at the next iteration and free its slot (no-op once done)."""
+        self._cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None or self._error is not None
+
+    def _push(self, item: Any) -> None:
+        with self._ready:
+            self._out.append(item)
+            self._ready.notify_all()
+        if self._loop is not None:
+            # A closed submitting loop means nobody awaits this handle any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _next(self, item: Any) -> int:
+        if item is _END:
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return item
+
+    def stream(self, timeout: float | None = None) -> Iterator[int]:
+        """The tokens as they come, blocking (any thread); ``TimeoutError`` if none arrives
+        within ``timeout`` seconds."""
+        while True:
+            with self._ready:
+                if not self._out and not self._ready.wait_for(lambda: self._out, timeout):
+                    raise TimeoutError(f"no token within {timeout}s")
+                item = self._out.popleft()
+            try:
+                yield self._next(item)
+            except StopIteration:
+                return
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """All tokens once the generation ends (blocking)."""
+        for _ in self.stream(timeout):
+            pass
+        return list(self.tokens)
+
+    def __aiter__(self) -> AsyncIterator[int]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[int]:
+        if self._wake is None:
+            raise RuntimeError("async iteration needs a handle submitted from an event loop")
+        while True:
+            with self._ready:
+                item = self._out.popleft() if self._out else None
+                if item is None:
+                    self._wake.clear()
+            if item is None:
+                await self._wake.wait()
+                continue
+            try:
+                yield self._next(item)
+            except StopIteration:
+                return
+
+
+@dataclass(eq=False)
+class _Row:
+    handle: Handle
+    slot: int
+    prompt: list[int]
+    fed: int = 0  # prompt tokens prefilled so far
+    last: torch.Tensor | None = None  # the prompt's last logits [vocab], once all fed
+
+
+class Scheduler:
+    """Continuous batching of generations over one pool of ``max_slots`` sequences.
+
+    ``params``/``cfg``: the model and its :class:`fmm.decoding.DecoderSpec` (or a config
+    with one). ``max_len``: slots per sequence, prompt and new tokens (default: the model's
+    positions). ``prefill_chunk``: most prompt tokens prefilled per iteration.
+    ``eos_id``: ends every request. ``compile``: the decode step's dynamo backend
+    (``"inductor"``, ``"aot_eager"``, a backend callable) or ``None``/``False``: eager.
+    ``max_waiting``: requests queued for a slot before :class:`Overloaded`.
+    ``guided_from``: the first id guided requests may draw (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        cfg: Any,
+        *,
+        max_slots: int = 16,
+        prefill_chunk: int = 64,
+        max_len: int | None = None,
+        eos_id: int | None = None,
+        compile: Any = "inductor",
+        max_waiting: int = 1024,
+        guided_from: int = 0,
+    ):
+        self.spec = spec = as_spec(cfg)
+        for name, value in (("max_slots", max_slots), ("prefill_chunk", prefill_chunk),
+                            ("max_waiting", max_waiting)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Scheduler: {name} must be an int >= 1, got {value!r}")
+        self.max_len = spec.max_positions if max_len is None else max_len
+        if self.max_len is None:
+            raise ValueError("Scheduler: max_len= is needed for a model of unbounded positions")
+        self.params, self.max_slots, self.prefill_chunk = params, max_slots, prefill_chunk
+        self.eos_id, self.max_waiting, self.guided_from = eos_id, max_waiting, guided_from
+        self.backend = compile or None
+        leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
+        self.device, self.vocab = leaf.device, spec.vocab_size
+        with torch.inference_mode():
+            self.pool = init_cache(spec, max_slots, self.max_len, dtype=leaf.dtype,
+                                   device=self.device)  # fmt: skip
+        self._step = batching.compiled_decode(self.backend)
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._prefilling: list[list[_Row]] = []  # a request's rows (two when guided)
+        self._running: dict[int, list[_Row]] = {}  # first slot -> the request's rows
+        self._free = list(range(max_slots))
+        self._next_token = torch.zeros(max_slots, dtype=torch.int64)
+        self._cv = threading.Condition()
+        self._closed = False
+        self.steps = 0  # decode iterations run (metrics, tests)
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop: Sequence[int] = (),
+        guidance: float = 1.0,
+        null_ids: Sequence[int] | None = None,
+        keep_logits: bool = False,
+    ) -> Handle:
+        """Queue one generation of up to ``max_new_tokens`` after ``prompt_ids``; returns its
+        :class:`Handle` at once. ``stop``: token ids that end it (like ``eos_id``).
+        ``ValueError`` for bad options, :class:`Overloaded` when ``max_waiting`` requests
+        already wait, :class:`~train.serve.engine.EngineClosed` after :meth:`close`."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids: empty; a generation needs at least one token")
+        if self.vocab is not None and not all(0 <= t < self.vocab for t in prompt):
+            raise ValueError(f"prompt_ids: every id must be in [0, {self.vocab})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 1 or len(prompt) + max_new_tokens - 1 > self.max_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens plus max_new_tokens={max_new_tokens} is past "
+                f"the {self.max_len} positions of a slot"
+            )
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)  # checks them
+        if guidance != 1.0:
+            if null_ids is None or len(null_ids) == 0:
+                raise ValueError(f"null_ids is missing: guidance={guidance} needs null_ids")
+            if len(null_ids) + max_new_tokens - 1 > self.max_len or self.max_slots < 2:
+                raise ValueError("null_ids: too long for a slot (or fewer than 2 slots)")
+        keys = random.split(random.key(seed), max_new_tokens)
+        handle = Handle(
+            prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling, keys=keys,
+            stop_ids=frozenset(int(s) for s in stop) | (
+                frozenset() if self.eos_id is None else {self.eos_id}),
+            guidance=float(guidance), null_ids=None if null_ids is None else list(null_ids),
+            keep_logits=keep_logits,
+        )  # fmt: skip
+        try:
+            handle._loop = asyncio.get_running_loop()
+            handle._wake = asyncio.Event()
+        except RuntimeError:  # submitted from a plain thread: read it with stream()/result()
+            pass
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the scheduler is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise Overloaded(
+                    f"{len(self._waiting)} generations wait for a slot (max "
+                    f"{self.max_waiting}); retry later"
+                )
+            self._waiting.append(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fmm-scheduler", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return handle
+
+    @property
+    def load(self) -> dict:
+        """``{"waiting", "running", "free_slots"}`` now."""
+        return {"waiting": len(self._waiting), "running": len(self._running) + len(
+            self._prefilling), "free_slots": len(self._free)}  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the worker; unfinished requests end with :class:`EngineClosed`."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._iterate():
+                    pass
+        except BaseException as e:  # a model failure ends every request with it
+            self._fail_all(e)
+            raise
+        self._fail_all(EngineClosed("the scheduler closed"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            handles = list(self._waiting)
+            self._waiting.clear()
+        handles += [rows[0].handle for rows in self._prefilling + list(self._running.values())]
+        self._prefilling, self._running = [], {}
+        for h in handles:
+            if not h.done:
+                h._error = error
+                h._push(_END)
+
+    def _iterate(self) -> bool:
+        with self._cv:
+            while not (self._closed or self._waiting or self._prefilling or self._running):
+                self._cv.wait()
+            if self._closed:
+                return False
+            self._admit()
+        self._drop_cancelled()
+        self._prefill()
+        if self._running:
+            self._decode()
+        return True
+
+    def _admit(self) -> None:
+        while self._waiting:
+            handle = self._waiting[0]
+            if handle._cancelled:
+                self._waiting.popleft()
+                self._finish(handle, [], "cancelled")
+                continue
+            prompts = [handle.prompt] + ([handle.null_ids] if handle.guidance != 1.0 else [])
+            if len(self._free) < len(prompts):
+                return
+            self._waiting.popleft()
+            rows = [_Row(handle, self._free.pop(0), p) for p in prompts]
+            self._prefilling.append(rows)
+
+    def _drop_cancelled(self) -> None:
+        for rows in [r for r in self._prefilling if r[0].handle._cancelled]:
+            self._prefilling.remove(rows)
+            self._finish(rows[0].handle, rows, "cancelled")
+        for first, rows in list(self._running.items()):
+            if rows[0].handle._cancelled:
+                del self._running[first]
+                self._finish(rows[0].handle, rows, "cancelled")
+
+    def _prefill(self) -> None:
+        # Chunks are cut at multiples of prefill_chunk from each prompt's start, whatever
+        # else waits: the request's arithmetic never depends on its company.
+        budget = self.prefill_chunk
+        for rows in list(self._prefilling):
+            for row in rows:
+                while row.fed < len(row.prompt) and budget > 0:
+                    chunk = row.prompt[row.fed : row.fed + self.prefill_chunk]
+                    row.last = batching.prefill_slot(
+                        self.params, torch.tensor(chunk, device=self.device), self.pool,
+                        row.slot, cfg=self.spec,
+                    )  # fmt: skip
+                    row.fed += len(chunk)
+                    budget -= len(chunk)
+            if any(row.fed < len(row.prompt) for row in rows):
+                return
+            self._prefilling.remove(rows)
+            handle, logits = rows[0].handle, torch.stack([row.last for row in rows])
+            token = self._pick(handle, logits, handle.keys[0])
+            if self._emit(handle, rows, token, logits):
+                self._running[rows[0].slot] = rows
+            if budget <= 0:
+                return
+
+    def _pick(self, handle: Handle, logits: torch.Tensor, key: torch.Tensor) -> int:
+        """A token of one request from its rows' logits ``[1 or 2, vocab]`` (batch 1 alone)."""
+        if handle.guidance == 1.0:
+            return int(handle.sampling(logits[:1], key.to(self.device))[0])
+        g = self.guided_from
+        cond, uncond = logits[:1, g:], logits[1:, g:]
+        guided = uncond + handle.guidance * (cond - uncond)
+        return int(handle.sampling(guided, key.to(self.device))[0]) + g
+
+    def _emit(self, handle: Handle, rows: list[_Row], token: int, logits: torch.Tensor) -> bool:
+        """Hand ``token`` to its request; False (and the slots freed) if the request ended."""
+        if handle.keep_logits:
+            handle.logits.append(logits[0].detach().clone())
+        if token in handle.stop_ids:
+            self._finish(handle, rows, "eos" if token == self.eos_id else "stop")
+            return False
+        handle.tokens.append(token)
+        handle.times.append(time.perf_counter())
+        handle._push(token)
+        if len(handle.tokens) >= handle.max_new_tokens:
+            self._finish(handle, rows, "length")
+            return False
+        for row in rows:
+            self._next_token[row.slot] = token
+        return True
+
+    def _finish(self, handle: Handle, rows: list[_Row], reason: str) -> None:
+        for row in rows:
+            batching.free_slot(self.pool, row.slot)
+            self._next_token[row.slot] = 0
+        with self._cv:
+            self._free += [row.slot for row in rows]
+        handle.stop_reason = reason
+        handle._push(_END)
+
+    def _decode(self) -> None:
+        m = self.max_slots
+        active = torch.zeros(m, dtype=torch.bool)
+        temperature, top_p = torch.zeros(m), torch.zeros(m)
+        top_k = torch.zeros(m, dtype=torch.int64)
+        keys = torch.zeros(m, 2, dtype=torch.int64)
+        plain = []  # requests sampled in the batch (the guided ones are combined per pair)
+        for rows in self._running.values():
+            h = rows[0].handle
+            for row in rows:
+                active[row.slot] = True
+            if h.guidance == 1.0:
+                s, i = rows[0].slot, len(h.tokens)
+                temperature[s] = h.sampling.temperature
+                top_k[s] = h.sampling.top_k or 0
+                top_p[s] = h.sampling.top_p or 0.0
+                keys[s] = h.keys[i]
+                plain.append(rows)
+        dev = self.device
+        logits, self.pool = self._step(
+            self.params, self._next_token.to(dev), self.pool, active.to(dev), self.spec
+        )
+        self.steps += 1
+        tokens = None
+        if plain:
+            noise = None
+            if bool((temperature > 0).any()):
+                noise = batching.slot_noise(keys.to(dev), logits.shape[-1], backend=self.backend)
+            tokens = batching.sample_slots(
+                logits, noise, temperature=temperature.to(dev), top_k=top_k.to(dev),
+                top_p=top_p.to(dev),
+            ).tolist()  # fmt: skip
+        for first, rows in list(self._running.items()):
+            h = rows[0].handle
+            own = logits[[row.slot for row in rows]]
+            if h.guidance == 1.0:
+                token = tokens[first]
+            else:
+                token = self._pick(h, own, h.keys[len(h.tokens)])
+            if not self._emit(h, rows, token, own):
+                del self._running[first]
