@@ -12,12 +12,12 @@ Example::
 from collections.abc import Callable
 from typing import Any
 
-from models import albef, bert, clip, flava, gpt, mmgpt, vqvae
+from models import albef, bert, clip, flava, gpt, mmgpt, omnivore, vqvae
 from models.family import Family
 
 # Adding a family: one package under models/ and its module in this tuple.
 FAMILIES: tuple[Family, ...] = tuple(
-    package.FAMILY for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef)
+    package.FAMILY for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore)
 )
 
 
@@ -74,5 +74,6 @@ __all__ = [
     "get_family",
     "gpt",
     "mmgpt",
+    "omnivore",
     "vqvae",
 ]

@@ -1,0 +1,162 @@
+"""Omnivore: parity with TorchMultimodal's Omnivore on identical random weights, the
+converters' round trip and error list, images as one-frame videos, bad input by name."""
+
+import pytest
+import torch
+from torch import nn
+
+import fmm
+from fmm.convert import ConversionError
+from models import omnivore
+from models.omnivore import OmnivoreConfig
+from tests.reference import reference
+
+
+def _reference(cfg: OmnivoreConfig) -> nn.Module:
+    """TorchMultimodal's Omnivore built as its ``omnivore_swin_*`` builders do, at ``cfg``."""
+    tmm = reference("torchmultimodal.models.omnivore")
+    swin = reference("torchmultimodal.modules.encoders.swin_transformer_3d_encoder")
+    encoder = swin.SwinTransformer3d(
+        patch_size=list(cfg.patch),
+        embed_dim=cfg.dim,
+        depths=list(cfg.depths),
+        num_heads=list(cfg.num_heads),
+        window_size=list(cfg.window),
+        norm_layer=nn.LayerNorm,
+        patch_embed=tmm.PatchEmbedOmnivore,
+        num_classes=None,
+    )
+    heads = nn.ModuleDict(
+        {
+            name: nn.Sequential(nn.Dropout(0.5), nn.Linear(cfg.features, n))
+            if modality == "video"
+            else nn.Linear(cfg.features, n)
+            for name, n, modality in cfg.heads
+        }
+    )
+    return tmm.Omnivore(encoder, heads).eval()
+
+
+def _randomise(model: nn.Module) -> None:
+    # Norms start at ones/zeros and the bias table near zero: draw everything so parity
+    # sees every weight.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if "relative_position" in name else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * scale + ("norm" in name))
+
+
+REDUCED = omnivore.omnivore_tiny(
+    dim=24, depths=(2, 2, 1), num_heads=(2, 2, 4), window=(2, 3, 3), image_size=24, frames=6
+)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    ref = _reference(REDUCED)
+    _randomise(ref)
+    return ref, omnivore.from_torchmultimodal(ref.state_dict(), REDUCED)
+
+
+@pytest.mark.parametrize(
+    "modality, shape",
+    [
+        ("video", (2, 3, 6, 24, 24)),
+        ("image", (2, 3, 1, 24, 24)),
+        ("rgbd", (2, 4, 1, 24, 24)),
+        ("video", (1, 3, 5, 26, 18)),  # sizes that pad patches and windows
+    ],
+)
+def test_outputs_match_torchmultimodal(converted, modality, shape):
+    ref, params = converted
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = ref(x, modality)
+    ours = omnivore.classify(params, x, modality, cfg=REDUCED)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        omnivore.encode(params, x, cfg=REDUCED), ref.encoder(x), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_an_image_is_a_one_frame_video(converted):
+    _, params = converted
+    image = torch.rand(2, 4, 24, 24)
+    torch.testing.assert_close(
+        omnivore.encode(params, image, cfg=REDUCED),
+        omnivore.encode(params, image[:, :, None], cfg=REDUCED),
+    )
+
+
+def test_round_trip_and_strict_load(converted):
+    ref, params = converted
+    sd = omnivore.to_torchmultimodal(params, REDUCED)
+    fresh = _reference(REDUCED)
+    fresh.load_state_dict(sd, strict=True)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    again = omnivore.from_torchmultimodal(sd, REDUCED)
+    assert fmm.tree.flatten(again).keys() == fmm.tree.flatten(params).keys()
+
+
+def test_a_bad_state_dict_lists_every_problem(converted):
+    ref, _ = converted
+    sd = dict(ref.state_dict())
+    del sd["encoder.norm.weight"]
+    sd["encoder.extra"] = torch.zeros(1)
+    sd["heads.image.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ConversionError) as err:
+        omnivore.from_torchmultimodal(sd, REDUCED)
+    text = str(err.value)
+    assert "missing: encoder.norm.weight" in text
+    assert "unexpected: encoder.extra" in text
+    assert "mismatched heads.image.weight" in text
+
+
+def test_bad_inputs_are_refused_by_name():
+    cfg = omnivore.omnivore_tiny()
+    params = omnivore.init(cfg, fmm.random.key(0))
+    with pytest.raises(ValueError, match="x must have"):
+        omnivore.encode(params, torch.rand(2, 5, 16, 16), cfg=cfg)
+    with pytest.raises(ValueError, match="head must be one of"):
+        omnivore.classify(params, torch.rand(2, 3, 16, 16), "audio", cfg=cfg)
+    batch = fmm_batch(cfg)
+    batch["rgbd"] = torch.rand(3, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"batch\['rgbd'\]"):
+        omnivore.loss(params, batch, cfg=cfg)
+    with pytest.raises(ValueError, match="modality"):
+        omnivore.omnivore_tiny(heads=(("x", 3, "audio"),))
+
+
+def fmm_batch(cfg):
+    from models.family import example_batch
+
+    return example_batch(omnivore.batch_fields(cfg), fmm.random.key(0))
+
+
+def test_the_loss_trains_every_head():
+    cfg = omnivore.omnivore_tiny()
+    params = omnivore.init(cfg, fmm.random.key(0))
+    value, metrics = omnivore.loss(params, fmm_batch(cfg), cfg=cfg)
+    assert {f"{n}_accuracy" for n, _, _ in cfg.heads} <= metrics.keys()
+    leaves = fmm.tree.flatten(params)
+    for leaf in leaves.values():
+        leaf.requires_grad_(True)
+    value, _ = omnivore.loss(fmm.tree.unflatten(leaves), fmm_batch(cfg), cfg=cfg)
+    value.backward()
+    assert all(leaf.grad is not None for leaf in leaves.values())
+
+
+@pytest.mark.slow
+def test_full_swin_t_matches_torchmultimodal():
+    tmm = reference("torchmultimodal.models.omnivore")
+    ref = tmm.omnivore_swin_t().eval()
+    _randomise(ref)
+    cfg = omnivore.omnivore_swin_t()
+    params = omnivore.from_torchmultimodal(ref.state_dict(), cfg)
+    x = torch.rand(1, 3, 4, 112, 112, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = ref(x, "video")
+    ours = omnivore.classify(params, x, "video", cfg=cfg)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
