@@ -1,0 +1,173 @@
+"""train.serve.scheduler: requests of mixed lengths arriving at random times each get what
+they get alone (through the same scheduler: bit for bit; against fmm.decoding.generate:
+logits within 1e-5 every step, the same tokens), for GPT text and mmgpt image codes (with
+classifier-free guidance as two rows of the pool); EOS, stop ids, cancel, overload; one
+compiled step for every occupancy."""
+
+import asyncio
+import random as pyrandom
+import time
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import fmm
+from fmm import decoding
+from models import gpt, mmgpt
+from train.serve.engine import Overloaded
+from train.serve.scheduler import Scheduler
+
+CFG = gpt.GPTConfig(vocab_size=97, context_length=48, width=32, layers=2, heads=4)
+SPEC = gpt.decoder_spec(CFG)
+PARAMS = gpt.init(CFG, fmm.random.key(0))
+MM = mmgpt.MMGPTConfig(text_vocab=16, text_len=6, image_vocab=24, image_len=10, width=32,
+                       layers=2, heads=2)  # fmt: skip
+MM_PARAMS = mmgpt.init(MM, fmm.random.key(1))
+OPTIONS = [{}, {"temperature": 0.9}, {"temperature": 1.2, "top_k": 7},
+           {"temperature": 0.8, "top_p": 0.85}, {"temperature": 1.0, "top_k": 20, "top_p": 0.6}]  # fmt: skip
+
+
+def _requests(n, seed):
+    g = pyrandom.Random(seed)
+    out = []
+    for i in range(n):
+        length = g.choice([1, 3, 9, 17, 30])
+        prompt = [g.randrange(97) for _ in range(length)]
+        out.append((prompt, g.randint(1, 48 - length + 1 if length > 1 else 20),
+                    {**OPTIONS[i % len(OPTIONS)], "seed": i}))  # fmt: skip
+    return out
+
+
+def _alone_logits(prompt, tokens):
+    """Batch-1 logits before each token (what fmm.decoding.generate computes alone)."""
+    cache = decoding.init_cache(SPEC, 1, len(prompt) + len(tokens))
+    logits, cache = decoding.prefill(PARAMS, torch.tensor([prompt]), cache, cfg=SPEC)
+    out = [logits[0, -1]]
+    for t in tokens[:-1]:
+        step, cache = decoding.decode_step(PARAMS, torch.tensor([t]), cache, cfg=SPEC)
+        out.append(step[0])
+    return torch.stack(out)
+
+
+def _submit_at_random_times(scheduler, requests, seed):
+    g = pyrandom.Random(seed)
+    handles = []
+    for prompt, new, opts in requests:
+        time.sleep(g.choice([0, 0, 0.001, 0.01]))
+        handles.append(scheduler.submit(prompt, max_new_tokens=new, keep_logits=True, **opts))
+    return handles
+
+
+def test_each_request_gets_what_it_gets_alone_whatever_shares_the_pool():
+    requests = _requests(14, seed=0)
+    busy = Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=8, compile=None)
+    handles = _submit_at_random_times(busy, requests, seed=1)
+    got = [h.result(timeout=60) for h in handles]
+    assert busy.steps < sum(len(t) for t in got)  # they really shared steps
+    busy.close()
+    quiet = Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=8, compile=None)
+    compared = 0
+    for (prompt, new, opts), h, tokens in zip(requests, handles, got):
+        alone = quiet.submit(prompt, max_new_tokens=new, keep_logits=True, **opts)
+        assert alone.result(timeout=60) == tokens  # the same server, alone: bit for bit
+        assert len(h.logits) == len(alone.logits) == new
+        assert all(torch.equal(a, b) for a, b in zip(alone.logits, h.logits))
+        ref = decoding.generate(
+            PARAMS, torch.tensor([prompt]), cfg=SPEC, max_new_tokens=new,
+            key=fmm.random.key(opts["seed"]), temperature=opts.get("temperature", 0.0),
+            top_k=opts.get("top_k"), top_p=opts.get("top_p"),
+        )  # fmt: skip
+        want = _alone_logits(prompt, tokens)
+        torch.testing.assert_close(torch.stack(h.logits), want, atol=1e-5, rtol=0)
+        top2 = want.topk(2, dim=-1).values
+        decided = (top2[:, 0] - top2[:, 1] > 1e-5).all()
+        if decided or opts.get("temperature"):
+            assert tokens == ref.tokens[0].tolist()
+            compared += 1
+        assert h.stop_reason == "length" and len(tokens) == new
+    assert compared >= 12
+    quiet.close()
+
+
+def _image_codes(prompt, guidance, seed, temperature):
+    null = torch.zeros(1, MM.text_len, dtype=torch.int64)
+    return mmgpt.generate_images(
+        MM_PARAMS, torch.tensor([prompt]), cfg=MM, key=fmm.random.key(seed),
+        temperature=temperature, top_k=9, guidance=guidance, null_text=null,
+    )[0].tolist()  # fmt: skip
+
+
+def test_image_codes_with_and_without_guidance_equal_generate_images():
+    spec = mmgpt.image_decoder_spec(MM)
+    scheduler = Scheduler(MM_PARAMS, spec, max_slots=5, prefill_chunk=4, compile=None,
+                          guided_from=MM.text_vocab)  # fmt: skip
+    g = pyrandom.Random(2)
+    jobs = []
+    for i in range(6):
+        prompt = [g.randrange(MM.text_vocab) for _ in range(MM.text_len)]
+        guidance, temperature = (1.0, 3.0)[i % 2], (0.0, 1.0)[i // 2 % 2]
+        h = scheduler.submit(prompt, max_new_tokens=MM.image_len, temperature=temperature,
+                             top_k=9, seed=i, guidance=guidance, null_ids=[0] * MM.text_len)  # fmt: skip
+        jobs.append((h, prompt, guidance, i, temperature))
+        time.sleep(g.choice([0, 0.005]))
+    for h, prompt, guidance, seed, temperature in jobs:
+        codes = [t - MM.text_vocab for t in h.result(timeout=60)]
+        assert codes == _image_codes(prompt, guidance, seed, temperature)
+    scheduler.close()
+
+
+def test_eos_stop_and_cancel_end_a_request_and_free_its_slot():
+    probe = Scheduler(PARAMS, SPEC, max_slots=2, compile=None)
+    tokens = probe.submit([1, 2, 3], max_new_tokens=10).result(timeout=30)
+    probe.close()
+    eos = Scheduler(PARAMS, SPEC, max_slots=2, compile=None, eos_id=tokens[3])
+    h = eos.submit([1, 2, 3], max_new_tokens=10)
+    assert h.result(timeout=30) == tokens[: tokens.index(tokens[3])]
+    assert h.stop_reason == "eos"
+    h = eos.submit([1, 2, 3], max_new_tokens=10, stop=[tokens[1]])
+    assert h.result(timeout=30) == tokens[: tokens.index(tokens[1])] and h.stop_reason == "stop"
+    long = eos.submit([1], max_new_tokens=40, temperature=1.0)
+    first = next(long.stream(timeout=30))
+    long.cancel()
+    rest = list(long.stream(timeout=30))
+    assert long.stop_reason == "cancelled" and 1 + len(rest) < 40 and first == long.tokens[0]
+    assert eos.load == {"waiting": 0, "running": 0, "free_slots": 2}
+    eos.close()
+
+
+def test_async_iteration_and_refusals():
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=1, compile=None, max_waiting=1)
+
+    async def main():
+        h = scheduler.submit([4, 5], max_new_tokens=6)
+        return [t async for t in h], h
+
+    tokens, h = asyncio.run(main())
+    assert tokens == h.tokens and len(tokens) == 6
+    for bad, match in (({"max_new_tokens": 0}, "max_new_tokens"),
+                       ({"max_new_tokens": 48}, "positions"),
+                       ({"max_new_tokens": 2, "temperature": -1}, "temperature"),
+                       ({"max_new_tokens": 2, "guidance": 2.0}, "null_ids")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            scheduler.submit([1, 2], **bad)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        scheduler.submit([], max_new_tokens=2)
+    blocker = scheduler.submit([1], max_new_tokens=40)
+    next(blocker.stream(timeout=30))  # it holds the only slot now
+    scheduler.submit([1], max_new_tokens=2)
+    with pytest.raises(Overloaded):  # one slot running, one request waiting: full
+        scheduler.submit([1], max_new_tokens=2)
+    blocker.cancel()
+    scheduler.close()
+
+
+def test_one_compiled_step_serves_every_occupancy():
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=3, prefill_chunk=5, compile=counter)
+    handles = _submit_at_random_times(scheduler, _requests(6, seed=3), seed=4)
+    for h in handles:
+        h.result(timeout=120)
+    assert scheduler.steps > 10
+    assert counter.frame_count == 2  # the decode step and the sampling noise, once each
+    scheduler.close()
