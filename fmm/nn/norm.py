@@ -22,3 +22,48 @@ def layer_norm(params: Params, x: torch.Tensor, *, eps: float = 1e-5) -> torch.T
     """Normalise ``x: [..., dim]`` over ``dim``, then scale and shift. Returns ``[..., dim]``."""
     w = params["weight"]
     return F.layer_norm(x, w.shape, w, params.get("bias"), eps)
+
+
+def init_batch_norm(
+    channels: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Params:
+    """``{"weight": ones, "bias": zeros, "running_mean": zeros, "running_var": ones}``, each
+    ``[channels]`` (``nn.BatchNorm*d``'s state dict without its batch counter). The running
+    statistics are leaves no gradient reaches: :func:`update_running_stats` sets them."""
+    return {
+        **init_layer_norm(channels, device=device, dtype=dtype),
+        "running_mean": torch.zeros(channels, dtype=dtype, device=device),
+        "running_var": torch.ones(channels, dtype=dtype, device=device),
+    }
+
+
+def batch_norm(params: Params, x: torch.Tensor, *, train: bool, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise ``x: [B, C, ...]`` per channel: by this batch's statistics when ``train``,
+    else by the running ones. Pure: the running statistics are read, never written."""
+    p = params
+    if train:
+        # No running tensors given, so nothing is updated in place.
+        return F.batch_norm(x, None, None, p["weight"], p["bias"], training=True, eps=eps)
+    return F.batch_norm(
+        x, p["running_mean"], p["running_var"], p["weight"], p["bias"], training=False, eps=eps
+    )
+
+
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of ``x: [B, C, ...]``: two ``[C]`` tensors."""
+    dims = [0, *range(2, x.ndim)]
+    return x.mean(dims), x.var(dims, correction=1)
+
+
+def update_running_stats(
+    params: Params, mean: torch.Tensor, var: torch.Tensor, *, momentum: float = 0.1
+) -> Params:
+    """New batch-norm params with running statistics moved ``momentum`` of the way to
+    ``mean``, ``var`` (``[C]``, from :func:`batch_statistics`), as ``nn.BatchNorm``'s update."""
+    return {
+        **params,
+        "running_mean": torch.lerp(
+            params["running_mean"], mean.to(params["running_mean"]), momentum
+        ),
+        "running_var": torch.lerp(params["running_var"], var.to(params["running_var"]), momentum),
+    }
