@@ -12,12 +12,16 @@ Example::
 from collections.abc import Callable
 from typing import Any
 
-from models import albef, bert, clip, flava, gpt, mmgpt, omnivore, vqvae
+from models import albef, bert, clip, flava, gpt, mmgpt, omnivore, videogpt, vqvae
 from models.family import Family
 
 # Adding a family: one package under models/ and its module in this tuple.
-FAMILIES: tuple[Family, ...] = tuple(
-    package.FAMILY for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore)
+FAMILIES: tuple[Family, ...] = (
+    *(
+        package.FAMILY
+        for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt)
+    ),
+    videogpt.VQVAE_FAMILY,  # the videogpt package's second contract: its video tokenizer
 )
 
 
