@@ -171,3 +171,33 @@ def test_one_compiled_step_serves_every_occupancy():
     assert scheduler.steps > 10
     assert counter.frame_count == 2  # the decode step and the sampling noise, once each
     scheduler.close()
+
+
+def test_the_serve_command_batches_generations_by_default(tmp_path):
+    import argparse
+
+    from tests.serve.test_gpt_serving import write_gpt2_dir
+    from train.recipes import serve
+
+    write_gpt2_dir(tmp_path)
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    defaults = parser.parse_args(["--ckpt", str(tmp_path)])
+    assert not defaults.no_batching and defaults.compile_step == "inductor"
+
+    def events(*flags):
+        args = parser.parse_args(["--ckpt", str(tmp_path), *flags])
+        service = serve.build_service(args)
+
+        async def one(i):
+            opts = {"temperature": 0.9 if i % 2 else 0.0, "seed": i, "max_new_tokens": 5 + i}
+            return [e async for e in service.generate(f"a red {i}", **opts)]
+
+        async def main():
+            return await asyncio.gather(*(one(i) for i in range(6))), service.max_generations
+
+        return asyncio.run(main())
+
+    batched, cap = events("--compile-step", "none", "--max-slots", "3", "--prefill-chunk", "2")
+    alone, cap_alone = events("--no-batching", "--max-generations", "6")
+    assert batched == alone and (cap, cap_alone) == (12, 6)

@@ -15,13 +15,15 @@ with the tokens streamed likewise. Routes and status codes: :mod:`train.serve.ap
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import fmm
 import models
-from models import gpt
+from models import gpt, mmgpt
 from train import checkpoint
 from train.loop import Run, load_run
 from train.recipes import add_device_argument, device_of, number
@@ -106,8 +108,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "net.core.somaxconn) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-generations", type=number(at_least=1), default=2,
-        help="concurrent generations before 503 (default: %(default)s)",
+        "--max-generations", type=number(at_least=1), default=None,
+        help="concurrent generations (running or waiting for a slot) before 503 (default: "
+        "4 x --max-slots; 2 with --no-batching)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-slots", type=number(at_least=1), default=16,
+        help="generations decoded together, one token each per step, in one shared cache "
+        "(continuous batching) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefill-chunk", type=number(at_least=1), default=64,
+        help="most prompt tokens prefilled between two decode steps, so that a long prompt "
+        "does not stall the running generations (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile-step", choices=("inductor", "aot_eager", "none"), default="inductor",
+        help="how the batched decode step runs: compiled once at start-up (inductor, the "
+        "fastest), or eager (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-batching", action="store_true",
+        help="run each generation alone in its own thread and cache (the path before the "
+        "scheduler)",
     )  # fmt: skip
     add_device_argument(parser)
 
@@ -194,13 +217,43 @@ def embedding_model(run: Run, *, quantize: str = "none") -> ServedModel:
     )
 
 
-def drawing_model(run: Run, *, quantize: str = "none") -> ServedModel:
+@dataclass(frozen=True, kw_only=True)
+class Batching:
+    """How generations share the model: ``max_slots`` sequences in one pool,
+    ``prefill_chunk`` prompt tokens per iteration, the decode step compiled with
+    ``compile`` (a dynamo backend name, or ``None``: eager). See
+    :class:`train.serve.scheduler.Scheduler`."""
+
+    max_slots: int = 16
+    prefill_chunk: int = 64
+    compile: str | None = "inductor"
+
+    def scheduler(self, params: dict, spec: Any, **kw: Any) -> Any:
+        """A warmed-up :class:`~train.serve.scheduler.Scheduler` over ``params``."""
+        from train.serve.scheduler import Scheduler
+
+        scheduler = Scheduler(
+            params, spec, max_slots=self.max_slots, prefill_chunk=self.prefill_chunk,
+            compile=self.compile, **kw,
+        )  # fmt: skip
+        scheduler.warmup()
+        return scheduler
+
+
+def drawing_model(
+    run: Run, *, quantize: str = "none", batching: Batching | None = None
+) -> ServedModel:
     """A :class:`ServedModel` of a caption -> image run (``python -m train mmgpt``: a
     generator and the VQ-VAE whose codes it draws): streamed image generation."""
     from train.recipes.generate import drawing_kit
 
     kit = drawing_kit(run)
     kit["params"] = _maybe_quantize(kit["params"], quantize)
+    if batching is not None:
+        cfg = kit["cfg"]
+        kit["scheduler"] = batching.scheduler(
+            kit["params"], mmgpt.image_decoder_spec(cfg), guided_from=cfg.text_vocab
+        )
     config = {**run.config, "quantize": quantize}
     return ServedModel(
         name=run.family.name,
@@ -211,8 +264,15 @@ def drawing_model(run: Run, *, quantize: str = "none") -> ServedModel:
     )
 
 
-def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
-    """A :class:`ServedModel` of a Hugging Face GPT-2 directory: streamed text generation.
+def gpt_model(
+    model_dir: str | Path,
+    *,
+    quantize: str = "none",
+    device: str = "cpu",
+    batching: Batching | None = None,
+) -> ServedModel:
+    """A :class:`ServedModel` of a Hugging Face GPT-2 directory: streamed text generation
+    (``batching``: through one shared scheduler; ``None``: each request alone).
 
     Needs ``tokenizer.json`` (the ``tokenizers`` file GPT-2 ships with) beside the weights.
     """
@@ -239,6 +299,8 @@ def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "c
         "tokenizer": tokenizer,
         "eos_id": config.get("eos_token_id"),
     }
+    if batching is not None:
+        run["scheduler"] = batching.scheduler(params, gpt.decoder_spec(cfg), eos_id=run["eos_id"])
     return ServedModel(
         name="gpt2",
         fingerprint=_fingerprint(config, params),
@@ -249,10 +311,18 @@ def gpt_model(model_dir: str | Path, *, quantize: str = "none", device: str = "c
     )
 
 
-def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cpu") -> ServedModel:
+def load_model(
+    run_dir: str | Path,
+    *,
+    quantize: str = "none",
+    device: str = "cpu",
+    batching: Batching | None = None,
+) -> ServedModel:
     """The :class:`ServedModel` for whatever ``run_dir`` holds: a run of a family with
     embeddings (``FAMILY.serving``), a caption -> image run (it carries its VQ-VAE), or a
-    Hugging Face GPT-2 directory (its ``config.json`` says ``"model_type": "gpt2"``)."""
+    Hugging Face GPT-2 directory (its ``config.json`` says ``"model_type": "gpt2"``).
+    ``batching``: generations share one :class:`Batching` scheduler (``None``: each runs
+    alone)."""
     config = checkpoint.load_config(run_dir)
     if "model_type" in config:  # Hugging Face's config.json, not one of our runs'
         if config["model_type"] != "gpt2":
@@ -260,12 +330,12 @@ def load_model(run_dir: str | Path, *, quantize: str = "none", device: str = "cp
                 f"{run_dir} holds a Hugging Face {config['model_type']!r} model; `serve` "
                 "serves gpt2 ones"
             )
-        return gpt_model(run_dir, quantize=quantize, device=device)
+        return gpt_model(run_dir, quantize=quantize, device=device, batching=batching)
     run = load_run(run_dir, device=device)
     if run.family.serving is not None:
         return embedding_model(run, quantize=quantize)
     if run.family.decoder_spec is not None and "vqvae" in run.config:
-        return drawing_model(run, quantize=quantize)
+        return drawing_model(run, quantize=quantize, batching=batching)
     servable = sorted(f.name for f in models.FAMILIES if f.serving is not None)
     raise checkpoint.CheckpointError(
         f"{run_dir} holds a {run.family.name!r} run, which `serve` cannot serve: it serves runs "
@@ -301,7 +371,16 @@ def build_service(args: argparse.Namespace) -> Service:
     """The :class:`Service` the flags describe (model, store, batching limits)."""
     _check_flags(args)
     device = device_of(args)
-    model = load_model(args.ckpt, quantize=args.quantize, device=device)
+    batching = None
+    if not args.no_batching:
+        backend = None if args.compile_step == "none" else args.compile_step
+        batching = Batching(
+            max_slots=args.max_slots, prefill_chunk=args.prefill_chunk, compile=backend
+        )
+    model = load_model(args.ckpt, quantize=args.quantize, device=device, batching=batching)
+    generations = args.max_generations
+    if generations is None:
+        generations = 2 if batching is None else 4 * args.max_slots
     store = None
     if args.store is not None:
         from train.store import EmbeddingStore
@@ -311,7 +390,7 @@ def build_service(args: argparse.Namespace) -> Service:
         )
     return Service(
         model, store=store, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, timeout_s=args.timeout_s, max_generations=args.max_generations,
+        max_queue=args.max_queue, timeout_s=args.timeout_s, max_generations=generations,
     )  # fmt: skip
 
 

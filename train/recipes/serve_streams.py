@@ -3,9 +3,11 @@
 - :func:`stream_image_codes`: an mmgpt run's image codes, then the decoded image (PNG);
 - :func:`stream_text`: a GPT's tokens with the text each adds, then the whole text.
 
-Each is a loop over ``fmm.decoding.prefill``/``decode_step`` so that a token leaves before
-the next is computed, draws what the batch generators draw for the same seed, and stops once
-its ``stop`` event is set (a client that went away).
+Each draws what the batch generators draw for the same seed, a token leaving before the next
+is computed, and stops once its ``stop`` event is set (a client that went away). With a
+``"scheduler"`` in the run (``python -m train serve`` without ``--no-batching``) the tokens
+come from its shared pool (:mod:`train.serve.scheduler`); otherwise from a loop over
+``fmm.decoding.prefill``/``decode_step`` in a cache of the request's own.
 """
 
 from __future__ import annotations
@@ -60,35 +62,26 @@ def stream_image_codes(
             f"max_new_tokens: an image of this model is always {cfg.image_len} codes, "
             f"got {max_new_tokens}"
         )
-    spec, tv = mmgpt.image_decoder_spec(cfg), cfg.text_vocab
-    device = params["pos"].device
+    tv, device = cfg.text_vocab, params["pos"].device
     rows = tok.encode([prompt], cfg.text_len)
     if guidance != 1.0:
         rows = torch.cat([rows, tok.encode([""], cfg.text_len)])
-    rows = rows.to(device)
     sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    cache = decoding.init_cache(
-        spec, len(rows), cfg.seq_len - 1, dtype=params["pos"].dtype, device=device
-    )
-    # The cache is this call's own: donate it, so each step writes one slot in place.
-    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True, donate=True)
-    logits = logits[:, -1]
-    keys = fmm.random.split(fmm.random.key(seed), cfg.image_len)
+    if "scheduler" in run:  # the server's pool: the same codes, drawn beside other requests
+        drawn = _scheduled(
+            run, rows[0].tolist(), stop, max_new_tokens=cfg.image_len, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, guidance=guidance,
+            null_ids=rows[1].tolist() if guidance != 1.0 else None,
+        )  # fmt: skip
+        drawn = (token - tv for token in drawn)
+    else:
+        drawn = _codes_alone(run, rows.to(device), sampling, guidance, seed)
     codes: list[int] = []
-    for i in range(cfg.image_len):
-        if guidance == 1.0:  # as decoding.generate: sample the full, text-masked vocab
-            code = sampling(logits, keys[i].to(device)) - tv
-        else:  # as mmgpt's guided loop: combine and sample the image slice only
-            cond, uncond = logits[:1, tv:], logits[1:, tv:]
-            code = sampling(uncond + guidance * (cond - uncond), keys[i].to(device))
-        codes.append(int(code[0]))
-        yield {"index": i, "token": codes[-1]}
+    for i, code in enumerate(drawn):
+        codes.append(code)
+        yield {"index": i, "token": code}
         if stop.is_set():
             return
-        if i + 1 < cfg.image_len:
-            logits, cache = decoding.decode_step(
-                params, (code + tv).repeat(len(rows)), cache, cfg=spec, donate=True
-            )
     grid = torch.tensor(codes, device=device).reshape(1, run["vqvae_cfg"].grid, -1)
     image = vqvae.decode(run["vqvae_params"], grid, cfg=run["vqvae_cfg"])[0]
     yield {"done": True, "tokens": codes, "image_png": _png_base64(image)}
@@ -116,7 +109,7 @@ def stream_text(
     """
     if guidance != 1.0:
         raise ValueError(f"guidance: a text model takes no guidance (1.0), got {guidance}")
-    cfg, params, tok, eos = run["cfg"], run["params"], run["tokenizer"], run["eos_id"]
+    cfg, tok = run["cfg"], run["tokenizer"]
     ids = tok.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("prompt: encodes to no tokens")
@@ -129,8 +122,68 @@ def stream_text(
             f"prompt of {len(ids)} tokens plus max_new_tokens={new} is past this model's "
             f"context of {cfg.context_length} tokens"
         )
-    spec, device = gpt.decoder_spec(cfg), params["pos"].device
     sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if "scheduler" in run:  # the server's pool: the same tokens, drawn beside other requests
+        drawn = _scheduled(run, ids, stop, max_new_tokens=new, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+    else:
+        drawn = _text_alone(run, ids, new, sampling, seed)
+    out: list[int] = []
+    text = ""
+    for i, token in enumerate(drawn):
+        out.append(token)
+        decoded = tok.decode(out)
+        piece = "" if decoded.endswith("\ufffd") else decoded[len(text) :]
+        text += piece
+        yield {"index": i, "token": out[-1], "text": piece}
+        if stop.is_set():
+            return
+    reason = "length" if len(out) == new else "eos"
+    yield {"done": True, "tokens": out, "text": tok.decode(out), "stop_reason": reason}
+
+
+def _scheduled(run: dict, ids: list[int], stop: threading.Event, **options) -> Iterator[int]:
+    # A request to the server's train.serve.scheduler.Scheduler; a consumer that stops
+    # early (a client that went away) cancels it, which frees its slot at once.
+    handle = run["scheduler"].submit(ids, **options)
+    try:
+        for token in handle.stream():
+            yield token
+            if stop.is_set():
+                return
+    finally:
+        handle.cancel()
+
+
+def _codes_alone(run: dict, rows: torch.Tensor, sampling, guidance: float, seed: int):
+    """Image codes of one request in a cache of its own (``rows``: the caption, and the
+    empty one when guided), as a loop over ``prefill``/``decode_step``."""
+    cfg, params = run["cfg"], run["params"]
+    spec, tv, device = mmgpt.image_decoder_spec(cfg), cfg.text_vocab, rows.device
+    cache = decoding.init_cache(
+        spec, len(rows), cfg.seq_len - 1, dtype=params["pos"].dtype, device=device
+    )
+    # The cache is this call's own: donate it, so each step writes one slot in place.
+    logits, cache = decoding.prefill(params, rows, cache, cfg=spec, last_only=True, donate=True)
+    logits = logits[:, -1]
+    keys = fmm.random.split(fmm.random.key(seed), cfg.image_len)
+    for i in range(cfg.image_len):
+        if guidance == 1.0:  # as decoding.generate: sample the full, text-masked vocab
+            code = sampling(logits, keys[i].to(device)) - tv
+        else:  # as mmgpt's guided loop: combine and sample the image slice only
+            cond, uncond = logits[:1, tv:], logits[1:, tv:]
+            code = sampling(uncond + guidance * (cond - uncond), keys[i].to(device))
+        yield int(code[0])
+        if i + 1 < cfg.image_len:
+            logits, cache = decoding.decode_step(
+                params, (code + tv).repeat(len(rows)), cache, cfg=spec, donate=True
+            )
+
+
+def _text_alone(run: dict, ids: list[int], new: int, sampling, seed: int) -> Iterator[int]:
+    """A GPT's tokens for one request in a cache of its own, up to (not with) its EOS."""
+    cfg, params, eos = run["cfg"], run["params"], run["eos_id"]
+    spec, device = gpt.decoder_spec(cfg), params["pos"].device
     cache = decoding.init_cache(
         spec, 1, len(ids) + new - 1, dtype=params["pos"].dtype, device=device
     )
@@ -139,20 +192,10 @@ def stream_text(
     )
     logits = logits[:, -1]
     keys = fmm.random.split(fmm.random.key(seed), new)
-    out: list[int] = []
-    text, reason = "", "length"
     for i in range(new):
         token = sampling(logits, keys[i].to(device))
         if eos is not None and int(token[0]) == eos:
-            reason = "eos"
-            break
-        out.append(int(token[0]))
-        decoded = tok.decode(out)
-        piece = "" if decoded.endswith("\ufffd") else decoded[len(text) :]
-        text += piece
-        yield {"index": i, "token": out[-1], "text": piece}
-        if stop.is_set():
             return
+        yield int(token[0])
         if i + 1 < new:
             logits, cache = decoding.decode_step(params, token, cache, cfg=spec, donate=True)
-    yield {"done": True, "tokens": out, "text": tok.decode(out), "stop_reason": reason}

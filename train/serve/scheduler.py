@@ -271,6 +271,19 @@ class Scheduler:
             self._cv.notify()
         return handle
 
+    def warmup(self) -> None:
+        """Compile (or run once) the decode step and the sampling noise now, on an idle
+        pool, so that no request waits for a compile. Call before the first submit."""
+        if self._thread is not None:
+            raise RuntimeError("warmup() must run before the first submit")
+        m, dev = self.max_slots, self.device
+        with torch.inference_mode():
+            idle = torch.zeros(m, dtype=torch.bool, device=dev)
+            _, self.pool = self._step(self.params, self._next_token.to(dev), self.pool, idle,
+                                      self.spec)  # fmt: skip
+            keys = torch.zeros(m, 2, dtype=torch.int64, device=dev)
+            batching.slot_noise(keys, self.vocab, backend=self.backend)
+
     @property
     def load(self) -> dict:
         """``{"waiting", "running", "free_slots"}`` now."""
