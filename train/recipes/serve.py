@@ -123,6 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "does not stall the running generations (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--slot-len", type=number(at_least=1), default=None,
+        help="positions per slot, prompt and new tokens (a step reads every slot's whole "
+        "length: keep it near the longest request) (default: the model's context)",
+    )  # fmt: skip
+    parser.add_argument(
         "--compile-step", choices=("inductor", "aot_eager", "none"), default="inductor",
         help="how the batched decode step runs: compiled once at start-up (inductor, the "
         "fastest), or eager (default: %(default)s)",
@@ -220,12 +225,13 @@ def embedding_model(run: Run, *, quantize: str = "none") -> ServedModel:
 @dataclass(frozen=True, kw_only=True)
 class Batching:
     """How generations share the model: ``max_slots`` sequences in one pool,
-    ``prefill_chunk`` prompt tokens per iteration, the decode step compiled with
-    ``compile`` (a dynamo backend name, or ``None``: eager). See
-    :class:`train.serve.scheduler.Scheduler`."""
+    ``prefill_chunk`` prompt tokens per iteration, ``max_len`` positions per slot (``None``:
+    the model's context), the decode step compiled with ``compile`` (a dynamo backend name,
+    or ``None``: eager). See :class:`train.serve.scheduler.Scheduler`."""
 
     max_slots: int = 16
     prefill_chunk: int = 64
+    max_len: int | None = None
     compile: str | None = "inductor"
 
     def scheduler(self, params: dict, spec: Any, **kw: Any) -> Any:
@@ -234,7 +240,7 @@ class Batching:
 
         scheduler = Scheduler(
             params, spec, max_slots=self.max_slots, prefill_chunk=self.prefill_chunk,
-            compile=self.compile, **kw,
+            max_len=self.max_len, compile=self.compile, **kw,
         )  # fmt: skip
         scheduler.warmup()
         return scheduler
@@ -375,8 +381,9 @@ def build_service(args: argparse.Namespace) -> Service:
     if not args.no_batching:
         backend = None if args.compile_step == "none" else args.compile_step
         batching = Batching(
-            max_slots=args.max_slots, prefill_chunk=args.prefill_chunk, compile=backend
-        )
+            max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
+            max_len=args.slot_len, compile=backend,
+        )  # fmt: skip
     model = load_model(args.ckpt, quantize=args.quantize, device=device, batching=batching)
     generations = args.max_generations
     if generations is None:
