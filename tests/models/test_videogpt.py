@@ -3,18 +3,14 @@ weights (reduced sizes), round-trip conversion, cached greedy decoding, the trai
 
 import pytest
 import torch
-from torch import nn
 
 import fmm
 from models import videogpt as vg
 from models.videogpt import convert
+from tests.models.videogpt_reference import reference_gpt, reference_vqvae
 from tests.reference import reference
 
-tmm_vg = reference("torchmultimodal.models.video_gpt.model")
-tmm_gpt = reference("torchmultimodal.models.video_gpt.gpt")
 tmm_generate = reference("torchmultimodal.utils.generate")
-tmm_pos = reference("torchmultimodal.modules.layers.position_embedding")
-tmm_attn = reference("torchmultimodal.modules.layers.attention")
 
 VQ = vg.VideoVQVAEConfig(
     frames=4, image_size=16, down_kernels=((4, 4, 4), (3, 4, 4)),
@@ -27,69 +23,8 @@ GPT = vg.VideoGPTConfig(
 )  # fmt: skip
 
 
-def _reference_vqvae(cfg=VQ, seed=0):
-    torch.manual_seed(seed)
-    model = tmm_vg.video_vqvae(
-        conv_filter_sizes=cfg.down_kernels, conv_filter_strides=cfg.down_strides,
-        encoder_filter_size=cfg.encoder_kernel, encoder_filter_stride=cfg.encoder_stride,
-        in_channel_dim=cfg.in_channels, encoder_hidden_dim=cfg.encoder_hidden,
-        n_res_layers=cfg.res_layers, attn_hidden_dim=cfg.attn_hidden,
-        num_embeddings=cfg.codebook_size, embedding_dim=cfg.code_dim,
-        decoder_hidden_dim=cfg.decoder_hidden,
-    )  # fmt: skip
-    # Non-trivial batch-norm statistics and a random codebook, so eval mode is exercised.
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    model.codebook.embedding = torch.randn_like(model.codebook.embedding) * 0.3
-    model.codebook._is_embedding_init = True
-    return model.eval()
-
-
-class _TextTokenizer(nn.Module):
-    """A MUGEN-style in-tokenizer: ids in, embeddings looked up (test-only)."""
-
-    def __init__(self, vocab, dim):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def encode(self, x):
-        return x
-
-    def lookup(self, ids):
-        return self.embedding(ids)
-
-
-def _reference_gpt(cfg=GPT, seed=1):
-    vq = _reference_vqvae(seed=seed)
-    torch.manual_seed(seed)
-    layer = tmm_gpt.TransformerDecoderLayer(
-        cfg.width, cfg.heads, dropout=0.0, attn_module=tmm_attn.SelfAttention(attn_dropout=0.0)
-    )
-    decoder = tmm_gpt.MultimodalTransformerDecoder(
-        nn.Embedding(cfg.text_len, cfg.width),  # MUGEN's text positions
-        tmm_pos.BroadcastedPositionEmbedding(cfg.latent_shape, cfg.width),
-        tmm_gpt.TransformerDecoder(layer, cfg.layers),
-        tmm_gpt.RightShift(cfg.width),
-    )
-    model = tmm_gpt.MultimodalGPT(
-        d_model=cfg.width, num_in_tokens=cfg.text_vocab, num_out_tokens=cfg.video_vocab,
-        latent_shape=cfg.latent_shape, in_tokenizer=_TextTokenizer(cfg.text_vocab, cfg.text_dim),
-        out_tokenizer=vq, mm_decoder=decoder,
-        in_projection=nn.Linear(cfg.text_dim, cfg.width, bias=False),
-        out_projection=nn.Linear(cfg.code_dim, cfg.width, bias=False),
-    )  # fmt: skip
-    model.to_logit.weight.data.normal_(0, 0.5)  # TorchMultimodal starts it at zero
-    for p in model.mm_decoder.parameters():
-        p.data.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 def test_vqvae_parity_encode_decode_and_roundtrip():
-    ref = _reference_vqvae()
+    ref = reference_vqvae(VQ)
     params = convert.vqvae_from_torchmultimodal(ref.state_dict(), VQ)
     x = torch.rand(2, 3, 4, 16, 16) - 0.5
     with torch.no_grad():
@@ -101,7 +36,7 @@ def test_vqvae_parity_encode_decode_and_roundtrip():
         torch.testing.assert_close(vg.decode(params, codes, cfg=VQ), ref.decode(codes), atol=1e-5, rtol=0)  # fmt: skip
     # Export and reload through TorchMultimodal's strict load_state_dict.
     sd = convert.vqvae_to_torchmultimodal(params, VQ)
-    fresh = _reference_vqvae(seed=5)
+    fresh = reference_vqvae(VQ, seed=5)
     fresh.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).decoded, want.decoded, atol=1e-6, rtol=0)
@@ -110,7 +45,7 @@ def test_vqvae_parity_encode_decode_and_roundtrip():
 
 
 def test_gpt_parity_logits():
-    ref = _reference_gpt()
+    ref = reference_gpt(GPT, VQ)
     sd = ref.state_dict()
     params = convert.gpt_from_torchmultimodal(sd, GPT)
     text = torch.randint(0, GPT.text_vocab, (2, GPT.text_len))
@@ -127,7 +62,7 @@ def test_gpt_parity_logits():
 
 
 def test_greedy_codes_match_torchmultimodal_generation():
-    ref = _reference_gpt()
+    ref = reference_gpt(GPT, VQ)
     params = convert.gpt_from_torchmultimodal(ref.state_dict(), GPT)
     text = torch.randint(0, GPT.text_vocab, (2, GPT.text_len))
     # top_k=1 makes the reference's multinomial draw the argmax.
