@@ -313,6 +313,7 @@ def gpt_model(
         generate=lambda prompt, **options: stream_text(run, prompt, **options),
         generate_limits={"guidance": (1.0, 1.0), "max_new_tokens": (1, cfg.context_length)},
         tokenize=lambda texts: [e.ids for e in tokenizer.encode_batch(texts)],
+        vocab_size=cfg.vocab_size,
         info={"run": _run_name(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
     )
 

@@ -99,9 +99,9 @@ def stream_text(
     seed: int = 0,
     max_new_tokens: int | None = None,
 ) -> Iterator[dict]:
-    """A GPT's continuation of ``prompt`` (a text, or its token ids), one token at a time (``{"index", "token",
-    "text"}``: ``text`` is what the token adds to the decoded string, empty while a
-    multi-byte character is incomplete), then ``{"done": True, "tokens", "text",
+    """A GPT's continuation of ``prompt`` (a text, or its token ids), one token at a time
+    (``{"index", "token", "text"}``: ``text`` is what the token adds to the decoded string,
+    empty while a multi-byte character is incomplete), then ``{"done": True, "tokens", "text",
     "stop_reason": "eos" | "length"}``; stops once ``stop`` is set.
 
     Draws what ``fmm.decoding.generate`` draws for the same key (``fmm.random.key(seed)``),

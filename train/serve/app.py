@@ -35,7 +35,7 @@ import json
 import logging
 from typing import Any
 
-from train.serve import bodies, images, schemas, server
+from train.serve import bodies, images, openai_routes, schemas, server
 from train.serve.engine import Overloaded
 from train.serve.front_door import FrontDoor, HttpLimits
 from train.serve.service import NotServed, Service
@@ -248,6 +248,8 @@ def create_app(
                 await events.aclose()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    openai_routes.mount(app, service, parse_pool)  # /v1/completions, /v1/embeddings, /v1/models
 
     @app.get("/healthz", summary="Liveness and what this server serves",
              response_model=schemas.Health, responses=_errors(405, 503))  # fmt: skip

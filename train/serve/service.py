@@ -45,7 +45,7 @@ class ServedModel:
       the OpenAPI document states them.
     - ``tokenize(texts: list[str]) -> list[list[int]]``: the token ids the model reads for
       each text (the OpenAI-compatible routes' ``usage`` counts them); a text model's
-      ``generate`` also takes a prompt as such ids.
+      ``generate`` also takes a prompt as such ids, each in ``[0, vocab_size)``.
     - ``fingerprint``: identifies config and weights (``train.store.model_fingerprint``).
     """
 
@@ -59,6 +59,7 @@ class ServedModel:
     generate: Callable[..., Iterator[dict]] | None = None
     generate_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
     tokenize: Callable[[list[str]], list[list[int]]] | None = None
+    vocab_size: int | None = None
     info: dict = field(default_factory=dict)
 
 
