@@ -8,6 +8,7 @@ batch it reads, and the converter from TorchMultimodal's ``omnivore_swin_*`` sta
 from models.family import Converter, Family
 from models.omnivore.config import (
     OmnivoreConfig,
+    omnivore_shapes,
     omnivore_swin_b,
     omnivore_swin_s,
     omnivore_swin_t,
@@ -21,6 +22,7 @@ PRESETS = {
     "omnivore_swin_s": omnivore_swin_s,
     "omnivore_swin_b": omnivore_swin_b,
     "omnivore_tiny": omnivore_tiny,
+    "omnivore_shapes": omnivore_shapes,
 }
 
 FAMILY = Family(
@@ -44,6 +46,7 @@ __all__ = [
     "from_torchmultimodal",
     "init",
     "loss",
+    "omnivore_shapes",
     "omnivore_swin_b",
     "omnivore_swin_s",
     "omnivore_swin_t",

@@ -131,3 +131,24 @@ def omnivore_tiny(**overrides) -> OmnivoreConfig:
         "frames": 4,
     }
     return OmnivoreConfig(**{**base, **overrides})
+
+
+def omnivore_shapes(**overrides) -> OmnivoreConfig:
+    """Sized for the shapes world on a CPU: 32 px images and 8-frame clips, two stages 32 and
+    64 wide, heads for shape and colour (images), motion (videos) and the nearest object's
+    shape (RGB-D). ``python -m train omnivore`` sets the heads' class counts from its world."""
+    base = {
+        "dim": 32,
+        "depths": (2, 2),
+        "num_heads": (2, 4),
+        "window": (2, 4, 4),
+        "heads": (
+            ("shape", 6, "image"),
+            ("color", 8, "image"),
+            ("motion", 7, "video"),
+            ("nearest", 6, "rgbd"),
+        ),
+        "image_size": 32,
+        "frames": 8,
+    }
+    return OmnivoreConfig(**{**base, **overrides})

@@ -12,7 +12,7 @@ from models.omnivore import OmnivoreConfig
 from tests.reference import reference
 
 
-def _reference(cfg: OmnivoreConfig) -> nn.Module:
+def reference_model(cfg: OmnivoreConfig) -> nn.Module:
     """TorchMultimodal's Omnivore built as its ``omnivore_swin_*`` builders do, at ``cfg``."""
     tmm = reference("torchmultimodal.models.omnivore")
     swin = reference("torchmultimodal.modules.encoders.swin_transformer_3d_encoder")
@@ -54,7 +54,7 @@ REDUCED = omnivore.omnivore_tiny(
 
 @pytest.fixture(scope="module")
 def converted():
-    ref = _reference(REDUCED)
+    ref = reference_model(REDUCED)
     _randomise(ref)
     return ref, omnivore.from_torchmultimodal(ref.state_dict(), REDUCED)
 
@@ -92,7 +92,7 @@ def test_an_image_is_a_one_frame_video(converted):
 def test_round_trip_and_strict_load(converted):
     ref, params = converted
     sd = omnivore.to_torchmultimodal(params, REDUCED)
-    fresh = _reference(REDUCED)
+    fresh = reference_model(REDUCED)
     fresh.load_state_dict(sd, strict=True)
     for k, v in ref.state_dict().items():
         assert torch.equal(sd[k], v), k
