@@ -35,6 +35,7 @@ from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
 from train.recipes import clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import evaluate as evaluate_recipe
+from train.recipes import omnivore as omnivore_recipe
 from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
 
@@ -50,6 +51,7 @@ TASKS = {
     "albef": (albef_recipe.RECIPE, albef_recipe.RECIPE.help),
     "evaluate": (evaluate_recipe, "recall and zero-shot of a run or weights on your data"),
     "export-shapes": (export_shapes, "write shapes-world scenes as a csv/folder/wds/hf dataset"),
+    "omnivore": (omnivore_recipe.RECIPE, omnivore_recipe.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
 
