@@ -98,25 +98,22 @@ class Handle:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _next(self, item: Any) -> int:
-        if item is _END:
-            if self._error is not None:
-                raise self._error
-            raise StopIteration
-        return item
+    def _ended(self, item: Any) -> bool:
+        if item is _END and self._error is not None:
+            raise self._error
+        return item is _END
 
     def stream(self, timeout: float | None = None) -> Iterator[int]:
         """The tokens as they come, blocking (any thread); ``TimeoutError`` if none arrives
         within ``timeout`` seconds."""
         while True:
             with self._ready:
-                if not self._out and not self._ready.wait_for(lambda: self._out, timeout):
+                if not self._ready.wait_for(lambda: self._out, timeout):
                     raise TimeoutError(f"no token within {timeout}s")
                 item = self._out.popleft()
-            try:
-                yield self._next(item)
-            except StopIteration:
+            if self._ended(item):
                 return
+            yield item
 
     def result(self, timeout: float | None = None) -> list[int]:
         """All tokens once the generation ends (blocking)."""
@@ -124,10 +121,7 @@ class Handle:
             pass
         return list(self.tokens)
 
-    def __aiter__(self) -> AsyncIterator[int]:
-        return self._aiter()
-
-    async def _aiter(self) -> AsyncIterator[int]:
+    async def __aiter__(self) -> AsyncIterator[int]:
         if self._wake is None:
             raise RuntimeError("async iteration needs a handle submitted from an event loop")
         while True:
@@ -137,11 +131,10 @@ class Handle:
                     self._wake.clear()
             if item is None:
                 await self._wake.wait()
-                continue
-            try:
-                yield self._next(item)
-            except StopIteration:
+            elif self._ended(item):
                 return
+            else:
+                yield item
 
 
 @dataclass(eq=False)
