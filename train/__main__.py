@@ -38,6 +38,7 @@ from train.recipes import evaluate as evaluate_recipe
 from train.recipes import omnivore as omnivore_recipe
 from train.recipes import flava as flava_recipe
 from train.recipes import plan as plan_recipe
+from train.recipes import videogpt as videogpt_recipe
 
 TASKS = {
     "clip": (clip.RECIPE, clip.RECIPE.help),
@@ -52,6 +53,8 @@ TASKS = {
     "evaluate": (evaluate_recipe, "recall and zero-shot of a run or weights on your data"),
     "export-shapes": (export_shapes, "write shapes-world scenes as a csv/folder/wds/hf dataset"),
     "omnivore": (omnivore_recipe.RECIPE, omnivore_recipe.RECIPE.help),
+    "video-vqvae": (videogpt_recipe.VQVAE_RECIPE, videogpt_recipe.VQVAE_RECIPE.help),
+    "videogpt": (videogpt_recipe.RECIPE, videogpt_recipe.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
 

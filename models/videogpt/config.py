@@ -44,6 +44,11 @@ class VideoVQVAEConfig:
     bn_momentum: float = 0.1
 
     def __post_init__(self) -> None:
+        # A config read back from config.json holds lists: keep it hashable (tuples).
+        for name in ("down_kernels", "down_strides"):
+            object.__setattr__(self, name, tuple(tuple(v) for v in getattr(self, name)))
+        for name in ("encoder_kernel", "encoder_stride"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("in_channels", "frames", "image_size", "encoder_hidden", "attn_hidden",
                      "decoder_hidden", "heads", "codebook_size", "code_dim"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -122,7 +127,7 @@ class VideoGPTConfig:
         for name in ("text_vocab", "text_len", "video_vocab", "code_dim", "text_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        triple(self.latent_shape, "latent_shape")
+        object.__setattr__(self, "latent_shape", triple(tuple(self.latent_shape), "latent_shape"))
         if self.width % 3:
             raise ValueError(f"width={self.width} must be divisible by 3 (video positions)")
         self.transformer  # noqa: B018  (validates width, heads and layers now)

@@ -1,0 +1,248 @@
+"""Text -> video on the moving-shapes world: a video VQ-VAE, then a GPT over its codes.
+
+``python -m train video-vqvae --out runs/video_vqvae`` trains the tokenizer and reports
+held-out reconstruction PSNR and code perplexity (``reconstructions.png``: frame strips of
+clips and their reconstructions). ``python -m train videogpt --vqvae runs/video_vqvae --out
+runs/videogpt`` trains the GPT caption -> codes and reports held-out code NLL on seen and
+unseen motion x shape pairs and the perplexity of the codes it draws; ``samples.png`` (one
+frame strip per caption) and ``samples.gif`` show its clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fmm
+from fmm.nn.codebook import code_usage
+from models import videogpt as vg
+from train.data import WordTokenizer
+from train.data.video_shapes import (
+    VideoWorldConfig,
+    clip_eval_set,
+    is_holdout_motion,
+    sample_clips,
+    vocabulary,
+)
+from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
+from train.plots_generation import save_image_grid
+from train.recipes import number
+
+TEXT_LEN = 10  # <sot> + the longest caption (7 words) + <eot>, with room
+_SHIFT = 0.5  # the VQ-VAE sees pixels centred on 0
+
+
+def _world(cfg: vg.VideoVQVAEConfig) -> VideoWorldConfig:
+    return VideoWorldConfig(image_size=cfg.image_size, frames=cfg.frames)
+
+
+def clip_videos(world: VideoWorldConfig, generator, batch_size: int) -> dict:
+    """A batch of training clips, centred: ``videos [B, 3, T, H, W]``."""
+    return {"videos": sample_clips(world, batch_size, generator=generator).videos - _SHIFT}
+
+
+def _no_decay(path: str) -> bool:
+    # The codebook and batch-norm statistics move by update_state alone; no decay on biases.
+    return "codebook" not in path and "running_" not in path and not path.endswith("bias")
+
+
+def _vqvae_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset", default="video_vqvae_shapes", choices=sorted(vg.VQVAE_PRESETS),
+        help="model size (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--eval-per-pair", type=number(at_least=1), default=4,
+        help="held-out clips per motion x shape pair (default: %(default)s)",
+    )  # fmt: skip
+
+
+def prepare_vqvae(args: argparse.Namespace, device: torch.device) -> Job:
+    cfg = vg.VQVAE_PRESETS[args.preset]()
+    world = _world(cfg)
+    return Job(
+        cfg=cfg,
+        source=SeededSource(partial(clip_videos, world), batch_size=args.batch_size, seed=args.seed),
+        config={"preset": args.preset, "world": dataclasses.asdict(world)},
+        curves=("recon_mse",),
+        decay_mask=_no_decay,
+        describe=f"{args.preset} ({'x'.join(map(str, cfg.latent_shape))} codes of {cfg.codebook_size})",
+        context=world,
+    )  # fmt: skip
+
+
+def reconstruct(params, cfg: vg.VideoVQVAEConfig, videos: torch.Tensor, device) -> dict:
+    """PSNR (pixels in [0, 1]) and code usage of ``videos [N, 3, T, H, W]``'s reconstructions."""
+    recon, codes = [], []
+    for i in range(0, len(videos), 64):
+        out = vg.apply_vqvae(params, videos[i : i + 64].to(device) - _SHIFT, cfg=cfg)
+        recon.append((out["reconstruction"] + _SHIFT).clamp(0, 1).cpu())
+        codes.append(out["codes"].cpu())
+    recon, codes = torch.cat(recon), torch.cat(codes)
+    mse = (recon - videos).pow(2).mean()
+    usage = code_usage(codes, cfg.codebook_size)
+    return {
+        "recon_mse": round(mse.item(), 6),
+        "psnr_db": round((-10 * torch.log10(mse)).item(), 2),
+        "code_perplexity": round(usage["perplexity"].item(), 2),
+        "fraction_codes_used": round(usage["fraction_used"].item(), 4),
+        "reconstructions": recon,
+        "codes": codes,
+    }
+
+
+def frames(videos: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, T, H, W] -> [N * T, 3, H, W]``: each clip's frames in a row of a grid."""
+    return videos.transpose(1, 2).reshape(-1, *videos.shape[1:2], *videos.shape[3:])
+
+
+def save_gif(videos: torch.Tensor, path: Path, *, scale: int = 3, ms: int = 150) -> None:
+    """Clips ``[N, 3, T, H, W]`` in [0, 1] side by side as one looping animated GIF."""
+    from PIL import Image
+
+    strip = torch.cat(list(videos), dim=-1)  # [3, T, H, N * W]
+    strip = F.interpolate(strip.transpose(0, 1), scale_factor=scale, mode="nearest")
+    pics = [Image.fromarray((f.permute(1, 2, 0) * 255).byte().numpy()) for f in strip]
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=ms, loop=0)
+
+
+def evaluate_vqvae(job: Job, params, model_state, args, device) -> Evaluation:
+    cfg, world = job.cfg, job.context
+    clips = clip_eval_set(world, args.eval_per_pair, seed=args.seed + 1)
+    result = reconstruct(params, cfg, clips.videos, device)
+    recon, _ = result.pop("reconstructions"), result.pop("codes")
+    picks = torch.arange(0, len(clips.videos), args.eval_per_pair * len(world.shapes))[:6]
+    pairs = torch.stack([clips.videos[picks], recon[picks]], 1).flatten(0, 1)
+    grid = partial(
+        save_image_grid, frames(pairs), columns=cfg.frames,
+        row_labels=[f"{w}: {clips.captions[i]}"[:40] for i in picks.tolist() for w in ("clip", "recon")],
+        title=f"held-out clips and reconstructions (PSNR {result['psnr_db']} dB)",
+    )  # fmt: skip
+    metrics = {f"heldout_{k}": v for k, v in result.items()} | {"eval_clips": len(clips.videos)}
+    return Evaluation(
+        metrics=metrics, headline=tuple(k for k in metrics if k.startswith("heldout_")),
+        title="video VQ-VAE reconstruction MSE (train batches)",
+        plots={"reconstructions.png": grid},
+    )  # fmt: skip
+
+
+VQVAE_RECIPE = Recipe(
+    name="video-vqvae",
+    help="train a video VQ-VAE (3-d convs, axial attention) on moving-shapes clips",
+    family=vg.VQVAE_FAMILY,
+    defaults=Defaults(steps=600, batch_size=16, lr=2e-3, weight_decay=1e-4, warmup=30),
+    prepare=prepare_vqvae,
+    evaluate=evaluate_vqvae,
+    extra_arguments=_vqvae_arguments,
+)
+
+
+def _gpt_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--vqvae", type=Path, required=True, help="run directory of `python -m train video-vqvae`")
+    add("--width", type=number(at_least=3), default=96, help="transformer width, a multiple of 3 (default: %(default)s)")  # fmt: skip
+    add("--layers", type=number(at_least=1), default=4, help="transformer blocks (default: %(default)s)")  # fmt: skip
+    add("--eval-per-pair", type=number(at_least=1), default=2,
+        help="held-out clips per motion x shape pair for the code NLL (default: %(default)s)")  # fmt: skip
+    add("--temperature", type=number(float, at_least=0), default=1.0,
+        help="sampling temperature of the drawn clips (default: %(default)s)")  # fmt: skip
+
+
+def captions_and_codes(world, tokenizer, vq, generator, batch_size: int) -> dict:
+    """``text [B, TEXT_LEN]`` caption ids and ``codes [B, latent_len]`` of training clips."""
+    vq_params, vq_cfg = vq
+    clips = sample_clips(world, batch_size, generator=generator)
+    with torch.no_grad():
+        codes = vg.encode(vq_params, clips.videos - _SHIFT, cfg=vq_cfg)
+    return {"text": tokenizer.encode(clips.captions, TEXT_LEN), "codes": codes.flatten(1)}
+
+
+def prepare_gpt(args: argparse.Namespace, device: torch.device) -> Job:
+    tokeniser = load_run(args.vqvae, family="video_vqvae")
+    vq_cfg = tokeniser.cfg
+    world = _world(vq_cfg)
+    tokenizer = WordTokenizer(vocabulary(world))
+    cfg = vg.VideoGPTConfig(
+        text_vocab=tokenizer.vocab_size, text_len=TEXT_LEN, video_vocab=vq_cfg.codebook_size,
+        code_dim=vq_cfg.code_dim, latent_shape=vq_cfg.latent_shape, width=args.width,
+        layers=args.layers,
+    )  # fmt: skip
+    # The GPT embeds codes with the tokenizer's own codebook, as VideoGPT does.
+    params = vg.init_gpt(cfg, fmm.random.key(args.seed))
+    params["video"]["token"] = {"weight": tokeniser.params["codebook"]["weight"].clone()}
+    vq = (tokeniser.params, vq_cfg)
+    return Job(
+        cfg=cfg,
+        source=SeededSource(
+            partial(captions_and_codes, world, tokenizer, vq), batch_size=args.batch_size,
+            seed=args.seed,
+        ),
+        config={"vqvae": vq_cfg.to_dict(), "vqvae_run": str(args.vqvae), "world": dataclasses.asdict(world)},
+        files={"tokenizer.json": tokenizer.to_json(), "vqvae.safetensors": tokeniser.params},
+        curves=("video_nll",),
+        init_params=params,
+        trainable=lambda path: not path.startswith("video.token"),
+        describe=f"videogpt ({cfg.text_len} text + {cfg.latent_len} video tokens)",
+        context=(world, tokenizer, vq),
+    )  # fmt: skip
+
+
+def evaluate_gpt(job: Job, params, model_state, args, device) -> Evaluation:
+    cfg = job.cfg
+    world, tokenizer, (vq_params, vq_cfg) = job.context
+    vq_params = fmm.tree.map(lambda x: x.to(device), vq_params)
+    clips = clip_eval_set(world, args.eval_per_pair, seed=args.seed + 1)
+    unseen = is_holdout_motion(world, clips.motions, clips.shapes)
+    nll = []
+    with torch.no_grad():
+        for i in range(0, len(clips.videos), 64):
+            videos = clips.videos[i : i + 64].to(device) - _SHIFT
+            codes = vg.encode(vq_params, videos, cfg=vq_cfg).flatten(1)
+            text = tokenizer.encode(clips.captions[i : i + 64], TEXT_LEN).to(device)
+            logits = vg.apply(params, text, codes, cfg=cfg)[:, cfg.text_len :, cfg.text_vocab :]
+            nll.append(
+                F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(1).cpu()
+            )
+    nll = torch.cat(nll)
+    # One drawn clip per caption of the first colour: every motion x shape pair once.
+    picks = torch.arange(0, len(clips.videos), args.eval_per_pair)
+    captions = [clips.captions[i] for i in picks.tolist()]
+    text = tokenizer.encode(captions, TEXT_LEN).to(device)
+    drawn = vg.generate_codes(
+        params, text, cfg=cfg, key=fmm.random.key(args.seed), temperature=args.temperature
+    )
+    with torch.no_grad():
+        videos = (vg.decode(vq_params, drawn, cfg=vq_cfg) + _SHIFT).clamp(0, 1).cpu()
+    usage = code_usage(drawn.cpu(), cfg.video_vocab)
+    metrics = {
+        "heldout_code_nll_seen_pairs": round(nll[~unseen].mean().item(), 4),
+        "heldout_code_nll_unseen_pairs": round(nll[unseen].mean().item(), 4),
+        "drawn_code_perplexity": round(usage["perplexity"].item(), 2),
+        "drawn_clips": len(captions),
+    }
+    shown = slice(0, 12)
+    strips = partial(
+        save_image_grid, frames(videos[shown]), columns=cfg.latent_shape[0] * 2,
+        row_labels=[c[:40] for c in captions[shown]], title="drawn clips, one per caption",
+    )  # fmt: skip
+    return Evaluation(
+        metrics=metrics, headline=(*metrics, "final_loss", "train_seconds"),
+        title="VideoGPT: video-code NLL (caption -> clip)",
+        plots={"samples.png": strips, "samples.gif": partial(save_gif, videos[:8])},
+    )  # fmt: skip
+
+
+RECIPE = Recipe(
+    name="videogpt",
+    help="train a GPT caption -> video codes of a trained video VQ-VAE (moving shapes)",
+    family=vg.FAMILY,
+    defaults=Defaults(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=30),
+    prepare=prepare_gpt,
+    evaluate=evaluate_gpt,
+    extra_arguments=_gpt_arguments,
+)
