@@ -35,8 +35,8 @@ from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
 from train.recipes import clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import evaluate as evaluate_recipe
-from train.recipes import omnivore as omnivore_recipe
 from train.recipes import flava as flava_recipe
+from train.recipes import omnivore as omnivore_recipe
 from train.recipes import plan as plan_recipe
 from train.recipes import videogpt as videogpt_recipe
 
