@@ -97,3 +97,21 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="width"):
         vg.VideoGPTConfig(text_vocab=4, text_len=2, video_vocab=4, code_dim=2,
                           latent_shape=(1, 2, 2), width=10)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_benchmark_quick_reports_same_codes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/video.py", "--quick"], cwd=root, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        line for line in done.stdout.splitlines() if line.startswith(("fmm", "torchmultimodal"))
+    ]
+    assert len(rows) == 2 and all(line.endswith("True") for line in rows), done.stdout
