@@ -201,3 +201,33 @@ def test_the_serve_command_batches_generations_by_default(tmp_path):
     batched, cap = events("--compile-step", "none", "--max-slots", "3", "--prefill-chunk", "2")
     alone, cap_alone = events("--no-batching", "--max-generations", "6")
     assert batched == alone and (cap, cap_alone) == (12, 6)
+
+
+def test_served_image_codes_are_the_same_batched_or_alone(tmp_path):
+    from tests.serve._runs import tiny_mmgpt_run
+    from train.recipes import serve
+    from train.serve import Service
+
+    run_dir = tiny_mmgpt_run(tmp_path / "mmgpt")
+    batching = serve.Batching(max_slots=3, prefill_chunk=4, compile=None)
+
+    def events(model):
+        service = Service(model, max_generations=8)
+        jobs = [("a blue star", 1.0, 0.0), ("a red circle", 2.0, 1.0), ("a blue star", 3.0, 0.0),
+                ("a green square", 1.0, 1.0)]  # fmt: skip
+
+        async def main():
+            return await asyncio.gather(*(
+                _collect(service.generate(p, guidance=g, temperature=t, top_k=5, seed=i))
+                for i, (p, g, t) in enumerate(jobs)
+            ))  # fmt: skip
+
+        return asyncio.run(main())
+
+    batched = events(serve.load_model(run_dir, batching=batching))
+    assert batched == events(serve.load_model(run_dir))
+    assert all(e[-1]["done"] and len(e) == len(e[-1]["tokens"]) + 1 for e in batched)
+
+
+async def _collect(events):
+    return [e async for e in events]
