@@ -15,7 +15,7 @@ import torch._dynamo.testing
 import fmm
 from fmm import decoding
 from models import gpt, mmgpt
-from train.serve.engine import Overloaded
+from train.serve.engine import EngineClosed, Overloaded
 from train.serve.scheduler import Scheduler
 
 CFG = gpt.GPTConfig(vocab_size=97, context_length=48, width=32, layers=2, heads=4)
@@ -231,3 +231,25 @@ def test_served_image_codes_are_the_same_batched_or_alone(tmp_path):
 
 async def _collect(events):
     return [e async for e in events]
+
+
+def test_a_model_failure_ends_its_requests_and_the_scheduler_serves_on(monkeypatch):
+    from train.serve import scheduler as module
+
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=2, compile=None)
+    real, calls = module.batching.prefill_slot, []
+
+    def failing_once(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module.batching, "prefill_slot", failing_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        scheduler.submit([1, 2], max_new_tokens=3).result(timeout=30)
+    assert len(scheduler.submit([1, 2], max_new_tokens=3).result(timeout=30)) == 3
+    assert scheduler.load["free_slots"] == 2
+    scheduler.close()
+    with pytest.raises(EngineClosed):
+        scheduler.submit([1], max_new_tokens=1)

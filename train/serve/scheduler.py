@@ -218,11 +218,7 @@ class Scheduler:
         :class:`Handle` at once. ``stop``: token ids that end it (like ``eos_id``).
         ``ValueError`` for bad options, :class:`Overloaded` when ``max_waiting`` requests
         already wait, :class:`~train.serve.engine.EngineClosed` after :meth:`close`."""
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("prompt_ids: empty; a generation needs at least one token")
-        if self.vocab is not None and not all(0 <= t < self.vocab for t in prompt):
-            raise ValueError(f"prompt_ids: every id must be in [0, {self.vocab})")
+        prompt = self._ids("prompt_ids", prompt_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens < 1 or len(prompt) + max_new_tokens - 1 > self.max_len:
@@ -232,8 +228,9 @@ class Scheduler:
             )
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)  # checks them
         if guidance != 1.0:
-            if null_ids is None or len(null_ids) == 0:
+            if null_ids is None:
                 raise ValueError(f"null_ids is missing: guidance={guidance} needs null_ids")
+            null_ids = self._ids("null_ids", null_ids)
             if len(null_ids) + max_new_tokens - 1 > self.max_len or self.max_slots < 2:
                 raise ValueError("null_ids: too long for a slot (or fewer than 2 slots)")
         keys = random.split(random.key(seed), max_new_tokens)
@@ -241,7 +238,7 @@ class Scheduler:
             prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling, keys=keys,
             stop_ids=frozenset(int(s) for s in stop) | (
                 frozenset() if self.eos_id is None else {self.eos_id}),
-            guidance=float(guidance), null_ids=None if null_ids is None else list(null_ids),
+            guidance=float(guidance), null_ids=null_ids,
             keep_logits=keep_logits,
         )  # fmt: skip
         try:
@@ -263,6 +260,14 @@ class Scheduler:
                 self._thread.start()
             self._cv.notify()
         return handle
+
+    def _ids(self, name: str, ids: Sequence[int]) -> list[int]:
+        out = [int(t) for t in ids]
+        if not out:
+            raise ValueError(f"{name}: empty; a generation needs at least one token")
+        if self.vocab is not None and not all(0 <= t < self.vocab for t in out):
+            raise ValueError(f"{name}: every id must be in [0, {self.vocab})")
+        return out
 
     def warmup(self) -> None:
         """Compile (or run once) the decode step and the sampling noise now, on an idle
@@ -294,25 +299,27 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while self._iterate():
-                    pass
-        except BaseException as e:  # a model failure ends every request with it
-            self._fail_all(e)
-            raise
-        self._fail_all(EngineClosed("the scheduler closed"))
+        with torch.inference_mode():
+            while True:
+                try:
+                    if not self._iterate():
+                        break
+                except Exception as e:  # the model failed: its requests end with the error
+                    self._fail(self._prefilling + list(self._running.values()), e)
+                    self._prefilling, self._running = [], {}
+            with self._cv:
+                waiting = [[_Row(h, -1, [])] for h in self._waiting]
+                self._waiting.clear()
+            self._fail(waiting + self._prefilling + list(self._running.values()),
+                       EngineClosed("the scheduler closed"))  # fmt: skip
 
-    def _fail_all(self, error: BaseException) -> None:
-        with self._cv:
-            handles = list(self._waiting)
-            self._waiting.clear()
-        handles += [rows[0].handle for rows in self._prefilling + list(self._running.values())]
-        self._prefilling, self._running = [], {}
-        for h in handles:
-            if not h.done:
-                h._error = error
-                h._push(_END)
+    def _fail(self, requests: list[list[_Row]], error: BaseException) -> None:
+        for rows in requests:
+            handle = rows[0].handle
+            self._release([row for row in rows if row.slot >= 0])
+            if not handle.done:
+                handle._error = error
+                handle._push(_END)
 
     def _iterate(self) -> bool:
         with self._cv:
@@ -401,13 +408,16 @@ class Scheduler:
         return True
 
     def _finish(self, handle: Handle, rows: list[_Row], reason: str) -> None:
+        self._release(rows)
+        handle.stop_reason = reason
+        handle._push(_END)
+
+    def _release(self, rows: list[_Row]) -> None:
         for row in rows:
             batching.free_slot(self.pool, row.slot)
             self._next_token[row.slot] = 0
         with self._cv:
             self._free += [row.slot for row in rows]
-        handle.stop_reason = reason
-        handle._push(_END)
 
     def _decode(self) -> None:
         m = self.max_slots
