@@ -24,7 +24,7 @@ from models.videogpt.convert import (
     vqvae_state_from_torchmultimodal,
     vqvae_to_torchmultimodal,
 )
-from models.videogpt.gpt import apply, decoder_spec, generate_codes, position_table
+from models.videogpt.gpt import apply, broadcast_positions, decoder_spec, generate_codes
 from models.videogpt.gpt import batch_fields as gpt_batch_fields
 from models.videogpt.gpt import init as init_gpt
 from models.videogpt.gpt import loss as gpt_loss
@@ -76,6 +76,7 @@ __all__ = [
     "VideoVQVAEConfig",
     "apply",
     "apply_vqvae",
+    "broadcast_positions",
     "decode",
     "decoder_spec",
     "encode",
@@ -87,7 +88,6 @@ __all__ = [
     "init_gpt",
     "init_state",
     "init_vqvae",
-    "position_table",
     "update_state",
     "video_vqvae_shapes",
     "video_vqvae_tiny",

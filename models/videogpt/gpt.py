@@ -20,7 +20,6 @@ Generation runs :mod:`fmm.decoding`'s preallocated cache (:func:`generate_codes`
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any
 
 import torch
@@ -75,13 +74,16 @@ def init(cfg: VideoGPTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.f
     }  # fmt: skip
 
 
-def position_table(pos: Params) -> torch.Tensor:
-    """Broadcast per-axis tables ``{"d_i": [n_i, width / k]}`` into ``[prod(n_i), width]``,
-    raster order (the first axis slowest)."""
+def broadcast_positions(pos: Params, positions: torch.Tensor) -> torch.Tensor:
+    """Per-axis tables ``{"d_i": [n_i, width / k]}`` at raster ``positions [...]`` (the first
+    axis slowest): ``[..., width]``, each axis's row concatenated. Only the asked-for rows
+    are gathered, so a decoding step costs the same at every position."""
     tables = [pos[f"d_{i}"] for i in range(len(pos))]
-    index = itertools.product(*(range(t.shape[0]) for t in tables))
-    rows = torch.tensor(list(index), device=tables[0].device)
-    return torch.cat([t[rows[:, i]] for i, t in enumerate(tables)], dim=-1)
+    parts, rest = [], positions
+    for table in reversed(tables):  # unravel from the fastest axis
+        parts.append(table[rest % table.shape[0]])
+        rest = rest // table.shape[0]
+    return torch.cat(parts[::-1], dim=-1)
 
 
 def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg: VideoGPTConfig):
@@ -96,10 +98,8 @@ def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg
     video = nn.linear(
         params["video"]["proj"], F.embedding(codes, params["video"]["token"]["weight"].detach())
     )
-    video = (
-        video
-        + position_table(params["video"]["pos"])[(positions - 1 - tl).clamp(0, cfg.latent_len - 1)]
-    )
+    slot = (positions - 1 - tl).clamp(0, cfg.latent_len - 1)
+    video = video + broadcast_positions(params["video"]["pos"], slot)
     x = torch.where((tokens >= tv)[..., None], video, text)
     return torch.where((tokens == cfg.sos_id)[..., None], params["sos"].to(x.dtype), x)  # fmt: skip
 
