@@ -253,3 +253,20 @@ def test_a_model_failure_ends_its_requests_and_the_scheduler_serves_on(monkeypat
     scheduler.close()
     with pytest.raises(EngineClosed):
         scheduler.submit([1], max_new_tokens=1)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_requests_are_the_same_alone_and_in_company():
+    # What `python -m train serve` runs by default: the step compiled by inductor.
+    requests = _requests(8, seed=5)
+    busy = Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=8, compile="inductor")
+    busy.warmup()
+    handles = _submit_at_random_times(busy, requests, seed=6)
+    got = [h.result(timeout=600) for h in handles]
+    for (prompt, new, opts), h, tokens in zip(requests, handles, got):
+        alone = busy.submit(prompt, max_new_tokens=new, keep_logits=True, **opts)
+        assert alone.result(timeout=600) == tokens
+        assert all(torch.equal(a, b) for a, b in zip(alone.logits, h.logits))
+        want = _alone_logits(prompt, tokens)
+        torch.testing.assert_close(torch.stack(h.logits), want, atol=1e-5, rtol=0)
+    busy.close()
