@@ -109,14 +109,16 @@ class _StopScan:
 
 
 async def _choice(events: AsyncIterator[dict], first: dict, stops: list[str]) -> AsyncIterator:
-    """``("text", piece)`` items of one generation's text, then ``("end", finish_reason,
-    tokens generated)``; closes ``events`` when done or at a stop string."""
+    """``("text", piece)`` items, one a token (``piece``: the text it lets out, maybe
+    empty), then ``("end", finish_reason, tokens generated)``; closes ``events`` when done
+    or at a stop string."""
     scan, count, event, seen = _StopScan(stops), 0, first, ""
     try:
         while True:
             if "done" in event:  # its text may end with what no token's piece held yet
                 piece, hit = scan.feed(event["text"][len(seen) :])
-                yield "text", piece + ("" if hit else scan.flush())
+                if piece := piece + ("" if hit else scan.flush()):
+                    yield "text", piece
                 reason = "stop" if hit or event["stop_reason"] == "eos" else "length"
                 yield "end", reason, count
                 return
@@ -250,7 +252,9 @@ def mount(app: Any, service: Service, parse_pool: Any) -> None:
         ]
     }
     streamed = {
-        "description": "the answer, or with `stream`: server-sent events, then `data: [DONE]`",
+        "description": "the answer, or with `stream`: server-sent events, one chunk a token "
+        "(its text empty while held back: a character incomplete, a stop string possible), "
+        "then `data: [DONE]`",
         "content": {
             "text/event-stream": {
                 "schema": {
@@ -321,7 +325,7 @@ def mount(app: Any, service: Service, parse_pool: Any) -> None:
         try:
             while left:
                 i, item = await queue.get()
-                if item[0] == "text" and item[1]:
+                if item[0] == "text":  # one chunk a token, its text empty if held back
                     yield chunk(ident, made, [{"text": item[1], "index": i,
                                                "finish_reason": None, "logprobs": None}])  # fmt: skip
                 elif item[0] == "end":
