@@ -165,6 +165,8 @@ def test_async_iteration_and_refusals():
 def test_one_compiled_step_serves_every_occupancy():
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     scheduler = Scheduler(PARAMS, SPEC, max_slots=3, prefill_chunk=5, compile=counter)
+    scheduler.warmup()  # in this thread; the steps then run in the scheduler's
+    assert counter.frame_count == 2
     handles = _submit_at_random_times(scheduler, _requests(6, seed=3), seed=4)
     for h in handles:
         h.result(timeout=120)
