@@ -81,7 +81,9 @@ def test_every_training_recipe_declares_the_shared_flags_once():
     from train.loop import Recipe
 
     recipes = {name: task for name, (task, _) in TASKS.items() if isinstance(task, Recipe)}
-    assert set(recipes) == {"clip", "flava", "albef", "vqvae", "mmgpt"}
+    assert set(recipes) == {
+        "clip", "flava", "albef", "vqvae", "mmgpt", "omnivore", "video-vqvae", "videogpt"
+    }  # fmt: skip
     for name, recipe in recipes.items():
         parser = argparse.ArgumentParser()
         recipe.add_arguments(parser)  # argparse refuses a flag declared twice
