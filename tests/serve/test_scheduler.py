@@ -6,6 +6,7 @@ compiled step for every occupancy."""
 
 import asyncio
 import random as pyrandom
+import threading
 import time
 
 import pytest
@@ -272,3 +273,25 @@ def test_inductor_compiled_requests_are_the_same_alone_and_in_company():
         want = _alone_logits(prompt, tokens)
         torch.testing.assert_close(torch.stack(h.logits), want, atol=1e-5, rtol=0)
     busy.close()
+
+
+def test_a_served_request_waiting_for_a_slot_stops_when_its_client_goes():
+    from train.recipes import serve_streams
+
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=1, compile=None)
+    step = scheduler._step
+    scheduler._step = lambda *a: (time.sleep(0.05), step(*a))[1]  # 47 tokens: > 2 s
+    busy = scheduler.submit([1], max_new_tokens=47)
+    next(busy.stream(timeout=30))
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    began = time.perf_counter()
+    tokens = serve_streams._scheduled({"scheduler": scheduler}, [2, 3], stop, max_new_tokens=5)
+    assert list(tokens) == [] and time.perf_counter() - began < 1.5
+    assert len(busy.result(timeout=30)) == 47  # the waiting one was cancelled, not served
+    idle = {"waiting": 0, "running": 0, "free_slots": 1}
+    deadline = time.perf_counter() + 10
+    while scheduler.load != idle and time.perf_counter() < deadline:
+        time.sleep(0.01)  # the next iteration drops it
+    assert scheduler.load == idle
+    scheduler.close()

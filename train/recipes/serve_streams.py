@@ -23,6 +23,7 @@ import fmm
 from fmm import decoding
 from models import gpt, mmgpt, vqvae
 
+STOP_POLL_S = 0.5  # how often a generation waiting for its next token checks its stop event
 TEXT_NEW_TOKENS = 64  # a text model's default max_new_tokens (fewer if the context is full)
 
 
@@ -144,13 +145,19 @@ def stream_text(
 
 def _scheduled(run: dict, ids: list[int], stop: threading.Event, **options) -> Iterator[int]:
     # A request to the server's train.serve.scheduler.Scheduler; a consumer that stops
-    # early (a client that went away) cancels it, which frees its slot at once.
+    # early (a client that went away) cancels it, which frees its slot at once. The stop
+    # event is also polled while no token comes (a request still waiting for a slot).
     handle = run["scheduler"].submit(ids, **options)
     try:
-        for token in handle.stream():
-            yield token
-            if stop.is_set():
+        while not stop.is_set():
+            try:
+                for token in handle.stream(timeout=STOP_POLL_S):
+                    yield token
+                    if stop.is_set():
+                        return
                 return
+            except TimeoutError:
+                continue
     finally:
         handle.cancel()
 
