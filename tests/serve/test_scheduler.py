@@ -204,6 +204,9 @@ def test_the_serve_command_batches_generations_by_default(tmp_path):
     batched, cap = events("--compile-step", "none", "--max-slots", "3", "--prefill-chunk", "2")
     alone, cap_alone = events("--no-batching", "--max-generations", "6")
     assert batched == alone and (cap, cap_alone) == (12, 6)
+    # int8 activations share one quantization range per batch: those run alone.
+    int8 = serve.build_service(parser.parse_args(["--ckpt", str(tmp_path), "--quantize", "int8"]))
+    assert int8.max_generations == 2
 
 
 def test_served_image_codes_are_the_same_batched_or_alone(tmp_path):

@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-batching", action="store_true",
         help="run each generation alone in its own thread and cache (the path before the "
-        "scheduler)",
+        "scheduler; --quantize int8 always does)",
     )  # fmt: skip
     add_device_argument(parser)
 
@@ -379,7 +379,9 @@ def build_service(args: argparse.Namespace) -> Service:
     _check_flags(args)
     device = device_of(args)
     batching = None
-    if not args.no_batching:
+    # int8 weights quantize a call's activations with one range for the whole batch (and
+    # do not compile), so batched rows would depend on each other: each runs alone.
+    if not args.no_batching and args.quantize == "none":
         backend = None if args.compile_step == "none" else args.compile_step
         batching = Batching(
             max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
