@@ -22,8 +22,8 @@ transformers in tokens/s at 32 clients; inter-token p99 <= 2x the single-stream 
 (``fmm.decoding.generate`` compiled, batch 1: ``(t(n) - t(1)) / (n - 1)``); one client no
 slower than ``fmm.decoding.generate`` alone.
 
-Run from the repo root (the default takes ~15 minutes on 2 cores; the per-request rows are
-the slow ones, ``--baseline-up-to`` caps their concurrency)::
+Run from the repo root (the default takes ~20 minutes on 2 cores; the per-request rows are
+the slow ones: ``--baseline-up-to`` / ``--baseline-http-up-to`` cap their concurrency)::
 
     python benchmarks/serve_generate.py
     python benchmarks/serve_generate.py --concurrency 1 32 --no-http
@@ -171,14 +171,15 @@ def transformers_cb(model, batch: list[list[int]], new: int) -> list[Timed]:
 
 
 def single_stream(params, cfg, args) -> tuple[float, float]:
-    """``(tokens/s, ms a step)`` of ``fmm.decoding.generate`` compiled, batch 1, alone."""
+    """``(tokens/s, ms a step)`` of ``fmm.decoding.generate`` compiled, batch 1, alone, in a
+    cache of ``--slot-len`` positions (a slot's)."""
     prompt = torch.tensor(prompts(args, 1, 999))
     backend = False if args.compile_step == "none" else args.compile_step
 
     def run(n: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():  # as the server runs it
-            decoding.generate(params, prompt, cfg=cfg, max_new_tokens=n, max_len=args.context,
+            decoding.generate(params, prompt, cfg=cfg, max_new_tokens=n, max_len=args.slot_len,
                               compile=backend)  # fmt: skip
         return time.perf_counter() - start
 
@@ -204,8 +205,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-slots", type=int, default=64, help="the scheduler's pool")
     p.add_argument("--slot-len", type=int, default=256, help="positions per slot")
     p.add_argument("--compile-step", default="inductor", help="inductor | aot_eager | none")
-    p.add_argument("--baseline-up-to", type=int, default=32,
-                   help="run the per-request rows only up to this many clients")  # fmt: skip
+    p.add_argument(
+        "--baseline-up-to",
+        type=int,
+        default=32,
+        help="run the per-request rows only up to this many clients",
+    )
+    p.add_argument("--baseline-http-up-to", type=int, default=8,
+                   help="and their HTTP rows up to this many")  # fmt: skip
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--quick", action="store_true", help="a 2-layer toy, 1 and 4 clients")
@@ -263,7 +271,8 @@ def goals(rows: list[Row], alone_tps: float, step_ms: float) -> None:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
         hf, cfg, params, model_dir = build(args, Path(tmp))
         alone_tps, step_ms = single_stream(params, cfg, args)
@@ -287,7 +296,10 @@ def main() -> None:
                 timed = asyncio.run(in_process(service, batch, args.new_tokens))
                 rows.append(summarise(name, timed, args.new_tokens))
                 asyncio.run(service.aclose())
-                if not args.no_http:  # a server's own Service (closed with the server)
+                http = not args.no_http and (
+                    name == "scheduler" or clients <= args.baseline_http_up_to
+                )
+                if http:  # a server's own Service (closed with the server)
                     service = Service(model, max_generations=room)
                     with running(create_app(service)) as url:
                         asyncio.run(over_http(url, batch[:1], 2))
