@@ -20,7 +20,9 @@ class VideoVQVAEConfig:
     ``res_layers`` axial-attention residual blocks, batch norm, ReLU and a 1x1x1 conv to
     ``code_dim``; the decoder mirrors it with transposed convs (TorchMultimodal's
     ``video_vqvae`` builder arguments, renamed). ``decay``, ``eps``, ``dead_threshold``:
-    the EMA codebook's (:mod:`fmm.nn.codebook`); ``bn_momentum``: the running statistics'.
+    the EMA codebook's (:mod:`fmm.nn.codebook`): a code whose EMA count per batch falls below
+    ``dead_threshold`` restarts at an encoder output (TorchMultimodal's usage threshold of 1,
+    so short runs use their codebook); ``bn_momentum``: the running statistics'.
     """
 
     in_channels: int = 3
@@ -39,7 +41,7 @@ class VideoVQVAEConfig:
     code_dim: int = 32
     decay: float = 0.99
     eps: float = 1e-5
-    dead_threshold: float = 1e-3
+    dead_threshold: float = 1.0
     commitment: float = 0.25
     bn_momentum: float = 0.1
 
@@ -163,8 +165,11 @@ class VideoGPTConfig:
 
 
 def video_vqvae_shapes() -> VideoVQVAEConfig:
-    """8 x 32 x 32 moving-shapes clips -> 4 x 8 x 8 codes (256 per clip), ~0.6M params."""
-    return VideoVQVAEConfig()
+    """8 x 32 x 32 moving-shapes clips -> 4 x 8 x 8 codes (256 per clip) of 128, width 32:
+    small enough to train on a CPU in minutes."""
+    return VideoVQVAEConfig(
+        encoder_hidden=32, attn_hidden=32, decoder_hidden=32, codebook_size=128, code_dim=16
+    )
 
 
 def video_vqvae_tiny() -> VideoVQVAEConfig:

@@ -116,7 +116,10 @@ def evaluate_vqvae(job: Job, params, model_state, args, device) -> Evaluation:
     clips = clip_eval_set(world, args.eval_per_pair, seed=args.seed + 1)
     result = reconstruct(params, cfg, clips.videos, device)
     recon, _ = result.pop("reconstructions"), result.pop("codes")
-    picks = torch.arange(0, len(clips.videos), args.eval_per_pair * len(world.shapes))[:6]
+    # One clip per motion, each of another shape (clips are in motion-major pair order).
+    n_shapes = len(world.shapes)
+    motions = torch.arange(len(world.motions))
+    picks = (motions * n_shapes + motions % n_shapes) * args.eval_per_pair
     pairs = torch.stack([clips.videos[picks], recon[picks]], 1).flatten(0, 1)
     grid = partial(
         save_image_grid, frames(pairs), columns=cfg.frames,
