@@ -171,3 +171,18 @@ def test_bad_windows_are_refused_by_name():
         Window(size=(2, 2, 2), shift=(2, 0, 0))
     with pytest.raises(ValueError, match="size"):
         Window(size=(2, 2))
+
+
+def test_an_additive_bias_is_the_same_on_both_attention_paths():
+    params = _params(Window(size=(1, 1, 1)))
+    x = fmm.random.normal(fmm.random.key(3), (2, 6, 16))
+    bias = fmm.random.normal(fmm.random.key(4), (1, 2, 6, 6))
+    mask = torch.ones(6, 6, dtype=torch.bool).triu()
+    math_cfg = AttentionConfig(dim=16, heads=2, impl="math")
+    for kwargs in ({"bias": bias}, {"bias": bias, "mask": mask}, {"bias": bias, "causal": True}):
+        torch.testing.assert_close(
+            attention(params, x, cfg=CFG, **kwargs),
+            attention(params, x, cfg=math_cfg, **kwargs),
+            atol=1e-5,
+            rtol=1e-5,
+        )
