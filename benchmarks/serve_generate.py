@@ -232,12 +232,13 @@ def served(model_dir: Path, args, *, scheduled: bool):
     return serve.load_model(model_dir, batching=batching if scheduled else None)
 
 
-def table(rows: list[Row]) -> None:
-    print(f"{'method':<28}{'clients':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}"
+HEADER = (f"{'method':<28}{'clients':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}"
           f"{'gap p50 ms':>12}{'gap p99 ms':>12}")  # fmt: skip
-    for r in rows:
-        print(f"{r.method:<28}{r.clients:>8}{r.tokens_per_s:>10.1f}{r.ttft_ms:>13.1f}"
-              f"{r.gap_p50_ms:>12.1f}{r.gap_p99_ms:>12.1f}")  # fmt: skip
+
+
+def line(r: Row) -> str:
+    return (f"{r.method:<28}{r.clients:>8}{r.tokens_per_s:>10.1f}{r.ttft_ms:>13.1f}"
+            f"{r.gap_p50_ms:>12.1f}{r.gap_p99_ms:>12.1f}")  # fmt: skip
 
 
 def goals(rows: list[Row], alone_tps: float, step_ms: float) -> None:
@@ -254,9 +255,6 @@ def goals(rows: list[Row], alone_tps: float, step_ms: float) -> None:
     def ratio(a: tuple, b: tuple) -> float | None:
         return at[a].tokens_per_s / at[b].tokens_per_s if a in at and b in at else None
 
-    print(
-        f"single stream, fmm.decoding.generate: {alone_tps:.1f} tokens/s, a step {step_ms:.1f} ms"
-    )
     print("goals (32 clients, in process):")
     verdict("scheduler / per-request tokens/s", ratio(("scheduler", 32), ("per-request", 32)), 5)
     verdict("scheduler / transformers CB tokens/s",
@@ -276,6 +274,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf, cfg, params, model_dir = build(args, Path(tmp))
         alone_tps, step_ms = single_stream(params, cfg, args)
+        print(f"single stream, fmm.decoding.generate: {alone_tps:.1f} tokens/s, a step "
+              f"{step_ms:.1f} ms", flush=True)  # fmt: skip
         started = time.perf_counter()
         scheduled = served(model_dir, args, scheduled=True)
         print(
@@ -284,7 +284,15 @@ def main() -> None:
         )
         per_request = served(model_dir, args, scheduled=False)
         room = 4 * max(args.concurrency)  # no 503s: every client is let in
+        print(f"{args.layers} layers x {args.width}, vocab {args.vocab}, prompts of "
+              f"{args.prompt_len}, {args.new_tokens} new tokens each, greedy")  # fmt: skip
+        print(HEADER)
         rows: list[Row] = []
+
+        def add(row: Row) -> None:
+            rows.append(row)
+            print(line(row), flush=True)
+
         for clients in args.concurrency:
             batch = prompts(args, clients, clients)
             contenders = [("scheduler", scheduled)]
@@ -294,7 +302,7 @@ def main() -> None:
                 service = Service(model, max_generations=room)
                 asyncio.run(in_process(service, batch[:1], 2))  # threads started, untimed
                 timed = asyncio.run(in_process(service, batch, args.new_tokens))
-                rows.append(summarise(name, timed, args.new_tokens))
+                add(summarise(name, timed, args.new_tokens))
                 asyncio.run(service.aclose())
                 http = not args.no_http and (
                     name == "scheduler" or clients <= args.baseline_http_up_to
@@ -304,15 +312,10 @@ def main() -> None:
                     with running(create_app(service)) as url:
                         asyncio.run(over_http(url, batch[:1], 2))
                         timed = asyncio.run(over_http(url, batch, args.new_tokens))
-                    rows.append(summarise(f"{name}, HTTP", timed, args.new_tokens))
+                    add(summarise(f"{name}, HTTP", timed, args.new_tokens))
             if not args.no_transformers:
                 timed = transformers_cb(hf, batch, args.new_tokens)
-                rows.append(summarise("transformers CB", timed, args.new_tokens))
-            print(f"... {clients} clients done", flush=True)
-        print(f"\n{args.layers} layers x {args.width}, vocab {args.vocab}, prompts of "
-              f"{args.prompt_len}, {args.new_tokens} new tokens each, greedy, "
-              f"{torch.get_num_threads()} threads")  # fmt: skip
-        table(rows)
+                add(summarise("transformers CB", timed, args.new_tokens))
         goals(rows, alone_tps, step_ms)
 
 
