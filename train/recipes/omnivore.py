@@ -179,7 +179,7 @@ RECIPE = Recipe(
     name="omnivore",
     help="train one Swin-3D encoder on shapes-world images, videos and depth (Omnivore)",
     family=omnivore.FAMILY,
-    defaults=Defaults(steps=400, batch_size=32, lr=2e-3, weight_decay=0.05, warmup=30),
+    defaults=Defaults(steps=2000, batch_size=32, lr=3e-3, weight_decay=0.05, warmup=30),
     prepare=prepare,
     evaluate=evaluate,
     extra_arguments=_arguments,
