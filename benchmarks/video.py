@@ -71,12 +71,15 @@ def main() -> None:
     p.add_argument("--codes", type=int, default=1024, help="codebook size")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled fmm row")
     p.add_argument("--quick", action="store_true", help="a tiny model and grid (seconds)")
     args = p.parse_args()
     if args.quick:
         args.latent, args.width, args.layers, args.codes = (2, 4, 4), 48, 1, 32
         args.text_len, args.repeats, args.no_compile = 4, 1, True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gpt_cfg, vq_cfg = _configs(args)
     ref = reference_gpt(gpt_cfg, vq_cfg)
@@ -113,7 +116,7 @@ def main() -> None:
     print(
         f"VideoGPT greedy generation, {n} codes ({'x'.join(map(str, gpt_cfg.latent_shape))}), "
         f"batch {args.batch}, width {gpt_cfg.width} x {gpt_cfg.layers} layers, "
-        f"{torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(f"{'method':34s} {'ms/clip':>10s} {'ms/code':>8s} {'speedup':>8s} same codes")
     ref_codes = codes["torchmultimodal GenerationUtil"]
