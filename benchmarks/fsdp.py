@@ -44,10 +44,10 @@ def _rss_kib() -> int:
 def _worker(args) -> None:
     """One torchrun rank: build, shard, train ``--steps``, print JSON (rank 0)."""
     import fmm
+    from fmm import optim
     from fmm.adapter import ModelAdapter
     from models import clip
     from train import distributed as D
-    from fmm import optim
 
     env = D.setup()
     cfg = dataclasses.replace(
