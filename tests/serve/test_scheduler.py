@@ -298,3 +298,16 @@ def test_a_served_request_waiting_for_a_slot_stops_when_its_client_goes():
         time.sleep(0.01)  # the next iteration drops it
     assert scheduler.load == idle
     scheduler.close()
+
+
+def test_a_served_gpt2_promises_no_more_new_tokens_than_a_slot_holds(tmp_path):
+    from tests.serve.test_gpt_serving import write_gpt2_dir
+    from train.recipes import serve
+
+    write_gpt2_dir(tmp_path)
+    alone = serve.load_model(tmp_path)
+    context = alone.generate_limits["max_new_tokens"][1]
+    slotted = serve.load_model(
+        tmp_path, batching=serve.Batching(max_slots=2, max_len=20, compile=None)
+    )
+    assert (context, slotted.generate_limits["max_new_tokens"][1]) == (48, 20)

@@ -305,13 +305,15 @@ def gpt_model(
         "tokenizer": tokenizer,
         "eos_id": config.get("eos_token_id"),
     }
+    positions = cfg.context_length  # what a prompt and its new tokens must fit in
     if batching is not None:
         run["scheduler"] = batching.scheduler(params, gpt.decoder_spec(cfg), eos_id=run["eos_id"])
+        positions = min(positions, batching.max_len or positions)  # a slot holds --slot-len
     return ServedModel(
         name="gpt2",
         fingerprint=_fingerprint(config, params),
         generate=lambda prompt, **options: stream_text(run, prompt, **options),
-        generate_limits={"guidance": (1.0, 1.0), "max_new_tokens": (1, cfg.context_length)},
+        generate_limits={"guidance": (1.0, 1.0), "max_new_tokens": (1, positions)},
         tokenize=lambda texts: [e.ids for e in tokenizer.encode_batch(texts)],
         vocab_size=cfg.vocab_size,
         info={"run": _run_name(model_dir), "quantize": quantize, "gpt": cfg.to_dict()},
