@@ -32,6 +32,7 @@ from train.data.video_shapes import (
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.plots_generation import save_image_grid
 from train.recipes import number
+from train.recipes.vqvae import reconstruction_figures
 
 TEXT_LEN = 10  # <sot> + the longest caption (7 words) + <eot>, with room
 _SHIFT = 0.5  # the VQ-VAE sees pixels centred on 0
@@ -78,22 +79,14 @@ def prepare_vqvae(args: argparse.Namespace, device: torch.device) -> Job:
 
 def reconstruct(params, cfg: vg.VideoVQVAEConfig, videos: torch.Tensor, device) -> dict:
     """PSNR (pixels in [0, 1]) and code usage of ``videos [N, 3, T, H, W]``'s reconstructions."""
-    recon, codes = [], []
-    for i in range(0, len(videos), 64):
-        out = vg.apply_vqvae(params, videos[i : i + 64].to(device) - _SHIFT, cfg=cfg)
-        recon.append((out["reconstruction"] + _SHIFT).clamp(0, 1).cpu())
-        codes.append(out["codes"].cpu())
-    recon, codes = torch.cat(recon), torch.cat(codes)
-    mse = (recon - videos).pow(2).mean()
-    usage = code_usage(codes, cfg.codebook_size)
-    return {
-        "recon_mse": round(mse.item(), 6),
-        "psnr_db": round((-10 * torch.log10(mse)).item(), 2),
-        "code_perplexity": round(usage["perplexity"].item(), 2),
-        "fraction_codes_used": round(usage["fraction_used"].item(), 4),
-        "reconstructions": recon,
-        "codes": codes,
-    }
+
+    def run(x: torch.Tensor) -> dict:
+        out = vg.apply_vqvae(params, x.to(device) - _SHIFT, cfg=cfg)
+        return {"reconstruction": out["reconstruction"] + _SHIFT, "codes": out["codes"]}
+
+    figures = reconstruction_figures(run, videos, codebook_size=cfg.codebook_size, chunk=64)
+    figures["code_perplexity"] = figures.pop("perplexity")
+    return figures
 
 
 def frames(videos: torch.Tensor) -> torch.Tensor:
@@ -115,7 +108,7 @@ def evaluate_vqvae(job: Job, params, model_state, args, device) -> Evaluation:
     cfg, world = job.cfg, job.context
     clips = clip_eval_set(world, args.eval_per_pair, seed=args.seed + 1)
     result = reconstruct(params, cfg, clips.videos, device)
-    recon, _ = result.pop("reconstructions"), result.pop("codes")
+    recon = result.pop("reconstructions")
     # One clip per motion, each of another shape (clips are in motion-major pair order).
     n_shapes = len(world.shapes)
     motions = torch.arange(len(world.motions))

@@ -59,16 +59,19 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
     )
 
 
-def reconstruct(params, cfg: vqvae.VQVAEConfig, images: torch.Tensor, device) -> dict:
-    """Reconstruction MSE (pixels in [0, 1]) and codebook usage over ``images [N, 3, H, W]``."""
+def reconstruction_figures(run, inputs: torch.Tensor, *, codebook_size: int, chunk: int) -> dict:
+    """Reconstruct ``inputs [N, 3, ...]`` (pixels in [0, 1]) ``chunk`` at a time with
+    ``run(x) -> {"reconstruction", "codes"}``: ``recon_mse``, ``psnr_db``, the codes'
+    ``perplexity`` and ``fraction_codes_used``, and ``reconstructions`` (clamped to [0, 1],
+    on the CPU). Images and videos alike (the video recipe uses it too)."""
     recon, codes = [], []
-    for i in range(0, len(images), 256):
-        out = vqvae.apply(params, images[i : i + 256].to(device), cfg=cfg)
+    for i in range(0, len(inputs), chunk):
+        out = run(inputs[i : i + chunk])
         recon.append(out["reconstruction"].clamp(0, 1).cpu())
         codes.append(out["codes"].cpu())
     recon, codes = torch.cat(recon), torch.cat(codes)
-    mse = (recon - images).pow(2).mean()
-    usage = code_usage(codes, cfg.codebook_size)
+    mse = (recon - inputs).pow(2).mean()
+    usage = code_usage(codes, codebook_size)
     return {
         "recon_mse": round(mse.item(), 6),
         "psnr_db": round((-10 * torch.log10(mse)).item(), 2),
@@ -76,6 +79,14 @@ def reconstruct(params, cfg: vqvae.VQVAEConfig, images: torch.Tensor, device) ->
         "fraction_codes_used": round(usage["fraction_used"].item(), 4),
         "reconstructions": recon,
     }
+
+
+def reconstruct(params, cfg: vqvae.VQVAEConfig, images: torch.Tensor, device) -> dict:
+    """Reconstruction MSE (pixels in [0, 1]) and codebook usage over ``images [N, 3, H, W]``."""
+    return reconstruction_figures(
+        lambda x: vqvae.apply(params, x.to(device), cfg=cfg),
+        images, codebook_size=cfg.codebook_size, chunk=256,
+    )  # fmt: skip
 
 
 def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) -> Evaluation:
