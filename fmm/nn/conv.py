@@ -26,6 +26,25 @@ def _check_sizes(**sizes: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def init_kernel(
+    shape: tuple[int, ...],
+    fan_in: int,
+    key: torch.Tensor,
+    *,
+    out_channels: int,
+    bias: bool,
+    std: float | None,
+    dtype: torch.dtype,
+) -> Params:
+    """A convolution's params, any rank: ``weight [*shape] ~ N(0, std**2)`` with He init's
+    ``std = sqrt(2 / fan_in)`` unless given, and ``bias [out_channels] = 0`` if ``bias``."""
+    std = (2.0 / fan_in) ** 0.5 if std is None else std
+    params = {"weight": random.normal(key, shape, dtype=dtype) * std}
+    if bias:
+        params["bias"] = torch.zeros(out_channels, dtype=dtype, device=key.device)
+    return params
+
+
 def init_conv2d(
     in_channels: int,
     out_channels: int,
@@ -42,13 +61,11 @@ def init_conv2d(
     around it use ReLU); ``bias = 0``.
     """
     _check_sizes(in_channels=in_channels, out_channels=out_channels, kernel=kernel)
-    fan_in = in_channels * kernel * kernel
-    std = (2.0 / fan_in) ** 0.5 if std is None else std
     shape = (out_channels, in_channels, kernel, kernel)
-    params = {"weight": random.normal(key, shape, dtype=dtype) * std}
-    if bias:
-        params["bias"] = torch.zeros(out_channels, dtype=dtype, device=key.device)
-    return params
+    return init_kernel(
+        shape, in_channels * kernel * kernel, key,
+        out_channels=out_channels, bias=bias, std=std, dtype=dtype,
+    )  # fmt: skip
 
 
 def conv2d(params: Params, x: torch.Tensor, *, stride: int = 1, padding: int = 0) -> torch.Tensor:
@@ -81,13 +98,11 @@ def init_conv_transpose2d(
     ``in * kernel**2 / stride**2``, taken for the usual stride 2.
     """
     _check_sizes(in_channels=in_channels, out_channels=out_channels, kernel=kernel)
-    fan_in = max(1, in_channels * kernel * kernel // 4)
-    std = (2.0 / fan_in) ** 0.5 if std is None else std
     shape = (in_channels, out_channels, kernel, kernel)
-    params = {"weight": random.normal(key, shape, dtype=dtype) * std}
-    if bias:
-        params["bias"] = torch.zeros(out_channels, dtype=dtype, device=key.device)
-    return params
+    return init_kernel(
+        shape, max(1, in_channels * kernel * kernel // 4), key,
+        out_channels=out_channels, bias=bias, std=std, dtype=dtype,
+    )  # fmt: skip
 
 
 def conv_transpose2d(

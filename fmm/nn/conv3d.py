@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fmm import random
+from fmm.nn.conv import init_kernel
 
 Params = dict[str, torch.Tensor]
 Size3 = int | tuple[int, int, int]
@@ -65,14 +65,6 @@ def _transpose_padding(kernel, stride, size, pads) -> tuple[tuple[int, ...], tup
     return tuple(trim), tuple(extra)
 
 
-def _init(shape, fan_in, key, bias, std, dtype, n_bias) -> Params:
-    std = math.sqrt(2.0 / fan_in) if std is None else std
-    params = {"weight": random.normal(key, shape, dtype=dtype) * std}
-    if bias:
-        params["bias"] = torch.zeros(n_bias, dtype=dtype, device=key.device)
-    return params
-
-
 def init_conv3d(
     in_channels: int,
     out_channels: int,
@@ -88,7 +80,10 @@ def init_conv3d(
     k = triple(kernel, "kernel")
     triple((in_channels, out_channels, 1), "in_channels / out_channels")
     fan_in = in_channels * math.prod(k)
-    return _init((out_channels, in_channels, *k), fan_in, key, bias, std, dtype, out_channels)
+    return init_kernel(
+        (out_channels, in_channels, *k), fan_in, key,
+        out_channels=out_channels, bias=bias, std=std, dtype=dtype,
+    )  # fmt: skip
 
 
 def init_conv_transpose3d(
@@ -106,7 +101,10 @@ def init_conv_transpose3d(
     k = triple(kernel, "kernel")
     triple((in_channels, out_channels, 1), "in_channels / out_channels")
     fan_in = max(1, in_channels * math.prod(k) // 8)
-    return _init((in_channels, out_channels, *k), fan_in, key, bias, std, dtype, out_channels)
+    return init_kernel(
+        (in_channels, out_channels, *k), fan_in, key,
+        out_channels=out_channels, bias=bias, std=std, dtype=dtype,
+    )  # fmt: skip
 
 
 def _check_video(name: str, x: torch.Tensor, channels: int, weight: torch.Tensor) -> None:
