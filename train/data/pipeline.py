@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -62,30 +63,33 @@ def derived_seed(*words: int) -> int:
     return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] >> 1)
 
 
+def image_id(data: bytes) -> int:
+    """A non-negative 63-bit id of an image file's bytes (BLAKE2b): equal files, equal ids;
+    distinct files collide with odds ~n^2 / 2^64."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
 class Captions:
     """The text fields of a pairs table: one of sample ``i``'s captions, drawn with the
     sample's generator, as ``tokens [context] int64``; with ``mask``, ``attention_mask
-    [context] bool`` (True = a real token); with ``index``, ``idx`` (the sample's index:
-    ALBEF's positives). An empty caption (or none) is a :class:`BadSample`. Picklable, so
-    workers receive it."""
+    [context] bool`` (True = a real token). An empty caption (or none) is a
+    :class:`BadSample`. Picklable, so workers receive it."""
 
-    def __init__(self, tokenizer: Any, context: int, *, mask: bool = False, index: bool = False):
-        self.tokenizer, self.context, self.mask, self.index = tokenizer, context, mask, index
+    def __init__(self, tokenizer: Any, context: int, *, mask: bool = False):
+        self.tokenizer, self.context, self.mask = tokenizer, context, mask
 
     def __call__(self, table, i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         captions = [t for t in table.texts(i) if t.strip()]
         if not captions:
             raise BadSample(table.where(i), "no caption (empty or missing)")
         pick = int(torch.randint(len(captions), (), generator=generator))
-        return self.fields(captions[pick], i)
+        return self.fields(captions[pick])
 
-    def fields(self, text: str, i: int) -> dict[str, torch.Tensor]:
+    def fields(self, text: str) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer.encode([text], self.context)[0]
         out = {"tokens": tokens}
         if self.mask:
             out["attention_mask"] = tokens != self.tokenizer.pad_id
-        if self.index:
-            out["idx"] = torch.tensor(i, dtype=torch.int64)
         return out
 
 
@@ -116,12 +120,17 @@ class Questions:
             what = "no question" if not question else "no answer in the training answers"
             raise BadSample(table.where(i), what)
         answer = max(given, key=given.count)
-        return {**self.text.fields(question, i), "answers": torch.tensor(self.ids[answer])}
+        return {**self.text.fields(question), "answers": torch.tensor(self.ids[answer])}
 
 
 class Samples(torch.utils.data.Dataset):
     """Sample ``(epoch, i)`` of ``table``: ``images [3, size, size] float32`` (random resized
     crop, normalised by ``mean``/``std``) and the fields of ``text(table, i, generator)``.
+
+    With ``image_ids``, also ``idx [] int64``: a 63-bit digest of the image file's bytes, so
+    rows that share an image (a caption per row, as COCO exported to CSV is) are one
+    example to ALBEF's contrastive loss (equal ids are positives), not each other's
+    negatives.
 
     ``samples[(epoch, i)]`` returns ``(fields, bad)``: ``bad`` lists the ``(where,
     reason)`` of every sample skipped on the way (``i`` unreadable: ``i + 1`` is used, and
@@ -137,8 +146,9 @@ class Samples(torch.utils.data.Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         seed: int,
+        image_ids: bool = False,
     ):
-        self.table, self.text = table, text
+        self.table, self.text, self.image_ids = table, text, image_ids
         self.size, self.mean, self.std, self.seed = size, tuple(mean), tuple(std), seed
 
     def __len__(self) -> int:
@@ -159,6 +169,8 @@ class Samples(torch.utils.data.Dataset):
         images = train_transform(
             image, size=self.size, mean=self.mean, std=self.std, generator=generator
         )
+        if self.image_ids:
+            fields["idx"] = torch.tensor(image_id(data), dtype=torch.int64)
         return {"images": images, **fields}
 
     def __getitem__(self, key: tuple[int, int]):

@@ -17,8 +17,9 @@ with a decoder; over the shapes world's fixed answer set a classifier is the sam
 Both write the files of every run (``loss.png``: one curve per loss) and ``tokenizer.json``.
 
 ``--data PATH`` trains on a user's table instead (:mod:`train.data.flags`): image-caption
-pairs for retrieval (``idx``: the sample's index), a VQA table for ``--task vqa`` (the
-answer classes: the training answers, most frequent first; reported: ``vqa_train_accuracy``
+pairs for retrieval (``idx``: a digest of the image, so rows sharing an image are
+positives), a VQA table for ``--task vqa`` (the answer classes: the training answers, most
+frequent first; reported: ``vqa_train_accuracy``
 on up to 256 training questions, as no held-out split comes with ``--data``), with a BPE
 tokenizer trained on its texts ([MASK] one id past it).
 """
@@ -258,14 +259,17 @@ def _data(args: argparse.Namespace, vqa: bool):
 
 
 def data_samples(args, table, tokenizer, answers: list[str], cfg) -> Samples:
-    """``--data``'s samples: captions (retrieval: ``idx`` the sample's index) or questions
+    """``--data``'s samples: captions (retrieval: ``idx`` the image's id) or questions
     and answer ids (vqa), crops at ALBEF's image size."""
     if answers:
         text = Questions(tokenizer, CONTEXT, answers)
     else:
-        text = Captions(tokenizer, CONTEXT, mask=True, index=True)
+        text = Captions(tokenizer, CONTEXT, mask=True)
     mean, std = (IMAGE_MEAN,) * 3, (IMAGE_STD,) * 3
-    return Samples(table, text, size=cfg.image_size, mean=mean, std=std, seed=args.seed)
+    return Samples(
+        table, text, size=cfg.image_size, mean=mean, std=std, seed=args.seed,
+        image_ids=not answers,
+    )  # fmt: skip
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:

@@ -169,3 +169,17 @@ def test_nothing_readable_is_one_error(tmp_path):
 def test_a_batch_larger_than_the_table_is_refused(table_csv):
     with pytest.raises(ValueError, match="--batch-size 20 is more than its 14 samples"):
         LoaderSource(samples_of(table_csv), batch_size=20, seed=0, workers=0)
+
+
+def test_image_ids_make_rows_sharing_an_image_one_example(tmp_path):
+    """ALBEF's positives: a CSV with a caption per row names an image twice; both rows get
+    the image's id, every other image another one."""
+    path = write_csv(tmp_path, 4)
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([*rows, rows[1].replace(rows[1].split(",", 1)[1], "again")]))
+    table = open_table(path)
+    samples = Samples(table, Captions(TOKENIZER, 16), size=32, mean=(0.5,) * 3,
+                      std=(0.25,) * 3, seed=0, image_ids=True)  # fmt: skip
+    ids = [int(samples.sample(0, i)["idx"]) for i in range(len(table))]
+    assert ids[4] == ids[0] and len(set(ids[:4])) == 4 and min(ids) >= 0
+    assert "idx" not in samples_of(path).sample(0, 0)
