@@ -7,15 +7,18 @@
 - ``imagefolder``: one sub-folder per class (``dogs/1.jpg``, ``cats/2.png``), classes in
   sorted order, images anywhere below their class folder (torchvision's ImageFolder).
 
-Hidden files and folders (``.ipynb_checkpoints``) are skipped.
+Hidden files and folders (``.ipynb_checkpoints``) are skipped. Both take the file
+suffixes that count as samples (images by default), so a folder of video clips opens the
+same way (``video-folder``, ``video-classes``: :mod:`train.data.formats.videos`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from train.data.formats.table import IMAGE_SUFFIXES, FileImages, is_image
+from train.data.formats.table import IMAGE_SUFFIXES, FileImages
 
 
 def scan(root: Path) -> list[str]:
@@ -28,27 +31,35 @@ def scan(root: Path) -> list[str]:
     return sorted(found)
 
 
-def looks_captioned(root: Path) -> bool:
-    """Whether the first folder below ``root`` that holds images also holds ``.txt`` files
-    (a caption folder) rather than none (an ImageFolder's class folder). Stops there: cheap
-    on a large tree."""
+def looks_captioned(root: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> bool:
+    """Whether the first folder below ``root`` that holds images (files ending in one of
+    ``suffixes``) also holds ``.txt`` files (a caption folder) rather than none (an
+    ImageFolder's class folder). Stops there: cheap on a large tree."""
     for _, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if any(is_image(f) for f in files):
+        if any(_has_suffix(f, suffixes) for f in files):
             return any(f.lower().endswith(".txt") for f in files)
     return False
 
 
 class CaptionFolder(FileImages):
-    """``folder``: images with optional same-stem ``.txt`` captions."""
+    """``folder``: images (files ending in one of ``suffixes``; ``noun`` names them in
+    errors) with optional same-stem ``.txt`` captions."""
 
-    def __init__(self, root: Path):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        format: str = "folder",
+        suffixes: Sequence[str] = IMAGE_SUFFIXES,
+        noun: str = "images",
+    ):
         files = scan(root)
         present = set(files)
-        paths = [f for f in files if is_image(f)]
+        paths = [f for f in files if _has_suffix(f, suffixes)]
         if not paths:
-            raise ValueError(f"{root}: no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-        super().__init__(format="folder", source=root, root=root, paths=paths)
+            raise ValueError(f"{root}: no {noun} (looked for {', '.join(suffixes)})")
+        super().__init__(format=format, source=root, root=root, paths=paths)
         # One flag per image, not a second list of paths: the caption's path is derived.
         self.captioned = bytes(_caption_of(p) in present for p in paths)
 
@@ -70,7 +81,14 @@ class ImageFolder(FileImages):
 
     kind = "classes"
 
-    def __init__(self, root: Path):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        format: str = "imagefolder",
+        suffixes: Sequence[str] = IMAGE_SUFFIXES,
+        noun: str = "images",
+    ):
         classes = sorted(
             d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
         )
@@ -78,12 +96,12 @@ class ImageFolder(FileImages):
             raise ValueError(f"{root}: no class sub-folders (an ImageFolder has one per class)")
         paths, labels = [], []
         for label, name in enumerate(classes):
-            images = [f"{name}/{f}" for f in scan(root / name) if is_image(f)]
-            if not images:
-                raise ValueError(f"{root / name}: a class folder without images")
-            paths += images
-            labels += [label] * len(images)
-        super().__init__(format="imagefolder", source=root, root=root, paths=paths)
+            found = [f"{name}/{f}" for f in scan(root / name) if _has_suffix(f, suffixes)]
+            if not found:
+                raise ValueError(f"{root / name}: a class folder without {noun}")
+            paths += found
+            labels += [label] * len(found)
+        super().__init__(format=format, source=root, root=root, paths=paths)
         self.classes = tuple(classes)
         self.class_names = tuple(readable(c) for c in classes)
         self.labels = labels
@@ -93,6 +111,10 @@ class ImageFolder(FileImages):
 
     def texts(self, i: int) -> tuple[str, ...]:
         return ()
+
+
+def _has_suffix(path: str, suffixes: Sequence[str]) -> bool:
+    return Path(path).suffix.lower() in suffixes
 
 
 def readable(class_folder: str) -> str:
