@@ -8,8 +8,9 @@ same subtree; the towers read only their own keys.
 ViT params (``init_vit``)::
 
     patch                   {weight [width, C, p, p], bias (if cfg.patch_bias)}
+                            (video, cfg.frames set: weight [width, C, tubelet, p, p])
     cls                     [width]            class token, prepended
-    pos                     [grid*grid + 1, width]
+    pos                     [cfg.seq, width]   grid*grid + 1 (video: times frames/tubelet)
     mask_token              [width]            (if cfg.mask_token) the [MASK] patch of MIM
     norm_pre                layer norm before the stack (if cfg.norm_pre; CLIP's ln_pre)
     transformer.blocks.N
@@ -45,8 +46,10 @@ import torch.nn.functional as F
 
 from fmm import random
 from fmm.nn.attention import padding_mask
+from fmm.nn.conv import init_kernel
 from fmm.nn.embed import embed, init_embedding, init_patch_embed, patch_embed
 from fmm.nn.norm import init_layer_norm, layer_norm
+from fmm.nn.swin import patch_embed_3d
 from fmm.nn.transformer import BlockFn, TransformerConfig, init_transformer, transformer
 
 Params = dict[str, Any]
@@ -77,6 +80,11 @@ class ViTConfig:
 
     ``embed_std``: std of the class token and positions (``None``: ``width ** -0.5``, as
     CLIP); ``dropout``: on the embeddings in training (the blocks have their own).
+
+    ``frames``: ``None`` for images ``[B, C, H, W]``; a count makes it a video tower over
+    ``[B, C, frames, H, W]``, cut in tubes of ``tubelet`` frames x ``patch_size``² pixels
+    (a 3-D patch embedding, as ViViT's tubelets), every tube a token of one space-time
+    attention stack with its own learned position.
     """
 
     image_size: int
@@ -89,6 +97,8 @@ class ViTConfig:
     mask_token: bool = False
     embed_std: float | None = None
     dropout: float = 0.0
+    frames: int | None = None
+    tubelet: int = 1
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
@@ -96,6 +106,13 @@ class ViTConfig:
                 f"ViTConfig: image_size={self.image_size} must be a positive multiple of "
                 f"patch_size={self.patch_size}"
             )
+        if self.tubelet < 1 or (self.frames is not None and self.frames % self.tubelet):
+            raise ValueError(
+                f"ViTConfig: frames={self.frames} must be a positive multiple of "
+                f"tubelet={self.tubelet}"
+            )
+        if self.frames is None and self.tubelet != 1:
+            raise ValueError(f"ViTConfig: tubelet={self.tubelet} needs frames= (a video tower)")
 
     @property
     def width(self) -> int:
@@ -107,9 +124,14 @@ class ViTConfig:
         return self.image_size // self.patch_size
 
     @property
+    def tubes(self) -> int:
+        """Tubes along time: 1 for an image tower."""
+        return 1 if self.frames is None else self.frames // self.tubelet
+
+    @property
     def seq(self) -> int:
-        """Tokens out of the tower: the class token and every patch."""
-        return self.grid**2 + 1
+        """Tokens out of the tower: the class token and every patch (or tube)."""
+        return self.tubes * self.grid**2 + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,9 +171,7 @@ def init_vit(cfg: ViTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.fl
     k = lambda name: random.fold_in(key, name)
     std = d**-0.5 if cfg.embed_std is None else cfg.embed_std
     params: Params = {
-        "patch": init_patch_embed(
-            cfg.patch_size, cfg.in_channels, d, k("patch"), bias=cfg.patch_bias, dtype=dtype
-        ),
+        "patch": _init_patch(cfg, k("patch"), dtype),
         "cls": random.normal(k("cls"), (d,), dtype=dtype) * std,
         "pos": random.normal(k("pos"), (cfg.seq, d), dtype=dtype) * std,
     }
@@ -163,6 +183,18 @@ def init_vit(cfg: ViTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.fl
     if cfg.norm:
         params["norm"] = init_layer_norm(d, device=dev, dtype=dtype)
     return params
+
+
+def _init_patch(cfg: ViTConfig, key: torch.Tensor, dtype: torch.dtype) -> Params:
+    p, c = cfg.patch_size, cfg.in_channels
+    if cfg.frames is None:
+        return init_patch_embed(p, c, cfg.width, key, bias=cfg.patch_bias, dtype=dtype)
+    # The same N(0, 1/fan_in) init as the 2-d patch embedding, over a tube.
+    fan_in = c * cfg.tubelet * p * p
+    return init_kernel(
+        (cfg.width, c, cfg.tubelet, p, p), fan_in, key, out_channels=cfg.width,
+        bias=cfg.patch_bias, std=fan_in**-0.5, dtype=dtype,
+    )  # fmt: skip
 
 
 def init_text(cfg: TextConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> Params:
@@ -230,10 +262,15 @@ def vit(
 ) -> Encoded:
     """``images: [B, C, H, W]`` -> :class:`Encoded` ``[B, 1 + grid², width]``, class token
     first. ``patch_mask: [B, grid²]`` bool replaces those patches by ``mask_token`` (MIM).
+    A video tower (``cfg.frames``) takes ``[B, C, frames, H, W]`` and returns ``[B, 1 +
+    tubes * grid², width]``, tubes in (time, row, column) order.
 
     Shapes are the caller's to check (families check at their public boundary).
     """
-    x = patch_embed(params["patch"], images)
+    if cfg.frames is None:
+        x = patch_embed(params["patch"], images)
+    else:
+        x = patch_embed_3d(params["patch"], images).flatten(1, 3)
     if patch_mask is not None:
         x = torch.where(patch_mask.bool()[..., None], params["mask_token"].to(x.dtype), x)
     cls = params["cls"].to(x.dtype).expand(x.shape[0], 1, -1)

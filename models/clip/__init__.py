@@ -1,11 +1,21 @@
 """CLIP: a ViT image tower and a causal text tower trained contrastively.
 
+``clip_video_tiny`` is the same family with a video tower (``CLIPConfig.frames``): clips
+against captions, as ``python -m train clip --modality video`` trains it.
+
 ``FAMILY`` is its contract (:class:`models.family.Family`): presets, ``init``, the
 contrastive ``loss`` (cross-rank ``gather`` injected), the batch it reads, the three
 reference layouts' converters, the memory-planner layout and the serving hooks.
 """
 
-from models.clip.config import CLIPConfig, clip_tiny, clip_vit_b16, clip_vit_b32, clip_vit_l14
+from models.clip.config import (
+    CLIPConfig,
+    clip_tiny,
+    clip_video_tiny,
+    clip_vit_b16,
+    clip_vit_b32,
+    clip_vit_l14,
+)
 from models.clip.convert import (
     from_hf,
     from_open_clip,
@@ -35,6 +45,7 @@ PRESETS = {
     "clip_vit_b32": clip_vit_b32,
     "clip_vit_l14": clip_vit_l14,
     "clip_tiny": clip_tiny,
+    "clip_video_tiny": clip_video_tiny,
 }
 
 FAMILY = Family(
@@ -67,6 +78,7 @@ __all__ = [
     "apply",
     "batch_fields",
     "clip_tiny",
+    "clip_video_tiny",
     "clip_vit_b16",
     "clip_vit_b32",
     "clip_vit_l14",

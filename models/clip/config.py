@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,10 @@ class CLIPConfig:
     Each tower has its own width, depth, heads and MLP width: ``image_mlp_dim`` /
     ``text_mlp_dim`` (None: ``int(width * mlp_ratio)``, the published CLIPs' 4x) state a
     tower's MLP hidden width as checkpoints do, so towers whose ratios differ load too.
+
+    ``frames`` makes the image tower a video tower (:class:`fmm.nn.towers.ViTConfig`'s):
+    it takes clips ``[B, C, frames, H, W]`` cut in tubes of ``tubelet`` frames, and the
+    rest of CLIP (text tower, projections, loss) is unchanged. ``None``: images.
     """
 
     embed_dim: int
@@ -30,6 +35,8 @@ class CLIPConfig:
     image_heads: int
     image_mlp_dim: int | None = None
     in_channels: int = 3
+    frames: int | None = None
+    tubelet: int = 1
     # text tower
     context_length: int
     vocab_size: int
@@ -84,8 +91,14 @@ class CLIPConfig:
         return ViTConfig(
             image_size=self.image_size, patch_size=self.patch_size,
             transformer=self.image_transformer, in_channels=self.in_channels, patch_bias=False,
-            norm_pre=True,
+            norm_pre=True, frames=self.frames, tubelet=self.tubelet,
         )  # fmt: skip
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input of the image tower: ``(C, H, W)``, or ``(C, frames, H, W)`` for video."""
+        time = () if self.frames is None else (self.frames,)
+        return (self.in_channels, *time, self.image_size, self.image_size)
 
     @property
     def text_tower(self) -> TextConfig:
@@ -146,6 +159,15 @@ def clip_vit_l14() -> CLIPConfig:
         text_layers=12,
         text_heads=12,
     )
+
+
+def clip_video_tiny(*, vocab_size: int = 64, context_length: int = 10) -> CLIPConfig:
+    """:func:`clip_tiny` with a video tower for the moving-shapes clips: 8 frames of 32 px in
+    tubes of 2 frames x 8 x 8 pixels, so 64 space-time tokens (as many as clip_tiny's patches)."""
+    return dataclasses.replace(
+        clip_tiny(vocab_size=vocab_size, context_length=context_length),
+        frames=8, tubelet=2, patch_size=8,
+    )  # fmt: skip
 
 
 def clip_tiny(*, vocab_size: int = 64, context_length: int = 16) -> CLIPConfig:

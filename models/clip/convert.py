@@ -43,6 +43,7 @@ from models.clip.foreign_config import (
     config_from_open_clip,
     config_to_hf,
     config_to_open_clip,
+    images_only,
     mlp_widths,
 )
 from models.clip.model import init
@@ -123,6 +124,7 @@ def _towers(cfg: CLIPConfig, image: str, text: str, names: Mapping[str, str], fu
 
 def open_clip_rules(cfg: CLIPConfig) -> list[Rule]:
     """Our names <-> the OpenAI layout that open_clip's ``CLIP`` uses."""
+    images_only(cfg, "open_clip_rules")
     return [
         same("image.patch.weight", "visual.conv1.weight"),
         same("image.cls", "visual.class_embedding"),
@@ -143,6 +145,7 @@ def open_clip_rules(cfg: CLIPConfig) -> list[Rule]:
 
 def hf_rules(cfg: CLIPConfig) -> list[Rule]:
     """Our names <-> ``transformers.CLIPModel``."""
+    images_only(cfg, "hf_rules")
     v, t = "vision_model", "text_model"
     return [
         same("image.patch.weight", f"{v}.embeddings.patch_embedding.weight"),
@@ -166,6 +169,7 @@ def torchmultimodal_rules(cfg: CLIPConfig) -> list[Rule]:
     TorchMultimodal keeps the temperature in its loss module, not in ``CLIP``: the rules
     cover everything but ``logit_scale``.
     """
+    images_only(cfg, "torchmultimodal_rules")
     a, b = "encoder_a", "encoder_b"
     return [
         same("image.patch.weight", f"{a}.conv.weight"),

@@ -191,6 +191,7 @@ def config_to_hf(cfg: CLIPConfig) -> dict:
 
     Example: ``config_from_hf(config_to_hf(cfg)) == cfg`` (for a ``cfg`` with sdpa attention).
     """
+    images_only(cfg, "config_to_hf")
     act = {ours: theirs for theirs, ours in _HF_ACTS.items()}
     shared = dict(hidden_act=act[cfg.act], layer_norm_eps=cfg.norm_eps)
     vision = dict(
@@ -216,6 +217,15 @@ def config_to_hf(cfg: CLIPConfig) -> dict:
     }
 
 
+def images_only(cfg: CLIPConfig, what: str) -> None:
+    """The foreign layouts have image towers only: a video CLIP (``cfg.frames``) is refused."""
+    if cfg.frames is not None:
+        raise ValueError(
+            f"{what}: cfg has a video tower (frames={cfg.frames}); open_clip, Hugging Face "
+            "and TorchMultimodal CLIPs take images only"
+        )
+
+
 def _open_clip_ratio(width: int, hidden: int, tower: str) -> float:
     ratio = hidden / width
     if int(width * ratio) != hidden:  # open_clip sizes a tower's MLP as int(width * ratio)
@@ -232,6 +242,7 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict:
 
     Example: ``open_clip.CLIP(**config_to_open_clip(cfg))`` loads ``to_open_clip(params, cfg)``.
     """
+    images_only(cfg, "config_to_open_clip")
     if cfg.act not in ("gelu", "quick_gelu"):
         raise ValueError(f"config_to_open_clip: open_clip has no {cfg.act!r} activation")
     if cfg.norm_eps != 1e-5:

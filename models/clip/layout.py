@@ -3,6 +3,8 @@ outside them."""
 
 from __future__ import annotations
 
+import math
+
 from fmm import random
 from models.clip.config import CLIPConfig
 from models.clip.model import init
@@ -11,15 +13,15 @@ from models.family import Layout, Stack, plan_seq
 
 def plan(cfg: CLIPConfig, *, seq: int | None = None, train: bool = True) -> Layout:
     """The :class:`models.family.Layout` of one contrastive step: the image tower over
-    ``grid² + 1`` tokens and the text tower over ``seq`` tokens (default ``context_length``).
+    ``grid² + 1`` tokens (a video tower: ``tubes * grid² + 1``) and the text tower over ``seq`` tokens (default ``context_length``).
 
     ``train`` changes nothing: CLIP has no dropout. Example:
     ``plan(clip_vit_l14()).stacks[0].seq == 257`` (256 patches and a class token).
     """
     del train  # no dropout masks to count
-    s_img, s_txt = cfg.grid**2 + 1, plan_seq(seq, cfg.context_length, "text tokens")
+    s_img, s_txt = cfg.image_tower.seq, plan_seq(seq, cfg.context_length, "text tokens")
     it, tt = cfg.image_transformer, cfg.text_transformer
-    pixels = cfg.in_channels * cfg.image_size**2
+    pixels = math.prod(cfg.input_shape)
     edges = (
         (pixels, None),
         # norm_pre and the final norm's inputs, and the final norm's output kept alive by

@@ -5,8 +5,9 @@ a projection to each and the learned temperature. Param tree (PyTorch layouts, s
 converters are key maps)::
 
     image.patch.weight          [width, 3, patch, patch]   (no bias, as in OpenAI CLIP)
+                                video tower: [width, 3, tubelet, patch, patch]
     image.cls                   [width]
-    image.pos                   [grid*grid + 1, width]
+    image.pos                   [grid*grid + 1, width]     video: [tubes*grid*grid + 1, width]
     image.norm_pre              layer norm before the stack (OpenAI's ln_pre)
     image.transformer.blocks.N  pre-norm blocks
     image.norm                  final layer norm (ln_post)
@@ -59,8 +60,9 @@ def init(cfg: CLIPConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float
 
 # Input checks; the callers check the params first, so the param leaves read here exist.
 def _check_images(params: Params, images: torch.Tensor, cfg: CLIPConfig, name: str) -> None:
-    want = ("batch", cfg.in_channels, cfg.image_size, cfg.image_size)
-    checks.check_float(name, images, want, like=params["image"]["patch"]["weight"])
+    checks.check_float(
+        name, images, ("batch", *cfg.input_shape), like=params["image"]["patch"]["weight"]
+    )
 
 
 def _check_tokens(tokens: torch.Tensor, cfg: CLIPConfig, name: str) -> None:
@@ -93,7 +95,8 @@ def _encode_text(params: Params, tokens, cfg: CLIPConfig, normalize: bool, block
 def image_features(
     params: Params, images: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
 ) -> torch.Tensor:
-    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``.
+    """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``
+    (a video tower: ``[B, 3, frames, H, W] -> [B, 1 + tubes * grid², width]``).
 
     ``block_fn`` runs each transformer block (see :func:`fmm.nn.transformer`); ``fmm.adapter``
     passes one to shard or checkpoint blocks. Default: :func:`fmm.nn.block`."""
@@ -119,7 +122,8 @@ def encode_image(
     normalize: bool = True,
     block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
-    """Image embeddings ``[B, 3, H, W] -> [B, embed]``, unit norm unless ``normalize=False``.
+    """Image embeddings ``[B, 3, H, W] -> [B, embed]``, unit norm unless ``normalize=False``
+    (a video tower, ``cfg.frames`` set, embeds clips ``[B, 3, frames, H, W]``).
 
     Example: ``encode_image(params, torch.rand(2, 3, 224, 224), cfg=clip_vit_b16())``.
     """
@@ -173,12 +177,13 @@ def apply(
 
 
 def batch_fields(cfg: CLIPConfig) -> dict[str, Field]:
-    """The batch :func:`loss` reads: ``images [batch, C, H, W]`` float and ``tokens
-    [batch, seq]`` int64 ids (``seq <= context_length``; the end-of-text token is each row's
-    largest id)."""
-    c, s = cfg.in_channels, cfg.image_size
+    """The batch :func:`loss` reads: ``images [batch, C, H, W]`` (a video tower: ``[batch, C,
+    frames, H, W]``) float and ``tokens [batch, seq]`` int64 ids (``seq <= context_length``;
+    the end-of-text token is each row's largest id)."""
     return {
-        "images": Field("float", ("batch", c, s, s), doc="pixels, normalised as in training"),
+        "images": Field(
+            "float", ("batch", *cfg.input_shape), doc="pixels, normalised as in training"
+        ),
         "tokens": Field(
             "int",
             ("batch", "seq"),
@@ -224,6 +229,7 @@ def logit_scale(params: Params) -> torch.Tensor:
     return logit_scale_value(params["logit_scale"])
 
 
-def image_shape(cfg: CLIPConfig) -> tuple[int, int, int]:
-    """``(channels, height, width)`` of the images the image tower takes."""
-    return (cfg.in_channels, cfg.image_size, cfg.image_size)
+def image_shape(cfg: CLIPConfig) -> tuple[int, ...]:
+    """``(channels, height, width)`` of the images the image tower takes; a video tower's
+    ``(channels, frames, height, width)``."""
+    return cfg.input_shape

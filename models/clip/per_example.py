@@ -55,10 +55,11 @@ def example_loss(
     *,
     cfg: CLIPConfig,
 ) -> torch.Tensor:
-    """Example ``index``'s symmetric InfoNCE term. ``image [3, H, W]``, ``tokens [T]``,
+    """Example ``index``'s symmetric InfoNCE term. ``image [3, H, W]`` (``[3, frames, H, W]``
+    for a video tower), ``tokens [T]``,
     ``index []`` int64, banks ``[B, E]`` from :func:`detached_embeddings`. Returns ``[]``."""
     checks.check_params(params, init=init, cfg=cfg)
-    checks.check_float("image", image, (cfg.in_channels, cfg.image_size, cfg.image_size))
+    checks.check_float("image", image, cfg.input_shape)
     _check_images(params, image[None], cfg, "image")
     checks.check_int("tokens", tokens, (range(1, cfg.context_length + 1),))
     _check_tokens(tokens[None], cfg, "tokens")
