@@ -28,6 +28,9 @@ _KINDS = {
     "pairs": "image-caption pairs",
     "classes": "an ImageFolder of classes (no captions)",
     "vqa": "VQA questions and answers",
+    "video-pairs": "video clips with captions",
+    "video-classes": "video clips with labels",
+    "videos": "video clips (no captions or labels)",
 }
 _PATTERN = "*?[{"
 

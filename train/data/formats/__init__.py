@@ -16,6 +16,10 @@ karpathy   ``dataset_coco.json`` / ``dataset_flickr30k.json``, with     pairs
 vqa        VQA-v2 questions JSON (annotations beside it) or a list of   vqa
            ``{"image", "question", "answer"}``
 imagefolder one sub-folder of images per class                          classes
+video-csv  a ``.csv`` / ``.tsv`` / ``.jsonl`` (video-jsonl) with a ``video`` video-*
+video-jsonl column and ``caption`` / ``label`` (:mod:`.videos`)
+video-folder a folder of clips with same-stem ``.txt`` captions            video-*
+video-classes one sub-folder of clips per class                         video-classes
 ========== ============================================================ ==========
 
 ``format`` (``--data-format``) overrides what the path looks like. Example::
@@ -27,6 +31,7 @@ imagefolder one sub-folder of images per class                          classes
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from train.data.formats.captions import open_coco, open_karpathy
@@ -35,9 +40,20 @@ from train.data.formats.folders import CaptionFolder, ImageFolder, looks_caption
 from train.data.formats.hf import HFTable
 from train.data.formats.shards import Shards
 from train.data.formats.table import IMAGE_SUFFIXES, MissingPackage, Table, is_image
+from train.data.formats.videos import (
+    VIDEO_FORMATS,
+    VIDEO_SUFFIXES,
+    VideoClasses,
+    VideoFolder,
+    is_video,
+    open_video_rows,
+)
 from train.data.formats.vqa import open_vqa
 
-FORMATS = ("csv", "tsv", "jsonl", "folder", "imagefolder", "wds", "hf", "coco", "karpathy", "vqa")
+FORMATS = (
+    *("csv", "tsv", "jsonl", "folder", "imagefolder", "wds", "hf", "coco", "karpathy", "vqa"),
+    *VIDEO_FORMATS,
+)
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 __all__ = ["FORMATS", "MissingPackage", "Table", "open_table", "readable", "sniff"]
@@ -55,6 +71,9 @@ def open_table(
     image_root: str | Path | None = None,
     split: str | None = None,
     annotations: str | Path | None = None,
+    video_key: str = "video",
+    video_caption_key: str = "caption",
+    video_label_key: str = "label",
 ) -> Table:
     """Open the dataset at ``path`` as a :class:`Table` (``format`` sniffed when ``None``).
 
@@ -62,7 +81,9 @@ def open_table(
     (``--csv-img-key``, ``--csv-caption-key``, ``--csv-separator``); ``image_column`` /
     ``text_column``: hf columns; ``image_root``: where coco, karpathy and vqa images lie;
     ``split``: karpathy's train|val|test, or a ``datasets`` DatasetDict's split;
-    ``annotations``: a VQA-v2 annotations file when it is not beside the questions.
+    ``annotations``: a VQA-v2 annotations file when it is not beside the questions;
+    ``video_key`` / ``video_caption_key`` / ``video_label_key``: video-csv and video-jsonl
+    columns (``--video-key``, ``--video-caption-key``, ``--video-label-key``).
     Errors are ``ValueError`` s naming the flag, file or key (a missing optional package
     too: :class:`MissingPackage`); a missing path is ``FileNotFoundError``.
     """
@@ -86,6 +107,15 @@ def open_table(
         return CaptionFolder(_folder(path, format))
     if format == "imagefolder":
         return ImageFolder(_folder(path, format))
+    if format in ("video-csv", "video-jsonl"):
+        return open_video_rows(
+            _file(path, format), format=format, video_key=video_key,
+            caption_key=video_caption_key, label_key=video_label_key, separator=separator,
+        )  # fmt: skip
+    if format == "video-folder":
+        return VideoFolder(_folder(path, format))
+    if format == "video-classes":
+        return VideoClasses(_folder(path, format))
     if format == "wds":
         return Shards(text)
     if format == "hf":
@@ -110,6 +140,8 @@ def sniff(path: str) -> str:
     if p.is_file():
         suffix = p.suffix.lower()
         known = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "wds", ".parquet": "hf"}
+        if suffix in (".csv", ".tsv", ".jsonl") and _has_video_column(p):
+            return "video-jsonl" if suffix == ".jsonl" else "video-csv"
         if suffix in known:
             return known[suffix]
         if suffix == ".json":
@@ -128,6 +160,10 @@ def _sniff_folder(p: Path) -> str:
     # img2dataset writes a .parquet of urls beside its shards and folders: those come first.
     if ".tar" in suffixes:
         return "wds"
+    if _first_sample_is_video(p):
+        if any(is_video(n) for n in names) or ".txt" in suffixes:
+            return "video-folder"
+        return "video-folder" if looks_captioned(p, VIDEO_SUFFIXES) else "video-classes"
     if any(is_image(n) for n in names) or ".txt" in suffixes:
         return "folder"
     if any((p / n).is_dir() for n in names):
@@ -136,6 +172,30 @@ def _sniff_folder(p: Path) -> str:
         return "hf"
     return _unknown(str(p), f"a folder with no images ({', '.join(IMAGE_SUFFIXES)}), .tar or "
                     ".parquet files")  # fmt: skip
+
+
+def _has_video_column(p: Path) -> bool:
+    """Whether a CSV/TSV header or the first JSONL object has a ``video`` key (the
+    default ``--video-key``): a table of clips, not of images."""
+    with open(p, encoding="utf-8-sig") as f:
+        first = next((line for line in f if line.strip()), "")
+    if p.suffix.lower() == ".jsonl":
+        try:
+            return "video" in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            return False
+    return "video" in [c.strip() for c in first.replace("\t", ",").split(",")]
+
+
+def _first_sample_is_video(root: Path) -> bool:
+    """Whether the first image or clip below ``root`` (sorted walk, hidden skipped) is a
+    clip. Stops there: cheap on a large tree."""
+    for _, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if is_video(f) or is_image(f):
+                return is_video(f)
+    return False
 
 
 def _sniff_json(p: Path) -> str:
