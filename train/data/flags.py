@@ -31,6 +31,9 @@ _KINDS = {
     "video-pairs": "video clips with captions",
     "video-classes": "video clips with labels",
     "videos": "video clips (no captions or labels)",
+    "audio-pairs": "audio clips with captions",
+    "audio-classes": "audio clips with labels",
+    "audio": "audio clips (no captions or labels)",
 }
 _PATTERN = "*?[{"
 

@@ -20,6 +20,10 @@ video-csv  a ``.csv`` / ``.tsv`` / ``.jsonl`` (video-jsonl) with a ``video`` vid
 video-jsonl column and ``caption`` / ``label`` (:mod:`.videos`)
 video-folder a folder of clips with same-stem ``.txt`` captions            video-*
 video-classes one sub-folder of clips per class                         video-classes
+audio-csv  the same with an ``audio`` column of WAV/FLAC clips             audio-*
+audio-jsonl (:mod:`.audio`)
+audio-folder a folder of clips with same-stem ``.txt`` captions            audio-*
+audio-classes one sub-folder of clips per class                         audio-classes
 ========== ============================================================ ==========
 
 ``format`` (``--data-format``) overrides what the path looks like. Example::
@@ -34,6 +38,14 @@ import json
 import os
 from pathlib import Path
 
+from train.data.formats.audio import (
+    AUDIO_FORMATS,
+    AUDIO_SUFFIXES,
+    AudioClasses,
+    AudioFolder,
+    is_audio,
+    open_audio_rows,
+)
 from train.data.formats.captions import open_coco, open_karpathy
 from train.data.formats.files import open_csv, open_jsonl
 from train.data.formats.folders import CaptionFolder, ImageFolder, looks_captioned, readable
@@ -53,6 +65,7 @@ from train.data.formats.vqa import open_vqa
 FORMATS = (
     *("csv", "tsv", "jsonl", "folder", "imagefolder", "wds", "hf", "coco", "karpathy", "vqa"),
     *VIDEO_FORMATS,
+    *AUDIO_FORMATS,
 )
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -74,6 +87,9 @@ def open_table(
     video_key: str = "video",
     video_caption_key: str = "caption",
     video_label_key: str = "label",
+    audio_key: str = "audio",
+    audio_caption_key: str = "caption",
+    audio_label_key: str = "label",
 ) -> Table:
     """Open the dataset at ``path`` as a :class:`Table` (``format`` sniffed when ``None``).
 
@@ -83,7 +99,8 @@ def open_table(
     ``split``: karpathy's train|val|test, or a ``datasets`` DatasetDict's split;
     ``annotations``: a VQA-v2 annotations file when it is not beside the questions;
     ``video_key`` / ``video_caption_key`` / ``video_label_key``: video-csv and video-jsonl
-    columns (``--video-key``, ``--video-caption-key``, ``--video-label-key``).
+    columns (``--video-key``, ``--video-caption-key``, ``--video-label-key``);
+    ``audio_key`` / ``audio_caption_key`` / ``audio_label_key``: audio-csv and audio-jsonl's.
     Errors are ``ValueError`` s naming the flag, file or key (a missing optional package
     too: :class:`MissingPackage`); a missing path is ``FileNotFoundError``.
     """
@@ -116,6 +133,15 @@ def open_table(
         return VideoFolder(_folder(path, format))
     if format == "video-classes":
         return VideoClasses(_folder(path, format))
+    if format in ("audio-csv", "audio-jsonl"):
+        return open_audio_rows(
+            _file(path, format), format=format, audio_key=audio_key,
+            caption_key=audio_caption_key, label_key=audio_label_key, separator=separator,
+        )  # fmt: skip
+    if format == "audio-folder":
+        return AudioFolder(_folder(path, format))
+    if format == "audio-classes":
+        return AudioClasses(_folder(path, format))
     if format == "wds":
         return Shards(text)
     if format == "hf":
@@ -140,8 +166,9 @@ def sniff(path: str) -> str:
     if p.is_file():
         suffix = p.suffix.lower()
         known = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "wds", ".parquet": "hf"}
-        if suffix in (".csv", ".tsv", ".jsonl") and _has_video_column(p):
-            return "video-jsonl" if suffix == ".jsonl" else "video-csv"
+        for media in ("video", "audio"):
+            if suffix in (".csv", ".tsv", ".jsonl") and _has_column(p, media):
+                return f"{media}-jsonl" if suffix == ".jsonl" else f"{media}-csv"
         if suffix in known:
             return known[suffix]
         if suffix == ".json":
@@ -160,10 +187,14 @@ def _sniff_folder(p: Path) -> str:
     # img2dataset writes a .parquet of urls beside its shards and folders: those come first.
     if ".tar" in suffixes:
         return "wds"
-    if _first_sample_is_video(p):
-        if any(is_video(n) for n in names) or ".txt" in suffixes:
-            return "video-folder"
-        return "video-folder" if looks_captioned(p, VIDEO_SUFFIXES) else "video-classes"
+    first = _first_sample(p)
+    for media, is_clip, clip_suffixes in (
+        ("video", is_video, VIDEO_SUFFIXES), ("audio", is_audio, AUDIO_SUFFIXES),
+    ):  # fmt: skip
+        if first == media:
+            if any(is_clip(n) for n in names) or ".txt" in suffixes:
+                return f"{media}-folder"
+            return f"{media}-folder" if looks_captioned(p, clip_suffixes) else f"{media}-classes"
     if any(is_image(n) for n in names) or ".txt" in suffixes:
         return "folder"
     if any((p / n).is_dir() for n in names):
@@ -174,28 +205,30 @@ def _sniff_folder(p: Path) -> str:
                     ".parquet files")  # fmt: skip
 
 
-def _has_video_column(p: Path) -> bool:
-    """Whether a CSV/TSV header or the first JSONL object has a ``video`` key (the
-    default ``--video-key``): a table of clips, not of images."""
+def _has_column(p: Path, key: str) -> bool:
+    """Whether a CSV/TSV header or the first JSONL object has ``key`` (``video`` /
+    ``audio``, the default clip keys): a table of clips, not of images."""
     with open(p, encoding="utf-8-sig") as f:
         first = next((line for line in f if line.strip()), "")
     if p.suffix.lower() == ".jsonl":
         try:
-            return "video" in json.loads(first)
+            return key in json.loads(first)
         except (json.JSONDecodeError, TypeError):
             return False
-    return "video" in [c.strip() for c in first.replace("\t", ",").split(",")]
+    return key in [c.strip() for c in first.replace("\t", ",").split(",")]
 
 
-def _first_sample_is_video(root: Path) -> bool:
-    """Whether the first image or clip below ``root`` (sorted walk, hidden skipped) is a
-    clip. Stops there: cheap on a large tree."""
+def _first_sample(root: Path) -> str | None:
+    """What the first image or clip below ``root`` (sorted walk, hidden skipped) is:
+    ``"image"``, ``"video"``, ``"audio"`` or ``None`` (none). Stops there: cheap on a large
+    tree."""
     for _, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
-            if is_video(f) or is_image(f):
-                return is_video(f)
-    return False
+            for media, is_media in (("image", is_image), ("video", is_video), ("audio", is_audio)):
+                if is_media(f):
+                    return media
+    return None
 
 
 def _sniff_json(p: Path) -> str:
