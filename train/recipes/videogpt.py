@@ -2,7 +2,10 @@
 
 ``python -m train video-vqvae --out runs/video_vqvae`` trains the tokenizer and reports
 held-out reconstruction PSNR and code perplexity (``reconstructions.png``: frame strips of
-clips and their reconstructions). ``python -m train videogpt --vqvae runs/video_vqvae --out
+clips and their reconstructions). ``--data PATH`` trains it on a user's video clips instead
+(:mod:`train.data.video_flags`; ``python -m train export-shapes DIR --format video-csv``
+writes the moving shapes so), and adds ``data_*`` figures on ``--val-data`` (or --data's
+first clips) to the moving shapes' held-out ones. ``python -m train videogpt --vqvae runs/video_vqvae --out
 runs/videogpt`` trains the GPT caption -> codes and reports held-out code NLL on seen and
 unseen motion x shape pairs and the perplexity of the codes it draws; ``samples.png`` (one
 frame strip per caption) and ``samples.gif`` show its clips.
@@ -22,6 +25,12 @@ import fmm
 from fmm.nn.codebook import code_usage
 from models import videogpt as vg
 from train.data import WordTokenizer
+from train.data.video_flags import (
+    add_video_data_arguments,
+    eval_videos,
+    open_video_data,
+    video_source,
+)
 from train.data.video_shapes import (
     VideoWorldConfig,
     clip_eval_set,
@@ -47,6 +56,11 @@ def clip_videos(world: VideoWorldConfig, generator, batch_size: int) -> dict:
     return {"videos": sample_clips(world, batch_size, generator=generator).videos - _SHIFT}
 
 
+def _centred(batch: dict) -> dict:
+    """A batch of a user's clips, ``[0, 1]`` pixels centred as the VQ-VAE sees them."""
+    return {**batch, "videos": batch["videos"] - _SHIFT}
+
+
 def _no_decay(path: str) -> bool:
     # The codebook and batch-norm statistics move by update_state alone; no decay on biases.
     return "codebook" not in path and "running_" not in path and not path.endswith("bias")
@@ -61,15 +75,23 @@ def _vqvae_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-per-pair", type=number(at_least=1), default=4,
         help="held-out clips per motion x shape pair (default: %(default)s)",
     )  # fmt: skip
+    add_video_data_arguments(parser)
 
 
 def prepare_vqvae(args: argparse.Namespace, device: torch.device) -> Job:
     cfg = vg.VQVAE_PRESETS[args.preset]()
     world = _world(cfg)
+    table = open_video_data(args, recipe="video-vqvae")
+    if table is None:
+        source = SeededSource(
+            partial(clip_videos, world), batch_size=args.batch_size, seed=args.seed
+        )
+    else:
+        source = video_source(args, table, frames=cfg.frames, size=cfg.image_size, finish=_centred)
     return Job(
         cfg=cfg,
-        source=SeededSource(partial(clip_videos, world), batch_size=args.batch_size, seed=args.seed),
-        config={"preset": args.preset, "world": dataclasses.asdict(world)},
+        source=source,
+        config={"preset": args.preset, "world": dataclasses.asdict(world), "data": args.data},
         curves=("recon_mse",),
         decay_mask=_no_decay,
         describe=f"{args.preset} ({'x'.join(map(str, cfg.latent_shape))} codes of {cfg.codebook_size})",
@@ -120,8 +142,14 @@ def evaluate_vqvae(job: Job, params, model_state, args, device) -> Evaluation:
         title=f"held-out clips and reconstructions (PSNR {result['psnr_db']} dB)",
     )  # fmt: skip
     metrics = {f"heldout_{k}": v for k, v in result.items()} | {"eval_clips": len(clips.videos)}
+    if args.data is not None:  # the user's clips: --val-data, or --data's first ones
+        table = open_video_data(args, recipe="video-vqvae")
+        videos = eval_videos(args, table, frames=cfg.frames, size=cfg.image_size)
+        data = reconstruct(params, cfg, videos, device)
+        data.pop("reconstructions")
+        metrics |= {f"data_{k}": v for k, v in data.items()} | {"data_eval_clips": len(videos)}
     return Evaluation(
-        metrics=metrics, headline=tuple(k for k in metrics if k.startswith("heldout_")),
+        metrics=metrics, headline=tuple(k for k in metrics if k.startswith(("heldout_", "data_"))),
         title="video VQ-VAE reconstruction MSE (train batches)",
         plots={"reconstructions.png": grid},
     )  # fmt: skip
