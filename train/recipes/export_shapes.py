@@ -32,6 +32,9 @@ pair ``--per-class`` times, held-out pairs included (a ``heldout`` column says w
     python -m train export-shapes data/clips --format video-csv --n 2000
     python -m train video-vqvae --data data/clips/train.csv --out runs/clips-vqvae
 
+``--format audio-csv`` writes the sound world (:mod:`train.data.sounds`, ``--seconds`` a
+clip) as WAV files + ``train.csv`` / ``val.csv`` (:mod:`train.recipes.export_sounds`).
+
 Everything is written into ``DIR.partial`` and renamed to ``DIR`` at the end: a killed
 export leaves no ``DIR`` that looks complete (the next export removes the ``.partial``).
 """
@@ -68,6 +71,7 @@ from train.recipes import number, out_dir
 
 FORMATS = ("csv", "folder", "wds", "hf")
 VIDEO_FORMATS = ("video-csv",)
+AUDIO_FORMATS = ("audio-csv",)  # the sound world: train.recipes.export_sounds
 DATA_PATH = {"csv": "train.csv", "folder": "train", "wds": "shards", "hf": "train_hf"}
 PER_SHARD = 1000
 _HF_CHUNK = 10_000  # scenes per Arrow chunk of the hf export
@@ -79,7 +83,10 @@ _VAL_STREAM, _HELDOUT_STREAM = 2**40, 2**41
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=out_dir, metavar="DIR", help="the folder to write")
     parser.add_argument(
-        "--format", required=True, choices=FORMATS + VIDEO_FORMATS, help="training data layout"
+        "--format",
+        required=True,
+        choices=FORMATS + VIDEO_FORMATS + AUDIO_FORMATS,
+        help="training data layout",
     )
     parser.add_argument("--n", type=number(at_least=1), required=True, help="training scenes")
     parser.add_argument("--seed", type=number(at_least=0), default=0, help="(default 0)")
@@ -89,11 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-class", type=number(at_least=1), default=20,
         help="held-out ImageFolder images per class; video-csv: val clips per motion x "
-        "shape pair (default 20)",
+        "shape pair; audio-csv: val clips per class (default 20)",
     )  # fmt: skip
     parser.add_argument(
         "--frames", type=number(at_least=2), default=8, help="video-csv: frames a clip (default 8)"
     )
+    parser.add_argument(
+        "--seconds", type=number(float, at_least=0.25, at_most=60), default=2.0,
+        help="audio-csv: seconds a clip (default 2)",
+    )  # fmt: skip
     parser.add_argument(
         "--val-n", type=number(at_least=1), default=1000, help="retrieval scenes (default 1000)"
     )
@@ -101,6 +112,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.format in AUDIO_FORMATS:
+        from train.recipes.export_sounds import export_sounds  # it imports this module
+
+        data = export_sounds(
+            args.dir, n=args.n, seed=args.seed, seconds=args.seconds, per_class=args.per_class,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote {args.n} training clips ({data}) and val clips ({args.dir / 'val.csv'})")
+        return
     if args.format in VIDEO_FORMATS:
         data = export_clips(
             args.dir, n=args.n, seed=args.seed, image_size=args.image_size, frames=args.frames,
