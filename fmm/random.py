@@ -26,10 +26,12 @@ import torch
 
 __all__ = [
     "bernoulli",
+    "drop_path",
     "dropout",
     "fold_in",
     "key",
     "normal",
+    "random_masking",
     "split",
     "uniform",
 ]
@@ -214,3 +216,56 @@ def dropout(k: torch.Tensor, x: torch.Tensor, rate: float, *, train: bool = True
         return x
     keep = uniform(k, x.shape) >= rate
     return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def drop_path(k: torch.Tensor, x: torch.Tensor, rate: float, *, train: bool = True) -> torch.Tensor:
+    """Stochastic depth: zero whole rows of ``x`` (the leading, batch dim) with probability
+    ``rate`` and scale the kept rows by ``1 / (1 - rate)``, so ``E[drop_path(x)] = x``.
+
+    Applied to a residual branch, it skips that branch for each dropped example (torchvision's
+    ``stochastic_depth`` in mode ``"row"``). Identity when ``train`` is False or ``rate == 0``.
+    ``x: [B, ...]``; returns the same shape. The mask depends only on ``(k, row)``.
+
+    Example: ``x = x + drop_path(fold_in(k, "mlp_path"), mlp(p, x), 0.1)``.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path rate must be in [0, 1), got {rate}")
+    if not train or rate == 0.0:
+        return x
+    keep = uniform(k, (x.shape[0],) + (1,) * (x.ndim - 1)) >= rate
+    return torch.where(keep, x / (1.0 - rate), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def random_masking(
+    k: torch.Tensor, batch: int, num_patches: int, ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's per-example random masking of ``num_patches`` patches, as a pure function of ``k``.
+
+    Each example ranks its patches by uniform noise and keeps the lowest ``int(num_patches
+    * (1 - ratio))`` (the floor, as MAE and TorchMultimodal round). Returns
+
+    - ``keep: [batch, kept]`` int64, the kept patch indices in noise order (gather the
+      visible patches with them),
+    - ``restore: [batch, num_patches]`` int64, the inverse permutation: position ``i`` of
+      ``[visible..., masked...]`` gathered at ``restore`` is patch ``i`` again,
+    - ``mask: [batch, num_patches]`` float, 1 where a patch is masked and 0 where kept,
+
+    all on ``k``'s device. The sort is stable, so ties in the noise break the same way
+    eagerly, compiled and on every device.
+
+    Example: ``keep, restore, mask = random_masking(key(0), 8, 196, 0.75)`` keeps 49 of 196.
+    """
+    _check_key(k)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"random_masking ratio must be in [0, 1), got {ratio}")
+    kept = int(num_patches * (1 - ratio))
+    if kept < 1:
+        raise ValueError(
+            f"random_masking keeps no patch: num_patches={num_patches} at ratio={ratio}"
+        )
+    noise = uniform(k, (batch, num_patches))
+    shuffle = torch.argsort(noise, dim=1, stable=True)
+    restore = torch.argsort(shuffle, dim=1, stable=True)
+    # Mask in shuffled order is [0] * kept + [1] * rest; restore puts it back per patch.
+    mask = (restore >= kept).to(torch.float32)
+    return shuffle[:, :kept], restore, mask

@@ -39,6 +39,9 @@ class TransformerConfig:
 
     ``cross_dim``: if set, every block also cross-attends to a context of that width.
     ``dropout``: residual-branch dropout; ``attn_dropout``: on attention weights.
+    ``drop_path``: stochastic depth, the probability that training skips a residual branch
+    for an example (:func:`fmm.random.drop_path`; a stack with a per-block schedule gives
+    each block its own config, as Omnivore does).
     ``attn_impl``: ``"sdpa"`` or ``"math"`` (see :class:`fmm.nn.AttentionConfig`).
     ``norm_first``: pre-norm (True) or post-norm (False) blocks; see the module docstring.
     ``mlp_dim``: the MLP's hidden width, overriding ``int(width * mlp_ratio)`` (checkpoints
@@ -57,8 +60,13 @@ class TransformerConfig:
     attn_impl: str = "sdpa"
     norm_first: bool = True
     mlp_dim: int | None = None
+    drop_path: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(
+                f"TransformerConfig: drop_path must be in [0, 1), got {self.drop_path}"
+            )
         if self.width % self.heads:
             raise ValueError(
                 f"TransformerConfig: width={self.width} is not divisible by heads={self.heads}"
@@ -125,6 +133,10 @@ def init_transformer(cfg: TransformerConfig, key: torch.Tensor, *, dtype=torch.f
 def _residual(x, branch, cfg: TransformerConfig, key, name, train):
     if train and cfg.dropout > 0.0:
         branch = random.dropout(random.fold_in(key, name), branch, cfg.dropout)
+    if train and cfg.drop_path > 0.0:
+        # Its own key per branch ("attn_out_path", "mlp_out_path", ...): the branches
+        # of one example are skipped independently, as in Swin / torchvision.
+        branch = random.drop_path(random.fold_in(key, f"{name}_path"), branch, cfg.drop_path)
     return x + branch
 
 
@@ -148,7 +160,7 @@ def block(
     ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
 
     ``mask``/``context_mask``: bool, broadcastable to ``[B, heads, S, S]`` / ``[B, heads, S, T]``.
-    ``key`` is needed only for dropout in training.
+    ``key`` is needed only for dropout and drop path (``cfg.drop_path``) in training.
 
     ``cache``: this layer's KV cache (:mod:`fmm.decoding`'s layout: ``{"k", "v": [B, heads,
     L, head_dim]}``, plus ``"ck", "cv": [B, heads, T, head_dim]`` with cross-attention);
@@ -160,25 +172,34 @@ def block(
 
     ``window``: a Swin block: ``x: [B, T, H, W, width]`` and the self-attention runs within
     (shifted) windows (:func:`fmm.nn.swin.window_attention`; the block's ``attn`` params
-    then hold ``rel_bias`` too).
+    then hold ``rel_bias`` too, or ``tau`` and ``cpb`` for a Swin V2 window, whose block
+    is res-post-norm: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``).
 
     Example: ``y, layer = block(p, x, cfg=cfg, cache=layer, slots=slots, mask=offsets)``.
     """
     if window is not None and (cache is not None or cfg.cross_dim is not None):
         raise ValueError("window=: a Swin block has no KV cache and no cross-attention")
-    stochastic = train and (cfg.dropout > 0.0 or cfg.attn_dropout > 0.0)
+    stochastic = train and (
+        cfg.dropout > 0.0 or cfg.attn_dropout > 0.0 or cfg.drop_path > 0.0
+        or (window is not None and window.bias_dropout > 0.0)
+    )  # fmt: skip
     if stochastic and key is None:
-        raise ValueError("key= is missing: block dropout in training needs key=")
+        raise ValueError("key= is missing: block dropout or drop_path in training needs key=")
     sub = (lambda name: random.fold_in(key, name)) if stochastic else (lambda name: None)
     eps, pre = cfg.norm_eps, cfg.norm_first
+    # Swin V2's res-post-norm (a v2 window) normalises each branch's output instead.
+    res_post = window is not None and window.v2
 
     # Pre-norm normalises each branch's input, post-norm each residual sum; the params and
     # dropout key names are the same either way, so one converter layout serves both.
     def norm_in(x, name):
-        return layer_norm(params[name], x, eps=eps) if pre else x
+        return layer_norm(params[name], x, eps=eps) if pre and not res_post else x
 
     def norm_out(y, name):
-        return y if pre else layer_norm(params[name], y, eps=eps)
+        return y if pre or res_post else layer_norm(params[name], y, eps=eps)
+
+    def norm_branch(h, name):
+        return layer_norm(params[name], h, eps=eps) if res_post else h
 
     if window is not None:
         h, kv = window_attention(
@@ -191,7 +212,7 @@ def block(
             cache=_pair(cache, "k", "v"), mask=mask, causal=causal, slots=slots, donate=donate,
             key=sub("attn"), train=train,
         )  # fmt: skip
-    x = norm_out(_residual(x, h, cfg, key, "attn_out", train), "norm1")
+    x = norm_out(_residual(x, norm_branch(h, "norm1"), cfg, key, "attn_out", train), "norm1")
     new_cache = None if cache is None else {**cache, "k": kv["k"], "v": kv["v"]}
     if cfg.cross_dim is not None:
         h, ckv = _attend(
@@ -203,7 +224,7 @@ def block(
         if new_cache is not None:
             new_cache["ck"], new_cache["cv"] = ckv["k"], ckv["v"]
     h = mlp(params["mlp"], norm_in(x, "norm2"), act=cfg.act)
-    x = norm_out(_residual(x, h, cfg, key, "mlp_out", train), "norm2")
+    x = norm_out(_residual(x, norm_branch(h, "norm2"), cfg, key, "mlp_out", train), "norm2")
     return x if cache is None else (x, new_cache)
 
 
