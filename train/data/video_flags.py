@@ -1,7 +1,7 @@
 """The data flags of the recipes that train on a user's video clips (video-vqvae), declared
 once beside :mod:`train.data.flags` (whose :func:`~train.data.flags.loader_source` they
 share): :func:`add_video_data_arguments`, :func:`open_video_data`, :func:`video_source`
-and :func:`eval_videos`.
+and :func:`eval_clips`.
 
 ``--data PATH`` (a video table of :mod:`train.data.formats.videos`; without it a recipe
 trains on the built-in moving shapes), ``--data-format``, ``--video-key``,
@@ -113,28 +113,26 @@ def video_source(
     return loader_source(args, samples, finish=finish)
 
 
-def eval_videos(args: argparse.Namespace, table, *, frames: int, size: int) -> torch.Tensor:
-    """``[N, 3, frames, size, size]`` in ``[0, 1]``: the first ``--eval-clips`` readable clips
-    of ``--val-data`` (else of ``table``, the training clips), decoded here; unreadable
-    ones are left out."""
+def eval_clips(
+    args: argparse.Namespace, table, *, recipe: str, frames: int, size: int, fields=None
+) -> dict[str, torch.Tensor]:
+    """``{"videos": [N, 3, frames, size, size]}`` in ``[0, 1]`` and ``fields``' fields
+    ``[N, ...]``: the first ``--eval-clips`` readable clips of ``--val-data`` (else of
+    ``table``, the training clips), decoded here; unreadable ones are left out."""
     if args.val_data is not None:
-        table = open_video_data(args, recipe="video-vqvae", path=args.val_data)
+        table = open_video_data(args, recipe=recipe, path=args.val_data)
+    sampling = Sampling.parse(args.frame_sampling)
     samples = VideoSamples(
-        table,
-        None,
-        frames=frames,
-        size=size,
-        sampling=Sampling.parse(args.frame_sampling),
-        seed=args.seed,
+        table, fields, frames=frames, size=size, sampling=sampling, seed=args.seed
     )
-    videos = []
+    kept = []
     for i in range(len(table)):
-        if len(videos) == args.eval_clips:
+        if len(kept) == args.eval_clips:
             break
         try:
-            videos.append(samples.sample(0, i)["videos"])
+            kept.append(samples.sample(0, i))
         except BadSample:
             continue
-    if not videos:
+    if not kept:
         raise ValueError(f"{args.val_data or args.data}: no readable clip to evaluate on")
-    return torch.stack(videos)
+    return {k: torch.stack([clip[k] for clip in kept]) for k in kept[0]}

@@ -27,7 +27,7 @@ from models import videogpt as vg
 from train.data import WordTokenizer
 from train.data.video_flags import (
     add_video_data_arguments,
-    eval_videos,
+    eval_clips,
     open_video_data,
     video_source,
 )
@@ -144,7 +144,10 @@ def evaluate_vqvae(job: Job, params, model_state, args, device) -> Evaluation:
     metrics = {f"heldout_{k}": v for k, v in result.items()} | {"eval_clips": len(clips.videos)}
     if args.data is not None:  # the user's clips: --val-data, or --data's first ones
         table = open_video_data(args, recipe="video-vqvae")
-        videos = eval_videos(args, table, frames=cfg.frames, size=cfg.image_size)
+        data_clips = eval_clips(
+            args, table, recipe="video-vqvae", frames=cfg.frames, size=cfg.image_size
+        )
+        videos = data_clips["videos"]
         data = reconstruct(params, cfg, videos, device)
         data.pop("reconstructions")
         metrics |= {f"data_{k}": v for k, v in data.items()} | {"data_eval_clips": len(videos)}
