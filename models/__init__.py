@@ -12,14 +12,14 @@ Example::
 from collections.abc import Callable
 from typing import Any
 
-from models import albef, bert, clip, flava, gpt, mmgpt, omnivore, videogpt, vqvae
+from models import albef, bert, clip, flava, gpt, mae, mmgpt, omnivore, videogpt, vqvae
 from models.family import Family
 
 # Adding a family: one package under models/ and its module in this tuple.
 FAMILIES: tuple[Family, ...] = (
     *(
         package.FAMILY
-        for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt)
+        for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt, mae)
     ),
     videogpt.VQVAE_FAMILY,  # the videogpt package's second contract: its video tokenizer
 )
@@ -77,6 +77,7 @@ __all__ = [
     "get_config",
     "get_family",
     "gpt",
+    "mae",
     "mmgpt",
     "omnivore",
     "vqvae",

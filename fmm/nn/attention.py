@@ -96,6 +96,7 @@ def attention(
     context: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
     causal: bool = False,
     key: torch.Tensor | None = None,
     train: bool = False,
@@ -108,7 +109,9 @@ def attention(
     ``mask``: bool, broadcastable to ``[B, heads, S, T]``; ``causal``: add a lower-triangular
     mask (self-attention without a cache). ``bias``: float, broadcastable to ``[B, heads,
     S, T]``, added to the scores before the softmax (Swin's relative position bias).
-    Returns ``[B, S, dim]``.
+    ``temperature: [heads]``: scaled cosine attention (Swin V2): queries and keys are
+    unit-normalised and each head's scores divided by its temperature (clamped at 0.01)
+    instead of scaled by ``head_dim ** -0.5``. Returns ``[B, S, dim]``.
 
     ``cache``: this layer's ``{"k": [B, heads, L, head_dim], "v": ...}``; then the call
     returns ``(out [B, S, dim], new_cache)``. Self-attention writes its keys/values at
@@ -151,6 +154,12 @@ def attention(
     if causal and mask is not None:
         mask = mask & causal_mask(q.shape[-2], k.shape[-2], device=x.device)
         causal = False
+    scale = None  # head_dim ** -0.5
+    if temperature is not None:
+        # q.k / (|q| |k| tau): the temperature folded into the unit queries, so SDPA's
+        # scale is 1 and the fused kernels still serve.
+        tau = temperature.clamp(min=0.01).to(q.dtype)[:, None, None]
+        q, k, scale = F.normalize(q, dim=-1) / tau, F.normalize(k, dim=-1), 1.0
     drop = cfg.dropout if train else 0.0
     if drop > 0.0 and key is None:
         raise ValueError("key= is missing: attention dropout in training needs key=")
@@ -162,9 +171,9 @@ def attention(
         bias = bias.to(q.dtype)
         mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     if drop > 0.0 or cfg.impl == "math":
-        out = _math_attention(q, k, v, mask, causal, drop, key)
+        out = _math_attention(q, k, v, mask, causal, drop, key, scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     out = linear(params["out"], rearrange(out, "b h s d -> b s (h d)"))
     return out if cache is None else (out, {"k": k, "v": v})
 
@@ -183,10 +192,11 @@ def _write_slots(
     return buf.index_put_(index, new) if donate else buf.index_put(index, new)
 
 
-def _math_attention(q, k, v, mask, causal, rate, key):
+def _math_attention(q, k, v, mask, causal, rate, key, scale=None):
     # Also the dropout path: SDPA's own dropout draws from the global RNG, which a
     # checkpoint recompute or a compiled graph would not reproduce.
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
     if causal:
         mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
     if mask is not None and mask.dtype == torch.bool:

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from einops import rearrange
 from fmm import random
 from fmm.nn.attention import AttentionConfig, attention, init_attention
 from fmm.nn.linear import init_linear, linear
+from fmm.nn.mlp import init_mlp, mlp
 from fmm.nn.norm import init_layer_norm, layer_norm
 
 Params = dict
@@ -37,23 +38,35 @@ Size3 = tuple[int, int, int]
 @dataclass(frozen=True)
 class Window:
     """A block's attention windows: ``size`` ``(t, h, w)`` tokens and the cyclic ``shift``
-    (zeros: plain windows; Swin alternates zeros and ``size // 2``)."""
+    (zeros: plain windows; Swin alternates zeros and ``size // 2``).
+
+    ``v2``: Swin V2's block, as AudioMAE's decoder has it (2-D windows, ``t = 1``): scaled
+    cosine attention with a learned temperature per head (``attn.tau``), a continuous
+    position bias from a small ReLU MLP over log-spaced ``(dh, dw)`` offsets (``attn.cpb``)
+    instead of the bias table, and each branch normalised before its residual sum
+    (``x + norm1(attn(x))``, "res-post-norm"). ``bias_dropout``: dropout on that MLP's
+    hidden layer in training.
+    """
 
     size: Size3
     shift: Size3 = (0, 0, 0)
+    v2: bool = False
+    bias_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.size) != 3 or len(self.shift) != 3 or min(self.size) < 1:
             raise ValueError(f"Window: size and shift must be 3 sizes, got {self!r}")
         if any(not 0 <= s < n for s, n in zip(self.shift, self.size)):
             raise ValueError(f"Window: each shift must lie in [0, size), got {self!r}")
+        if self.v2 and self.size[0] != 1:
+            raise ValueError(f"Window: a v2 window is 2-D (size[0] == 1), got {self!r}")
 
     def fit(self, grid: Size3) -> Window:
         """The window a ``grid``-sized input gets: along an axis no longer than the window,
         one window covers it and nothing shifts (Video Swin's rule)."""
         size = tuple(min(s, n) for s, n in zip(self.size, grid))
         shift = tuple(0 if n <= s else k for s, n, k in zip(self.size, grid, self.shift))
-        return Window(size=size, shift=shift)
+        return replace(self, size=size, shift=shift)
 
 
 def init_patch_embed_3d(
@@ -90,12 +103,25 @@ def relative_position_index(size: Size3, *, device=None) -> torch.Tensor:
     return (shifted * strides[:, None, None]).sum(0)
 
 
+# The hidden width of a v2 window's position-bias MLP (Swin V2's and AudioMAE's).
+CPB_HIDDEN = 384
+
+
 def init_window_attention(
     cfg: AttentionConfig, window: Window, key: torch.Tensor, *, out_std=None, dtype=torch.float32
 ) -> Params:
     """:func:`fmm.nn.init_attention`'s ``qkv``, ``out`` plus ``rel_bias [(2t-1)(2h-1)(2w-1),
-    heads]``, the bias of each relative offset and head (std 0.02, as Swin draws it)."""
+    heads]``, the bias of each relative offset and head (std 0.02, as Swin draws it).
+
+    A v2 window has instead ``tau [heads]`` (ones) and ``cpb {fc1 [384, 2], fc2 [heads,
+    384]}``, the MLP that maps a log-spaced ``(dh, dw)`` offset to a bias per head."""
     params = init_attention(cfg, random.fold_in(key, "attn"), out_std=out_std, dtype=dtype)
+    if window.v2:
+        params["tau"] = torch.ones(cfg.heads, dtype=dtype, device=key.device)
+        params["cpb"] = init_mlp(
+            2, CPB_HIDDEN, random.fold_in(key, "cpb"), out_dim=cfg.heads, dtype=dtype
+        )
+        return params
     rows = math.prod(2 * n - 1 for n in window.size)
     table = random.normal(random.fold_in(key, "rel_bias"), (rows, cfg.heads), dtype=dtype)
     params["rel_bias"] = table * 0.02
@@ -111,6 +137,19 @@ def _bias(table: torch.Tensor, full: Size3, size: Size3) -> torch.Tensor:
     vol = math.prod(size)
     index = relative_position_index(full, device=table.device)[:vol, :vol]
     return rearrange(table[index], "q k h -> 1 h q k")
+
+
+def _continuous_bias(
+    params: Params, size: Size3, key: torch.Tensor | None, rate: float, train: bool
+) -> torch.Tensor:
+    """``[1, heads, V, V]``: a v2 window's bias, its MLP applied to each (query, key) pair's
+    offset ``(dh, dw)`` mapped to ``sign(d) * log(1 + |d|)``."""
+    axes = [torch.arange(n, device=params["fc1"]["weight"].device) for n in size[1:]]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # [2, V]
+    offset = rearrange(coords[:, :, None] - coords[:, None, :], "c q k -> q k c").float()
+    offset = (torch.sign(offset) * torch.log1p(offset.abs())).to(params["fc1"]["weight"].dtype)
+    bias = mlp(params, offset, act="relu", dropout=rate, key=key, train=train)
+    return rearrange(bias, "q k h -> 1 h q k")
 
 
 def _shift_mask(grid: Size3, window: Window, device) -> torch.Tensor:
@@ -155,11 +194,19 @@ def window_attention(
         x = torch.roll(x, shifts=tuple(-k for k in fit.shift), dims=(1, 2, 3))
     t, h, w = fit.size
     tokens = rearrange(x, "b (a t) (c h) (d w) e -> (b a c d) (t h w) e", t=t, h=h, w=w)
-    bias = _bias(params["rel_bias"], window.size, fit.size)
+    tau = None
+    if window.v2:
+        k_bias = random.fold_in(key, "cpb") if key is not None else None
+        bias = _continuous_bias(params["cpb"], fit.size, k_bias, window.bias_dropout, train)
+        tau = params["tau"]
+    else:
+        bias = _bias(params["rel_bias"], window.size, fit.size)
     mask = None
     if shifted:
         mask = _shift_mask(padded, fit, x.device).repeat(b, 1, 1, 1)
-    y = attention(params, tokens, cfg=cfg, mask=mask, bias=bias, key=key, train=train)
+    y = attention(
+        params, tokens, cfg=cfg, mask=mask, bias=bias, temperature=tau, key=key, train=train
+    )
     grids = {"a": padded[0] // t, "c": padded[1] // h, "d": padded[2] // w}
     y = rearrange(y, "(b a c d) (t h w) e -> b (a t) (c h) (d w) e", t=t, h=h, w=w, **grids)
     if shifted:
