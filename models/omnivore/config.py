@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from fmm.nn import TransformerConfig
@@ -23,7 +24,9 @@ class OmnivoreConfig:
     ``heads``: ``(name, classes, modality)`` per dataset, ``modality`` one of
     ``image`` ``[B, 3, H, W]``, ``video`` ``[B, 3, T, H, W]``, ``rgbd`` ``[B, 4, H, W]``
     (RGB then depth). ``image_size`` / ``frames``: the batch sizes a data source is checked
-    against (the encoder itself takes any size).
+    against (the encoder itself takes any size). ``stochastic_depth``: the drop-path rate of
+    the last block in training, rising linearly from 0 at the first block over all stages
+    (:meth:`drop_path_rates`); TorchMultimodal's ``stochastic_depth_prob``.
     """
 
     patch: tuple[int, int, int] = (2, 4, 4)
@@ -40,6 +43,7 @@ class OmnivoreConfig:
     )
     image_size: int = 224
     frames: int = 16
+    stochastic_depth: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("patch", "depths", "num_heads", "window"):
@@ -60,13 +64,17 @@ class OmnivoreConfig:
                     f"OmnivoreConfig: head {name!r} needs classes >= 1 and a modality in "
                     f"{MODALITIES}, got ({n}, {modality!r})"
                 )
+        if not 0.0 <= self.stochastic_depth < 1.0:
+            raise ValueError(
+                f"OmnivoreConfig: stochastic_depth must be in [0, 1), got {self.stochastic_depth}"
+            )
         if len({n for n, _, _ in self.heads}) != len(self.heads):
             raise ValueError(f"OmnivoreConfig: head names repeat in {self.heads}")
         for i in range(len(self.depths)):
             self.stage(i)  # widths divisible by heads: fail at construction
 
     def stage(self, i: int) -> TransformerConfig:
-        """Stage ``i``'s blocks: width ``dim * 2**i``, GELU MLPs, pre-norm."""
+        """Stage ``i``'s blocks: width ``dim * 2**i``, GELU MLPs, pre-norm, no drop path."""
         return TransformerConfig(
             width=self.dim * 2**i,
             layers=self.depths[i],
@@ -74,6 +82,22 @@ class OmnivoreConfig:
             mlp_ratio=self.mlp_ratio,
             norm_eps=self.norm_eps,
         )
+
+    def drop_path_rates(self) -> tuple[tuple[float, ...], ...]:
+        """Each block's drop-path rate, per stage: ``stochastic_depth * n / (blocks - 1)``
+        for the ``n``-th block counted over all stages (Swin's schedule, as torchvision's
+        ``SwinTransformer3d`` computes it; a lone block gets 0)."""
+        total, rates, n = sum(self.depths), [], 0
+        for depth in self.depths:
+            rates.append(
+                tuple(self.stochastic_depth * (n + j) / max(total - 1, 1) for j in range(depth))
+            )
+            n += depth
+        return tuple(rates)
+
+    def block(self, i: int, j: int) -> TransformerConfig:
+        """Block ``j`` of stage ``i``: :meth:`stage` with that block's drop-path rate."""
+        return dataclasses.replace(self.stage(i), drop_path=self.drop_path_rates()[i][j])
 
     def block_window(self, j: int) -> Window:
         """Block ``j`` of a stage: plain windows when even, shifted by half when odd."""
@@ -103,24 +127,27 @@ class OmnivoreConfig:
 
 
 def omnivore_swin_t(**overrides) -> OmnivoreConfig:
-    """Omnivore Swin-T: 96 wide, depths 2-2-6-2 (TorchMultimodal's ``omnivore_swin_t``)."""
+    """Omnivore Swin-T: 96 wide, depths 2-2-6-2, stochastic depth 0.2 (TorchMultimodal's
+    ``omnivore_swin_t``)."""
     return OmnivoreConfig(**overrides)
 
 
 def omnivore_swin_s(**overrides) -> OmnivoreConfig:
-    """Omnivore Swin-S: 96 wide, depths 2-2-18-2."""
-    return OmnivoreConfig(**{"depths": (2, 2, 18, 2), **overrides})
+    """Omnivore Swin-S: 96 wide, depths 2-2-18-2, stochastic depth 0.3."""
+    return OmnivoreConfig(**{"depths": (2, 2, 18, 2), "stochastic_depth": 0.3, **overrides})
 
 
 def omnivore_swin_b(**overrides) -> OmnivoreConfig:
-    """Omnivore Swin-B: 128 wide, depths 2-2-18-2, heads 4-8-16-32, window 16x7x7."""
+    """Omnivore Swin-B: 128 wide, depths 2-2-18-2, heads 4-8-16-32, window 16x7x7,
+    stochastic depth 0.3 (TorchMultimodal's; torchvision's image Swin-B uses 0.5)."""
     base = {"dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)}
+    base["stochastic_depth"] = 0.3
     return OmnivoreConfig(**{**base, "window": (16, 7, 7), **overrides})
 
 
 def omnivore_tiny(**overrides) -> OmnivoreConfig:
     """Two stages 16 and 32 wide on 16 px inputs of 4 frames, three small heads: the
-    contract tests' preset."""
+    contract tests' preset (with Swin-T's stochastic depth, 0.2, so they train through it)."""
     base = {
         "dim": 16,
         "depths": (2, 1),
@@ -136,7 +163,8 @@ def omnivore_tiny(**overrides) -> OmnivoreConfig:
 def omnivore_shapes(**overrides) -> OmnivoreConfig:
     """Sized for the shapes world on a CPU: 32 px images and 8-frame clips, two stages 32 and
     64 wide, heads for shape and colour (images), motion (videos) and the nearest object's
-    shape (RGB-D). ``python -m train omnivore`` sets the heads' class counts from its world."""
+    shape (RGB-D), stochastic depth 0.1 (``python -m train omnivore --drop-path``'s default).
+    ``python -m train omnivore`` sets the heads' class counts from its world."""
     base = {
         "dim": 32,
         "depths": (2, 2),
@@ -150,5 +178,6 @@ def omnivore_shapes(**overrides) -> OmnivoreConfig:
         ),
         "image_size": 32,
         "frames": 8,
+        "stochastic_depth": 0.1,
     }
     return OmnivoreConfig(**{**base, **overrides})

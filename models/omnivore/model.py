@@ -98,10 +98,12 @@ def _encode(params, x, cfg, key=None, train=False, block_fn=None) -> torch.Tenso
     run = block if block_fn is None else block_fn
     h = _embed(params, _as_video(x), cfg)
     for i, stage in enumerate(params["stages"]):
-        sc, ks = cfg.stage(i), random.fold_in(key, f"stage{i}") if key is not None else None
+        ks = random.fold_in(key, f"stage{i}") if key is not None else None
         for j, bp in enumerate(stage["blocks"]):
             kb = random.fold_in(ks, j) if ks is not None else None
-            h = run(bp, h, cfg=sc, key=kb, train=train, window=cfg.block_window(j))
+            # Each block its own config: its drop-path rate follows cfg's linear schedule.
+            bc, win = cfg.block(i, j), cfg.block_window(j)
+            h = run(bp, h, cfg=bc, key=kb, train=train, window=win)
         if "merge" in stage:
             h = patch_merging(stage["merge"], h, eps=cfg.norm_eps)
     return layer_norm(params["norm"], h, eps=cfg.norm_eps).mean(dim=(1, 2, 3))
@@ -177,9 +179,10 @@ def loss(
     trained on every modality at once (Omnivore's joint training, one batch per modality).
 
     Each modality is encoded once and read by every head on it. Returns ``(loss [],
-    metrics)`` with ``<head>_loss`` and ``<head>_accuracy`` (0-d) per head. ``key``:
-    attention dropout, if the stages have any; ``block_fn``: the adapter's seam, reaching
-    every Swin block.
+    metrics)`` with ``<head>_loss`` and ``<head>_accuracy`` (0-d) per head. ``key``: the
+    blocks' drop path in training (``cfg.stochastic_depth > 0`` needs it; each modality's
+    encoding folds in its own key); ``block_fn``: the adapter's seam, reaching every Swin
+    block.
 
     Example: ``value, metrics = loss(params, batch, cfg=omnivore_tiny(), key=k)``.
     """

@@ -1,5 +1,8 @@
 """Omnivore: parity with TorchMultimodal's Omnivore on identical random weights, the
-converters' round trip and error list, images as one-frame videos, bad input by name."""
+converters' round trip and error list, images as one-frame videos, bad input by name, and
+stochastic depth (TorchMultimodal's per-block schedule; training a function of the key)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ def reference_model(cfg: OmnivoreConfig) -> nn.Module:
         depths=list(cfg.depths),
         num_heads=list(cfg.num_heads),
         window_size=list(cfg.window),
+        stochastic_depth_prob=cfg.stochastic_depth,
         norm_layer=nn.LayerNorm,
         patch_embed=tmm.PatchEmbedOmnivore,
         num_classes=None,
@@ -138,14 +142,54 @@ def fmm_batch(cfg):
 def test_the_loss_trains_every_head():
     cfg = omnivore.omnivore_tiny()
     params = omnivore.init(cfg, fmm.random.key(0))
-    value, metrics = omnivore.loss(params, fmm_batch(cfg), cfg=cfg)
+    key = fmm.random.key(1)  # the blocks' drop path
+    value, metrics = omnivore.loss(params, fmm_batch(cfg), cfg=cfg, key=key)
     assert {f"{n}_accuracy" for n, _, _ in cfg.heads} <= metrics.keys()
     leaves = fmm.tree.flatten(params)
     for leaf in leaves.values():
         leaf.requires_grad_(True)
-    value, _ = omnivore.loss(fmm.tree.unflatten(leaves), fmm_batch(cfg), cfg=cfg)
+    value, _ = omnivore.loss(fmm.tree.unflatten(leaves), fmm_batch(cfg), cfg=cfg, key=key)
     value.backward()
     assert all(leaf.grad is not None for leaf in leaves.values())
+
+
+@pytest.mark.parametrize("preset", ["omnivore_swin_t", "omnivore_swin_s", "omnivore_swin_b"])
+def test_the_drop_path_schedule_is_torchmultimodals(preset):
+    tmm = reference("torchmultimodal.models.omnivore")
+    with torch.device("meta"):  # the schedule only: no weights
+        encoder = getattr(tmm, f"{preset}_encoder")()
+    theirs = [b.stochastic_depth.p for stage in encoder.features[::2] for b in stage]
+    cfg = omnivore.PRESETS[preset]()
+    ours = [cfg.block(i, j).drop_path for i, d in enumerate(cfg.depths) for j in range(d)]
+    assert ours == theirs
+    assert sum(cfg.drop_path_rates(), ()) == tuple(theirs)
+
+
+def test_drop_path_in_training_is_a_function_of_the_key():
+    """Same key, same loss and grads; another key, another loss; rate 0 and eval are
+    deterministic without one. TorchMultimodal's drop path draws from the global RNG, so
+    its training outputs cannot be compared draw for draw (eval parity is tested above)."""
+    cfg = omnivore.omnivore_tiny(stochastic_depth=0.5)
+    params, batch = omnivore.init(cfg, fmm.random.key(0)), fmm_batch(cfg)
+
+    def loss_and_grad(key, cfg=cfg, train=True):
+        grads = torch.func.grad(
+            lambda p: omnivore.loss(p, batch, cfg=cfg, key=key, train=train)[0]
+        )(params)
+        return omnivore.loss(params, batch, cfg=cfg, key=key, train=train)[0], grads
+
+    a, ga = loss_and_grad(fmm.random.key(1))
+    b, gb = loss_and_grad(fmm.random.key(1))
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(fmm.tree.leaves(ga), fmm.tree.leaves(gb)))
+    assert not torch.equal(a, loss_and_grad(fmm.random.key(2))[0])
+    still = omnivore.loss(params, batch, cfg=cfg, train=False)[0]
+    off = dataclasses.replace(cfg, stochastic_depth=0.0)
+    torch.testing.assert_close(omnivore.loss(params, batch, cfg=off)[0], still)
+    with pytest.raises(ValueError, match="key= is missing"):
+        omnivore.loss(params, batch, cfg=cfg)
+    with pytest.raises(ValueError, match="stochastic_depth"):
+        omnivore.omnivore_tiny(stochastic_depth=1.0)
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ def test_saved_run_reloads_and_scores_the_same(run_dir):
     run = load_run(run_dir, family="omnivore")
     assert isinstance(run.cfg, omnivore.OmnivoreConfig)
     assert [h[0] for h in run.cfg.heads] == ["shape", "color", "motion", "nearest"]
+    assert run.cfg.stochastic_depth == omnivore.omnivore_shapes().stochastic_depth  # --drop-path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     args = type("Args", (), {"seed": config["seed"], "eval_per_class": 1, "eval_per_pair": 1})
