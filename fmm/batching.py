@@ -4,20 +4,29 @@ A *pool* is an :func:`fmm.kv_cache.init_cache` cache of ``max_slots`` rows; each
 *slot*) holds one sequence, which joins when a slot is free and leaves as soon as it ends.
 The pieces here are what a token-level scheduler (``train.serve.scheduler``) runs:
 
-- :func:`prefill_slot`: a prompt (or the next chunk of one) into one slot, alone, in place;
-- :func:`decode_slots`: one token for every slot at once, ``active [M]`` saying which rows
-  are real (the others keep their position: an idle or half-prefilled row costs a row of
-  compute but changes nothing);
+- :func:`prefill_slots`: the next chunk of ``n`` prompts into their slots, in one batched
+  call, in place (:func:`prefill_slot`: one prompt);
+- :func:`decode_slots`: one token for every slot of the pool, or of its first ``bucket``
+  rows (:func:`rows`), ``active`` saying which rows are real (the others keep their
+  position: an idle or half-prefilled row costs a row of compute but changes nothing);
+- :func:`move_slot`: a sequence moved to another slot, so that the live rows stay packed
+  at the start of the pool and the step runs over the smallest bucket that holds them;
 - :func:`slot_noise` and :func:`sample_slots`: each row's token with its own sampling
-  options and key.
+  options and key;
+- :func:`invariant_buckets` and :func:`invariant_prefill`: the probes that say, on this
+  machine, which row counts give a row bitwise the same result.
 
-**Why a result does not depend on the batch.** The decode step always runs all
-``max_slots`` rows (a fixed shape, so one compiled graph serves every step whatever the
-occupancy), and on a fixed shape the kernels compute each row alone: a matmul's row ``i``
-reads row ``i`` of its input with a reduction order set by the shape, not by the other
-rows' values or by which row it is (``tests/fmm/test_batching.py`` pins this); attention
-and sampling are per row. A prompt is prefilled alone at batch 1, in chunks whose bounds
-depend on the prompt only. Each row's key is the one its request would use at that token
+**Why a result does not depend on the batch.** A matmul's row ``i`` reads row ``i`` of
+its input, but the kernel (and with it the reduction order) is chosen from the shape: at a
+fixed row count the result of a row does not depend on the other rows' values or on
+which row it is (``tests/fmm/test_batching.py`` pins this), across row counts it may (on
+MKL with AVX-512, GPT-2 small's matmuls round one way at 1 row, another at 2-15 rows and
+a third at 16-64: ``benchmarks/batch_invariance.py`` measures it). So the row counts a
+scheduler uses are the ones :func:`invariant_buckets` finds bitwise equal, on its own
+hardware and compiled step, to the whole pool; prompts are batched only at the
+``(chunk, count)`` shapes :func:`invariant_prefill` finds equal to the prompt alone, in
+chunks whose bounds and padding depend on the prompt only. Attention, norms and sampling
+are per row. Each row's key is the one its request would use at that token
 (``fmm.random.split(key, max_new_tokens)[i]`` for token ``i``, as
 :func:`fmm.decoding.generate` draws), chosen by the request's own position and never by
 its slot. So a request draws the same tokens whatever shares the pool and whenever it
@@ -36,7 +45,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,17 +55,74 @@ from fmm import checks, decoding, random
 from fmm.kv_cache import Cache, Params, as_spec
 from fmm.sampling import top_k_mask, top_p_mask
 
-__all__ = ["compiled_decode", "decode_slots", "free_slot", "prefill_slot", "sample_slots",
-           "slot_noise"]  # fmt: skip
+__all__ = ["bucket_for", "bucket_sizes", "compiled_decode", "decode_slots", "free_slot",
+           "invariant_buckets", "invariant_prefill", "move_slot", "prefill_slot",
+           "prefill_slots", "rows", "sample_slots", "slot_noise"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
-def _slot_view(cache: Cache, slot: int) -> Cache:
-    # Batch-1 views of one row: a donated prefill writes through them into the pool.
-    rows = slice(slot, slot + 1)
+def _map_rows(cache: Cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> Cache:
     return {
-        **{k: v[rows] for k, v in cache.items() if k != "layers"},
-        "layers": [{k: v[rows] for k, v in layer.items()} for layer in cache["layers"]],
+        **{k: fn(v) for k, v in cache.items() if k != "layers"},
+        "layers": [{k: fn(v) for k, v in layer.items()} for layer in cache["layers"]],
     }
+
+
+def rows(cache: Cache, n: int, first: int = 0) -> Cache:
+    """The pool's rows ``[first, first + n)`` as a cache of batch ``n``: views, so a donated
+    step or prefill on it writes into the pool. Example: ``rows(pool, 4)`` (a bucket)."""
+    return _map_rows(cache, lambda t: t[first : first + n])
+
+
+def prefill_slots(
+    params: Params,
+    tokens: torch.Tensor,
+    cache: Cache,
+    slots: Sequence[int],
+    *,
+    cfg: Any,
+    lengths: Sequence[int] | None = None,
+    last_only: bool = True,
+) -> torch.Tensor:
+    """Feed ``tokens: [n, S]`` to the pool's ``slots`` (``n`` of them, in place), each row
+    after what its slot holds: a prompt's first chunk or its next one. Returns each row's
+    last logits ``[n, vocab]``.
+
+    ``lengths: [n]``: real tokens of each row of a left-padded first chunk (the slots must
+    be free, :func:`free_slot`); the padding takes slots but is never attended to. One call
+    computes the rows together: a row's result equals its prefill alone only at the shapes
+    :func:`invariant_prefill` finds, and only with ``last_only=False`` (the output layer
+    then runs on all ``n * S`` positions, as the blocks do; with ``last_only`` it runs on
+    ``n`` rows, and 1 row never rounds as 2 do).
+
+    Example: ``logits = prefill_slots(params, chunks, pool, [0, 1, 5], cfg=spec)``.
+    """
+    spec = as_spec(cfg)
+    checks.check_int("tokens", tokens, ("batch", "seq"))
+    m, slots = cache["pos"].shape[0], [int(s) for s in slots]
+    if len(slots) != tokens.shape[0] or len(set(slots)) != len(slots):
+        raise ValueError(f"slots must be {tokens.shape[0]} distinct slots, got {slots}")
+    if not all(0 <= s < m for s in slots):
+        raise ValueError(f"slots must be in [0, {m}), got {slots}")
+    packed = slots == list(range(slots[0], slots[0] + len(slots)))
+    index = torch.tensor(slots, device=cache["pos"].device)
+    # Consecutive slots are a view the donated prefill writes through; others are gathered.
+    view = rows(cache, len(slots), slots[0]) if packed else _map_rows(cache, lambda t: t[index])
+    logits, out = decoding.prefill(
+        params, tokens, view, cfg=spec, donate=True, last_only=last_only,
+        lengths=None if lengths is None else torch.tensor(lengths, device=tokens.device),
+    )  # fmt: skip
+    if packed:
+        view["pos"].copy_(out["pos"])
+        view["start"].copy_(out["start"])
+    else:
+        for dst, src in zip(cache["layers"], out["layers"]):
+            for name, value in src.items():
+                dst[name].index_copy_(0, index, value)
+        cache["pos"].index_copy_(0, index, out["pos"])
+        cache["start"].index_copy_(0, index, out["start"])
+    return logits[:, -1]
 
 
 def prefill_slot(
@@ -69,17 +136,35 @@ def prefill_slot(
 
     Example: ``logits = prefill_slot(params, prompt[:64], pool, 0, cfg=spec)``.
     """
-    spec = as_spec(cfg)
     checks.check_int("tokens", tokens, ("seq",))
     if not 0 <= slot < cache["pos"].shape[0]:
         raise ValueError(f"slot must be in [0, {cache['pos'].shape[0]}), got {slot}")
-    view = _slot_view(cache, slot)
-    logits, out = decoding.prefill(
-        params, tokens[None], view, cfg=spec, donate=True, last_only=True
-    )
-    cache["pos"][slot] = out["pos"][0]
-    cache["start"][slot] = out["start"][0]
-    return logits[0, -1]
+    return prefill_slots(params, tokens[None], cache, [slot], cfg=cfg)[0]
+
+
+def move_slot(cache: Cache, src: int, dst: int) -> None:
+    """Move the sequence in slot ``src`` to the free slot ``dst`` (in place; ``src`` is then
+    free). A bit-exact copy: the sequence continues in ``dst`` as it would have in ``src``."""
+    for t in _tensors(cache):
+        t[dst] = t[src]
+    free_slot(cache, src)
+
+
+def _tensors(cache: Cache) -> list[torch.Tensor]:
+    # Every per-row tensor of a cache (batch first).
+    own = [v for k, v in cache.items() if k != "layers"]
+    return own + [t for layer in cache["layers"] for t in layer.values()]
+
+
+def bucket_sizes(max_slots: int) -> list[int]:
+    """The row counts a pool of ``max_slots`` may step over: powers of two below it and
+    itself. Example: ``bucket_sizes(24)`` -> ``[1, 2, 4, 8, 16, 24]``."""
+    return [1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots] + [max_slots]
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int:
+    """The smallest of ``sizes`` (ascending) that holds ``n`` rows."""
+    return next(s for s in sizes if s >= n)
 
 
 def free_slot(cache: Cache, slot: int) -> None:
@@ -99,6 +184,92 @@ def decode_slots(
     Eager and checked; :func:`compiled_decode` gives the same step compiled.
     """
     return decoding.decode_step(params, tokens, cache, cfg=cfg, donate=True, active=active)
+
+
+def _probe_ids(n: int, length: int, vocab: int | None, seed: int) -> torch.Tensor:
+    return (random.uniform(random.key(seed), (n, length)) * (vocab or 2)).long()
+
+
+def invariant_buckets(
+    step: Callable, params: Params, cache: Cache, sizes: Sequence[int], *, cfg: Any
+) -> tuple[list[int], list[str]]:
+    """Which row counts of ``sizes`` (ascending; the last is the pool's rows) give every row
+    of the decode ``step`` bitwise the logits it gets in the whole pool, measured with this
+    ``step`` (:func:`compiled_decode`'s signature; compiled, the probe compiles it at each
+    size) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
+    (alternating, so equal rows must also agree across slots) and leaves it empty.
+
+    Returns ``(usable sizes, reasons)``: the sizes whose rows equal the pool's (always the
+    pool itself) and one line per size left out. Example::
+
+        sizes, why = invariant_buckets(compiled_decode("inductor"), params, pool,
+                                       bucket_sizes(32), cfg=spec)   # e.g. [16, 32]
+    """
+    spec = as_spec(cfg)
+    m = sizes[-1]
+    prompts, fed = _probe_ids(2, 3, spec.vocab_size, 0), _probe_ids(1, 2, spec.vocab_size, 1)[0]
+    for s in range(m):
+        prefill_slot(params, prompts[s % 2], cache, s, cfg=spec)
+    tokens, idle = fed[torch.arange(m) % 2], torch.zeros(m, dtype=torch.bool)
+    # Idle rows keep their position: every size computes the same next token on the same
+    # cache (each rewrites the slot it reads back first).
+    dev = cache["pos"].device
+    out = {n: step(params, tokens[:n].to(dev), rows(cache, n), idle[:n].to(dev), spec)[0].clone()
+           for n in sizes}  # fmt: skip
+    for s in range(m):
+        free_slot(cache, s)
+    ref, usable, reasons = out[m], [], []
+    if not all(torch.equal(ref[s], ref[s % 2]) for s in range(m)):
+        # Then no row count is safe, and moving a sequence to another slot would not be.
+        return [m], [f"at {m} rows a row's logits depend on its slot"]
+    for n in sizes[:-1]:
+        if torch.equal(out[n], ref[:n]):
+            usable.append(n)
+        else:
+            gap = float((out[n] - ref[:n]).abs().max())
+            reasons.append(f"{n} rows: logits differ from the pool of {m} by up to {gap:.1e}")
+    return [*usable, m], reasons
+
+
+def invariant_prefill(
+    params: Params, cache: Cache, lengths: Sequence[int], budget: int, *, cfg: Any
+) -> dict[int, list[int]]:
+    """For each chunk length ``P`` of ``lengths``: the row counts ``n`` (powers of two,
+    ``n * P <= budget`` tokens, at most the pool's rows) at which :func:`prefill_slots` of
+    ``n`` rows gives every row bitwise the logits it gets alone, for a left-padded first
+    chunk and for the chunk after it (``last_only=False``, see :func:`prefill_slots`). ``cache``: the pool, empty (left empty).
+
+    Returns ``{P: [1, ...]}`` (1: alone is always allowed). Example:
+    ``invariant_prefill(params, pool, [4, 8, 16], 64, cfg=spec)`` -> ``{4: [1], 8: [1],
+    16: [1, 2, 4]}`` (GPT-2 small on MKL: 16 rows and more round alike).
+    """
+    spec = as_spec(cfg)
+    m, max_len, allowed = cache["pos"].shape[0], cache["layers"][0]["k"].shape[2], {}
+    for p in lengths:
+        counts = [1 << i for i in range(budget.bit_length()) if (1 << i) * p <= budget
+                  and 1 << i <= m]  # fmt: skip
+        allowed[p] = [1]
+        if len(counts) < 2 or 2 * p > max_len:
+            continue
+        ids = _probe_ids(counts[-1], 2 * p, spec.vocab_size, p)
+        real = [max(1, p - i % 2) for i in range(counts[-1])]
+        alone = torch.cat([_two_chunks(params, cache, ids, real, p, range(i, i + 1), spec)
+                           for i in range(counts[-1])])  # fmt: skip
+        allowed[p] += [n for n in counts[1:]
+                       if torch.equal(_two_chunks(params, cache, ids, real, p, range(n), spec),
+                                      alone[:n])]  # fmt: skip
+    return allowed
+
+
+def _two_chunks(params, cache, ids, real, p, slots: range, spec) -> torch.Tensor:
+    # Rows ``slots`` of ``ids`` prefilled together in two chunks of p (the first left-padded
+    # to ``real`` tokens) into those slots, then freed: their logits [n, 2, vocab].
+    first = prefill_slots(params, ids[slots, :p], cache, slots, cfg=spec,
+                          lengths=real[slots.start : slots.stop], last_only=False)  # fmt: skip
+    second = prefill_slots(params, ids[slots, p:], cache, slots, cfg=spec, last_only=False)
+    for s in slots:
+        free_slot(cache, s)
+    return torch.stack([first, second], dim=1)
 
 
 def _decode(params: Params, tokens, cache: Cache, active, spec) -> tuple[torch.Tensor, Cache]:

@@ -133,3 +133,47 @@ def test_bad_arguments_are_refused_in_one_line():
         batching.prefill_slot(PARAMS, torch.tensor([1]), pool, 2, cfg=SPEC)
     with pytest.raises(ValueError, match="active"):
         batching.decode_slots(PARAMS, torch.tensor([1, 2]), pool, torch.ones(3).bool(), cfg=SPEC)
+
+
+def test_prompts_prefilled_together_in_any_slots_equal_each_alone_where_the_probe_allows():
+    pool = decoding.init_cache(SPEC, 8, CFG.context_length)
+    allowed = batching.invariant_prefill(PARAMS, pool, [2, 4, 8], 16, cfg=SPEC)
+    assert set(allowed) == {2, 4, 8} and all(n[0] == 1 for n in allowed.values())
+    assert int(pool["pos"].abs().sum() + pool["start"].abs().sum()) == 0  # left empty
+    ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(5))
+    alone = []
+    for i in range(4):
+        alone.append(batching.prefill_slots(PARAMS, ids[i : i + 1], pool, [i], cfg=SPEC,
+                                            lengths=[8 - i], last_only=False))  # fmt: skip
+    scattered = decoding.init_cache(SPEC, 8, CFG.context_length)
+    got = batching.prefill_slots(PARAMS, ids, scattered, [6, 1, 3, 0], cfg=SPEC,
+                                 lengths=[8, 7, 6, 5], last_only=False)  # fmt: skip
+    torch.testing.assert_close(got, torch.cat(alone), atol=1e-5, rtol=0)
+    for src, dst in ((6, 0), (1, 1), (3, 2), (0, 3)):  # each row where it was written
+        for name in ("pos", "start"):
+            assert scattered[name][src] == pool[name][dst]
+        k, want = scattered["layers"][1]["k"][src, :, :8], pool["layers"][1]["k"][dst, :, :8]
+        torch.testing.assert_close(k, want, atol=1e-5, rtol=0)
+        assert torch.equal(k, want) or 4 not in allowed[8]  # bit for bit where probed exact
+    assert torch.equal(got, torch.cat(alone)) or 4 not in allowed[8]
+
+
+def test_a_moved_sequence_continues_bit_for_bit_and_the_probe_keeps_exact_buckets():
+    pool = decoding.init_cache(SPEC, 4, CFG.context_length)
+    buckets, reasons = batching.invariant_buckets(
+        batching.compiled_decode(None), PARAMS, pool, batching.bucket_sizes(4), cfg=SPEC
+    )
+    assert buckets[-1] == 4 and len(reasons) == 3 - len(buckets)
+    assert (
+        batching.bucket_sizes(24) == [1, 2, 4, 8, 16, 24] and batching.bucket_for(3, buckets) >= 3
+    )
+    batching.prefill_slot(PARAMS, torch.tensor([3, 1, 4, 1]), pool, 3, cfg=SPEC)
+    moved = fmm.tree.map(torch.clone, pool)
+    batching.move_slot(moved, 3, 0)
+    assert moved["pos"].tolist() == [4, 0, 0, 0]
+    feed, active = torch.tensor([5, 0, 0, 5]), torch.tensor([True, False, False, True])
+    a, _ = batching.decode_slots(PARAMS, feed, pool, active & torch.tensor([0, 0, 0, 1]).bool(),
+                                 cfg=SPEC)  # fmt: skip
+    b, _ = batching.decode_slots(PARAMS, feed, moved, active & torch.tensor([1, 0, 0, 0]).bool(),
+                                 cfg=SPEC)  # fmt: skip
+    assert torch.equal(a[3], b[0])

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo.testing
 
 import fmm
-from fmm import decoding
+from fmm import batching, decoding
 from models import gpt, mmgpt
 from train.serve.engine import EngineClosed, Overloaded
 from train.serve.scheduler import Scheduler
@@ -163,16 +163,83 @@ def test_async_iteration_and_refusals():
     scheduler.close()
 
 
-def test_one_compiled_step_serves_every_occupancy():
+def test_occupancy_changes_compile_nothing_beyond_one_graph_per_bucket():
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    scheduler = Scheduler(PARAMS, SPEC, max_slots=3, prefill_chunk=5, compile=counter)
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=5, compile=counter)
     scheduler.warmup()  # in this thread; the steps then run in the scheduler's
-    assert counter.frame_count == 2
+    # The step at each size probed, the sampling noise at each bucket kept.
+    assert counter.frame_count == len(batching.bucket_sizes(4)) + len(scheduler.buckets)
+    compiled = counter.frame_count
     handles = _submit_at_random_times(scheduler, _requests(6, seed=3), seed=4)
     for h in handles:
         h.result(timeout=120)
-    assert scheduler.steps > 10
-    assert counter.frame_count == 2  # the decode step and the sampling noise, once each
+    assert scheduler.steps > 10 and set(scheduler.bucket_steps) <= set(scheduler.buckets)
+    assert counter.frame_count == compiled  # none after start-up, whatever the occupancy
+    scheduler.close()
+
+
+def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool():
+    g = pyrandom.Random(7)
+    request = ([g.randrange(97) for _ in range(5)], {"temperature": 0.9, "seed": 3})
+    others = [([g.randrange(97) for _ in range(g.choice([2, 9]))], {"seed": i}) for i in range(15)]
+    bucketed = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None)
+    lone = bucketed.submit(request[0], max_new_tokens=12, keep_logits=True, **request[1])
+    lone.result(timeout=60)
+    assert set(bucketed.bucket_steps) == {bucketed.buckets[0]}  # the smallest bucket kept
+    full = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None,
+                     follow_occupancy=False)  # fmt: skip
+    crowd = [full.submit(p, max_new_tokens=20, **o) for p, o in others[:8]]
+    again = full.submit(request[0], max_new_tokens=12, keep_logits=True, **request[1])
+    crowd += [full.submit(p, max_new_tokens=20, **o) for p, o in others[8:]]
+    assert again.result(timeout=60) == lone.tokens
+    assert all(torch.equal(a, b) for a, b in zip(again.logits, lone.logits))
+    assert set(full.bucket_steps) == {16}
+    for h in crowd:
+        h.result(timeout=60)
+    bucketed.close()
+    full.close()
+
+
+def test_the_start_up_probe_keeps_the_whole_pool_for_a_step_that_rounds_by_batch(caplog):
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=4, compile=None)
+    real = scheduler._step
+
+    def skewed(params, tokens, cache, active, spec):  # rounds otherwise below 4 rows
+        logits, cache = real(params, tokens, cache, active, spec)
+        return logits + 1e-6 * (tokens.shape[0] < 4), cache
+
+    scheduler._step = skewed
+    with caplog.at_level("WARNING"):
+        scheduler.warmup()
+    assert scheduler.buckets == [4] and "1 rows: logits differ" in caplog.text
+    assert len(scheduler.submit([1, 2, 3], max_new_tokens=5).result(timeout=30)) == 5
+    assert set(scheduler.bucket_steps) == {4}
+    scheduler.close()
+
+
+def test_waiting_prompts_are_prefilled_together_where_the_probe_allows():
+    scheduler = Scheduler(PARAMS, SPEC, max_slots=8, prefill_chunk=16, compile=None)
+    scheduler.warmup()
+    calls = []
+    real = batching.prefill_slots
+
+    def counted(params, tokens, *args, **kw):
+        calls.append(tuple(tokens.shape))
+        return real(params, tokens, *args, **kw)
+
+    batching.prefill_slots = counted
+    try:
+        g = pyrandom.Random(8)
+        prompts = [[g.randrange(97) for _ in range(g.choice([5, 7, 8]))] for _ in range(6)]
+        handles = [scheduler.submit(p, max_new_tokens=4, keep_logits=True) for p in prompts]
+        got = [h.result(timeout=60) for h in handles]
+    finally:
+        batching.prefill_slots = real
+    if 8 in scheduler.batched_prefill:  # prompts of 5-8 tokens: padded to 8 and batched
+        assert any(rows > 1 for rows, _ in calls)
+    for p, h, tokens in zip(prompts, handles, got):
+        torch.testing.assert_close(torch.stack(h.logits), _alone_logits(p, tokens), atol=1e-5,
+                                   rtol=0)  # fmt: skip
     scheduler.close()
 
 
@@ -243,7 +310,8 @@ def test_a_model_failure_ends_its_requests_and_the_scheduler_serves_on(monkeypat
     from train.serve import scheduler as module
 
     scheduler = Scheduler(PARAMS, SPEC, max_slots=2, compile=None)
-    real, calls = module.batching.prefill_slot, []
+    scheduler.warmup()  # the probe prefills too
+    real, calls = module.batching.prefill_slots, []
 
     def failing_once(*args, **kw):
         calls.append(1)
@@ -251,7 +319,7 @@ def test_a_model_failure_ends_its_requests_and_the_scheduler_serves_on(monkeypat
             raise RuntimeError("out of memory")
         return real(*args, **kw)
 
-    monkeypatch.setattr(module.batching, "prefill_slot", failing_once)
+    monkeypatch.setattr(module.batching, "prefill_slots", failing_once)
     with pytest.raises(RuntimeError, match="out of memory"):
         scheduler.submit([1, 2], max_new_tokens=3).result(timeout=30)
     assert len(scheduler.submit([1, 2], max_new_tokens=3).result(timeout=30)) == 3

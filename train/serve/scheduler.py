@@ -2,18 +2,25 @@
 
 A :class:`Scheduler` owns a pool of ``max_slots`` sequences in one preallocated cache
 (:mod:`fmm.batching`) and one worker thread. Every iteration it admits waiting requests
-into free slots, prefills up to ``prefill_chunk`` prompt tokens (a long prompt takes several
-iterations, so it never stalls the others for long), runs **one** compiled decode step for
-all active slots, hands each request its token, and frees a slot the moment its request
-ends (EOS, a stop id, its length, or a cancel): the next waiting request joins at the next
-iteration.
+into the lowest free slots, prefills at most ``prefill_chunk`` prompt tokens (waiting
+prompts' chunks of one shape in one batched call; a long prompt takes several iterations,
+so it never stalls the others for long), runs **one** compiled decode step over the
+smallest *bucket* of rows that holds the live slots (moving a sequence down when a lower
+slot frees, so they stay packed), hands each request its token, and frees a slot the
+moment its request ends (EOS, a stop id, its length, or a cancel): the next waiting
+request joins at the next iteration.
 
-A request's tokens are the same whatever else runs (see :mod:`fmm.batching` for why): the
-decode step always has the pool's fixed shape with an active mask (so it compiles once:
-not per step, request or occupancy; buckets of batch sizes would recompile per bucket and
-round differently per bucket), prompts are prefilled alone, and token ``i`` of a request
-is drawn with ``fmm.random.split(fmm.random.key(seed), max_new_tokens)[i]``, what
-``fmm.decoding.generate`` draws for it alone.
+A request's tokens are the same whatever else runs (see :mod:`fmm.batching` for why). At
+start-up (:meth:`Scheduler.warmup`, or before the first request) the scheduler measures,
+with its own compiled step on this machine, which buckets (powers of two up to
+``max_slots``) give every row bitwise the logits of the whole pool
+(:func:`fmm.batching.invariant_buckets`), and steps over those only (one compiled graph
+each, none after start-up); at worst the whole pool, always, with the reason logged. It
+batches prompts only at the chunk shapes whose rows
+:func:`fmm.batching.invariant_prefill` finds bitwise equal to the prompt alone (others are
+prefilled alone), and a prompt's chunks (and its left padding) depend on the prompt only.
+Token ``i`` of a request is drawn with ``fmm.random.split(fmm.random.key(seed),
+max_new_tokens)[i]``, what ``fmm.decoding.generate`` draws for it alone.
 
 Submitting and reading (from an event loop or from any thread)::
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -53,13 +61,15 @@ from train.serve.handle import Handle
 
 __all__ = ["Handle", "Scheduler"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(eq=False)
 class _Row:
     handle: Handle
     slot: int
-    prompt: list[int]
-    fed: int = 0  # prompt tokens prefilled so far
+    chunks: list[tuple[list[int], int]]  # the prompt's chunks: (tokens, real tokens)
+    fed: int = 0  # chunks prefilled so far
     last: torch.Tensor | None = None  # the prompt's last logits [vocab], once all fed
 
 
@@ -73,6 +83,11 @@ class Scheduler:
     (``"inductor"``, ``"aot_eager"``, a backend callable) or ``None``/``False``: eager.
     ``max_waiting``: requests queued for a slot before :class:`Overloaded`.
     ``guided_from``: the first id guided requests may draw (see the module docstring).
+    ``follow_occupancy``: step over the smallest bucket that holds the live slots (where
+    the start-up probe finds it exact); ``False``: always the whole pool.
+    ``batch_prefill``: prefill prompts' chunks together (where the probe finds it exact);
+    ``False``: each alone. After start-up, ``buckets`` holds the row counts in use and
+    ``batched_prefill`` the ``{chunk length: row counts}`` prefilled together.
     """
 
     def __init__(
@@ -87,6 +102,8 @@ class Scheduler:
         compile: Any = "inductor",
         max_waiting: int = 1024,
         guided_from: int = 0,
+        follow_occupancy: bool = True,
+        batch_prefill: bool = True,
     ):
         self.spec = spec = as_spec(cfg)
         for name, value in (("max_slots", max_slots), ("prefill_chunk", prefill_chunk),
@@ -101,15 +118,19 @@ class Scheduler:
         self.backend = compile or None
         leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
         self.device, self.vocab = leaf.device, spec.vocab_size
-        with torch.inference_mode():
+        with torch.inference_mode():  # the step's inputs, as the probe's (no recompile)
             self.pool = init_cache(spec, max_slots, self.max_len, dtype=leaf.dtype,
                                    device=self.device)  # fmt: skip
+            self._next_token = torch.zeros(max_slots, dtype=torch.int64)
         self._step = batching.compiled_decode(self.backend)
+        self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
+        self.buckets: list[int] | None = None  # set by the start-up probe
+        self.batched_prefill: dict[int, list[int]] = {}
+        self.bucket_steps: collections.Counter[int] = collections.Counter()  # metrics, tests
         self._waiting: collections.deque[Handle] = collections.deque()
         self._prefilling: list[list[_Row]] = []  # a request's rows (two when guided)
-        self._running: dict[int, list[_Row]] = {}  # first slot -> the request's rows
+        self._running: list[list[_Row]] = []
         self._free = list(range(max_slots))
-        self._next_token = torch.zeros(max_slots, dtype=torch.int64)
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # decode iterations run (metrics, tests)
@@ -187,17 +208,33 @@ class Scheduler:
         return out
 
     def warmup(self) -> None:
-        """Compile (or run once) the decode step and the sampling noise now, on an idle
-        pool, so that no request waits for a compile. Call before the first submit."""
+        """Probe and compile now, on the idle pool, so that no request waits for it: which
+        buckets and prefill shapes are exact on this machine (see the module docstring),
+        the decode step compiled at each bucket and the sampling noise at each one used.
+        Call before the first submit (otherwise the worker does it before its first
+        request)."""
         if self._thread is not None:
             raise RuntimeError("warmup() must run before the first submit")
-        m, dev = self.max_slots, self.device
         with torch.inference_mode():
-            idle = torch.zeros(m, dtype=torch.bool, device=dev)
-            _, self.pool = self._step(self.params, self._next_token.to(dev), self.pool, idle,
-                                      self.spec)  # fmt: skip
-            keys = torch.zeros(m, 2, dtype=torch.int64, device=dev)
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        m, spec = self.max_slots, self.spec
+        sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
+        buckets, reasons = batching.invariant_buckets(self._step, self.params, self.pool,
+                                                      sizes, cfg=spec)  # fmt: skip
+        if reasons:
+            log.warning("decode buckets %s of %s (a row rounds differently at: %s)", buckets,
+                        sizes, "; ".join(reasons))  # fmt: skip
+        if self.batch_prefill:
+            c = self.prefill_chunk
+            lengths = [1 << i for i in range(c.bit_length()) if 1 << i < c]
+            counts = batching.invariant_prefill(self.params, self.pool, lengths, c, cfg=spec)
+            self.batched_prefill = {p: n for p, n in counts.items() if len(n) > 1}
+        for n in buckets:
+            keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
             batching.slot_noise(keys, self.vocab, backend=self.backend)
+        self.buckets = buckets
 
     @property
     def load(self) -> dict:
@@ -222,12 +259,12 @@ class Scheduler:
                     if not self._iterate():
                         break
                 except Exception as e:  # the model failed: its requests end with the error
-                    self._fail(self._prefilling + list(self._running.values()), e)
-                    self._prefilling, self._running = [], {}
+                    self._fail(self._prefilling + self._running, e)
+                    self._prefilling, self._running = [], []
             with self._cv:
                 waiting = [[_Row(h, -1, [])] for h in self._waiting]
                 self._waiting.clear()
-            self._fail(waiting + self._prefilling + list(self._running.values()),
+            self._fail(waiting + self._prefilling + self._running,
                        EngineClosed("the scheduler closed"))  # fmt: skip
 
     def _fail(self, requests: list[list[_Row]], error: BaseException) -> None:
@@ -243,8 +280,12 @@ class Scheduler:
                 self._cv.wait()
             if self._closed:
                 return False
+        if self.buckets is None:
+            self._calibrate()
+        with self._cv:
             self._admit()
         self._drop_cancelled()
+        self._compact()
         self._prefill()
         if self._running:
             self._decode()
@@ -261,41 +302,83 @@ class Scheduler:
             if len(self._free) < len(prompts):
                 return
             self._waiting.popleft()
-            rows = [_Row(handle, self._free.pop(0), p) for p in prompts]
+            new = handle.max_new_tokens
+            rows = [_Row(handle, self._free.pop(0), self._chunks(p, new)) for p in prompts]
             self._prefilling.append(rows)
+
+    def _chunks(self, prompt: list[int], max_new_tokens: int) -> list[tuple[list[int], int]]:
+        """A prompt's chunks ``(tokens, real tokens)``, from the prompt and the server only:
+        cut at multiples of ``prefill_chunk``; a shorter prompt left-padded to a length
+        that is prefilled in batches, if its slot has room for the padding."""
+        c, n = self.prefill_chunk, len(prompt)
+        if n >= c:
+            return [(prompt[i : i + c], len(prompt[i : i + c])) for i in range(0, n, c)]
+        padded = 1 << (n - 1).bit_length()
+        if padded in self.batched_prefill and padded + max_new_tokens - 1 <= self.max_len:
+            return [([0] * (padded - n) + prompt, n)]
+        return [(prompt, n)]
 
     def _drop_cancelled(self) -> None:
         for rows in [r for r in self._prefilling if r[0].handle._cancelled]:
             self._prefilling.remove(rows)
             self._finish(rows[0].handle, rows, "cancelled")
-        for first, rows in list(self._running.items()):
-            if rows[0].handle._cancelled:
-                del self._running[first]
-                self._finish(rows[0].handle, rows, "cancelled")
+        for rows in [r for r in self._running if r[0].handle._cancelled]:
+            self._running.remove(rows)
+            self._finish(rows[0].handle, rows, "cancelled")
+
+    def _compact(self) -> None:
+        # Live sequences above the bucket that holds them move down into free slots (a
+        # bit-exact copy), so the step runs over that bucket and no larger.
+        live = [row for rows in self._prefilling + self._running for row in rows]
+        if not live:
+            return
+        bucket = batching.bucket_for(len(live), self.buckets)
+        for row in live:
+            if row.slot >= bucket:
+                with self._cv:
+                    dst = self._free.pop(0)
+                    self._free = sorted([*self._free, row.slot])
+                batching.move_slot(self.pool, row.slot, dst)
+                self._next_token[dst] = self._next_token[row.slot]
+                self._next_token[row.slot] = 0
+                row.slot = dst
 
     def _prefill(self) -> None:
-        # Chunks are cut at multiples of prefill_chunk from each prompt's start, whatever
-        # else waits: the request's arithmetic never depends on its company.
+        # At most prefill_chunk tokens per iteration: rows whose next chunk has the same
+        # length go in one call, as many as the probe found exact at that length.
         budget = self.prefill_chunk
-        for rows in list(self._prefilling):
-            for row in rows:
-                while row.fed < len(row.prompt) and budget > 0:
-                    chunk = row.prompt[row.fed : row.fed + self.prefill_chunk]
-                    row.last = batching.prefill_slot(
-                        self.params, torch.tensor(chunk, device=self.device), self.pool,
-                        row.slot, cfg=self.spec,
-                    )  # fmt: skip
-                    row.fed += len(chunk)
-                    budget -= len(chunk)
-            if any(row.fed < len(row.prompt) for row in rows):
-                return
+        while budget > 0:
+            pending = [r for rows in self._prefilling for r in rows if r.fed < len(r.chunks)]
+            if not pending:
+                break
+            p, fresh = len(pending[0].chunks[pending[0].fed][0]), pending[0].fed == 0
+            if p > budget:
+                break
+            group = [r for r in pending if len(r.chunks[r.fed][0]) == p and (r.fed == 0) == fresh]
+            n = max(
+                k for k in self.batched_prefill.get(p, [1]) if k <= len(group) and k * p <= budget
+            )
+            self._prefill_rows(group[:n], p, fresh)
+            budget -= n * p
+        for rows in [r for r in self._prefilling if all(x.fed == len(x.chunks) for x in r)]:
             self._prefilling.remove(rows)
             handle, logits = rows[0].handle, torch.stack([row.last for row in rows])
             token = self._pick(handle, logits, handle.keys[0])
             if self._emit(handle, rows, token, logits):
-                self._running[rows[0].slot] = rows
-            if budget <= 0:
-                return
+                self._running.append(rows)
+
+    def _prefill_rows(self, group: list[_Row], p: int, fresh: bool) -> None:
+        chunks = [row.chunks[row.fed] for row in group]
+        logits = batching.prefill_slots(
+            self.params, torch.tensor([c[0] for c in chunks], device=self.device), self.pool,
+            [row.slot for row in group], cfg=self.spec,
+            lengths=[c[1] for c in chunks] if fresh else None,
+            # Lengths prefilled in batches run the output layer on every position, alone
+            # too (see fmm.batching.prefill_slots): the choice follows the length only.
+            last_only=p not in self.batched_prefill,
+        )  # fmt: skip
+        for row, last in zip(group, logits):
+            row.last, row.fed = last, row.fed + 1
 
     def _pick(self, handle: Handle, logits: torch.Tensor, key: torch.Tensor) -> int:
         """A token of one request from its rows' logits ``[1 or 2, vocab]`` (batch 1 alone)."""
@@ -332,16 +415,17 @@ class Scheduler:
             batching.free_slot(self.pool, row.slot)
             self._next_token[row.slot] = 0
         with self._cv:
-            self._free += [row.slot for row in rows]
+            self._free = sorted(self._free + [row.slot for row in rows])
 
     def _decode(self) -> None:
-        m = self.max_slots
+        live = sum(len(rows) for rows in self._prefilling + self._running)
+        m = batching.bucket_for(live, self.buckets)
         active = torch.zeros(m, dtype=torch.bool)
         temperature, top_p = torch.zeros(m), torch.zeros(m)
         top_k = torch.zeros(m, dtype=torch.int64)
         keys = torch.zeros(m, 2, dtype=torch.int64)
         plain = []  # requests sampled in the batch (the guided ones are combined per pair)
-        for rows in self._running.values():
+        for rows in self._running:
             h = rows[0].handle
             for row in rows:
                 active[row.slot] = True
@@ -352,11 +436,13 @@ class Scheduler:
                 top_p[s] = h.sampling.top_p or 0.0
                 keys[s] = h.keys[i]
                 plain.append(rows)
-        dev = self.device
-        logits, self.pool = self._step(
-            self.params, self._next_token.to(dev), self.pool, active.to(dev), self.spec
+        dev, bucket = self.device, batching.rows(self.pool, m)
+        logits, out = self._step(
+            self.params, self._next_token[:m].to(dev), bucket, active.to(dev), self.spec
         )
+        bucket["pos"].copy_(out["pos"])  # the blocks wrote their keys/values in place
         self.steps += 1
+        self.bucket_steps[m] += 1
         tokens = None
         if plain:
             noise = None
@@ -366,12 +452,12 @@ class Scheduler:
                 logits, noise, temperature=temperature.to(dev), top_k=top_k.to(dev),
                 top_p=top_p.to(dev),
             ).tolist()  # fmt: skip
-        for first, rows in list(self._running.items()):
+        for rows in list(self._running):
             h = rows[0].handle
             own = logits[[row.slot for row in rows]]
             if h.guidance == 1.0:
-                token = tokens[first]
+                token = tokens[rows[0].slot]
             else:
                 token = self._pick(h, own, h.keys[len(h.tokens)])
             if not self._emit(h, rows, token, own):
-                del self._running[first]
+                self._running.remove(rows)
