@@ -6,7 +6,9 @@ Window attention cuts the grid into ``size = (t, h, w)`` windows and runs
 Alternate blocks shift the windows by ``shift`` (half a window) with a cyclic roll, masked so
 that a window made of wrapped-around pieces attends only within each piece. A Swin block is
 :func:`fmm.nn.block` given ``window=`` (see :class:`Window`), so the adapter's ``block_fn``
-seam, checkpointing and sharding serve it unchanged.
+seam, checkpointing and sharding serve it unchanged. ``Window(v2=True)`` is Swin V2's
+variant on 2-D grids (``t = 1``), AudioMAE's decoder: scaled cosine attention, a continuous
+position bias from a small MLP, res-post-norm blocks.
 
 Example::
 
