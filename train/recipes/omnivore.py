@@ -7,6 +7,12 @@ still scenes (heads ``shape`` and ``color`` of the main object), moving-shape cl
 (the still world's unseen colour x shape combinations and the clips' unseen motion x shape
 pairs apart), and the shared encoder's transfer across modalities: the image heads read
 videos (the moving object's shape and starting colour), and the depth head reads RGB alone.
+
+``--data PATH`` trains Omnivore's video task on a user's labelled clips instead (a
+video-csv/jsonl with a label column, or one sub-folder of clips per class:
+:mod:`train.data.video_flags`): one head over the table's classes, clips of the moving
+shapes' frames and size, and ``data_video_class_acc`` on ``--val-data`` (the same classes)
+or on --data's first ``--eval-clips`` clips.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ import torch
 import models
 from models import omnivore
 from train.data import WorldConfig, eval_set, is_holdout, sample_scenes
+from train.data.video_flags import (
+    add_video_data_arguments,
+    eval_clips,
+    open_video_data,
+    video_source,
+)
 from train.data.video_shapes import (
     VideoWorldConfig,
     clip_eval_set,
@@ -27,10 +39,12 @@ from train.data.video_shapes import (
     sample_clips,
     sample_depth_scenes,
 )
+from train.data.videos import Labels
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.recipes import number
 
 PRESETS = ("omnivore_shapes",)
+DATA_HEAD = "video_class"  # the one head of a --data run
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +64,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-depth-scenes", type=number(at_least=1), default=256,
         help="held-out RGB-D scenes (default: %(default)s)",
     )  # fmt: skip
+    add_video_data_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +107,60 @@ def joint_batch(worlds: Worlds, generator: torch.Generator, batch_size: int) -> 
     }
 
 
+def data_job(args: argparse.Namespace, table) -> Job:
+    """Omnivore's video task on ``--data``, a labelled video table: one head over its
+    classes, clips at the moving shapes' size and frames."""
+    if table.kind != "video-classes":
+        raise ValueError(
+            f"--data {args.data} has no labels: `python -m train omnivore` trains on labelled "
+            "clips (a --video-label-key column, or one sub-folder of clips per class)"
+        )
+    if args.val_data is not None:
+        val = open_video_data(args, recipe="omnivore", path=args.val_data)
+        if getattr(val, "classes", None) != table.classes:
+            raise ValueError(
+                f"--val-data {args.val_data}: its classes {getattr(val, 'classes', ())} are not "
+                f"--data's {table.classes}"
+            )
+    video = VideoWorldConfig()
+    size, frames = video.image_size, video.frames
+    heads = ((DATA_HEAD, len(table.classes), "video"),)
+    cfg = models.get_config(args.preset, heads=heads, image_size=size, frames=frames)
+    fields = Labels(f"{DATA_HEAD}_labels")
+    return Job(
+        cfg=cfg,
+        source=video_source(args, table, frames=frames, size=size, fields=fields),
+        config={"preset": args.preset, "data": args.data, "classes": list(table.classes)},
+        curves=(f"{DATA_HEAD}_loss",),
+        describe=f"{args.preset} on {args.data} ({len(table):,} clips, "
+        f"{len(table.classes)} classes)",
+        context=table,
+    )
+
+
+def evaluate_data(job: Job, params, args: argparse.Namespace, device) -> Evaluation:
+    """Accuracy of the ``--data`` run's head on ``--val-data`` or --data's first clips."""
+    cfg = job.cfg
+    clips = eval_clips(
+        args, job.context, recipe="omnivore", frames=cfg.frames, size=cfg.image_size,
+        fields=Labels("labels"),
+    )  # fmt: skip
+    pred = predict(params, cfg, clips["videos"], DATA_HEAD, device)
+    metrics = {
+        "data_video_class_acc": _accuracy(pred, clips["labels"]),
+        "data_eval_clips": len(pred),
+    }
+    return Evaluation(
+        metrics=metrics,
+        headline=("data_video_class_acc",),
+        title=f"Omnivore on {args.data}: video class loss",
+    )
+
+
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
+    table = open_video_data(args, recipe="omnivore")
+    if table is not None:
+        return data_job(args, table)
     worlds = Worlds(still=WorldConfig(), video=VideoWorldConfig())
     size, frames = worlds.video.image_size, worlds.video.frames
     cfg = models.get_config(args.preset, heads=heads(worlds), image_size=size, frames=frames)
@@ -166,6 +234,8 @@ def held_out_metrics(params, cfg, worlds: Worlds, args, device) -> dict:
 
 
 def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) -> Evaluation:
+    if args.data is not None:
+        return evaluate_data(job, params, args, device)
     metrics = held_out_metrics(params, job.cfg, job.context, args, device)
     headline = tuple(k for k in metrics if "_acc" in k or k.startswith("transfer_"))
     return Evaluation(

@@ -13,6 +13,7 @@ from train.__main__ import main
 from train.data.formats import open_table, sniff
 from train.data.images import BadSample
 from train.data.pipeline import LoaderSource
+from train.data.video_shapes import MOTIONS
 from train.data.videos import Labels, Sampling, VideoSamples, decode_video, write_video
 from train.recipes.export_shapes import export_clips
 
@@ -175,14 +176,19 @@ def test_a_corrupt_clip_is_skipped_and_counted_and_the_source_resumes(tmp_path):
     assert torch.equal(resumed["labels"], expected["labels"])
 
 
-def test_video_vqvae_trains_on_an_exported_video_csv(tmp_path):
-    data = export_clips(tmp_path / "clips", n=8, seed=0, image_size=16, frames=4, per_pair=1)
-    header = (tmp_path / "clips" / "val.csv").read_text().splitlines()[0]
-    assert header == "video,caption,label,heldout" and len(open_table(data)) == 8
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported") / "clips"
+    return export_clips(root, n=8, seed=0, image_size=16, frames=4, per_pair=1)
+
+
+def test_video_vqvae_trains_on_an_exported_video_csv(exported, tmp_path):
+    header = (exported.parent / "val.csv").read_text().splitlines()[0]
+    assert header == "video,caption,label,heldout" and len(open_table(exported)) == 8
     out = tmp_path / "run"
     main([
-        "video-vqvae", "--preset", "video_vqvae_tiny", "--data", str(data), "--workers", "0",
-        "--val-data", str(tmp_path / "clips" / "val.csv"), "--eval-clips", "4",
+        "video-vqvae", "--preset", "video_vqvae_tiny", "--data", str(exported), "--workers", "0",
+        "--val-data", str(exported.parent / "val.csv"), "--eval-clips", "4",
         "--frame-sampling", "stride=1", "--steps", "2", "--batch-size", "4",
         "--eval-per-pair", "1", "--out", str(out),
     ])  # fmt: skip
@@ -190,6 +196,25 @@ def test_video_vqvae_trains_on_an_exported_video_csv(tmp_path):
     assert metrics["steps"] == 2 and metrics["skipped_samples"] == 0
     assert metrics["data_eval_clips"] == 4 and metrics["data_psnr_db"] > 0
     assert json.loads((out / "run.json").read_text())["frame_sampling"] == "stride=1"
+
+
+def test_omnivore_trains_its_video_task_on_labelled_clips(exported, tmp_path):
+    out = tmp_path / "run"
+    main([
+        "omnivore", "--data", str(exported), "--workers", "0", "--eval-clips", "6",
+        "--steps", "2", "--batch-size", "4", "--out", str(out),
+    ])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data_eval_clips"] == 6 and 0 <= metrics["data_video_class_acc"] <= 1
+    config = json.loads((out / "config.json").read_text())
+    classes = open_table(exported).classes  # the motions among the 8 clips
+    assert config["classes"] == list(classes) and set(classes) <= set(MOTIONS)
+    assert [h[:2] for h in config["omnivore"]["heads"]] == [["video_class", len(classes)]]
+    (tmp_path / "captions.csv").write_text(
+        "video,caption\n" + f"{exported.parent}/clips/000000.mp4,a\n"
+    )
+    with pytest.raises(ValueError, match="has no labels"):
+        main(["omnivore", "--data", str(tmp_path / "captions.csv"), "--out", str(tmp_path / "r")])
 
 
 def test_video_recipe_refuses_an_image_table(tmp_path):
