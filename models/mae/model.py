@@ -236,6 +236,21 @@ def _reconstruct(params, x, cfg, key, train, block_fn) -> Reconstruction:
     return Reconstruction(encoded, pred, patchify(x, cfg.patch_size), encoded.mask)
 
 
+def composite(out: Reconstruction, cfg: MAEConfig) -> torch.Tensor:
+    """What a reconstruction figure shows: the input's visible patches as they are and, at
+    each masked patch, the prediction. With ``cfg.norm_pix_loss`` the predictions are in
+    units of each patch's own mean and std, so they are mapped back with the true patch's
+    statistics (as MAE's figures do). Returns ``[B, C, H, W]``.
+
+    Example: ``picture = composite(reconstruct(params, x, cfg=cfg, key=k), cfg)``.
+    """
+    pred = out.pred.to(out.target.dtype)
+    if cfg.norm_pix_loss:
+        mean, var = out.target.mean(-1, keepdim=True), out.target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    return unpatchify(torch.where(out.mask.bool()[..., None], pred, out.target), cfg)
+
+
 def masked_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, norm_pix: bool
 ) -> torch.Tensor:

@@ -145,3 +145,17 @@ def test_the_image_decoder_runs_every_block_through_the_adapter():
     got = model(batch)
     assert ran == set(range(cfg.layers + cfg.decoder_layers))
     torch.testing.assert_close(got, mae.loss(params, batch, cfg=cfg, key=key)[0])
+
+
+def test_composite_is_the_input_when_the_prediction_is_perfect():
+    cfg = mae.mae_tiny()
+    params = mae.init(cfg, fmm.random.key(0))
+    x = torch.rand(2, *cfg.input_shape)
+    out = mae.reconstruct(params, x, cfg=cfg, key=fmm.random.key(1))
+    t = out.target
+    perfect = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(mae.composite(out._replace(pred=perfect), cfg), x)
+    # Visible patches are the input's whatever the prediction.
+    shown = mae.patchify(mae.composite(out, cfg), cfg.patch_size)
+    visible = ~out.mask.bool()
+    assert torch.equal(shown[visible], t[visible])
