@@ -222,9 +222,10 @@ def resample(
     and output phase ``j`` of every ``new`` outputs is one strided ``conv1d`` over the
     input with the low-pass kernel shifted by ``j * orig / new`` input samples. The cut-off
     is ``rolloff`` of the lower Nyquist frequency; the kernel spans ``zeros`` zero crossings
-    each side under a Hann window, so tones above the new Nyquist are attenuated (about
-    -60 dB a few hundred Hz past it) and those below it pass unchanged. The input is taken
-    as zero outside the clip.
+    each side under a Hann window. Measured at 48 -> 16 kHz with the defaults: a tone at
+    7 kHz loses 0.5 dB; tones past the new Nyquist come out 32 dB down at 8.2 kHz, 55 dB
+    at 9 kHz, 69 dB at 10 kHz and 92 dB at 12 kHz. The input is taken as zero outside the
+    clip.
 
     Example: `resample(torch.randn(2, 44100), 44100, 16000).shape == (2, 16000)`.
     """
