@@ -137,6 +137,8 @@ def test_video_formats_open_and_sniff(tmp_path, clips):
     assert table.video_file(0) == tmp_path / "c0.mkv"
     with pytest.raises(ValueError, match="is a video clip"):
         table.image_bytes(0)
+    (tmp_path / "quoted.tsv").write_text('"video"\t"caption"\nc0.mkv\tx\n')  # a quoted header
+    assert sniff(str(tmp_path / "quoted.tsv")) == "video-csv"
     (tmp_path / "clips.jsonl").write_text(json.dumps({"video": "c0.mkv", "caption": "x"}) + "\n")
     jsonl = open_table(tmp_path / "clips.jsonl")
     assert (jsonl.format, jsonl.kind, jsonl.texts(0)) == ("video-jsonl", "video-pairs", ("x",))

@@ -34,6 +34,7 @@ audio-classes one sub-folder of clips per class                         audio-cl
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -215,7 +216,9 @@ def _has_column(p: Path, key: str) -> bool:
             return key in json.loads(first)
         except (json.JSONDecodeError, TypeError):
             return False
-    return key in [c.strip() for c in first.replace("\t", ",").split(",")]
+    # The csv module reads the header line: a quoted "video" column is a video column too.
+    header = next(csv.reader([first], delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+    return key in [c.strip() for c in header]
 
 
 def _first_sample(root: Path) -> str | None:
