@@ -17,6 +17,7 @@ IMPORTS = {
         "torchmultimodal.models.albef.model"
     ),
     "timm": "import timm.models.vision_transformer",
+    "torchaudio": "import torch, torchaudio.compliance.kaldi as k; k.fbank(torch.ones(1, 800))",
 }
 
 
