@@ -89,12 +89,13 @@ def drawing_kit(run: Run) -> dict:
     }
 
 
-def world_from_dict(d: dict) -> WorldConfig:
-    """Inverse of ``dataclasses.asdict(world)`` after a JSON round trip (lists back to tuples)."""
+def world_from_dict(d: dict, kind: type = WorldConfig):
+    """Inverse of ``dataclasses.asdict(world)`` after a JSON round trip (lists back to
+    tuples), for a ``kind`` of world: :class:`WorldConfig` or the video world's config."""
     fix = lambda k, v: (
         tuple(map(tuple, v)) if k == "holdout" else tuple(v) if isinstance(v, list) else v
     )
-    return WorldConfig(**{k: fix(k, v) for k, v in d.items()})
+    return kind(**{k: fix(k, v) for k, v in d.items()})
 
 
 def draw(
@@ -128,30 +129,69 @@ def draw(
         return vqvae.decode(run["vqvae_params"], grid, cfg=vq_cfg).clamp(0, 1)
 
 
-def clip_classifier(
-    clip_dir: str | Path, world: WorldConfig, *, device: torch.device | str = "cpu"
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A zero-shot colour x shape classifier from a ``python -m train clip`` run:
-    ``images [N, 3, H, W]`` in ``[0, 1]`` -> class ids ``[N]`` (``color * n_shapes + shape``)."""
+Judge = Callable[[torch.Tensor], torch.Tensor]
+
+
+def caption_judge(
+    params, cfg: clip.CLIPConfig, tokenizer, candidates: list[str], *,
+    templates: tuple[str, ...] = ("{}",), device: torch.device | str = "cpu",
+) -> Judge:  # fmt: skip
+    """CLIP as a zero-shot judge: ``inputs -> [N]`` the index of the candidate (each the mean
+    of its ``templates``' embeddings) that ranks first for each input. Inputs are pixels in
+    ``[0, 1]``: images ``[N, 3, H, W]``, or clips ``[N, 3, T, H, W]`` for a video tower.
+
+    Example: ``caption_judge(params, cfg, tok, ["a red circle moves left"])(clips)``.
+    """
     from train.recipes.clip import normalize_images
 
-    run = load_run(clip_dir, family="clip", device=device)
-    cfg, params, tokenizer = run.cfg, run.params, run.tokenizer
     with torch.no_grad():
-        classes = class_embeddings(
+        texts = class_embeddings(
             lambda texts: clip.encode_text(
                 params, tokenizer.encode(texts, cfg.context_length).to(device), cfg=cfg
             ),
-            class_names(world),
-            prompt_templates(),
+            candidates,
+            templates,
         )
 
-    def classify(images: torch.Tensor) -> torch.Tensor:
+    def judge(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            emb = clip.encode_image(params, normalize_images(images).to(device), cfg=cfg)
-            return (emb @ classes.T).argmax(-1).cpu()
+            ranks = [
+                (clip.encode_image(params, normalize_images(x).to(device), cfg=cfg) @ texts.T)
+                .argmax(-1)
+                .cpu()
+                for x in inputs.split(256)
+            ]
+        return torch.cat(ranks)
 
-    return classify
+    return judge
+
+
+def clip_judge(
+    clip_dir: str | Path, candidates: list[str], *, templates: tuple[str, ...] = ("{}",),
+    device: torch.device | str = "cpu",
+) -> Judge:  # fmt: skip
+    """:func:`caption_judge` of a saved ``python -m train clip`` run (an image or a video
+    tower, ``--modality video``)."""
+    run = load_run(clip_dir, family="clip", device=device)
+    return caption_judge(
+        run.params, run.cfg, run.tokenizer, candidates, templates=templates, device=device
+    )
+
+
+def clip_classifier(
+    clip_dir: str | Path, world: WorldConfig, *, device: torch.device | str = "cpu"
+) -> Judge:
+    """A zero-shot colour x shape classifier from a ``python -m train clip`` run:
+    ``images [N, 3, H, W]`` in ``[0, 1]`` -> class ids ``[N]`` (``color * n_shapes + shape``)."""
+    return clip_judge(clip_dir, class_names(world), templates=prompt_templates(), device=device)
+
+
+def consistency(hits: torch.Tensor, unseen: torch.Tensor) -> dict[str, float]:
+    """The judge's agreement: ``hits [N]`` bool (the judge picked the prompt's own caption or
+    class), split by ``unseen [N]`` bool (a combination held out of training). Returns
+    ``{"consistency": seen share, "consistency_unseen_combos": unseen share}`` (NaN if none)."""
+    share = lambda mask: round(hits[mask].float().mean().item(), 4)
+    return {"consistency": share(~unseen), "consistency_unseen_combos": share(unseen)}
 
 
 def prompt_classes(prompt: str, world: WorldConfig) -> list[int]:

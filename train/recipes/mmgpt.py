@@ -23,7 +23,7 @@ from train.data import WordTokenizer, WorldConfig, class_names, eval_set, is_hol
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.plots_generation import save_image_grid
 from train.recipes import number
-from train.recipes.generate import GUIDANCE, VQVAE_FILE, clip_classifier, draw
+from train.recipes.generate import GUIDANCE, VQVAE_FILE, clip_classifier, consistency, draw
 
 TEXT_LEN = 16  # <sot> + the longest shapes-world caption (12 words) + <eot>, with room
 
@@ -105,13 +105,11 @@ def score(classify, world: WorldConfig, kit: dict, args, device) -> dict:
         for i in range(0, len(prompts), 128)
     ])  # fmt: skip
     hits = classify(images) == labels
-    unseen = is_holdout(world, labels)
     real, real_labels = eval_set(world, 2, seed=args.seed + 1)
     recon = vqvae.apply(kit["vqvae_params"], real.to(device), cfg=kit["vqvae_cfg"])
     ceiling = (classify(recon["reconstruction"].clamp(0, 1).cpu()) == real_labels).float().mean()
     return {
-        "consistency": round(hits[~unseen].float().mean().item(), 4),
-        "consistency_unseen_combos": round(hits[unseen].float().mean().item(), 4),
+        **consistency(hits, is_holdout(world, labels)),
         "clip_on_vqvae_reconstructions": round(ceiling.item(), 4),
         "scored_images": len(labels),
         "images": images,
