@@ -17,6 +17,10 @@ recall and zero-shot on your own data (:mod:`train.recipes.evaluate`), every
 ``--eval-every N`` steps into ``metrics.jsonl`` and at the end into ``metrics.json``; with
 ``--zeroshot-data`` its zero-shot replaces the shapes world's (``zero_shot.png`` too).
 
+``--modality video`` trains CLIP with a video tower on moving-shapes clips instead and
+evaluates it zero-shot over every caption of that world (:mod:`train.recipes.clip_video`);
+the run judges ``python -m train videogpt --judge RUN``'s clips.
+
 ``--init-from FILE --format open_clip|hf|torchmultimodal --vocab BPE_FILE`` fine-tunes
 converted weights instead (on the shapes world or ``--data``, at the checkpoint's image size
 and mean/std), ``--lock-image`` / ``--lock-text`` freeze a tower (LiT), and ``--export
@@ -42,6 +46,7 @@ from train.finetune import add_finetune_arguments, finetune_job, pretrained_from
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.plots import plot_class_accuracy
 from train.recipes import number
+from train.recipes.clip_video import add_video_arguments, evaluate_video, prepare_video
 from train.recipes.evaluate import add_evaluation_arguments, with_user_evaluation, with_user_figures
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.25
@@ -68,6 +73,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="held-out images per colour x shape class (default: %(default)s)",
     )
+    add_video_arguments(parser)
     add_data_arguments(parser)
     add_finetune_arguments(parser)
     add_evaluation_arguments(parser)
@@ -93,6 +99,8 @@ def data_job(args: argparse.Namespace, table) -> Job:
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
+    if args.modality == "video":
+        return prepare_video(args)
     pretrained = pretrained_from(args)  # --init-from: fine-tune converted weights
     table = open_data(args, wants="pairs", recipe="clip")
     if pretrained is not None:
@@ -114,6 +122,8 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
 
 
 def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) -> Evaluation:
+    if args.modality == "video":
+        return evaluate_video(job, params, args, device)
     world, tokenizer, *fine = job.context  # a fine-tuning job brings its image inputs
     scene_inputs = fine[0] if fine else normalize_images
     cfg = job.cfg
