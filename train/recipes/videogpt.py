@@ -9,6 +9,13 @@ first clips) to the moving shapes' held-out ones. ``python -m train videogpt --v
 runs/videogpt`` trains the GPT caption -> codes and reports held-out code NLL on seen and
 unseen motion x shape pairs and the perplexity of the codes it draws; ``samples.png`` (one
 frame strip per caption) and ``samples.gif`` show its clips.
+
+``--judge RUN`` (a ``python -m train clip --modality video`` run at the tokenizer's clip
+size) judges the drawn clips, one per held-out caption: ``consistency`` is the share whose
+own caption the video CLIP ranks first among every caption of the world, on seen motion x
+shape pairs, ``consistency_unseen_combos`` on the held-out ones (as ``mmgpt --clip``), with
+the judge's score on the real clips and on their VQ-VAE reconstructions beside them (the
+ceilings a drawing can reach); the frame strips' title and the GIF's comment carry it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from train.data.video_shapes import (
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.plots_generation import save_image_grid
 from train.recipes import number
+from train.recipes.clip_video import world_captions
+from train.recipes.generate import clip_judge, consistency
 from train.recipes.vqvae import reconstruction_figures
 
 TEXT_LEN = 10  # <sot> + the longest caption (7 words) + <eot>, with room
@@ -116,14 +125,17 @@ def frames(videos: torch.Tensor) -> torch.Tensor:
     return videos.transpose(1, 2).reshape(-1, *videos.shape[1:2], *videos.shape[3:])
 
 
-def save_gif(videos: torch.Tensor, path: Path, *, scale: int = 3, ms: int = 150) -> None:
-    """Clips ``[N, 3, T, H, W]`` in [0, 1] side by side as one looping animated GIF."""
+def save_gif(
+    videos: torch.Tensor, path: Path, *, scale: int = 3, ms: int = 150, comment: str = ""
+) -> None:
+    """Clips ``[N, 3, T, H, W]`` in [0, 1] side by side as one looping animated GIF;
+    ``comment`` goes in the file's comment block (a GIF has no title)."""
     from PIL import Image
 
     strip = torch.cat(list(videos), dim=-1)  # [3, T, H, N * W]
     strip = F.interpolate(strip.transpose(0, 1), scale_factor=scale, mode="nearest")
     pics = [Image.fromarray((f.permute(1, 2, 0) * 255).byte().numpy()) for f in strip]
-    pics[0].save(path, save_all=True, append_images=pics[1:], duration=ms, loop=0)
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=ms, loop=0, comment=comment)
 
 
 def evaluate_vqvae(job: Job, params, model_state, args, device) -> Evaluation:
@@ -178,6 +190,23 @@ def _gpt_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out clips per motion x shape pair for the code NLL (default: %(default)s)")  # fmt: skip
     add("--temperature", type=number(float, at_least=0), default=1.0,
         help="sampling temperature of the drawn clips (default: %(default)s)")  # fmt: skip
+    add("--top-k", type=number(at_least=1), default=None,
+        help="draw among the k likeliest codes (default: all)")  # fmt: skip
+    add("--judge", type=Path, default=None,
+        help="a `python -m train clip --modality video` run to judge the drawn clips")  # fmt: skip
+
+
+def _check_judge(run_dir: Path | None, vq_cfg: vg.VideoVQVAEConfig) -> None:
+    """A wrong ``--judge`` stops the run before training, not after."""
+    if run_dir is None:
+        return
+    cfg = load_run(run_dir, family="clip").cfg
+    if (cfg.frames, cfg.image_size) != (vq_cfg.frames, vq_cfg.image_size):
+        raise SystemExit(
+            f"--judge {run_dir}: its CLIP takes clips of {cfg.frames} frames at "
+            f"{cfg.image_size} px, the VQ-VAE's are {vq_cfg.frames} at {vq_cfg.image_size} px "
+            "(train it with clip --modality video --frames/--video-size to match)"
+        )
 
 
 def captions_and_codes(world, tokenizer, vq, generator, batch_size: int) -> dict:
@@ -192,6 +221,7 @@ def captions_and_codes(world, tokenizer, vq, generator, batch_size: int) -> dict
 def prepare_gpt(args: argparse.Namespace, device: torch.device) -> Job:
     tokeniser = load_run(args.vqvae, family="video_vqvae")
     vq_cfg = tokeniser.cfg
+    _check_judge(args.judge, vq_cfg)
     world = _world(vq_cfg)
     tokenizer = WordTokenizer(vocabulary(world))
     cfg = vg.VideoGPTConfig(
@@ -219,48 +249,81 @@ def prepare_gpt(args: argparse.Namespace, device: torch.device) -> Job:
     )  # fmt: skip
 
 
+def judged(judge_dir: Path, world: VideoWorldConfig, clips, drawn, recon, device) -> dict:
+    """``consistency`` of ``drawn [N, 3, T, H, W]`` clips, one per caption of ``clips``
+    (:func:`train.recipes.generate.consistency`, judged among :func:`world_captions`), and
+    the judge's seen-pair score on the real clips and on their reconstructions ``recon``."""
+    captions, attrs = world_captions(world)
+    judge = clip_judge(judge_dir, captions, device=device)
+    index = {c: i for i, c in enumerate(captions)}
+    own = torch.tensor([index[c] for c in clips.captions])
+    unseen = is_holdout_motion(world, clips.motions, clips.shapes)
+    picked = judge(drawn)
+    motion = (attrs["motion"][picked] == clips.motions) & (attrs["stop"][picked] == clips.stops)
+    return {
+        **consistency(picked == own, unseen),
+        "consistency_motion": consistency(motion, unseen)["consistency"],
+        "judge_on_clips": consistency(judge(clips.videos) == own, unseen)["consistency"],
+        "judge_on_vqvae_reconstructions": consistency(judge(recon) == own, unseen)["consistency"],
+        "judged_clips": len(own),
+    }
+
+
 def evaluate_gpt(job: Job, params, model_state, args, device) -> Evaluation:
     cfg = job.cfg
     world, tokenizer, (vq_params, vq_cfg) = job.context
     vq_params = fmm.tree.map(lambda x: x.to(device), vq_params)
     clips = clip_eval_set(world, args.eval_per_pair, seed=args.seed + 1)
     unseen = is_holdout_motion(world, clips.motions, clips.shapes)
-    nll = []
+    nll, recon = [], []
     with torch.no_grad():
         for i in range(0, len(clips.videos), 64):
             videos = clips.videos[i : i + 64].to(device) - _SHIFT
-            codes = vg.encode(vq_params, videos, cfg=vq_cfg).flatten(1)
+            codes = vg.encode(vq_params, videos, cfg=vq_cfg)
+            recon.append((vg.decode(vq_params, codes, cfg=vq_cfg) + _SHIFT).clamp(0, 1).cpu())
+            codes = codes.flatten(1)
             text = tokenizer.encode(clips.captions[i : i + 64], TEXT_LEN).to(device)
             logits = vg.apply(params, text, codes, cfg=cfg)[:, cfg.text_len :, cfg.text_vocab :]
             nll.append(
                 F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").mean(1).cpu()
             )
     nll = torch.cat(nll)
-    # One drawn clip per caption of the first colour: every motion x shape pair once.
-    picks = torch.arange(0, len(clips.videos), args.eval_per_pair)
-    captions = [clips.captions[i] for i in picks.tolist()]
-    text = tokenizer.encode(captions, TEXT_LEN).to(device)
+    # One drawn clip per held-out caption: every motion x shape pair --eval-per-pair times.
+    text = tokenizer.encode(clips.captions, TEXT_LEN).to(device)
     drawn = vg.generate_codes(
-        params, text, cfg=cfg, key=fmm.random.key(args.seed), temperature=args.temperature
-    )
+        params, text, cfg=cfg, key=fmm.random.key(args.seed), temperature=args.temperature,
+        top_k=args.top_k,
+    )  # fmt: skip
     with torch.no_grad():
-        videos = (vg.decode(vq_params, drawn, cfg=vq_cfg) + _SHIFT).clamp(0, 1).cpu()
+        grid = drawn.reshape(-1, *vq_cfg.latent_shape)
+        videos = (vg.decode(vq_params, grid, cfg=vq_cfg) + _SHIFT).clamp(0, 1).cpu()
     usage = code_usage(drawn.cpu(), cfg.video_vocab)
     metrics = {
         "heldout_code_nll_seen_pairs": round(nll[~unseen].mean().item(), 4),
         "heldout_code_nll_unseen_pairs": round(nll[unseen].mean().item(), 4),
         "drawn_code_perplexity": round(usage["perplexity"].item(), 2),
-        "drawn_clips": len(captions),
+        "drawn_clips": len(clips.captions),
     }
-    shown = slice(0, 12)
+    title = "drawn clips, one per caption"
+    if args.judge is not None:
+        metrics |= judged(args.judge, world, clips, videos, torch.cat(recon), device)
+        title += (
+            f" (the video CLIP ranks its caption first for {metrics['consistency']:.0%} seen, "
+            f"{metrics['consistency_unseen_combos']:.0%} unseen)"
+        )
+    # The first clip of each motion x shape pair, twelve of them in the frame strips.
+    shown = torch.arange(0, len(clips.captions), args.eval_per_pair)[:12]
     strips = partial(
-        save_image_grid, frames(videos[shown]), columns=cfg.latent_shape[0] * 2,
-        row_labels=[c[:40] for c in captions[shown]], title="drawn clips, one per caption",
+        save_image_grid, frames(videos[shown]), columns=vq_cfg.frames,
+        row_labels=[clips.captions[i][:40] for i in shown.tolist()], title=title,
     )  # fmt: skip
     return Evaluation(
         metrics=metrics, headline=(*metrics, "final_loss", "train_seconds"),
         title="VideoGPT: video-code NLL (caption -> clip)",
-        plots={"samples.png": strips, "samples.gif": partial(save_gif, videos[:8])},
+        plots={
+            "samples.png": strips,
+            "samples.gif": partial(save_gif, videos[shown[:8]], comment=title),
+        },
     )  # fmt: skip
 
 
