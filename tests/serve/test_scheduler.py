@@ -168,12 +168,14 @@ def test_occupancy_changes_compile_nothing_beyond_one_graph_per_bucket():
     scheduler = Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=5, compile=counter)
     scheduler.warmup()  # in this thread; the steps then run in the scheduler's
     # The step at each size probed, the sampling noise at each bucket kept.
-    assert counter.frame_count == len(batching.bucket_sizes(4)) + len(scheduler.buckets)
+    assert counter.frame_count == len(batching.bucket_sizes(4)) + len(scheduler.slots.buckets)
     compiled = counter.frame_count
     handles = _submit_at_random_times(scheduler, _requests(6, seed=3), seed=4)
     for h in handles:
         h.result(timeout=120)
-    assert scheduler.steps > 10 and set(scheduler.bucket_steps) <= set(scheduler.buckets)
+    assert scheduler.steps > 10 and set(scheduler.slots.bucket_steps) <= set(
+        scheduler.slots.buckets
+    )
     assert counter.frame_count == compiled  # none after start-up, whatever the occupancy
     scheduler.close()
 
@@ -185,7 +187,9 @@ def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool():
     bucketed = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None)
     lone = bucketed.submit(request[0], max_new_tokens=12, keep_logits=True, **request[1])
     lone.result(timeout=60)
-    assert set(bucketed.bucket_steps) == {bucketed.buckets[0]}  # the smallest bucket kept
+    assert set(bucketed.slots.bucket_steps) == {
+        bucketed.slots.buckets[0]
+    }  # the smallest bucket kept
     full = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None,
                      follow_occupancy=False)  # fmt: skip
     crowd = [full.submit(p, max_new_tokens=20, **o) for p, o in others[:8]]
@@ -193,7 +197,7 @@ def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool():
     crowd += [full.submit(p, max_new_tokens=20, **o) for p, o in others[8:]]
     assert again.result(timeout=60) == lone.tokens
     assert all(torch.equal(a, b) for a, b in zip(again.logits, lone.logits))
-    assert set(full.bucket_steps) == {16}
+    assert set(full.slots.bucket_steps) == {16}
     for h in crowd:
         h.result(timeout=60)
     bucketed.close()
@@ -202,18 +206,18 @@ def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool():
 
 def test_the_start_up_probe_keeps_the_whole_pool_for_a_step_that_rounds_by_batch(caplog):
     scheduler = Scheduler(PARAMS, SPEC, max_slots=4, compile=None)
-    real = scheduler._step
+    real = scheduler.slots.decode
 
     def skewed(params, tokens, cache, active, spec):  # rounds otherwise below 4 rows
         logits, cache = real(params, tokens, cache, active, spec)
         return logits + 1e-6 * (tokens.shape[0] < 4), cache
 
-    scheduler._step = skewed
+    scheduler.slots.decode = skewed
     with caplog.at_level("WARNING"):
         scheduler.warmup()
-    assert scheduler.buckets == [4] and "1 rows: logits differ" in caplog.text
+    assert scheduler.slots.buckets == [4] and "1 rows: logits differ" in caplog.text
     assert len(scheduler.submit([1, 2, 3], max_new_tokens=5).result(timeout=30)) == 5
-    assert set(scheduler.bucket_steps) == {4}
+    assert set(scheduler.slots.bucket_steps) == {4}
     scheduler.close()
 
 
@@ -235,7 +239,7 @@ def test_waiting_prompts_are_prefilled_together_where_the_probe_allows():
         got = [h.result(timeout=60) for h in handles]
     finally:
         batching.prefill_slots = real
-    if 8 in scheduler.batched_prefill:  # prompts of 5-8 tokens: padded to 8 and batched
+    if 8 in scheduler.slots.batched_prefill:  # prompts of 5-8 tokens: padded to 8 and batched
         assert any(rows > 1 for rows, _ in calls)
     for p, h, tokens in zip(prompts, handles, got):
         torch.testing.assert_close(torch.stack(h.logits), _alone_logits(p, tokens), atol=1e-5,
@@ -307,11 +311,10 @@ async def _collect(events):
 
 
 def test_a_model_failure_ends_its_requests_and_the_scheduler_serves_on(monkeypatch):
-    from train.serve import scheduler as module
 
     scheduler = Scheduler(PARAMS, SPEC, max_slots=2, compile=None)
     scheduler.warmup()  # the probe prefills too
-    real, calls = module.batching.prefill_slots, []
+    real, calls = batching.prefill_slots, []
 
     def failing_once(*args, **kw):
         calls.append(1)
@@ -319,7 +322,7 @@ def test_a_model_failure_ends_its_requests_and_the_scheduler_serves_on(monkeypat
             raise RuntimeError("out of memory")
         return real(*args, **kw)
 
-    monkeypatch.setattr(module.batching, "prefill_slots", failing_once)
+    monkeypatch.setattr(batching, "prefill_slots", failing_once)
     with pytest.raises(RuntimeError, match="out of memory"):
         scheduler.submit([1, 2], max_new_tokens=3).result(timeout=30)
     assert len(scheduler.submit([1, 2], max_new_tokens=3).result(timeout=30)) == 3
@@ -350,8 +353,8 @@ def test_a_served_request_waiting_for_a_slot_stops_when_its_client_goes():
     from train.recipes import serve_streams
 
     scheduler = Scheduler(PARAMS, SPEC, max_slots=1, compile=None)
-    step = scheduler._step
-    scheduler._step = lambda *a: (time.sleep(0.05), step(*a))[1]  # 47 tokens: > 2 s
+    step = scheduler.slots.decode
+    scheduler.slots.decode = lambda *a: (time.sleep(0.05), step(*a))[1]  # 47 tokens: > 2 s
     busy = scheduler.submit([1], max_new_tokens=47)
     next(busy.stream(timeout=30))
     stop = threading.Event()

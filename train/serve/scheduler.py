@@ -1,7 +1,7 @@
 """Token-level scheduling of generations: continuous batching over one slot pool.
 
 A :class:`Scheduler` owns a pool of ``max_slots`` sequences in one preallocated cache
-(:mod:`fmm.batching`) and one worker thread. Every iteration it admits waiting requests
+(:class:`~train.serve.slot_pool.SlotPool` over :mod:`fmm.batching`) and one worker thread. Every iteration it admits waiting requests
 into the lowest free slots, prefills at most ``prefill_chunk`` prompt tokens (waiting
 prompts' chunks of one shape in one batched call; a long prompt takes several iterations,
 so it never stalls the others for long), runs **one** compiled decode step over the
@@ -18,8 +18,8 @@ with its own compiled step on this machine, which buckets (powers of two up to
 each, none after start-up); at worst the whole pool, always, with the reason logged. It
 batches prompts only at the chunk shapes whose rows
 :func:`fmm.batching.invariant_prefill` finds bitwise equal to the prompt alone (others are
-prefilled alone), and a prompt's chunks (and its left padding) depend on the prompt only.
-Token ``i`` of a request is drawn with ``fmm.random.split(fmm.random.key(seed),
+prefilled alone), and a prompt's chunks (and its left padding) depend on the prompt and
+the server only. Token ``i`` of a request is drawn with ``fmm.random.split(fmm.random.key(seed),
 max_new_tokens)[i]``, what ``fmm.decoding.generate`` draws for it alone.
 
 Submitting and reading (from an event loop or from any thread)::
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -54,14 +53,13 @@ from typing import Any
 import torch
 
 from fmm import batching, random
-from fmm.kv_cache import as_spec, init_cache
+from fmm.kv_cache import as_spec
 from fmm.sampling import Sampling
 from train.serve.engine import EngineClosed, Overloaded
 from train.serve.handle import Handle
+from train.serve.slot_pool import SlotPool
 
 __all__ = ["Handle", "Scheduler"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -86,8 +84,9 @@ class Scheduler:
     ``follow_occupancy``: step over the smallest bucket that holds the live slots (where
     the start-up probe finds it exact); ``False``: always the whole pool.
     ``batch_prefill``: prefill prompts' chunks together (where the probe finds it exact);
-    ``False``: each alone. After start-up, ``buckets`` holds the row counts in use and
-    ``batched_prefill`` the ``{chunk length: row counts}`` prefilled together.
+    ``False``: each alone. ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
+    (after start-up, ``slots.buckets`` holds the row counts in use and
+    ``slots.batched_prefill`` the ``{chunk length: row counts}`` prefilled together).
     """
 
     def __init__(
@@ -116,21 +115,14 @@ class Scheduler:
         self.params, self.max_slots, self.prefill_chunk = params, max_slots, prefill_chunk
         self.eos_id, self.max_waiting, self.guided_from = eos_id, max_waiting, guided_from
         self.backend = compile or None
-        leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
-        self.device, self.vocab = leaf.device, spec.vocab_size
-        with torch.inference_mode():  # the step's inputs, as the probe's (no recompile)
-            self.pool = init_cache(spec, max_slots, self.max_len, dtype=leaf.dtype,
-                                   device=self.device)  # fmt: skip
-            self._next_token = torch.zeros(max_slots, dtype=torch.int64)
-        self._step = batching.compiled_decode(self.backend)
-        self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
-        self.buckets: list[int] | None = None  # set by the start-up probe
-        self.batched_prefill: dict[int, list[int]] = {}
-        self.bucket_steps: collections.Counter[int] = collections.Counter()  # metrics, tests
+        self.slots = SlotPool(
+            params, spec, max_slots=max_slots, max_len=self.max_len, prefill_chunk=prefill_chunk,
+            backend=self.backend, follow_occupancy=follow_occupancy, batch_prefill=batch_prefill,
+        )  # fmt: skip
+        self.device, self.vocab = self.slots.device, spec.vocab_size
         self._waiting: collections.deque[Handle] = collections.deque()
         self._prefilling: list[list[_Row]] = []  # a request's rows (two when guided)
         self._running: list[list[_Row]] = []
-        self._free = list(range(max_slots))
         self._cv = threading.Condition()
         self._closed = False
         self.steps = 0  # decode iterations run (metrics, tests)
@@ -216,31 +208,13 @@ class Scheduler:
         if self._thread is not None:
             raise RuntimeError("warmup() must run before the first submit")
         with torch.inference_mode():
-            self._calibrate()
-
-    def _calibrate(self) -> None:
-        m, spec = self.max_slots, self.spec
-        sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
-        buckets, reasons = batching.invariant_buckets(self._step, self.params, self.pool,
-                                                      sizes, cfg=spec)  # fmt: skip
-        if reasons:
-            log.warning("decode buckets %s of %s (a row rounds differently at: %s)", buckets,
-                        sizes, "; ".join(reasons))  # fmt: skip
-        if self.batch_prefill:
-            c = self.prefill_chunk
-            lengths = [1 << i for i in range(c.bit_length()) if 1 << i < c]
-            counts = batching.invariant_prefill(self.params, self.pool, lengths, c, cfg=spec)
-            self.batched_prefill = {p: n for p, n in counts.items() if len(n) > 1}
-        for n in buckets:
-            keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
-            batching.slot_noise(keys, self.vocab, backend=self.backend)
-        self.buckets = buckets
+            self.slots.calibrate()
 
     @property
     def load(self) -> dict:
         """``{"waiting", "running", "free_slots"}`` now."""
         return {"waiting": len(self._waiting), "running": len(self._running) + len(
-            self._prefilling), "free_slots": len(self._free)}  # fmt: skip
+            self._prefilling), "free_slots": len(self.slots.free)}  # fmt: skip
 
     def close(self) -> None:
         """Stop the worker; unfinished requests end with :class:`EngineClosed`."""
@@ -259,13 +233,18 @@ class Scheduler:
                     if not self._iterate():
                         break
                 except Exception as e:  # the model failed: its requests end with the error
-                    self._fail(self._prefilling + self._running, e)
+                    # (all waiting ones too if it failed in the start-up probe)
+                    waiting = self._take_waiting() if self.slots.buckets is None else []
+                    self._fail(waiting + self._prefilling + self._running, e)
                     self._prefilling, self._running = [], []
-            with self._cv:
-                waiting = [[_Row(h, -1, [])] for h in self._waiting]
-                self._waiting.clear()
-            self._fail(waiting + self._prefilling + self._running,
+            self._fail(self._take_waiting() + self._prefilling + self._running,
                        EngineClosed("the scheduler closed"))  # fmt: skip
+
+    def _take_waiting(self) -> list[list[_Row]]:
+        with self._cv:
+            waiting = [[_Row(h, -1, [])] for h in self._waiting]
+            self._waiting.clear()
+        return waiting
 
     def _fail(self, requests: list[list[_Row]], error: BaseException) -> None:
         for rows in requests:
@@ -280,12 +259,12 @@ class Scheduler:
                 self._cv.wait()
             if self._closed:
                 return False
-        if self.buckets is None:
-            self._calibrate()
+        if self.slots.buckets is None:
+            self.slots.calibrate()
         with self._cv:
             self._admit()
         self._drop_cancelled()
-        self._compact()
+        self.slots.compact([row for rows in self._prefilling + self._running for row in rows])
         self._prefill()
         if self._running:
             self._decode()
@@ -299,24 +278,12 @@ class Scheduler:
                 self._finish(handle, [], "cancelled")
                 continue
             prompts = [handle.prompt] + ([handle.null_ids] if handle.guidance != 1.0 else [])
-            if len(self._free) < len(prompts):
+            if len(self.slots.free) < len(prompts):
                 return
             self._waiting.popleft()
             new = handle.max_new_tokens
-            rows = [_Row(handle, self._free.pop(0), self._chunks(p, new)) for p in prompts]
+            rows = [_Row(handle, self.slots.take(), self.slots.chunks(p, new)) for p in prompts]
             self._prefilling.append(rows)
-
-    def _chunks(self, prompt: list[int], max_new_tokens: int) -> list[tuple[list[int], int]]:
-        """A prompt's chunks ``(tokens, real tokens)``, from the prompt and the server only:
-        cut at multiples of ``prefill_chunk``; a shorter prompt left-padded to a length
-        that is prefilled in batches, if its slot has room for the padding."""
-        c, n = self.prefill_chunk, len(prompt)
-        if n >= c:
-            return [(prompt[i : i + c], len(prompt[i : i + c])) for i in range(0, n, c)]
-        padded = 1 << (n - 1).bit_length()
-        if padded in self.batched_prefill and padded + max_new_tokens - 1 <= self.max_len:
-            return [([0] * (padded - n) + prompt, n)]
-        return [(prompt, n)]
 
     def _drop_cancelled(self) -> None:
         for rows in [r for r in self._prefilling if r[0].handle._cancelled]:
@@ -326,59 +293,14 @@ class Scheduler:
             self._running.remove(rows)
             self._finish(rows[0].handle, rows, "cancelled")
 
-    def _compact(self) -> None:
-        # Live sequences above the bucket that holds them move down into free slots (a
-        # bit-exact copy), so the step runs over that bucket and no larger.
-        live = [row for rows in self._prefilling + self._running for row in rows]
-        if not live:
-            return
-        bucket = batching.bucket_for(len(live), self.buckets)
-        for row in live:
-            if row.slot >= bucket:
-                with self._cv:
-                    dst = self._free.pop(0)
-                    self._free = sorted([*self._free, row.slot])
-                batching.move_slot(self.pool, row.slot, dst)
-                self._next_token[dst] = self._next_token[row.slot]
-                self._next_token[row.slot] = 0
-                row.slot = dst
-
     def _prefill(self) -> None:
-        # At most prefill_chunk tokens per iteration: rows whose next chunk has the same
-        # length go in one call, as many as the probe found exact at that length.
-        budget = self.prefill_chunk
-        while budget > 0:
-            pending = [r for rows in self._prefilling for r in rows if r.fed < len(r.chunks)]
-            if not pending:
-                break
-            p, fresh = len(pending[0].chunks[pending[0].fed][0]), pending[0].fed == 0
-            if p > budget:
-                break
-            group = [r for r in pending if len(r.chunks[r.fed][0]) == p and (r.fed == 0) == fresh]
-            n = max(
-                k for k in self.batched_prefill.get(p, [1]) if k <= len(group) and k * p <= budget
-            )
-            self._prefill_rows(group[:n], p, fresh)
-            budget -= n * p
+        self.slots.prefill([row for rows in self._prefilling for row in rows])
         for rows in [r for r in self._prefilling if all(x.fed == len(x.chunks) for x in r)]:
             self._prefilling.remove(rows)
             handle, logits = rows[0].handle, torch.stack([row.last for row in rows])
             token = self._pick(handle, logits, handle.keys[0])
             if self._emit(handle, rows, token, logits):
                 self._running.append(rows)
-
-    def _prefill_rows(self, group: list[_Row], p: int, fresh: bool) -> None:
-        chunks = [row.chunks[row.fed] for row in group]
-        logits = batching.prefill_slots(
-            self.params, torch.tensor([c[0] for c in chunks], device=self.device), self.pool,
-            [row.slot for row in group], cfg=self.spec,
-            lengths=[c[1] for c in chunks] if fresh else None,
-            # Lengths prefilled in batches run the output layer on every position, alone
-            # too (see fmm.batching.prefill_slots): the choice follows the length only.
-            last_only=p not in self.batched_prefill,
-        )  # fmt: skip
-        for row, last in zip(group, logits):
-            row.last, row.fed = last, row.fed + 1
 
     def _pick(self, handle: Handle, logits: torch.Tensor, key: torch.Tensor) -> int:
         """A token of one request from its rows' logits ``[1 or 2, vocab]`` (batch 1 alone)."""
@@ -403,7 +325,7 @@ class Scheduler:
             self._finish(handle, rows, "length")
             return False
         for row in rows:
-            self._next_token[row.slot] = token
+            self.slots.next_token[row.slot] = token
         return True
 
     def _finish(self, handle: Handle, rows: list[_Row], reason: str) -> None:
@@ -412,14 +334,10 @@ class Scheduler:
 
     def _release(self, rows: list[_Row]) -> None:
         for row in rows:
-            batching.free_slot(self.pool, row.slot)
-            self._next_token[row.slot] = 0
-        with self._cv:
-            self._free = sorted(self._free + [row.slot for row in rows])
+            self.slots.release(row.slot)
 
     def _decode(self) -> None:
-        live = sum(len(rows) for rows in self._prefilling + self._running)
-        m = batching.bucket_for(live, self.buckets)
+        m = self.slots.bucket(sum(len(rows) for rows in self._prefilling + self._running))
         active = torch.zeros(m, dtype=torch.bool)
         temperature, top_p = torch.zeros(m), torch.zeros(m)
         top_k = torch.zeros(m, dtype=torch.int64)
@@ -436,13 +354,8 @@ class Scheduler:
                 top_p[s] = h.sampling.top_p or 0.0
                 keys[s] = h.keys[i]
                 plain.append(rows)
-        dev, bucket = self.device, batching.rows(self.pool, m)
-        logits, out = self._step(
-            self.params, self._next_token[:m].to(dev), bucket, active.to(dev), self.spec
-        )
-        bucket["pos"].copy_(out["pos"])  # the blocks wrote their keys/values in place
+        dev, logits = self.device, self.slots.step(active)
         self.steps += 1
-        self.bucket_steps[m] += 1
         tokens = None
         if plain:
             noise = None

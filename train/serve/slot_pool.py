@@ -1,0 +1,164 @@
+"""The slots of a :class:`~train.serve.scheduler.Scheduler`: one preallocated cache of
+``max_slots`` sequences, which rows its decode step runs over, and how prompts enter it.
+
+A :class:`SlotPool` probes at start-up (:meth:`SlotPool.calibrate`) which buckets of rows
+and which batched prefill shapes give a row bitwise what it gets in the whole pool or
+alone, on this machine with this step (:func:`fmm.batching.invariant_buckets`,
+:func:`fmm.batching.invariant_prefill`), then: hands out the lowest free slots, keeps the
+live rows packed below the bucket that holds them (:meth:`SlotPool.compact`), prefills
+waiting prompts' chunks of one length together (:meth:`SlotPool.prefill`) and runs the
+decode step over that bucket (:meth:`SlotPool.step`). The scheduler owns the requests;
+a *row* here is any object with ``slot``, ``chunks`` (``[(tokens, real tokens)]``),
+``fed`` (chunks prefilled) and ``last`` (its last logits) attributes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import torch
+
+from fmm import batching
+from fmm.kv_cache import DecoderSpec, init_cache
+
+__all__ = ["SlotPool"]
+
+log = logging.getLogger(__name__)
+
+
+class SlotPool:
+    """``max_slots`` sequences of ``max_len`` positions for ``params``/``spec``, the decode
+    step compiled with ``backend`` (``None``: eager). ``follow_occupancy``: step over the
+    smallest exact bucket (``False``: the whole pool); ``batch_prefill``: prefill prompts
+    together where exact (``False``: each alone). After :meth:`calibrate`, ``buckets`` holds
+    the row counts in use and ``batched_prefill`` ``{chunk length: row counts}``."""
+
+    def __init__(
+        self,
+        params: Any,
+        spec: DecoderSpec,
+        *,
+        max_slots: int,
+        max_len: int,
+        prefill_chunk: int,
+        backend: Any,
+        follow_occupancy: bool = True,
+        batch_prefill: bool = True,
+    ):
+        self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
+        self.prefill_chunk, self.backend = prefill_chunk, backend
+        self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
+        leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
+        self.device = leaf.device
+        with torch.inference_mode():  # the step's inputs, as the probe's (no recompile)
+            self.cache = init_cache(spec, max_slots, max_len, dtype=leaf.dtype,
+                                    device=self.device)  # fmt: skip
+            self.next_token = torch.zeros(max_slots, dtype=torch.int64)
+        self.decode = batching.compiled_decode(backend)
+        self.buckets: list[int] | None = None
+        self.batched_prefill: dict[int, list[int]] = {}
+        self.bucket_steps: collections.Counter[int] = collections.Counter()  # metrics, tests
+        self.free = list(range(max_slots))  # ascending
+
+    def calibrate(self) -> None:
+        """The start-up probes (the pool must be empty), and the compiles: the step at every
+        size probed, the sampling noise at every bucket kept."""
+        m, spec = self.max_slots, self.spec
+        sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
+        buckets, reasons = batching.invariant_buckets(self.decode, self.params, self.cache,
+                                                      sizes, cfg=spec)  # fmt: skip
+        if reasons:
+            log.warning("decode buckets %s of %s (a row rounds differently at: %s)", buckets,
+                        sizes, "; ".join(reasons))  # fmt: skip
+        if self.batch_prefill:
+            c = self.prefill_chunk
+            lengths = [1 << i for i in range(c.bit_length()) if 1 << i < c]
+            counts = batching.invariant_prefill(self.params, self.cache, lengths, c, cfg=spec)
+            self.batched_prefill = {p: n for p, n in counts.items() if len(n) > 1}
+        for n in buckets:
+            keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
+            batching.slot_noise(keys, spec.vocab_size, backend=self.backend)
+        self.buckets = buckets
+
+    def chunks(self, prompt: list[int], max_new_tokens: int) -> list[tuple[list[int], int]]:
+        """A prompt's chunks ``(tokens, real tokens)``, from the prompt and the server only:
+        cut at multiples of ``prefill_chunk``; a shorter prompt left-padded to a length
+        that is prefilled in batches, if its slot has room for the padding."""
+        c, n = self.prefill_chunk, len(prompt)
+        if n >= c:
+            return [(prompt[i : i + c], len(prompt[i : i + c])) for i in range(0, n, c)]
+        padded = 1 << (n - 1).bit_length()
+        if padded in self.batched_prefill and padded + max_new_tokens - 1 <= self.max_len:
+            return [([0] * (padded - n) + prompt, n)]
+        return [(prompt, n)]
+
+    def take(self) -> int:
+        """The lowest free slot (the live rows stay packed at the pool's start)."""
+        return self.free.pop(0)
+
+    def release(self, slot: int) -> None:
+        batching.free_slot(self.cache, slot)
+        self.next_token[slot] = 0
+        self.free = sorted([*self.free, slot])
+
+    def compact(self, rows: list) -> None:
+        """Move the live ``rows`` above the bucket that holds them into free slots below it
+        (a bit-exact copy), so the step runs over that bucket and no larger."""
+        if not rows:
+            return
+        bucket = batching.bucket_for(len(rows), self.buckets)
+        for row in rows:
+            if row.slot >= bucket:
+                dst = self.take()  # below the bucket: fewer than `bucket` rows live there
+                batching.move_slot(self.cache, row.slot, dst)
+                self.next_token[dst] = self.next_token[row.slot]
+                self.release(row.slot)
+                row.slot = dst
+
+    def prefill(self, rows: list) -> None:
+        """Prefill at most ``prefill_chunk`` tokens of the ``rows`` still to feed (in order):
+        rows whose next chunk has the same length go in one call, as many as the probe
+        found exact at that length."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            pending = [r for r in rows if r.fed < len(r.chunks)]
+            if not pending:
+                return
+            p, fresh = len(pending[0].chunks[pending[0].fed][0]), pending[0].fed == 0
+            if p > budget:
+                return
+            group = [r for r in pending if len(r.chunks[r.fed][0]) == p and (r.fed == 0) == fresh]
+            n = max(
+                k for k in self.batched_prefill.get(p, [1]) if k <= len(group) and k * p <= budget
+            )
+            self._prefill_rows(group[:n], p, fresh)
+            budget -= n * p
+
+    def _prefill_rows(self, group: list, p: int, fresh: bool) -> None:
+        chunks = [row.chunks[row.fed] for row in group]
+        logits = batching.prefill_slots(
+            self.params, torch.tensor([c[0] for c in chunks], device=self.device), self.cache,
+            [row.slot for row in group], cfg=self.spec,
+            lengths=[c[1] for c in chunks] if fresh else None,
+            # Lengths prefilled in batches run the output layer on every position, alone
+            # too (see fmm.batching.prefill_slots): the choice follows the length only.
+            last_only=p not in self.batched_prefill,
+        )  # fmt: skip
+        for row, last in zip(group, logits):
+            row.last, row.fed = last, row.fed + 1
+
+    def bucket(self, live: int) -> int:
+        """The rows the step runs over for ``live`` live rows."""
+        return batching.bucket_for(live, self.buckets)
+
+    def step(self, active: torch.Tensor) -> torch.Tensor:
+        """One decode step over the first ``m`` rows, ``active: bool [m]`` (``m`` a bucket),
+        each fed its ``next_token``; returns the logits ``[m, vocab]``."""
+        m, rows = active.shape[0], batching.rows(self.cache, active.shape[0])
+        logits, out = self.decode(self.params, self.next_token[:m].to(self.device), rows,
+                                  active.to(self.device), self.spec)  # fmt: skip
+        rows["pos"].copy_(out["pos"])  # the blocks wrote their keys/values in place
+        self.bucket_steps[m] += 1
+        return logits
