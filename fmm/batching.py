@@ -232,10 +232,16 @@ def invariant_buckets(
 
 
 def invariant_prefill(
-    params: Params, cache: Cache, lengths: Sequence[int], budget: int, *, cfg: Any
+    params: Params,
+    cache: Cache,
+    lengths: Sequence[int],
+    budget: int,
+    *,
+    cfg: Any,
+    most: int = 8,
 ) -> dict[int, list[int]]:
     """For each chunk length ``P`` of ``lengths``: the row counts ``n`` (powers of two,
-    ``n * P <= budget`` tokens, at most the pool's rows) at which :func:`prefill_slots` of
+    ``n * P <= budget`` tokens, at most ``most`` and the pool's rows) at which :func:`prefill_slots` of
     ``n`` rows gives every row bitwise the logits it gets alone, for a left-padded first
     chunk and for the chunk after it (``last_only=False``, see :func:`prefill_slots`). ``cache``: the pool, empty (left empty).
 
@@ -247,7 +253,7 @@ def invariant_prefill(
     m, max_len, allowed = cache["pos"].shape[0], cache["layers"][0]["k"].shape[2], {}
     for p in lengths:
         counts = [1 << i for i in range(budget.bit_length()) if (1 << i) * p <= budget
-                  and 1 << i <= m]  # fmt: skip
+                  and 1 << i <= min(m, most)]  # fmt: skip
         allowed[p] = [1]
         if len(counts) < 2 or 2 * p > max_len:
             continue
