@@ -263,7 +263,8 @@ def masked_loss(
     if norm_pix:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = (pred.float() - target.float()).pow(2).mean(-1)
+    work = torch.promote_types(pred.dtype, torch.float32)  # float32 at least, float64 kept
+    per_patch = (pred.to(work) - target.to(work)).pow(2).mean(-1)
     return (per_patch * mask).sum() / mask.sum()
 
 
