@@ -12,15 +12,13 @@ Example::
 from collections.abc import Callable
 from typing import Any
 
-from models import albef, bert, clip, flava, gpt, mae, mmgpt, omnivore, videogpt, vqvae
+from models import albef, bert, clip, data2vec, flava, gpt, mae, mmgpt, omnivore, videogpt, vqvae
 from models.family import Family
 
 # Adding a family: one package under models/ and its module in this tuple.
+_PACKAGES = (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt, mae, data2vec)
 FAMILIES: tuple[Family, ...] = (
-    *(
-        package.FAMILY
-        for package in (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt, mae)
-    ),
+    *(package.FAMILY for package in _PACKAGES),
     videogpt.VQVAE_FAMILY,  # the videogpt package's second contract: its video tokenizer
 )
 
@@ -72,6 +70,7 @@ __all__ = [
     "albef",
     "bert",
     "clip",
+    "data2vec",
     "family_of",
     "flava",
     "get_config",
