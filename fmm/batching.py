@@ -45,7 +45,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,8 +57,6 @@ from fmm.sampling import top_k_mask, top_p_mask
 __all__ = ["bucket_for", "bucket_sizes", "compiled_decode", "decode_slots", "free_slot",
            "invariant_buckets", "invariant_prefill", "move_slot", "prefill_slot",
            "prefill_slots", "rows", "sample_slots", "slot_noise"]  # fmt: skip
-
-log = logging.getLogger(__name__)
 
 
 def _map_rows(cache: Cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> Cache:
