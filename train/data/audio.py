@@ -156,7 +156,7 @@ class AudioSamples(Samples):
         fields = self.text(self.table, i, generator) if self.text is not None else {}
         start = float(torch.rand((), generator=generator))
         try:
-            path = self.table.audio_file(i)
+            path = self.table.clip_file(i)
         except (OSError, ValueError) as e:
             raise BadSample(self.table.where(i), f"cannot read the audio: {e}") from e
         wave = decode_audio(

@@ -22,7 +22,7 @@ import torch
 
 from train.data.flags import _KINDS, data_path, loader_source
 from train.data.formats import open_table
-from train.data.formats.videos import VIDEO_FORMATS, VIDEO_KINDS
+from train.data.formats.videos import VIDEO
 from train.data.images import BadSample
 from train.data.pipeline import LoaderSource, default_workers
 from train.data.videos import Sampling, VideoSamples
@@ -47,7 +47,7 @@ def add_video_data_arguments(parser: argparse.ArgumentParser) -> None:
         "clips with .txt captions, or one sub-folder per class; default: the built-in "
         "moving shapes)",
     )  # fmt: skip
-    add("--data-format", choices=VIDEO_FORMATS, default=None,
+    add("--data-format", choices=VIDEO.formats, default=None,
         help="the format of --data (default: from the path)")  # fmt: skip
     add("--video-key", default="video", help="CSV/JSONL clip path column (default: %(default)s)")
     add("--video-caption-key", default="caption", help="CSV/JSONL caption column "
@@ -88,10 +88,10 @@ def open_video_data(args: argparse.Namespace, *, recipe: str, path: str | None =
         video_key=args.video_key, video_caption_key=args.video_caption_key,
         video_label_key=args.video_label_key,
     )  # fmt: skip
-    if table.kind not in VIDEO_KINDS:
+    if table.kind not in VIDEO.kinds:
         raise ValueError(
             f"{path} is {_KINDS[table.kind]}: `python -m train {recipe}` trains on video "
-            f"clips (--data-format one of {', '.join(VIDEO_FORMATS)})"
+            f"clips (--data-format one of {', '.join(VIDEO.formats)})"
         )
     return table
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from train.data.formats.table import require
-from train.data.formats.videos import VIDEO_DEMUXERS, VIDEO_SUFFIXES
+from train.data.formats.videos import VIDEO, VIDEO_DEMUXERS
 from train.data.images import BadSample, center_crop, resize_shorter
 from train.data.pipeline import Samples, derived_seed
 
@@ -121,7 +121,7 @@ def decode_video(
     path = Path(path)
     demuxer = VIDEO_DEMUXERS.get(path.suffix.lower())
     if demuxer is None:
-        raise BadSample(where, f"not a video file name (one of {', '.join(VIDEO_SUFFIXES)})")
+        raise BadSample(where, f"not a video file name (one of {', '.join(VIDEO.suffixes)})")
     try:
         nbytes = path.stat().st_size
     except OSError as e:
@@ -251,7 +251,7 @@ class VideoSamples(Samples):
         fields = self.text(self.table, i, generator) if self.text is not None else {}
         start = float(torch.rand((), generator=generator))
         try:
-            path = self.table.video_file(i)
+            path = self.table.clip_file(i)
         except (OSError, ValueError) as e:
             raise BadSample(self.table.where(i), f"cannot read the video: {e}") from e
         video = decode_video(

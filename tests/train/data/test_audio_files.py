@@ -92,7 +92,7 @@ def test_audio_formats_open_as_their_kinds_and_are_sniffed(tmp_path):
     table = open_table(tmp_path / "both.csv")
     assert sniff(str(tmp_path / "both.csv")) == "audio-csv" and table.kind == "audio-classes"
     assert table.texts(0) == ("a tone",) and table.label(0) == 0 and table.label(1) == -1
-    assert table.audio_file(1) == tmp_path / "b.flac"
+    assert table.clip_file(1) == tmp_path / "b.flac"
     with pytest.raises(ValueError, match="is an audio clip"):
         table.image_bytes(0)
     assert open_table(tmp_path / "pairs.tsv").kind == "audio-pairs"
@@ -135,5 +135,5 @@ def test_export_audio_csv_writes_the_world_as_audio_tables(tmp_path):
     with open(tmp_path / "out" / "val.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["label"] for r in rows if r["heldout"] == "1"} == held
-    wave = decode_audio(val.audio_file(0), where="val", rate=16000)
+    wave = decode_audio(val.clip_file(0), where="val", rate=16000)
     assert wave.shape == (8000,) and wave.abs().max() > 0.05

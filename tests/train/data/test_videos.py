@@ -134,7 +134,7 @@ def test_video_formats_open_and_sniff(tmp_path, clips):
     table = open_table(tmp_path / "clips.csv")
     assert sniff(str(tmp_path / "clips.csv")) == "video-csv" and table.kind == "video-classes"
     assert (table.classes, table.label(1), table.texts(1)) == (("even", "odd"), 1, ("clip 1",))
-    assert table.video_file(0) == tmp_path / "c0.mkv"
+    assert table.clip_file(0) == tmp_path / "c0.mkv"
     with pytest.raises(ValueError, match="is a video clip"):
         table.image_bytes(0)
     (tmp_path / "quoted.tsv").write_text('"video"\t"caption"\nc0.mkv\tx\n')  # a quoted header

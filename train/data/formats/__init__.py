@@ -39,34 +39,21 @@ import json
 import os
 from pathlib import Path
 
-from train.data.formats.audio import (
-    AUDIO_FORMATS,
-    AUDIO_SUFFIXES,
-    AudioClasses,
-    AudioFolder,
-    is_audio,
-    open_audio_rows,
-)
+from train.data.formats.audio import AUDIO
 from train.data.formats.captions import open_coco, open_karpathy
+from train.data.formats.clips import ClipClasses, ClipFolder, open_clip_rows
 from train.data.formats.files import open_csv, open_jsonl
 from train.data.formats.folders import CaptionFolder, ImageFolder, looks_captioned, readable
 from train.data.formats.hf import HFTable
 from train.data.formats.shards import Shards
 from train.data.formats.table import IMAGE_SUFFIXES, MissingPackage, Table, is_image
-from train.data.formats.videos import (
-    VIDEO_FORMATS,
-    VIDEO_SUFFIXES,
-    VideoClasses,
-    VideoFolder,
-    is_video,
-    open_video_rows,
-)
+from train.data.formats.videos import VIDEO
 from train.data.formats.vqa import open_vqa
 
 FORMATS = (
     *("csv", "tsv", "jsonl", "folder", "imagefolder", "wds", "hf", "coco", "karpathy", "vqa"),
-    *VIDEO_FORMATS,
-    *AUDIO_FORMATS,
+    *VIDEO.formats,
+    *AUDIO.formats,
 )
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -126,23 +113,23 @@ def open_table(
     if format == "imagefolder":
         return ImageFolder(_folder(path, format))
     if format in ("video-csv", "video-jsonl"):
-        return open_video_rows(
-            _file(path, format), format=format, video_key=video_key,
+        return open_clip_rows(
+            VIDEO, _file(path, format), format=format, key=video_key,
             caption_key=video_caption_key, label_key=video_label_key, separator=separator,
         )  # fmt: skip
     if format == "video-folder":
-        return VideoFolder(_folder(path, format))
+        return ClipFolder(VIDEO, _folder(path, format))
     if format == "video-classes":
-        return VideoClasses(_folder(path, format))
+        return ClipClasses(VIDEO, _folder(path, format))
     if format in ("audio-csv", "audio-jsonl"):
-        return open_audio_rows(
-            _file(path, format), format=format, audio_key=audio_key,
+        return open_clip_rows(
+            AUDIO, _file(path, format), format=format, key=audio_key,
             caption_key=audio_caption_key, label_key=audio_label_key, separator=separator,
         )  # fmt: skip
     if format == "audio-folder":
-        return AudioFolder(_folder(path, format))
+        return ClipFolder(AUDIO, _folder(path, format))
     if format == "audio-classes":
-        return AudioClasses(_folder(path, format))
+        return ClipClasses(AUDIO, _folder(path, format))
     if format == "wds":
         return Shards(text)
     if format == "hf":
@@ -189,13 +176,12 @@ def _sniff_folder(p: Path) -> str:
     if ".tar" in suffixes:
         return "wds"
     first = _first_sample(p)
-    for media, is_clip, clip_suffixes in (
-        ("video", is_video, VIDEO_SUFFIXES), ("audio", is_audio, AUDIO_SUFFIXES),
-    ):  # fmt: skip
-        if first == media:
-            if any(is_clip(n) for n in names) or ".txt" in suffixes:
-                return f"{media}-folder"
-            return f"{media}-folder" if looks_captioned(p, clip_suffixes) else f"{media}-classes"
+    for media in (VIDEO, AUDIO):
+        if first == media.name:
+            folder, classes = media.formats[2:]
+            if any(media.holds(n) for n in names) or ".txt" in suffixes:
+                return folder
+            return folder if looks_captioned(p, media.suffixes) else classes
     if any(is_image(n) for n in names) or ".txt" in suffixes:
         return "folder"
     if any((p / n).is_dir() for n in names):
@@ -228,9 +214,11 @@ def _first_sample(root: Path) -> str | None:
     for _, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
-            for media, is_media in (("image", is_image), ("video", is_video), ("audio", is_audio)):
-                if is_media(f):
-                    return media
+            if is_image(f):
+                return "image"
+            for media in (VIDEO, AUDIO):
+                if media.holds(f):
+                    return media.name
     return None
 
 

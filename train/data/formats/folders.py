@@ -9,7 +9,7 @@
 
 Hidden files and folders (``.ipynb_checkpoints``) are skipped. Both take the file
 suffixes that count as samples (images by default), so a folder of video clips opens the
-same way (``video-folder``, ``video-classes``: :mod:`train.data.formats.videos`).
+same way (``video-folder``, ``audio-classes``, ...: :mod:`train.data.formats.clips`).
 """
 
 from __future__ import annotations
