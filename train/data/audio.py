@@ -125,7 +125,7 @@ def write_audio(path: str | Path, wave: torch.Tensor, *, rate: int) -> None:
 class AudioSamples(Samples):
     """Sample ``(epoch, i)`` of an audio table (:mod:`train.data.formats.audio`):
     ``audio [round(seconds * rate)] float32`` and the fields of ``fields(table, i,
-    generator)`` (:class:`train.data.pipeline.Captions`, :class:`train.data.videos.Labels`,
+    generator)`` (:class:`train.data.pipeline.Captions`, :class:`train.data.pipeline.Labels`,
     or ``None`` for clips alone). The window's start is drawn from the sample's generator,
     seeded by ``(seed, epoch, i)``: a resumed run hears what the uninterrupted one did. Bad
     files are skipped and counted by :class:`train.data.pipeline.LoaderSource` as bad

@@ -93,6 +93,20 @@ class Captions:
         return out
 
 
+class Labels:
+    """The label of sample ``i`` of a labelled table (classes of images, clips or sounds) as ``{name: int64 []}``; a
+    sample without one is a :class:`BadSample`. Picklable, so workers receive it."""
+
+    def __init__(self, name: str = "labels"):
+        self.name = name
+
+    def __call__(self, table, i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        label = table.label(i)
+        if label is None or label < 0:
+            raise BadSample(table.where(i), "no label")
+        return {self.name: torch.tensor(label, dtype=torch.int64)}
+
+
 def answer_vocabulary(table, *, limit: int = 3129) -> tuple[str, ...]:
     """The ``limit`` answers given most often over a VQA table (3129: the VQA-v2 classifier
     convention), most frequent first (ties: first seen)."""

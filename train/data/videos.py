@@ -224,7 +224,7 @@ class VideoSamples(Samples):
     """Sample ``(epoch, i)`` of a video table (:mod:`train.data.formats.videos`):
     ``videos [3, frames, size, size] float32`` in ``[0, 1]`` and the fields of
     ``fields(table, i, generator)`` (:class:`train.data.pipeline.Captions`,
-    :class:`Labels`, or ``None`` for clips alone). A stride window's start is drawn from
+    :class:`train.data.pipeline.Labels`, or ``None`` for clips alone). A stride window's start is drawn from
     the sample's generator, seeded by ``(seed, epoch, i)``: a resumed run sees the frames
     the uninterrupted one did. Bad files are skipped and counted by
     :class:`train.data.pipeline.LoaderSource` as bad images are.
@@ -259,17 +259,3 @@ class VideoSamples(Samples):
             sampling=self.sampling, start=start,
         )  # fmt: skip
         return {"videos": video.float() / 255, **fields}
-
-
-class Labels:
-    """The label of sample ``i`` of a labelled video table as ``{name: int64 []}``; a
-    sample without one is a :class:`BadSample`. Picklable, so workers receive it."""
-
-    def __init__(self, name: str = "labels"):
-        self.name = name
-
-    def __call__(self, table, i: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        label = table.label(i)
-        if label is None or label < 0:
-            raise BadSample(table.where(i), "no label")
-        return {self.name: torch.tensor(label, dtype=torch.int64)}

@@ -31,6 +31,7 @@ import torch
 import models
 from models import omnivore
 from train.data import WorldConfig, eval_set, is_holdout, sample_scenes
+from train.data.pipeline import Labels
 from train.data.video_flags import (
     add_video_data_arguments,
     eval_clips,
@@ -44,7 +45,6 @@ from train.data.video_shapes import (
     sample_clips,
     sample_depth_scenes,
 )
-from train.data.videos import Labels
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.recipes import number
 

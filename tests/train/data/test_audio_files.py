@@ -12,9 +12,8 @@ import torch
 from train.data.audio import AudioSamples, decode_audio, write_audio
 from train.data.formats import open_table, sniff
 from train.data.images import BadSample
-from train.data.pipeline import LoaderSource
+from train.data.pipeline import Labels, LoaderSource
 from train.data.sounds import SoundWorldConfig, class_names, is_holdout
-from train.data.videos import Labels
 from train.recipes.export_sounds import export_sounds
 
 

@@ -12,9 +12,9 @@ import torch
 from train.__main__ import main
 from train.data.formats import open_table, sniff
 from train.data.images import BadSample
-from train.data.pipeline import LoaderSource
+from train.data.pipeline import Labels, LoaderSource
 from train.data.video_shapes import MOTIONS
-from train.data.videos import Labels, Sampling, VideoSamples, decode_video, write_video
+from train.data.videos import Sampling, VideoSamples, decode_video, write_video
 from train.recipes.export_shapes import export_clips
 
 STEP = 10  # frame k is filled with k * STEP: its index reads back from any pixel
