@@ -49,7 +49,8 @@ def test_videogpt_writes_the_judges_consistency(runs):
     out = runs / "gpt"
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("consistency", "consistency_unseen_combos", "consistency_motion",
-                 "judge_on_clips", "judge_on_vqvae_reconstructions"):  # fmt: skip
+                 "judge_on_clips", "judge_motion_on_clips", "judge_on_vqvae_reconstructions",
+                 "judge_motion_on_vqvae_reconstructions"):  # fmt: skip
         assert 0.0 <= metrics[name] <= 1.0, name
     assert metrics["judged_clips"] == metrics["drawn_clips"] == 42
     assert "ranks its caption first" in Image.open(out / "samples.gif").info["comment"].decode()
@@ -67,6 +68,7 @@ def test_the_judge_scores_each_clip_against_its_own_caption(runs, monkeypatch):
     got = videogpt.judged(runs / "clip", world, clips, clips.videos, clips.videos, "cpu")
     assert got["consistency"] == got["consistency_unseen_combos"] == 1.0
     assert got["consistency_motion"] == got["judge_on_clips"] == 1.0
+    assert got["judge_motion_on_vqvae_reconstructions"] == 1.0
     monkeypatch.setattr(videogpt, "clip_judge", lambda *a, **k: lambda x: own[:1].expand(len(x)))
     got = videogpt.judged(runs / "clip", world, clips, clips.videos, clips.videos, "cpu")
     assert got["consistency"] == round(1 / 38, 4)  # clip 0's pair is one of the 38 seen

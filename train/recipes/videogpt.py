@@ -251,20 +251,31 @@ def prepare_gpt(args: argparse.Namespace, device: torch.device) -> Job:
 
 def judged(judge_dir: Path, world: VideoWorldConfig, clips, drawn, recon, device) -> dict:
     """``consistency`` of ``drawn [N, 3, T, H, W]`` clips, one per caption of ``clips``
-    (:func:`train.recipes.generate.consistency`, judged among :func:`world_captions`), and
-    the judge's seen-pair score on the real clips and on their reconstructions ``recon``."""
+    (:func:`train.recipes.generate.consistency`, judged among :func:`world_captions`), and of
+    their motion alone ("moves left then stops": the colour and shape may be wrong); the
+    same seen-pair scores of the real clips and of their VQ-VAE reconstructions ``recon``
+    (what a drawing can reach through this tokenizer)."""
     captions, attrs = world_captions(world)
     judge = clip_judge(judge_dir, captions, device=device)
     index = {c: i for i, c in enumerate(captions)}
     own = torch.tensor([index[c] for c in clips.captions])
     unseen = is_holdout_motion(world, clips.motions, clips.shapes)
-    picked = judge(drawn)
-    motion = (attrs["motion"][picked] == clips.motions) & (attrs["stop"][picked] == clips.stops)
+
+    def score(videos: torch.Tensor) -> tuple[dict, float]:
+        picked = judge(videos)
+        motion = (attrs["motion"][picked] == clips.motions) & (attrs["stop"][picked] == clips.stops)
+        return consistency(picked == own, unseen), consistency(motion, unseen)["consistency"]
+
+    (whole, motion), (real, real_motion), (rec, rec_motion) = map(
+        score, (drawn, clips.videos, recon)
+    )
     return {
-        **consistency(picked == own, unseen),
-        "consistency_motion": consistency(motion, unseen)["consistency"],
-        "judge_on_clips": consistency(judge(clips.videos) == own, unseen)["consistency"],
-        "judge_on_vqvae_reconstructions": consistency(judge(recon) == own, unseen)["consistency"],
+        **whole,
+        "consistency_motion": motion,
+        "judge_on_clips": real["consistency"],
+        "judge_motion_on_clips": real_motion,
+        "judge_on_vqvae_reconstructions": rec["consistency"],
+        "judge_motion_on_vqvae_reconstructions": rec_motion,
         "judged_clips": len(own),
     }
 
