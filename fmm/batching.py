@@ -193,11 +193,12 @@ def invariant_buckets(
     """Which row counts of ``sizes`` (ascending; the last is the pool's rows) give every row
     of the decode ``step`` bitwise the logits it gets in the whole pool, measured with this
     ``step`` (:func:`compiled_decode`'s signature; compiled, the probe compiles it at each
-    size) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
+    size it tries) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
     (alternating, so equal rows must also agree across slots) and leaves it empty.
 
     Returns ``(usable sizes, reasons)``: the sizes whose rows equal the pool's (always the
-    pool itself) and one line per size left out. Example::
+    pool itself), tried from the largest down to the first that differs, and why the
+    others are left out. Example::
 
         sizes, why = invariant_buckets(compiled_decode("inductor"), params, pool,
                                        bucket_sizes(32), cfg=spec)   # e.g. [16, 32]
@@ -211,21 +212,30 @@ def invariant_buckets(
     # Idle rows keep their position: every size computes the same next token on the same
     # cache (each rewrites the slot it reads back first).
     dev = cache["pos"].device
-    out = {n: step(params, tokens[:n].to(dev), rows(cache, n), idle[:n].to(dev), spec)[0].clone()
-           for n in sizes}  # fmt: skip
+
+    def logits(n: int) -> torch.Tensor:
+        return step(params, tokens[:n].to(dev), rows(cache, n), idle[:n].to(dev), spec)[0]
+
+    ref, usable, reasons = logits(m).clone(), [m], []
+    # A row's logits depending on its slot: no row count is safe, nor moving a sequence.
+    by_slot = not all(torch.equal(ref[s], ref[s % 2]) for s in range(m))
+    if by_slot:
+        reasons.append(f"at {m} rows a row's logits depend on its slot")
+    # Downwards, stopping at the first that rounds otherwise: a kernel changes at a row
+    # count, and each size probed is a compile.
+    for n in sorted(sizes[:-1], reverse=True):
+        if by_slot:
+            break
+        got = logits(n)
+        if not torch.equal(got, ref[:n]):
+            gap = float((got - ref[:n]).abs().max())
+            reasons.append(f"{n} rows: logits differ from the pool of {m} by up to {gap:.1e} "
+                           f"(fewer not tried)")  # fmt: skip
+            break
+        usable.insert(0, n)
     for s in range(m):
         free_slot(cache, s)
-    ref, usable, reasons = out[m], [], []
-    if not all(torch.equal(ref[s], ref[s % 2]) for s in range(m)):
-        # Then no row count is safe, and moving a sequence to another slot would not be.
-        return [m], [f"at {m} rows a row's logits depend on its slot"]
-    for n in sizes[:-1]:
-        if torch.equal(out[n], ref[:n]):
-            usable.append(n)
-        else:
-            gap = float((out[n] - ref[:n]).abs().max())
-            reasons.append(f"{n} rows: logits differ from the pool of {m} by up to {gap:.1e}")
-    return [*usable, m], reasons
+    return usable, reasons
 
 
 def invariant_prefill(

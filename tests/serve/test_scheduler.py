@@ -167,8 +167,11 @@ def test_occupancy_changes_compile_nothing_beyond_one_graph_per_bucket():
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     scheduler = Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=5, compile=counter)
     scheduler.warmup()  # in this thread; the steps then run in the scheduler's
-    # The step at each size probed, the sampling noise at each bucket kept.
-    assert counter.frame_count == len(batching.bucket_sizes(4)) + len(scheduler.slots.buckets)
+    # The step at each size probed (down to the first inexact one), the sampling noise at
+    # each bucket kept.
+    kept = len(scheduler.slots.buckets)
+    tried = kept + (kept < len(batching.bucket_sizes(4)))
+    assert counter.frame_count == tried + kept
     compiled = counter.frame_count
     handles = _submit_at_random_times(scheduler, _requests(6, seed=3), seed=4)
     for h in handles:
@@ -215,7 +218,7 @@ def test_the_start_up_probe_keeps_the_whole_pool_for_a_step_that_rounds_by_batch
     scheduler.slots.decode = skewed
     with caplog.at_level("WARNING"):
         scheduler.warmup()
-    assert scheduler.slots.buckets == [4] and "1 rows: logits differ" in caplog.text
+    assert scheduler.slots.buckets == [4] and "2 rows: logits differ" in caplog.text
     assert len(scheduler.submit([1, 2, 3], max_new_tokens=5).result(timeout=30)) == 5
     assert set(scheduler.slots.bucket_steps) == {4}
     scheduler.close()
