@@ -8,7 +8,9 @@ after a random prompt of ``--prompt-len`` ids, all at once. Rows:
   baseline: each request decodes alone (batch 1, eager) in its own generation thread;
 - ``scheduler``: ``python -m train serve``'s default: one
   :class:`~train.serve.scheduler.Scheduler` of ``--max-slots`` slots, its decode step
-  compiled with ``--compile-step``;
+  compiled with ``--compile-step`` over the smallest bucket of rows that holds the live
+  ones, waiting prompts prefilled together (the buckets and prefill shapes its start-up
+  probe found exact on this machine are printed before the table);
 - ``transformers CB``: ``model.generate_batch`` (its ``ContinuousBatchingManager``, paged
   cache), in process only, timed by its own per-token timestamps (its warmup excluded).
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import sys
@@ -270,6 +273,9 @@ def goals(rows: list[Row], alone_tps: float, step_ms: float) -> None:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    # The scheduler's start-up probe says which buckets and prefill shapes it uses.
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("train.serve.slot_pool").setLevel(logging.INFO)
     print(f"torch {torch.__version__}, {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
         hf, cfg, params, model_dir = build(args, Path(tmp))

@@ -81,6 +81,8 @@ class SlotPool:
             keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
             batching.slot_noise(keys, spec.vocab_size, backend=self.backend)
         self.buckets = buckets
+        log.info("decode step over %s rows; prompts prefilled together {chunk length: rows}: "
+                 "%s", buckets, self.batched_prefill)  # fmt: skip
 
     def chunks(self, prompt: list[int], max_new_tokens: int) -> list[tuple[list[int], int]]:
         """A prompt's chunks ``(tokens, real tokens)``, from the prompt and the server only:
