@@ -21,15 +21,8 @@ from models.data2vec.config import (
     data2vec_text_tiny,
 )
 from models.data2vec.masking import patch_mask
-from models.data2vec.model import (
-    batch_fields,
-    encode,
-    features,
-    init,
-    loss,
-    regression_loss,
-    targets,
-)
+from models.data2vec.model import encode, features, init, regression_loss, targets
+from models.data2vec.objective import INPUTS, batch_fields, loss
 from models.data2vec.state import check_state, ema_decay, ema_update, init_state, update_state
 from models.family import Family
 
@@ -57,6 +50,7 @@ FAMILY = Family(
 
 __all__ = [
     "FAMILY",
+    "INPUTS",
     "PRESETS",
     "Data2VecConfig",
     "batch_fields",

@@ -17,7 +17,7 @@ import fmm
 from fmm import optim, tree
 from fmm.nn.towers import text, vit
 from models import data2vec as D
-from models.data2vec.model import INPUTS
+from models.data2vec import INPUTS
 
 TINY = {
     "image": D.data2vec_image_tiny,
