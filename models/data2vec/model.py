@@ -98,13 +98,18 @@ def _targets(teacher, x, cfg: Data2VecConfig, valid, block_fn) -> torch.Tensor:
     start = 0 if cfg.modality == "text" else 1  # the class token is no target
     normed = []
     for h in layers[-cfg.top_k :]:
-        h = h[:, start:].float()
+        h = _wide(h[:, start:])
         if cfg.target_norm == "instance":
             h = F.instance_norm(h.transpose(1, 2), eps=1e-5).transpose(1, 2)
         else:
             h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
         normed.append(h)
     return torch.stack(normed).mean(0)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (normalising and regressing low-precision outputs), float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check_input(params, x, cfg: Data2VecConfig, name: str, valid=None) -> None:
@@ -128,7 +133,7 @@ def targets(
 ) -> torch.Tensor:
     """The regression targets: the teacher (no dropout, no gradient) on the unmasked
     ``x``, the mean of its top ``cfg.top_k`` block outputs, each normalised by
-    ``cfg.target_norm`` without affine params. Float32 ``[B, patches, width]`` (the class
+    ``cfg.target_norm`` without affine params. At least float32, ``[B, patches, width]`` (the class
     token dropped) or, for text, ``[B, seq, width]``. ``valid [B, seq]``: text padding.
 
     Example: ``y = targets(state["teacher"], images, cfg=cfg)``.
@@ -163,7 +168,7 @@ def regression_loss(
 
     Example: ``regression_loss(head(h)[..., :], y, mask, beta=2.0)``.
     """
-    pred, target = pred.float(), target.float()
+    pred, target = _wide(pred), _wide(target)
     if beta == 0:
         per = (pred - target).pow(2)
     else:

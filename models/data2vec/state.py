@@ -36,7 +36,7 @@ def ema_decay(cfg: Data2VecConfig, step: torch.Tensor) -> torch.Tensor:
 
 def ema_update(teacher: Tree, params: Tree, decay: torch.Tensor | float) -> Tree:
     """``decay * teacher + (1 - decay) * params`` leafwise over the teacher's parts, as new
-    detached tensors in the teacher's dtypes, computed in float32 (inputs untouched). Keep
+    detached tensors in the teacher's dtypes, computed in at least float32 (inputs untouched). Keep
     the teacher in float32: a bfloat16 one cannot resolve steps of ``1 - decay``.
 
     Example: ``teacher = ema_update(state["teacher"], params, ema_decay(cfg, state["step"]))``.
@@ -44,8 +44,9 @@ def ema_update(teacher: Tree, params: Tree, decay: torch.Tensor | float) -> Tree
     current = {k: params[k] for k in teacher}
 
     def mix(t, s):
-        d = torch.as_tensor(decay, dtype=torch.float32, device=t.device)
-        return (t.detach().float() * d + s.detach().float() * (1.0 - d)).to(t.dtype)
+        wide = torch.promote_types(t.dtype, torch.float32)
+        d = torch.as_tensor(decay, device=t.device).to(wide)
+        return (t.detach().to(wide) * d + s.detach().to(wide) * (1.0 - d)).to(t.dtype)
 
     return tree.map(mix, teacher, current)
 
