@@ -35,8 +35,8 @@ class Data2VecConfig:
 
     Targets: each of the teacher's top ``top_k`` block outputs (the residual stream, before
     the final norm) normalised without affine params, ``target_norm="instance"`` over
-    positions per channel (the paper's choice for speech and images) or ``"layer"`` over
-    channels per position (text), then averaged. Loss: smooth L1 with ``loss_beta`` (0: the
+    positions per channel (the paper's choice for speech; the default here for images too)
+    or ``"layer"`` over channels per position (text), then averaged. Loss: smooth L1 with ``loss_beta`` (0: the
     squared error), mean over channels, over masked positions.
 
     Teacher EMA decay: ``tau_start`` rising linearly to ``tau_end`` over ``tau_steps``
