@@ -36,6 +36,7 @@ from train.recipes import albef as albef_recipe
 from train.recipes import clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import evaluate as evaluate_recipe
 from train.recipes import flava as flava_recipe
+from train.recipes import mae as mae_recipe
 from train.recipes import omnivore as omnivore_recipe
 from train.recipes import plan as plan_recipe
 from train.recipes import videogpt as videogpt_recipe
@@ -55,6 +56,7 @@ TASKS = {
     "omnivore": (omnivore_recipe.RECIPE, omnivore_recipe.RECIPE.help),
     "video-vqvae": (videogpt_recipe.VQVAE_RECIPE, videogpt_recipe.VQVAE_RECIPE.help),
     "videogpt": (videogpt_recipe.RECIPE, videogpt_recipe.RECIPE.help),
+    "mae": (mae_recipe.RECIPE, mae_recipe.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
 
