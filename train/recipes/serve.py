@@ -113,9 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "4 x --max-slots; 2 with --no-batching)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-slots", type=number(at_least=1), default=16,
+        "--max-slots", type=number(at_least=1), default=15,
         help="generations decoded together, one token each per step, in one shared cache "
-        "(continuous batching) (default: %(default)s)",
+        "(continuous batching) (default: %(default)s: on MKL a matmul rounds one way at "
+        "2-15 rows and another from 16, so a 15-row pool keeps the small buckets exact)",
     )  # fmt: skip
     parser.add_argument(
         "--prefill-chunk", type=number(at_least=1), default=64,
@@ -229,7 +230,7 @@ class Batching:
     the model's context), the decode step compiled with ``compile`` (a dynamo backend name,
     or ``None``: eager). See :class:`train.serve.scheduler.Scheduler`."""
 
-    max_slots: int = 16
+    max_slots: int = 15  # see --max-slots: the 2-15 row group keeps buckets 2, 4, 8, 15
     prefill_chunk: int = 64
     max_len: int | None = None
     compile: str | None = "inductor"

@@ -24,7 +24,7 @@ max_new_tokens)[i]``, what ``fmm.decoding.generate`` draws for it alone.
 
 Submitting and reading (from an event loop or from any thread)::
 
-    scheduler = Scheduler(params, spec, max_slots=16, prefill_chunk=64, eos_id=50256)
+    scheduler = Scheduler(params, spec, max_slots=15, prefill_chunk=64, eos_id=50256)
     handle = scheduler.submit(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=40,
                               top_p=0.9, seed=0, stop=[198])
     async for token in handle:          # ints as they are drawn (or: for token in handle.stream())
@@ -94,7 +94,7 @@ class Scheduler:
         params: Any,
         cfg: Any,
         *,
-        max_slots: int = 16,
+        max_slots: int = 15,
         prefill_chunk: int = 64,
         max_len: int | None = None,
         eos_id: int | None = None,
