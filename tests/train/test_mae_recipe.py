@@ -16,6 +16,7 @@ from train.recipes.mae import data_for, probe_set, probe_tasks, sound_pool, trai
 
 ARGS = ["--steps", "2", "--batch-size", "4", "--probe-per-class", "2", "--probe-steps", "20"]
 ARGS += ["--sound-pool", "8"]
+FAST = probe.Budget(steps=100, lr=0.1)  # small problems converge in fewer steps
 PROBE_KEYS = ("probe_accuracy", "probe_accuracy_random_init", "probe_gain_points")
 
 
@@ -77,7 +78,7 @@ def _blobs(n: int, classes: int, dim: int, seed: int) -> tuple[torch.Tensor, tor
 def test_the_probe_reads_separable_features():
     x, y = _blobs(400, 5, 16, seed=0)
     test_x, test_y = _blobs(200, 5, 16, seed=1)
-    fitted = probe.fit(x, y, classes=5)
+    fitted = probe.fit(x, y, classes=5, budget=FAST)
     assert probe.accuracy(fitted, test_x, test_y) > 0.97
 
 
@@ -86,7 +87,7 @@ def test_the_probe_only_guesses_at_random_labels():
     y = torch.randint(4, (600,), generator=torch.Generator().manual_seed(3))
     train = torch.arange(600) < 300
     task = probe.Task(y, train, ~train, 4)
-    assert abs(probe.score(x, task) - 0.25) < 0.1
+    assert abs(probe.score(x, task, budget=FAST) - 0.25) < 0.1
 
 
 def test_compare_reports_the_gain_of_the_headline_tasks():
@@ -94,7 +95,7 @@ def test_compare_reports_the_gain_of_the_headline_tasks():
     train = torch.arange(300) < 200
     tasks = {"blobs": probe.Task(y, train, ~train, 3)}
     noise = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))
-    report = probe.compare(tasks, trained=x, random_init=noise, headline=("blobs",))
+    report = probe.compare(tasks, trained=x, random_init=noise, headline=("blobs",), budget=FAST)
     assert report["probe_accuracy"] == report["probe_blobs"] > 0.95
     assert report["probe_accuracy_random_init"] == report["probe_blobs_random_init"] < 0.6
     assert report["probe_gain_points"] > 35

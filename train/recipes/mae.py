@@ -14,9 +14,10 @@ combinations included, none of which the pretraining ever saw):
 - ``heldout_masked_mse``: the MAE loss on the held-out inputs (``_unseen_combos``: on the
   combinations pretraining never saw), with a fixed mask key;
 - linear probes (:mod:`train.probe`) of the frozen encoder's features, the mean of its
-  patch tokens over an unmasked input. The mean, not the class token: MAE's loss never
-  reads the class token (the audio decoder does not even see it), so only the patch
-  tokens are trained, and the same pooling serves the random-init encoder.
+  patch tokens over an unmasked input. The mean, not the class token: MAE's loss is on the
+  patches, the class token is at most context to the image decoder (the audio decoder
+  does not see it), and the mean serves the random-init encoder as well (after 1500 steps
+  on the shapes the class token read shape no better: 0.32 iid against the mean's 0.34).
 
 What "held-out" means for a probe: the probe reads one attribute (shape or colour of a
 scene; timbre or pitch of a sound). It is fitted on one eval set's seen combinations
@@ -27,9 +28,9 @@ draws of the combinations it was fitted on: the random-split figure). Every prob
 twice: on the trained encoder and on the same encoder at its random init (the run's own
 starting params). ``probe_accuracy`` is the held-out accuracy of the form attribute,
 shape or timbre, which a random encoder cannot read off colours or frequencies alone:
-colour and pitch are linear in the input's pixels and mel bins, and a random-init
-encoder's features already read them at 0.9 or more, so they are reported beside it
-but are no test of what pretraining learnt. ``probe_gain_points`` is 100 x (trained -
+colour and pitch are nearly linear in the input's pixels and mel bands, and a random-init
+encoder's features already read them at 0.8 or more held out (0.97 or more on their
+iid split), so they are reported beside it but are no test of what pretraining learnt. ``probe_gain_points`` is 100 x (trained -
 random init).
 """
 
@@ -96,7 +97,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="audio: training clips rendered once, batches drawn from them (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--probe-per-class", type=number(at_least=1), default=20,
+        "--probe-per-class", type=number(at_least=1), default=40,
         help="examples per class in each of the probe's two sets (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
@@ -276,10 +277,8 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
     }
     unseen = torch.cat([fit_unseen, test_unseen])
     fitted = torch.arange(len(x)) < len(fit_x)
-    random_init = job.init_params
-    if random_init is None:  # the run's own starting point
-        random_init = mae.init(cfg, base_keys(args.seed)["init"])
-    random_init = fmm.tree.map(lambda t: t.to(device), random_init)
+    # The random-init encoder is the run's own starting point.
+    random_init = fmm.tree.map(lambda t: t.to(device), mae.init(cfg, base_keys(args.seed)["init"]))
     metrics = probe.compare(
         probe_tasks(attributes, unseen, fitted),
         trained=features(params, cfg, x, device),
@@ -291,13 +290,14 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
     metrics["heldout_masked_mse"] = heldout_loss(out, cfg, torch.ones_like(test_unseen))
     metrics["heldout_masked_mse_unseen_combos"] = heldout_loss(out, cfg, test_unseen)
     metrics["probe_examples"] = {"fit": int((fitted & ~unseen).sum()), "test": len(test_x)}
-    # The figure: the first example of 4 held-out and 4 seen classes.
-    per_class = args.probe_per_class
-    firsts = torch.arange(0, len(test_x), per_class)
-    picks = torch.cat([firsts[test_unseen[firsts]][:4], firsts[~test_unseen[firsts]][:4]])
+    # The figure: the first example of every held-out class (at most 4), and of 4 seen
+    # classes spread over the label order (so over colours / pitches too).
+    firsts = torch.arange(0, len(test_x), args.probe_per_class)
+    held, seen = firsts[test_unseen[firsts]][:4], firsts[~test_unseen[firsts]]
+    picks = torch.cat([held, seen[torch.linspace(0, len(seen) - 1, 4).long()]])
     sub = mae.Reconstruction(None, *(t[picks] for t in (out.pred, out.target, out.mask)))
     title = (
-        f"held-out {data.modality} inputs (4 unseen combinations, 4 seen), masked, "
+        f"held-out {data.modality} inputs ({len(held)} unseen combinations, 4 seen), masked, "
         f"reconstructed (masked MSE {metrics['heldout_masked_mse']:.3f})"
     )
     return Evaluation(
@@ -314,7 +314,7 @@ RECIPE = Recipe(
     help="pretrain a masked autoencoder on shapes-world images or sound-world clips, "
     "linear-probe its frozen encoder",
     family=mae.FAMILY,
-    defaults=Defaults(steps=2000, batch_size=64, lr=2e-3, weight_decay=0.05, warmup=50),
+    defaults=Defaults(steps=1500, batch_size=64, lr=2e-3, weight_decay=0.05, warmup=50),
     prepare=prepare,
     evaluate=evaluate,
     extra_arguments=_arguments,
