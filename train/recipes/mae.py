@@ -314,7 +314,7 @@ RECIPE = Recipe(
     help="pretrain a masked autoencoder on shapes-world images or sound-world clips, "
     "linear-probe its frozen encoder",
     family=mae.FAMILY,
-    defaults=Defaults(steps=1500, batch_size=64, lr=2e-3, weight_decay=0.05, warmup=50),
+    defaults=Defaults(steps=6000, batch_size=64, lr=2e-3, weight_decay=0.05, warmup=50),
     prepare=prepare,
     evaluate=evaluate,
     extra_arguments=_arguments,
