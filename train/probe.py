@@ -133,10 +133,11 @@ def compare(
     """Probe a trained encoder's ``trained [N, D]`` and the same encoder's ``random_init
     [N, D]`` features of the same ``N`` examples on every task.
 
-    Returns ``probe_<task>`` and ``probe_<task>_random_init`` per task, and
-    ``probe_accuracy`` / ``probe_accuracy_random_init``: the mean over the ``headline``
-    tasks, with ``probe_gain_points`` = 100 x their difference. Accuracies are rounded to
-    4 places, the gain to 2.
+    Returns ``probe_<task>``, ``probe_<task>_random_init`` and ``probe_<task>_gain_points``
+    (100 x their difference) per task, and ``probe_accuracy`` /
+    ``probe_accuracy_random_init``: the mean over the ``headline`` tasks, with
+    ``probe_gain_points`` = 100 x their difference. Accuracies are rounded to 4 places,
+    gains to 2.
 
     Example: ``compare(tasks, trained=f, random_init=f0, headline=("shape_heldout",))``.
     """
@@ -144,12 +145,16 @@ def compare(
     if not headline or unknown:
         raise ValueError(f"headline must name some of the tasks {sorted(tasks)}, got {headline}")
     out: dict[str, float] = {}
+    gains: dict[str, float] = {}
     for name, task in tasks.items():
         out[f"probe_{name}"] = score(trained, task, budget=budget)
         out[f"probe_{name}_random_init"] = score(random_init, task, budget=budget)
+        gains[f"probe_{name}_gain_points"] = 100 * (
+            out[f"probe_{name}"] - out[f"probe_{name}_random_init"]
+        )
     mean = sum(out[f"probe_{n}"] for n in headline) / len(headline)
     mean_random = sum(out[f"probe_{n}_random_init"] for n in headline) / len(headline)
-    out = {k: round(v, 4) for k, v in out.items()}
+    out = {k: round(v, 4) for k, v in out.items()} | {k: round(v, 2) for k, v in gains.items()}
     return {
         "probe_accuracy": round(mean, 4),
         "probe_accuracy_random_init": round(mean_random, 4),

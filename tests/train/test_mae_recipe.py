@@ -38,9 +38,10 @@ def test_recipe_writes_the_probe_figures_and_the_reconstructions(run_dir):
     form, other = {"image": ("shape", "color"), "audio": ("timbre", "pitch")}[modality]
     assert metrics["probe_accuracy"] == metrics[f"probe_{form}_heldout"]
     for attr in (form, other):
-        for split in ("heldout", "iid"):
+        for split in ("heldout", "iid", "pretrain_heldout"):
             for suffix in ("", "_random_init"):
                 assert 0.0 <= metrics[f"probe_{attr}_{split}{suffix}"] <= 1.0
+            assert abs(metrics[f"probe_{attr}_{split}_gain_points"]) <= 100
     assert metrics["heldout_masked_mse"] > 0 and metrics["heldout_masked_mse_unseen_combos"] > 0
     run = load_run(out, family="mae")
     assert run.cfg.modality == modality
@@ -62,10 +63,11 @@ def test_probe_tasks_fit_on_seen_rows_of_the_first_set_and_test_on_the_second():
     unseen = torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool)
     fitted = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     tasks = probe_tasks({"shape": (torch.zeros(6, dtype=torch.int64), 2)}, unseen, fitted)
-    held, iid = tasks["shape_heldout"], tasks["shape_iid"]
+    held, iid, pretrain = (tasks[f"shape_{s}"] for s in ("heldout", "iid", "pretrain_heldout"))
     assert held.train.tolist() == iid.train.tolist() == [1, 0, 1, 0, 0, 0]
-    assert held.test.tolist() == [0, 0, 0, 0, 1, 0]
+    assert held.test.tolist() == pretrain.test.tolist() == [0, 0, 0, 0, 1, 0]
     assert iid.test.tolist() == [0, 0, 0, 1, 0, 1]
+    assert pretrain.train.tolist() == [1, 1, 1, 0, 0, 0]
 
 
 def _blobs(n: int, classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +100,7 @@ def test_compare_reports_the_gain_of_the_headline_tasks():
     report = probe.compare(tasks, trained=x, random_init=noise, headline=("blobs",), budget=FAST)
     assert report["probe_accuracy"] == report["probe_blobs"] > 0.95
     assert report["probe_accuracy_random_init"] == report["probe_blobs_random_init"] < 0.6
-    assert report["probe_gain_points"] > 35
+    assert report["probe_gain_points"] == report["probe_blobs_gain_points"] > 35
     with pytest.raises(ValueError, match="headline"):
         probe.compare(tasks, trained=x, random_init=noise, headline=("nope",))
     with pytest.raises(ValueError, match="labels must lie"):

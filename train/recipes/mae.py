@@ -24,7 +24,11 @@ scene; timbre or pitch of a sound). It is fitted on one eval set's seen combinat
 (``--probe-per-class`` examples of each) and scored on a second set drawn with another
 seed: ``<attr>_heldout`` on its held-out (colour, shape) / (pitch, timbre) combinations,
 which neither the encoder nor the probe has seen, ``<attr>_iid`` on its seen ones (new
-draws of the combinations it was fitted on: the random-split figure). Every probe is run
+draws of the combinations it was fitted on: the random-split figure), and
+``<attr>_pretrain_heldout`` on its held-out combinations again, but with the probe fitted
+on every combination of the first set: held out of pretraining only, so it asks whether
+the encoder's features of combinations it never saw can be read, without also asking the
+probe to compose attributes it never saw together. Every probe is run
 twice: on the trained encoder and on the same encoder at its random init (the run's own
 starting params). ``probe_accuracy`` is the held-out accuracy of the form attribute,
 shape or timbre, which a random encoder cannot read off colours or frequencies alone:
@@ -176,13 +180,16 @@ def probe_set(
 
 def probe_tasks(attributes: dict, unseen: torch.Tensor, fitted: torch.Tensor) -> dict:
     """The probe :class:`~train.probe.Task` s over two sets' rows (``fitted [N]`` marks the
-    first set's): each attribute's probe is fitted on the first set's seen rows and scored
-    on the second set's held-out rows (``<attr>_heldout``) and seen rows (``<attr>_iid``)."""
+    first set's), per attribute: fitted on the first set's seen rows and scored on the
+    second set's held-out rows (``<attr>_heldout``) and seen rows (``<attr>_iid``); and
+    fitted on all the first set's rows, scored on the second set's held-out rows
+    (``<attr>_pretrain_heldout``: the combinations held out of pretraining only)."""
     tasks = {}
     for name, (labels, classes) in attributes.items():
-        train = fitted & ~unseen
-        tasks[f"{name}_heldout"] = probe.Task(labels, train, ~fitted & unseen, classes)
-        tasks[f"{name}_iid"] = probe.Task(labels, train, ~fitted & ~unseen, classes)
+        seen = fitted & ~unseen
+        tasks[f"{name}_heldout"] = probe.Task(labels, seen, ~fitted & unseen, classes)
+        tasks[f"{name}_iid"] = probe.Task(labels, seen, ~fitted & ~unseen, classes)
+        tasks[f"{name}_pretrain_heldout"] = probe.Task(labels, fitted, ~fitted & unseen, classes)
     return tasks
 
 
