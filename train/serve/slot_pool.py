@@ -65,6 +65,15 @@ class SlotPool:
     def calibrate(self) -> None:
         """The start-up probes (the pool must be empty), and the compiles: the step at every
         size probed, the sampling noise at every bucket kept."""
+        # Every compile of the process's one compiled step counts against dynamo's recompile
+        # limit (8 per code object): a process that serves or tests several models or pools
+        # passes it, so the start-up compiles, each a graph the server keeps, may go past.
+        # No step compiles after start-up (the shapes are the probed ones), so the limit
+        # guards nothing after this.
+        with torch._dynamo.config.patch(recompile_limit=1024):
+            self._calibrate()
+
+    def _calibrate(self) -> None:
         m, spec = self.max_slots, self.spec
         sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
         buckets, reasons = batching.invariant_buckets(self.decode, self.params, self.cache,
