@@ -45,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,8 +55,8 @@ from fmm import checks, decoding, random
 from fmm.kv_cache import Cache, Params, as_spec
 from fmm.sampling import top_k_mask, top_p_mask
 
-__all__ = ["bucket_for", "bucket_sizes", "compiled_decode", "decode_slots", "free_slot",
-           "invariant_buckets", "invariant_prefill", "move_slot", "prefill_slot",
+__all__ = ["bucket_for", "bucket_sizes", "compiled_decode", "compiled_noise", "decode_slots",
+           "free_slot", "invariant_buckets", "invariant_prefill", "move_slot", "prefill_slot",
            "prefill_slots", "rows", "sample_slots", "slot_noise"]  # fmt: skip
 
 
@@ -289,19 +290,23 @@ def _decode(params: Params, tokens, cache: Cache, active, spec) -> tuple[torch.T
     return decoding._decode_step(params, tokens, cache, spec, True, active)
 
 
-_COMPILED: dict[Any, Callable] = {}
-
-
 def compiled_decode(backend: Any = "inductor") -> Callable:
     """:func:`decode_slots` compiled with ``backend`` (a name or a dynamo backend callable),
     as ``step(params, tokens, cache, active, spec) -> (logits, cache)``; ``backend=None``:
-    the unchecked eager step. One compiled function per backend for the process; the step's
-    inputs keep their shapes from step to step, so it compiles once per pool shape."""
-    if backend is None:
-        return _decode
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(_decode, fullgraph=True, dynamic=False, backend=backend)
-    return _COMPILED[backend]
+    the unchecked eager step. The step's inputs keep their shapes from step to step, so it
+    compiles once per pool shape.
+
+    Each call gives a new compiled function (:func:`_compile_own`)."""
+    return _decode if backend is None else _compile_own(_decode, backend)
+
+
+def _compile_own(fn: Callable, backend: Any) -> Callable:
+    """``fn`` compiled over its own copy of its code: dynamo caches graphs, and counts them
+    against its recompile limit (8), per code object, so a pool's graphs are its own (freed
+    with it), and a process holding several pools or models (a test suite) never runs one
+    pool into the limit with another's graphs."""
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+    return torch.compile(own, fullgraph=True, dynamic=False, backend=backend)
 
 
 def _noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -309,16 +314,17 @@ def _noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.log(-torch.log(u))
 
 
-def slot_noise(keys: torch.Tensor, vocab: int, *, backend: Any = None) -> torch.Tensor:
+def slot_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel noise ``log(-log u)`` ``[M, vocab]``, row ``m`` drawn from ``keys[m]`` (the
-    numbers :func:`fmm.sampling.sample` draws from that key for one row). ``backend``:
-    compile it (it is elementwise integer hashing, ~10x faster compiled)."""
-    if backend is None:
-        return _noise(keys, vocab)
-    name = ("noise", backend)
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_noise, fullgraph=True, dynamic=False, backend=backend)
-    return _COMPILED[name](keys, vocab)
+    numbers :func:`fmm.sampling.sample` draws from that key for one row)."""
+    return _noise(keys, vocab)
+
+
+def compiled_noise(backend: Any = "inductor") -> Callable:
+    """:func:`slot_noise` compiled with ``backend`` (it is elementwise integer hashing, ~10x
+    faster compiled), as ``noise(keys, vocab)``; ``None``: eager. A new compiled function
+    each call, as :func:`compiled_decode`."""
+    return _noise if backend is None else _compile_own(_noise, backend)
 
 
 def sample_slots(

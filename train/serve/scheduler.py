@@ -360,7 +360,7 @@ class Scheduler:
         if plain:
             noise = None
             if bool((temperature > 0).any()):
-                noise = batching.slot_noise(keys.to(dev), logits.shape[-1], backend=self.backend)
+                noise = self.slots.noise(keys.to(dev), logits.shape[-1])
             tokens = batching.sample_slots(
                 logits, noise, temperature=temperature.to(dev), top_k=top_k.to(dev),
                 top_p=top_p.to(dev),

@@ -48,7 +48,7 @@ class SlotPool:
         batch_prefill: bool = True,
     ):
         self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
-        self.prefill_chunk, self.backend = prefill_chunk, backend
+        self.prefill_chunk = prefill_chunk
         self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
         leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
         self.device = leaf.device
@@ -57,6 +57,7 @@ class SlotPool:
                                     device=self.device)  # fmt: skip
             self.next_token = torch.zeros(max_slots, dtype=torch.int64)
         self.decode = batching.compiled_decode(backend)
+        self.noise = batching.compiled_noise(backend)
         self.buckets: list[int] | None = None
         self.batched_prefill: dict[int, list[int]] = {}
         self.bucket_steps: collections.Counter[int] = collections.Counter()  # metrics, tests
@@ -65,11 +66,9 @@ class SlotPool:
     def calibrate(self) -> None:
         """The start-up probes (the pool must be empty), and the compiles: the step at every
         size probed, the sampling noise at every bucket kept."""
-        # Every compile of the process's one compiled step counts against dynamo's recompile
-        # limit (8 per code object): a process that serves or tests several models or pools
-        # passes it, so the start-up compiles, each a graph the server keeps, may go past.
-        # No step compiles after start-up (the shapes are the probed ones), so the limit
-        # guards nothing after this.
+        # The pool's own step compiles once per size probed, past dynamo's recompile limit
+        # (8 per code object) for pools of over 128 slots; each is a graph the server keeps,
+        # and no step compiles after start-up (the shapes are the probed ones).
         with torch._dynamo.config.patch(recompile_limit=1024):
             self._calibrate()
 
@@ -88,7 +87,7 @@ class SlotPool:
             self.batched_prefill = {p: n for p, n in counts.items() if len(n) > 1}
         for n in buckets:
             keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
-            batching.slot_noise(keys, spec.vocab_size, backend=self.backend)
+            self.noise(keys, spec.vocab_size)
         self.buckets = buckets
         log.info("decode step over %s rows; prompts prefilled together {chunk length: rows}: "
                  "%s", buckets, self.batched_prefill)  # fmt: skip
