@@ -32,7 +32,7 @@ import torch
 
 from fmm.audio import resample
 from train.data.formats.table import require
-from train.data.images import BadSample
+from train.data.images import BadSample, file_within
 from train.data.pipeline import Samples, derived_seed
 
 MAX_BYTES = 1 << 30  # 1 GiB: over an hour of CD-quality stereo WAV
@@ -68,12 +68,7 @@ def decode_audio(
     containers = CONTAINERS.get(path.suffix.lower())
     if containers is None:
         raise BadSample(where, f"not an audio file name (one of {', '.join(CONTAINERS)})")
-    try:
-        nbytes = path.stat().st_size
-    except OSError as e:
-        raise BadSample(where, f"cannot read the audio: {e}") from None
-    if nbytes > max_bytes:
-        raise BadSample(where, f"{nbytes} bytes is more than the limit of {max_bytes}")
+    file_within(path, where=where, max_bytes=max_bytes, noun="audio")
     try:
         with sf.SoundFile(str(path)) as f:
             _check_header(f, where, containers, max_seconds, max_channels)

@@ -25,6 +25,7 @@ import io
 import math
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +49,19 @@ class BadSample(Exception):
 
     def __reduce__(self):  # DataLoader workers send exceptions back pickled
         return type(self), (self.where, self.reason)
+
+
+def file_within(path: Path, *, where: str, max_bytes: int, noun: str) -> int:
+    """``path``'s size in bytes, or :class:`BadSample` (``where``) when it cannot be read or
+    is over ``max_bytes``: checked before a decoder opens the file. ``noun``: what it holds,
+    for the message ("video")."""
+    try:
+        nbytes = path.stat().st_size
+    except OSError as e:
+        raise BadSample(where, f"cannot read the {noun}: {e}") from None
+    if nbytes > max_bytes:
+        raise BadSample(where, f"{nbytes} bytes is more than the limit of {max_bytes}")
+    return nbytes
 
 
 def decode(

@@ -45,7 +45,7 @@ import torch
 
 from train.data.formats.table import require
 from train.data.formats.videos import VIDEO, VIDEO_DEMUXERS
-from train.data.images import BadSample, center_crop, resize_shorter
+from train.data.images import BadSample, center_crop, file_within, resize_shorter
 from train.data.pipeline import Samples, derived_seed
 
 MAX_BYTES = 1 << 30  # 1 GiB: well past a minute of 1080p, far short of a worker's memory
@@ -122,12 +122,7 @@ def decode_video(
     demuxer = VIDEO_DEMUXERS.get(path.suffix.lower())
     if demuxer is None:
         raise BadSample(where, f"not a video file name (one of {', '.join(VIDEO.suffixes)})")
-    try:
-        nbytes = path.stat().st_size
-    except OSError as e:
-        raise BadSample(where, f"cannot read the video: {e}") from None
-    if nbytes > max_bytes:
-        raise BadSample(where, f"{nbytes} bytes is more than the limit of {max_bytes}")
+    file_within(path, where=where, max_bytes=max_bytes, noun="video")
     try:
         with av.open(str(path), format=demuxer, metadata_errors="ignore") as container:
             available = _check_header(container, where, max_side, max_frames, max_seconds)
