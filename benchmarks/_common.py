@@ -73,3 +73,37 @@ def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]
 def max_abs_diff(a, b) -> float:
     """The largest elementwise difference between two trees of the same structure."""
     return max((x - y).abs().max().item() for x, y in zip(fmm.tree.leaves(a), fmm.tree.leaves(b)))
+
+
+def race_steps(builders: dict, batch, *, warmup: int, repeats: int, width: int) -> dict:
+    """Build each contender's step (``name -> () -> step``), run its first step on ``batch``
+    (its time and loss printed; one that fails, e.g. a reference that does not compile, is
+    reported and left out), then time them all round robin: ``name -> ms per step``."""
+    steps = {}
+    for name, build in builders.items():
+        step = build()
+        start = time.perf_counter()
+        try:
+            loss = float(step(batch))
+        except Exception as e:  # a reference that does not compile is a result, not a crash
+            print(f"{name:{width}s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+        steps[name] = lambda s=step: s(batch)
+        print(f"{name:{width}s} first step {time.perf_counter() - start:6.1f} s, loss {loss:.6f}")
+    return interleaved_ms(steps, warmup=warmup, repeats=repeats)
+
+
+def print_vs_fastest(ms: dict[str, float], refs: list[str], *, width: int) -> None:
+    """The ms/step table, each row's speed against the fastest of ``refs``, and the
+    ``fmm eager`` / ``fmm compiled`` speedups over it."""
+    best = min(refs, key=ms.get) if refs else None
+    print(f"\n{'':{width}s} {'ms/step':>9s} {'vs fastest reference':>21s}")
+    for name, t in ms.items():
+        print(
+            f"{name:{width}s} {t:9.2f} {ms[best] / t:20.2f}x"
+            if best
+            else f"{name:{width}s} {t:9.2f}"
+        )
+    for name in ("fmm eager", "fmm compiled"):
+        if best and name in ms:
+            print(f"{name} speedup vs fastest reference ({best}): {ms[best] / ms[name]:.2f}x")

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from _common import OPTIMIZER, interleaved_ms
+from _common import OPTIMIZER, print_vs_fastest, race_steps
 from clip_vs_reference import module_step
 
 import fmm
@@ -133,26 +132,9 @@ def run_mae(preset: str, batch_size: int, *, compile: bool, warmup: int, repeats
     )
     ours, theirs = same_mask_losses(cfg, params, batch)
     print(f"same mask: fmm loss {ours:.6f}, torchmultimodal {theirs:.6f}")
-    steps = {}
-    for name, build in contenders(cfg, params, compile).items():
-        step = build()
-        start = time.perf_counter()
-        try:
-            loss = float(step(batch))
-        except Exception as e:  # a reference that does not compile is a result, not a crash
-            print(f"{name:30s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-            continue
-        steps[name] = lambda s=step: s(batch)
-        print(f"{name:30s} first step {time.perf_counter() - start:6.1f} s, loss {loss:.6f}")
-    ms = interleaved_ms(steps, warmup=warmup, repeats=repeats)
-    refs = [n for n in ms if n.startswith("torchmultimodal")]
-    best = min(refs, key=ms.get) if refs else None
-    print(f"\n{'':30s} {'ms/step':>9s} {'vs fastest reference':>21s}")
-    for name, t in ms.items():
-        print(f"{name:30s} {t:9.2f} {ms[best] / t:20.2f}x" if best else f"{name:30s} {t:9.2f}")
-    for name in ("fmm eager", "fmm compiled"):
-        if best and name in ms:
-            print(f"{name} speedup vs fastest reference ({best}): {ms[best] / ms[name]:.2f}x")
+    ms = race_steps(contenders(cfg, params, compile), batch, warmup=warmup, repeats=repeats,
+                    width=30)  # fmt: skip
+    print_vs_fastest(ms, [n for n in ms if n.startswith("torchmultimodal")], width=30)
     for mode in ("eager", "compiled"):
         full, masked = ms.get(f"fmm unmasked encoder {mode}"), ms.get(f"fmm {mode}")
         if full and masked:

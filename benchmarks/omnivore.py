@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import OPTIMIZER, interleaved_ms
+from _common import OPTIMIZER, print_vs_fastest, race_steps
 from clip_vs_reference import module_step
 
 import fmm
@@ -99,26 +98,9 @@ def run_omnivore(preset: str, batch_size: int, *, compile: bool, warmup: int, re
     batch = example_batch(omnivore.batch_fields(cfg), fmm.random.key(2), batch_size=batch_size)
     print(f"omnivore {preset} ({fmm.tree.count(params):,} params), batch {batch_size} x "
           f"{len(cfg.modalities)} modalities")  # fmt: skip
-    steps = {}
-    for name, build in omnivore_contenders(cfg, params, compile).items():
-        step = build()
-        start = time.perf_counter()
-        try:
-            loss = float(step(batch))
-        except Exception as e:  # a reference that does not compile is a result, not a crash
-            print(f"{name:26s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-            continue
-        steps[name] = lambda s=step: s(batch)
-        print(f"{name:26s} first step {time.perf_counter() - start:6.1f} s, loss {loss:.6f}")
-    ms = interleaved_ms(steps, warmup=warmup, repeats=repeats)
-    refs = [n for n in ms if not n.startswith("fmm")]
-    best = min(refs, key=ms.get) if refs else None
-    print(f"\n{'':26s} {'ms/step':>9s} {'vs fastest reference':>21s}")
-    for name, t in ms.items():
-        print(f"{name:26s} {t:9.2f} {ms[best] / t:20.2f}x" if best else f"{name:26s} {t:9.2f}")
-    for name in ("fmm eager", "fmm compiled"):
-        if best and name in ms:
-            print(f"{name} speedup vs fastest reference ({best}): {ms[best] / ms[name]:.2f}x")
+    contenders = omnivore_contenders(cfg, params, compile)
+    ms = race_steps(contenders, batch, warmup=warmup, repeats=repeats, width=26)
+    print_vs_fastest(ms, [n for n in ms if not n.startswith("fmm")], width=26)
 
 
 def main() -> None:
