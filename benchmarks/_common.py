@@ -13,6 +13,7 @@ import torch
 
 import fmm
 from fmm import optim
+from fmm.step import init_state, make_train_step
 from models import clip
 
 OPTIMIZER = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-3, weight_decay=0.1))
@@ -73,6 +74,20 @@ def random_batch(cfg, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]
 def max_abs_diff(a, b) -> float:
     """The largest elementwise difference between two trees of the same structure."""
     return max((x - y).abs().max().item() for x, y in zip(fmm.tree.leaves(a), fmm.tree.leaves(b)))
+
+
+def pure_step(loss, params, *, compile: bool):
+    """fmm's train step over ``loss(params, batch, key) -> loss | (loss, metrics)`` with
+    :data:`OPTIMIZER`, as ``run(batch) -> loss``, the state kept between calls (the
+    counterpart of ``clip_vs_reference.module_step`` for a reference module)."""
+    step = make_train_step(loss, OPTIMIZER, compile=compile)
+    state = [init_state(params, OPTIMIZER, key=fmm.random.key(1))]
+
+    def run(batch):
+        state[0], metrics = step(state[0], batch)
+        return metrics["loss"]
+
+    return run
 
 
 def race_steps(builders: dict, batch, *, warmup: int, repeats: int, width: int) -> dict:

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import OPTIMIZER, interleaved_ms, random_batch
+from _common import interleaved_ms, pure_step, random_batch
 from train_step import CONFIGS
 
 import fmm
-from fmm.step import init_state, make_train_step
 from models import clip
 from models.clip import convert
 
@@ -44,14 +43,7 @@ from tests.reference import reference  # test-only reference packages
 
 
 def fmm_step(cfg, params, *, compile: bool):
-    step = make_train_step(lambda p, b, k: clip.loss(p, b, cfg=cfg), OPTIMIZER, compile=compile)
-    state = [init_state(params, OPTIMIZER, key=fmm.random.key(1))]
-
-    def run(batch):
-        state[0], metrics = step(state[0], batch)
-        return metrics["loss"]
-
-    return run
+    return pure_step(lambda p, b, k: clip.loss(p, b, cfg=cfg), params, compile=compile)
 
 
 def open_clip_model(cfg, params):

@@ -32,12 +32,11 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import OPTIMIZER, print_vs_fastest, race_steps
+from _common import print_vs_fastest, pure_step, race_steps
 from clip_vs_reference import module_step
 
 import fmm
 import models
-from fmm.step import init_state, make_train_step
 from models import mae
 from models.family import example_batch
 
@@ -55,14 +54,7 @@ def fmm_step(cfg, params, *, compile: bool, masked: bool = True):
             value = mae.encode(p, b[name], cfg=cfg).sequence.float().pow(2).mean()
             return value, {}
 
-    step = make_train_step(loss, OPTIMIZER, compile=compile)
-    state = [init_state(params, OPTIMIZER, key=fmm.random.key(1))]
-
-    def run(batch):
-        state[0], metrics = step(state[0], batch)
-        return metrics["loss"]
-
-    return run
+    return pure_step(loss, params, compile=compile)
 
 
 def torchmultimodal_model(cfg, params):

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import OPTIMIZER, print_vs_fastest, race_steps
+from _common import print_vs_fastest, pure_step, race_steps
 from clip_vs_reference import module_step
 
 import fmm
 import models
-from fmm.step import init_state, make_train_step
 from models import omnivore
 from models.family import example_batch
 
@@ -41,15 +40,7 @@ from tests.models.test_omnivore import reference_model  # test-only reference pa
 
 
 def fmm_step(cfg, params, *, compile: bool):
-    loss = lambda p, b, k: omnivore.loss(p, b, cfg=cfg)
-    step = make_train_step(loss, OPTIMIZER, compile=compile)
-    state = [init_state(params, OPTIMIZER, key=fmm.random.key(1))]
-
-    def run(batch):
-        state[0], metrics = step(state[0], batch)
-        return metrics["loss"]
-
-    return run
+    return pure_step(lambda p, b, k: omnivore.loss(p, b, cfg=cfg), params, compile=compile)
 
 
 def torchmultimodal_model(cfg, params):
