@@ -28,3 +28,60 @@ Transforms take a denoiser and return one with the same signature (classifier-fr
 guidance, super-resolution conditioning, mask-conditioned inpainting); replacement
 inpainting must also change the sampler's ``x_t``, so it transforms a sampler step.
 """
+
+from fmm.diffusion.losses import (
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    hybrid_loss,
+    normal_kl,
+    simple_loss,
+    vlb_terms,
+)
+from fmm.diffusion.predict import (
+    PREDICTIONS,
+    convert,
+    predict_noise,
+    predict_x0,
+    reverse_step_moments,
+    split_output,
+    target,
+)
+from fmm.diffusion.samplers import (
+    compile_step,
+    ddim_moments,
+    ddim_step,
+    ddpm_moments,
+    ddpm_step,
+    sample,
+)
+from fmm.diffusion.schedule import (
+    Schedule,
+    cosine_betas,
+    gaussian_schedule,
+    linear_betas,
+    noised,
+    q_posterior,
+    q_sample,
+    quadratic_betas,
+    sample_timesteps,
+    sigmoid_betas,
+    spaced,
+)
+from fmm.diffusion.transforms import (
+    classifier_free_guidance,
+    drop_condition,
+    inpaint,
+    inpaint_conditioning,
+    low_resolution,
+    super_resolution,
+)
+
+__all__ = ["Schedule", "cosine_betas", "gaussian_schedule", "linear_betas", "noised"]
+__all__ += ["q_posterior", "q_sample", "quadratic_betas", "sample_timesteps", "sigmoid_betas"]
+__all__ += ["PREDICTIONS", "convert", "predict_noise", "predict_x0", "spaced"]
+__all__ += ["reverse_step_moments", "split_output", "target"]
+__all__ += ["diffusion_loss", "discretized_gaussian_log_likelihood", "hybrid_loss"]
+__all__ += ["normal_kl", "simple_loss", "vlb_terms"]
+__all__ += ["compile_step", "ddim_moments", "ddim_step", "ddpm_moments", "ddpm_step", "sample"]
+__all__ += ["classifier_free_guidance", "drop_condition", "inpaint", "inpaint_conditioning"]
+__all__ += ["low_resolution", "super_resolution"]
