@@ -103,6 +103,8 @@ def attention(
     cache: KVCache | None = None,
     slots: torch.Tensor | None = None,
     donate: bool = False,
+    pos: torch.Tensor | None = None,
+    context_pos: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
     """Multi-head attention of ``x: [B, S, dim]`` over itself or over ``context: [B, T, kv_dim]``.
 
@@ -121,6 +123,11 @@ def attention(
     prefill; the new cache holds them) and reads the cached ones when it is not.
     ``donate``: write the self-attention buffers in place (the caller gives them up).
 
+    ``pos`` (broadcastable to ``x``) is added to the input of the queries and, in
+    self-attention, of the keys, but not of the values; ``context_pos`` (broadcastable to
+    ``context``) likewise to the context's keys only. DETR's encoder-decoder re-adds its
+    positional encodings this way in every layer.
+
     Example::
 
         cfg = AttentionConfig(dim=8, heads=2)
@@ -132,7 +139,12 @@ def attention(
     """
     h = cfg.heads
     if cfg.kv_dim is None:
-        q, k, v = rearrange(linear(params["qkv"], x), "b s (n h d) -> n b h s d", n=3, h=h)
+        if pos is None:
+            q, k, v = rearrange(linear(params["qkv"], x), "b s (n h d) -> n b h s d", n=3, h=h)
+        else:
+            qk = _rows(params["qkv"], x + pos, 0, 2 * cfg.dim)
+            q, k = rearrange(qk, "b s (n h d) -> n b h s d", n=2, h=h)
+            v = rearrange(_rows(params["qkv"], x, 2 * cfg.dim), "b s (h d) -> b h s d", h=h)
         if cache is not None:
             if causal:
                 raise ValueError(
@@ -144,8 +156,14 @@ def attention(
             k = _write_slots(cache["k"], slots, k, donate)
             v = _write_slots(cache["v"], slots, v, donate)
     else:
-        q = rearrange(linear(params["q"], x), "b s (h d) -> b h s d", h=h)
-        if context is not None:
+        q = rearrange(
+            linear(params["q"], x if pos is None else x + pos), "b s (h d) -> b h s d", h=h
+        )
+        if context is not None and context_pos is not None:
+            k = _rows(params["kv"], context + context_pos, 0, cfg.dim)
+            v = _rows(params["kv"], context, cfg.dim)
+            k, v = (rearrange(t, "b t (h d) -> b h t d", h=h) for t in (k, v))
+        elif context is not None:
             k, v = rearrange(linear(params["kv"], context), "b t (n h d) -> n b h t d", n=2, h=h)
         elif cache is not None:
             k, v = cache["k"], cache["v"]
@@ -176,6 +194,13 @@ def attention(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     out = linear(params["out"], rearrange(out, "b h s d -> b s (h d)"))
     return out if cache is None else (out, {"k": k, "v": v})
+
+
+def _rows(params: dict[str, torch.Tensor], x: torch.Tensor, start: int, stop: int | None = None):
+    """The output rows ``start:stop`` of a fused projection (queries and keys of ``qkv``
+    from one input, values from another)."""
+    bias = params.get("bias")
+    return F.linear(x, params["weight"][start:stop], None if bias is None else bias[start:stop])
 
 
 def _write_slots(
