@@ -10,7 +10,7 @@ ViT params (``init_vit``)::
     patch                   {weight [width, C, p, p], bias (if cfg.patch_bias)}
                             (video, cfg.frames set: weight [width, C, tubelet, p, p])
     cls                     [width]            class token, prepended
-    pos                     [cfg.seq, width]   grid*grid + 1 (video: times frames/tubelet)
+    pos                     [cfg.seq, width]   patches + 1 (video: patches times frames/tubelet)
     mask_token              [width]            (if cfg.mask_token) the [MASK] patch of MIM
     norm_pre                layer norm before the stack (if cfg.norm_pre; CLIP's ln_pre)
     transformer.blocks.N
@@ -78,6 +78,11 @@ class Encoded(NamedTuple):
 class ViTConfig:
     """A vision transformer tower over ``image_size``² images cut in ``patch_size``² patches.
 
+    ``image_size``: one side of a square input, or ``(height, width)`` of a rectangular one
+    (a spectrogram ``[B, 1, frames, mels]`` is ``(frames, mels)``); the patches run
+    row-major over its :attr:`grid_shape`, each with its own learned position. An int and
+    the equal pair build the same tower (same params, same outputs).
+
     ``embed_std``: std of the class token and positions (``None``: ``width ** -0.5``, as
     CLIP); ``dropout``: on the embeddings in training (the blocks have their own).
 
@@ -87,7 +92,7 @@ class ViTConfig:
     attention stack with its own learned position.
     """
 
-    image_size: int
+    image_size: int | tuple[int, int]
     patch_size: int
     transformer: TransformerConfig
     in_channels: int = 3
@@ -101,10 +106,17 @@ class ViTConfig:
     tubelet: int = 1
 
     def __post_init__(self) -> None:
-        if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
+        if isinstance(self.image_size, list):  # a config.json round trip gives a list
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        sides = self.size
+        if (
+            len(sides) != 2
+            or self.patch_size < 1
+            or any(not isinstance(n, int) or n < 1 or n % self.patch_size for n in sides)
+        ):
             raise ValueError(
-                f"ViTConfig: image_size={self.image_size} must be a positive multiple of "
-                f"patch_size={self.patch_size}"
+                f"ViTConfig: image_size={self.image_size} must be a side or a (height, width) "
+                f"pair of positive multiples of patch_size={self.patch_size}"
             )
         if self.tubelet < 1 or (self.frames is not None and self.frames % self.tubelet):
             raise ValueError(
@@ -119,9 +131,30 @@ class ViTConfig:
         return self.transformer.width
 
     @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of one input (one frame of a video)."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else s
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """Patches along the height and the width."""
+        return self.size[0] // self.patch_size, self.size[1] // self.patch_size
+
+    @property
     def grid(self) -> int:
-        """Patches per side."""
-        return self.image_size // self.patch_size
+        """Patches per side of a square input (a rectangular one has :attr:`grid_shape`)."""
+        rows, cols = self.grid_shape
+        if rows != cols:
+            raise ValueError(
+                f"ViTConfig: image_size={self.image_size} is not square: read grid_shape"
+            )
+        return rows
+
+    @property
+    def patches(self) -> int:
+        """Patches per input (per tube of a video): ``rows * cols`` of :attr:`grid_shape`."""
+        return self.grid_shape[0] * self.grid_shape[1]
 
     @property
     def tubes(self) -> int:
@@ -131,7 +164,7 @@ class ViTConfig:
     @property
     def seq(self) -> int:
         """Tokens out of the tower: the class token and every patch (or tube)."""
-        return self.tubes * self.grid**2 + 1
+        return self.tubes * self.patches + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,10 +293,11 @@ def vit(
     train: bool = False,
     block_fn: BlockFn | None = None,
 ) -> Encoded:
-    """``images: [B, C, H, W]`` -> :class:`Encoded` ``[B, 1 + grid², width]``, class token
-    first. ``patch_mask: [B, grid²]`` bool replaces those patches by ``mask_token`` (MIM).
+    """``images: [B, C, H, W]`` -> :class:`Encoded` ``[B, 1 + patches, width]``, class
+    token first, patches row-major (a rectangular tower's ``H, W`` are its ``image_size``
+    pair). ``patch_mask: [B, patches]`` bool replaces those patches by ``mask_token`` (MIM).
     A video tower (``cfg.frames``) takes ``[B, C, frames, H, W]`` and returns ``[B, 1 +
-    tubes * grid², width]``, tubes in (time, row, column) order.
+    tubes * patches, width]``, tubes in (time, row, column) order.
 
     Shapes are the caller's to check (families check at their public boundary).
     """

@@ -1,7 +1,9 @@
 """CLIP: a ViT image tower and a causal text tower trained contrastively.
 
 ``clip_video_tiny`` is the same family with a video tower (``CLIPConfig.frames``): clips
-against captions, as ``python -m train clip --modality video`` trains it.
+against captions, as ``python -m train clip --modality video`` trains it. ``clap_tiny`` and
+``clap_vit_b16`` are the family with an audio tower (a ``(frames, mels)`` ``image_size``,
+one channel): spectrograms against captions, as ``python -m train clap`` trains it.
 
 ``FAMILY`` is its contract (:class:`models.family.Family`): presets, ``init``, the
 contrastive ``loss`` (cross-rank ``gather`` injected), the batch it reads, the three
@@ -10,6 +12,8 @@ reference layouts' converters, the memory-planner layout and the serving hooks.
 
 from models.clip.config import (
     CLIPConfig,
+    clap_tiny,
+    clap_vit_b16,
     clip_tiny,
     clip_video_tiny,
     clip_vit_b16,
@@ -46,6 +50,8 @@ PRESETS = {
     "clip_vit_l14": clip_vit_l14,
     "clip_tiny": clip_tiny,
     "clip_video_tiny": clip_video_tiny,
+    "clap_tiny": clap_tiny,
+    "clap_vit_b16": clap_vit_b16,
 }
 
 FAMILY = Family(
@@ -77,6 +83,8 @@ __all__ = [
     "CLIPConfig",
     "apply",
     "batch_fields",
+    "clap_tiny",
+    "clap_vit_b16",
     "clip_tiny",
     "clip_video_tiny",
     "clip_vit_b16",

@@ -24,11 +24,15 @@ class CLIPConfig:
     ``frames`` makes the image tower a video tower (:class:`fmm.nn.towers.ViTConfig`'s):
     it takes clips ``[B, C, frames, H, W]`` cut in tubes of ``tubelet`` frames, and the
     rest of CLIP (text tower, projections, loss) is unchanged. ``None``: images.
+
+    ``image_size``: a square side, or ``(height, width)``; with ``in_channels=1`` and
+    ``(frames, mels)`` the image tower is an audio tower over log-mel spectrograms ``[B, 1,
+    frames, mels]`` (CLAP-style, :func:`clap_tiny`), the rest of CLIP again unchanged.
     """
 
     embed_dim: int
     # image tower (ViT)
-    image_size: int
+    image_size: int | tuple[int, int]
     patch_size: int
     image_width: int
     image_layers: int
@@ -52,12 +56,15 @@ class CLIPConfig:
     attn_impl: str = "sdpa"  # "math" vmaps without a per-example loop (per-example grads)
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
+        if isinstance(self.image_size, list):  # a config.json round trip gives a list
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        sides = (self.image_size,) if isinstance(self.image_size, int) else self.image_size
+        if self.patch_size < 1 or any(n < 1 or n % self.patch_size for n in sides):
             raise ValueError(
-                f"CLIPConfig: image_size={self.image_size} is not a multiple of "
-                f"patch_size={self.patch_size}"
+                f"CLIPConfig: image_size={self.image_size} is not a positive multiple of "
+                f"patch_size={self.patch_size} (each side, for a (height, width) pair)"
             )
-        for name in ("embed_dim", "image_size", "patch_size", "context_length", "vocab_size"):
+        for name in ("embed_dim", "context_length", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CLIPConfig: {name} must be positive, got {getattr(self, name)}")
         # Building the tower configs validates widths, heads, MLP widths and the activation now.
@@ -65,8 +72,8 @@ class CLIPConfig:
 
     @property
     def grid(self) -> int:
-        """Patches per side."""
-        return self.image_size // self.patch_size
+        """Patches per side of a square image tower."""
+        return self.image_tower.grid
 
     def _tower(self, width: int, layers: int, heads: int, mlp_dim: int | None) -> TransformerConfig:
         return TransformerConfig(
@@ -96,9 +103,10 @@ class CLIPConfig:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """One input of the image tower: ``(C, H, W)``, or ``(C, frames, H, W)`` for video."""
+        """One input of the image tower: ``(C, H, W)``, or ``(C, frames, H, W)`` for video
+        (an audio tower: ``(1, frames, mels)``)."""
         time = () if self.frames is None else (self.frames,)
-        return (self.in_channels, *time, self.image_size, self.image_size)
+        return (self.in_channels, *time, *self.image_tower.size)
 
     @property
     def text_tower(self) -> TextConfig:
@@ -186,3 +194,37 @@ def clip_tiny(*, vocab_size: int = 64, context_length: int = 16) -> CLIPConfig:
         text_heads=4,
         act="gelu",
     )
+
+
+def clap_tiny(
+    *, vocab_size: int = 64, context_length: int = 20, frames: int = 64, mels: int = 32
+) -> CLIPConfig:
+    """:func:`clip_tiny` with an audio tower, CLAP-style: log-mel spectrograms ``[B, 1,
+    frames, mels]`` (the sound world's one-second clips at ``train.recipes.mae.SOUND_MEL``:
+    64 frames x 32 mels) cut in 8 x 8 patches, an 8 x 4 grid of 32 tokens, through 4 blocks
+    (one more than clip_tiny's: its 32 tokens cost half of clip_tiny's 65 per block, and it
+    keeps clip_tiny the family's smallest preset, the one the contract suite runs). The text
+    tower holds the sound world's longest captions (18 words, with ``<sot>`` and ``<eot>``).
+
+    Example: ``clip.encode_image(params, torch.randn(2, 1, 64, 32), cfg=clap_tiny())``.
+    """
+    return dataclasses.replace(
+        clip_tiny(vocab_size=vocab_size, context_length=context_length),
+        image_size=(frames, mels), patch_size=8, in_channels=1, image_layers=4,
+    )  # fmt: skip
+
+
+def clap_vit_b16() -> CLIPConfig:
+    """An audio-text CLIP at a published size: a ViT-B/16 audio tower (width 768 x 12
+    layers, AudioMAE's and AST's encoder) over AudioMAE's 1024-frame x 128-mel fbank
+    (``fmm.audio.AUDIOMAE``: 64 x 8 patches, 513 tokens with the class token) and OpenAI
+    CLIP's text tower (512 x 12, 77 tokens), embed 512.
+
+    No parity target exists: LAION-CLAP's audio tower is HTS-AT (a Swin transformer over
+    the spectrogram) or PANN (a CNN), not a ViT, and Microsoft's CLAP uses a CNN too; this
+    is the shape of "CLIP with an AudioMAE-sized audio ViT", trained from scratch here.
+    """
+    return CLIPConfig(
+        embed_dim=512, image_size=(1024, 128), patch_size=16, image_width=768,
+        image_layers=12, image_heads=12, in_channels=1, **_OPENAI_TEXT,
+    )  # fmt: skip

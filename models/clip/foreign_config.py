@@ -218,11 +218,17 @@ def config_to_hf(cfg: CLIPConfig) -> dict:
 
 
 def images_only(cfg: CLIPConfig, what: str) -> None:
-    """The foreign layouts have image towers only: a video CLIP (``cfg.frames``) is refused."""
+    """The foreign layouts have square image towers only: a video CLIP (``cfg.frames``) and a
+    rectangular (audio) tower are refused."""
     if cfg.frames is not None:
         raise ValueError(
             f"{what}: cfg has a video tower (frames={cfg.frames}); open_clip, Hugging Face "
             "and TorchMultimodal CLIPs take images only"
+        )
+    if not isinstance(cfg.image_size, int):
+        raise ValueError(
+            f"{what}: cfg has a (height, width) tower (image_size={cfg.image_size}, an audio "
+            "tower's); open_clip, Hugging Face and TorchMultimodal CLIPs take one square side"
         )
 
 

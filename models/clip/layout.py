@@ -13,7 +13,7 @@ from models.family import Layout, Stack, plan_seq
 
 def plan(cfg: CLIPConfig, *, seq: int | None = None, train: bool = True) -> Layout:
     """The :class:`models.family.Layout` of one contrastive step: the image tower over
-    ``grid² + 1`` tokens (a video tower: ``tubes * grid² + 1``) and the text tower over ``seq`` tokens (default ``context_length``).
+    ``patches + 1`` tokens (a video tower: ``tubes * patches + 1``) and the text tower over ``seq`` tokens (default ``context_length``).
 
     ``train`` changes nothing: CLIP has no dropout. Example:
     ``plan(clip_vit_l14()).stacks[0].seq == 257`` (256 patches and a class token).

@@ -6,8 +6,10 @@ converters are key maps)::
 
     image.patch.weight          [width, 3, patch, patch]   (no bias, as in OpenAI CLIP)
                                 video tower: [width, 3, tubelet, patch, patch]
+                                audio tower: [width, 1, patch, patch]
     image.cls                   [width]
-    image.pos                   [grid*grid + 1, width]     video: [tubes*grid*grid + 1, width]
+    image.pos                   [patches + 1, width]       video: [tubes*patches + 1, width]
+                                (patches: grid², or (frames/patch)*(mels/patch) for audio)
     image.norm_pre              layer norm before the stack (OpenAI's ln_pre)
     image.transformer.blocks.N  pre-norm blocks
     image.norm                  final layer norm (ln_post)
@@ -96,7 +98,8 @@ def image_features(
     params: Params, images: torch.Tensor, *, cfg: CLIPConfig, block_fn: BlockFn | None = None
 ) -> torch.Tensor:
     """The image tower's token sequence after the final norm: ``[B, 3, H, W] -> [B, 1+grid², width]``
-    (a video tower: ``[B, 3, frames, H, W] -> [B, 1 + tubes * grid², width]``).
+    (a video tower: ``[B, 3, frames, H, W] -> [B, 1 + tubes * grid², width]``; an audio
+    tower: ``[B, 1, frames, mels] -> [B, 1 + patches, width]``).
 
     ``block_fn`` runs each transformer block (see :func:`fmm.nn.transformer`); ``fmm.adapter``
     passes one to shard or checkpoint blocks. Default: :func:`fmm.nn.block`."""
@@ -123,7 +126,8 @@ def encode_image(
     block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Image embeddings ``[B, 3, H, W] -> [B, embed]``, unit norm unless ``normalize=False``
-    (a video tower, ``cfg.frames`` set, embeds clips ``[B, 3, frames, H, W]``).
+    (a video tower, ``cfg.frames`` set, embeds clips ``[B, 3, frames, H, W]``; an audio
+    tower, ``image_size=(frames, mels)``, spectrograms ``[B, 1, frames, mels]``).
 
     Example: ``encode_image(params, torch.rand(2, 3, 224, 224), cfg=clip_vit_b16())``.
     """
