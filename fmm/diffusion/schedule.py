@@ -156,7 +156,7 @@ def gaussian_schedule(
 def spaced(schedule: Schedule, steps: int | Sequence[int] | torch.Tensor) -> Schedule:
     """The schedule over a subset of ``schedule``'s steps (Nichol & Dhariwal's eq. 19).
 
-    ``steps``: a count (that many, evenly spaced from the first step to the last) or the
+    ``steps``: a count (that many, evenly spaced from the last step to the first) or the
     steps themselves (any order; sorted). The kept steps keep their ``alphas_cumprod``; the
     betas are recomputed from them, so a strided DDPM or a DDIM walks the same marginals.
     Example: ``spaced(s, 50).timesteps`` -> ``[0, 20, 41, ..., 999]``.
@@ -165,7 +165,8 @@ def spaced(schedule: Schedule, steps: int | Sequence[int] | torch.Tensor) -> Sch
     if isinstance(steps, int):
         if not 1 <= steps <= full:
             raise ValueError(f"steps must lie in [1, {full}], got {steps}")
-        kept = torch.linspace(0, full - 1, steps, dtype=torch.float64).round().long()
+        # From the last step down, so a single step is the last one (pure noise -> data).
+        kept = torch.linspace(full - 1, 0, steps, dtype=torch.float64).round().long()
     else:
         kept = torch.as_tensor(steps, dtype=torch.int64).sort().values
         if kept.ndim != 1 or kept.numel() == 0 or int(kept[0]) < 0 or int(kept[-1]) >= full:
@@ -193,7 +194,7 @@ def sample_timesteps(schedule: Schedule, key: torch.Tensor, batch: int) -> torch
 
 def _check_step(schedule: Schedule, x: torch.Tensor, t: torch.Tensor, name: str = "x0") -> None:
     checks.check_float(name, x, ("batch", "channels", "height", "width"))
-    checks.check_ids("t", t, (x.shape[0],), high=schedule.steps, of=name)
+    checks.check_ids("t", t, (x.shape[0],), high=schedule.steps, hint=f"one step per row of {name}")
 
 
 def q_sample(

@@ -232,3 +232,12 @@ def test_bad_arguments_name_themselves():
         fd.gaussian_schedule(torch.zeros(T))
     with pytest.raises(ValueError, match=r"^cond lacks"):
         fd.inpaint(lambda *a: a[1], s)(None, x0, torch.tensor(0), fmm.random.key(0), {"image": x0})
+
+
+def test_spaced_schedules_keep_the_marginals_and_the_last_step():
+    s = fd.gaussian_schedule(fd.cosine_betas(T))
+    for n in (1, 2, 7, T):
+        fast = fd.spaced(s, n)
+        assert fast.steps == n and int(fast.timesteps[-1]) == T - 1
+        torch.testing.assert_close(fast.alphas_cumprod, s.alphas_cumprod[fast.timesteps])
+    assert int(fd.spaced(s, 2).timesteps[0]) == 0
