@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fmm import boxes, matching, random
@@ -75,7 +75,6 @@ def _brute_force(cost):
     )
 
 
-@settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 6), m=st.integers(1, 6), seed=st.integers(0, 10_000))
 def test_assignment_costs_what_brute_force_over_permutations_costs(n, m, seed):
     cost = random.normal(random.key(seed), (n, m), dtype=torch.float64)

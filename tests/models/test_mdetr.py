@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fmm
+import fmm.nn.resnet
 from fmm.convert import ConversionError
 from fmm.nn.resnet import ResNetConfig
 from models.bert.config import BertConfig
@@ -225,3 +226,26 @@ def test_apply_names_the_bad_argument(tiny):
             cfg=cfg,
             image_mask=torch.ones(3, 5, 5, dtype=torch.bool),
         )
+
+
+@pytest.mark.parametrize("depths", [(3, 4, 6, 3), (3, 4, 23, 3)], ids=["resnet50", "resnet101"])
+def test_the_backbone_has_torchvisions_resnet_shapes(depths):
+    resnet = reference("torchvision.models.resnet")
+    with torch.device("meta"):
+        body = resnet.ResNet(resnet.Bottleneck, list(depths))
+    want = {
+        k.replace("downsample.0", "downsample.conv").replace(
+            "downsample.1", "downsample.bn"
+        ): v.shape
+        for k, v in body.state_dict().items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+    params = fmm.nn.resnet.init_resnet(ResNetConfig(depths=depths), fmm.random.key(0).to("meta"))
+    assert {k: v.shape for k, v in fmm.tree.flatten(params).items()} == want
+
+
+def test_the_backbone_strides_by_32_rounding_up():
+    cfg = ResNetConfig(depths=(1, 1, 1, 1), width=4)
+    params = fmm.nn.resnet.init_resnet(cfg, fmm.random.key(0))
+    out = fmm.nn.resnet.resnet(params, torch.rand(2, 3, 65, 96), cfg=cfg)
+    assert out.shape == (2, cfg.channels, 3, 3)
