@@ -12,14 +12,28 @@ Example::
 from collections.abc import Callable
 from typing import Any
 
-from models import albef, bert, clip, data2vec, flava, gpt, mae, mmgpt, omnivore, videogpt, vqvae
+from models import (
+    adm,
+    albef,
+    bert,
+    clip,
+    data2vec,
+    flava,
+    gpt,
+    mae,
+    mmgpt,
+    omnivore,
+    videogpt,
+    vqvae,
+)
 from models.family import Family
 
 # Adding a family: one package under models/ and its module in this tuple.
-_PACKAGES = (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt, mae, data2vec)
+_PACKAGES = (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt, mae, data2vec, adm)
 FAMILIES: tuple[Family, ...] = (
     *(package.FAMILY for package in _PACKAGES),
     videogpt.VQVAE_FAMILY,  # the videogpt package's second contract: its video tokenizer
+    adm.VAE_FAMILY,  # the adm package's second contract: latent diffusion's VAE
 )
 
 
@@ -67,6 +81,7 @@ __all__ = [
     "FAMILIES",
     "REGISTRY",
     "Family",
+    "adm",
     "albef",
     "bert",
     "clip",

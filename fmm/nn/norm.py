@@ -1,4 +1,4 @@
-"""Layer normalisation over the last axis."""
+"""Layer normalisation over the last axis, batch norm and group norm over channels."""
 
 from __future__ import annotations
 
@@ -67,3 +67,31 @@ def update_running_stats(
         ),
         "running_var": torch.lerp(params["running_var"], var.to(params["running_var"]), momentum),
     }
+
+
+def init_group_norm(
+    channels: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Params:
+    """``{"weight": ones[channels], "bias": zeros[channels]}`` (``nn.GroupNorm``'s state dict)."""
+    return init_layer_norm(channels, device=device, dtype=dtype)
+
+
+def group_norm(params: Params, x: torch.Tensor, *, groups: int, eps: float = 1e-5) -> torch.Tensor:
+    """Normalise ``x: [B, C, ...]`` over each of ``groups`` groups of ``C // groups`` channels
+    (and every spatial position), then scale and shift per channel. Returns ``x``'s shape and
+    dtype.
+
+    The statistics are taken in float32 whatever ``x``'s dtype: a group spans
+    ``C / groups * H * W`` values, too many to sum in half precision (TorchMultimodal's
+    ``Fp32GroupNorm`` does the same).
+
+    Example: ``group_norm(init_group_norm(64), torch.rand(2, 64, 8, 8), groups=32)``.
+    """
+    if x.ndim < 2 or x.shape[1] % groups:
+        raise ValueError(
+            f"group_norm: x must be [batch, C, ...] with C divisible by groups={groups}, "
+            f"got {list(x.shape)}"
+        )
+    w, b = params["weight"], params.get("bias")
+    out = F.group_norm(x.float(), groups, w.float(), None if b is None else b.float(), eps)
+    return out.to(x.dtype)
