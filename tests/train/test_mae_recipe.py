@@ -12,7 +12,7 @@ from models.family import check_batch
 from train import probe
 from train.__main__ import main
 from train.loop import load_run
-from train.recipes.mae import data_for, probe_set, probe_tasks, sound_pool, training_batch
+from train.recipes._ssl import data_for, probe_set, probe_tasks, sound_pool, training_batch
 
 ARGS = ["--steps", "2", "--batch-size", "4", "--probe-per-class", "2", "--probe-steps", "20"]
 ARGS += ["--sound-pool", "8"]

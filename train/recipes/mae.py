@@ -4,7 +4,7 @@ its frozen encoder.
 ``python -m train mae --modality image --out runs/mae`` trains ``mae_tiny`` (32² scenes in
 4² patches, 75% masked) on training scenes; ``--modality audio`` trains ``mae_audio_tiny``
 (80% masked) on one-second clips of the sound world turned into ``[1, 64, 32]`` log-mel
-spectrograms by :data:`SOUND_MEL`. The loss is MAE's, at the preset's mask ratio.
+spectrograms by :data:`train.recipes._ssl.SOUND_MEL`. The loss is MAE's, at the preset's mask ratio.
 
 Evaluation, on single-object scenes / single-sound clips of every class (held-out
 combinations included, none of which the pretraining ever saw):
@@ -19,23 +19,15 @@ combinations included, none of which the pretraining ever saw):
   does not see it), and the mean serves the random-init encoder as well (after 1500 steps
   on the shapes the class token read shape no better: 0.32 iid against the mean's 0.34).
 
-What "held-out" means for a probe: the probe reads one attribute (shape or colour of a
-scene; timbre or pitch of a sound). It is fitted on one eval set's seen combinations
-(``--probe-per-class`` examples of each) and scored on a second set drawn with another
-seed: ``<attr>_heldout`` on its held-out (colour, shape) / (pitch, timbre) combinations,
-which neither the encoder nor the probe has seen, ``<attr>_iid`` on its seen ones (new
-draws of the combinations it was fitted on: the random-split figure), and
-``<attr>_pretrain_heldout`` on its held-out combinations again, but with the probe fitted
-on every combination of the first set: held out of pretraining only, so it asks whether
-the encoder's features of combinations it never saw can be read, without also asking the
-probe to compose attributes it never saw together. Every probe is run
-twice: on the trained encoder and on the same encoder at its random init (the run's own
-starting params). ``probe_accuracy`` is the held-out accuracy of the form attribute,
+The probe sets, their splits (``<attr>_heldout``, ``_iid``, ``_pretrain_heldout``) and the
+report are :mod:`train.recipes._ssl`'s, shared with ``python -m train data2vec``; every
+probe runs on the trained encoder and on the same encoder at its random init (the run's
+own starting params). ``probe_accuracy`` is the held-out accuracy of the form attribute,
 shape or timbre, which a random encoder cannot read off colours or frequencies alone:
 colour and pitch are nearly linear in the input's pixels and mel bands, and a random-init
-encoder's features already read them at 0.8 or more held out (0.97 or more on their
-iid split), so they are reported beside it but are no test of what pretraining learnt. ``probe_gain_points`` is 100 x (trained -
-random init).
+encoder's features already read them at 0.8 or more held out (0.97 or more on their iid
+split), so they are reported beside it but are no test of what pretraining learnt.
+``probe_gain_points`` is 100 x (trained - random init).
 """
 
 from __future__ import annotations
@@ -48,25 +40,21 @@ import torch
 
 import fmm
 import models
-from fmm.audio import MelConfig, log_mel
 from models import mae
 from train import probe
-from train.data import WorldConfig, is_holdout, sample_scenes, sounds
-from train.data import eval_set as scene_eval_set
-from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
+from train.loop import Defaults, Evaluation, Job, Recipe
 from train.loop.engine import base_keys
 from train.plots_generation import save_image_grid
-from train.recipes import number
+from train.recipes._ssl import (
+    add_probe_arguments,
+    data_for,
+    probe_report,
+    probe_sets,
+    run_config,
+    source,
+)
 
 PRESETS = {"image": "mae_tiny", "audio": "mae_audio_tiny"}
-SOUND_SECONDS = 1.0
-# A log-mel sized for mae_audio_tiny: 25 ms frames every 15.6 ms over one second at 16 kHz
-# (65 frames, cut to 64) in 32 mel bands up to Nyquist, normalised by the sound world's
-# mean and std (measured over 256 training clips: -4.35, 3.18).
-SOUND_MEL = MelConfig(
-    sample_rate=16000, frame_length=400, hop=250, n_fft=512, mels=32, frames=64,
-    mean=-4.35, std=3.18,
-)  # fmt: skip
 # Encoder sizes over the preset: "tiny" is the preset itself.
 SIZES = {
     "tiny": {},
@@ -81,8 +69,6 @@ SIZES = {
         "decoder_mlp_dim": 128,
     },
 }
-# The attributes probed, per modality: (name, the form attribute first).
-ATTRIBUTES = {"image": ("shape", "color"), "audio": ("timbre", "pitch")}
 MASK_FILL = (0.35, 0.35, 0.6)  # a blanked patch in the figure: in neither world's palette
 
 
@@ -96,101 +82,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--size", default="tiny", choices=tuple(SIZES),
         help="tiny: the preset; small: a 4-layer width-128 encoder (default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument(
-        "--sound-pool", type=number(at_least=1), default=2048,
-        help="audio: training clips rendered once, batches drawn from them (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--probe-per-class", type=number(at_least=1), default=40,
-        help="examples per class in each of the probe's two sets (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--probe-steps", type=number(at_least=1), default=probe.Budget().steps,
-        help="full-batch steps of each linear probe (default: %(default)s)",
-    )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """What a run trains on: ``world`` (a :class:`WorldConfig` or a
-    :class:`~train.data.sounds.SoundWorldConfig`) and, for audio, its front end ``mel``."""
-
-    modality: str
-    world: WorldConfig | sounds.SoundWorldConfig
-    mel: MelConfig | None = None
-
-
-def data_for(modality: str) -> Data:
-    """The built-in world and front end of ``modality`` (``"image"`` or ``"audio"``)."""
-    if modality == "image":
-        return Data("image", WorldConfig())
-    return Data("audio", sounds.SoundWorldConfig(seconds=SOUND_SECONDS), SOUND_MEL)
-
-
-def spectrograms(waves: torch.Tensor, mel: MelConfig) -> torch.Tensor:
-    """``waves [B, samples]`` -> the MAE's input ``[B, 1, frames, mels]``."""
-    return log_mel(waves, mel)[:, None]
-
-
-def sound_pool(data: Data, clips: int, *, seed: int, chunk: int = 256) -> torch.Tensor:
-    """``clips`` training spectrograms ``[clips, 1, frames, mels]``, rendered once: the sound
-    world's synthesis costs several times the tiny MAE's step, so audio runs draw their
-    batches from this pool rather than render each one."""
-    g = torch.Generator().manual_seed(seed)
-    parts = [
-        spectrograms(
-            sounds.sample_sounds(data.world, min(chunk, clips - i), generator=g).waves, data.mel
-        )
-        for i in range(0, clips, chunk)
-    ]
-    return torch.cat(parts)
-
-
-def training_batch(data: Data, pool, generator: torch.Generator, batch_size: int) -> dict:
-    """A batch of training inputs, never of a held-out combination: fresh scenes ``images
-    [B, 3, H, W]``, or ``spectrograms [B, 1, frames, mels]`` drawn from ``pool`` (the
-    :func:`sound_pool`; ``None`` for images)."""
-    if data.modality == "image":
-        return {"images": sample_scenes(data.world, batch_size, generator=generator).images}
-    return {"spectrograms": pool[torch.randint(len(pool), (batch_size,), generator=generator)]}
-
-
-def probe_set(
-    data: Data, n_per_class: int, *, seed: int
-) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """One object / sound of every class ``n_per_class`` times: ``(inputs [N, ...],
-    {attribute: (labels [N], classes)}, unseen [N] bool)``, ``unseen`` marking the held-out
-    combinations."""
-    world = data.world
-    if data.modality == "image":
-        images, labels = scene_eval_set(world, n_per_class, seed=seed)
-        n = len(world.shapes)
-        attributes = {
-            "shape": (labels % n, n),
-            "color": (labels // n, len(world.colors)),
-        }
-        return images, attributes, is_holdout(world, labels)
-    clips = sounds.eval_set(world, n_per_class, seed=seed)
-    attributes = {
-        "timbre": (clips.timbre, len(world.timbres)),
-        "pitch": (clips.pitch, len(world.pitches)),
-    }
-    return spectrograms(clips.waves, data.mel), attributes, sounds.is_holdout(world, clips.labels)
-
-
-def probe_tasks(attributes: dict, unseen: torch.Tensor, fitted: torch.Tensor) -> dict:
-    """The probe :class:`~train.probe.Task` s over two sets' rows (``fitted [N]`` marks the
-    first set's), per attribute: fitted on the first set's seen rows and scored on the
-    second set's held-out rows (``<attr>_heldout``) and seen rows (``<attr>_iid``); and
-    fitted on all the first set's rows, scored on the second set's held-out rows
-    (``<attr>_pretrain_heldout``: the combinations held out of pretraining only)."""
-    tasks = {}
-    for name, (labels, classes) in attributes.items():
-        seen = fitted & ~unseen
-        tasks[f"{name}_heldout"] = probe.Task(labels, seen, ~fitted & unseen, classes)
-        tasks[f"{name}_iid"] = probe.Task(labels, seen, ~fitted & ~unseen, classes)
-        tasks[f"{name}_pretrain_heldout"] = probe.Task(labels, fitted, ~fitted & unseen, classes)
-    return tasks
+    add_probe_arguments(parser)
 
 
 @torch.no_grad()
@@ -254,19 +146,10 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
     preset = PRESETS[args.modality]
     cfg = dataclasses.replace(models.get_config(preset), **SIZES[args.size])
     rows, cols = cfg.grid
-    # The pool's seed differs from the stream's, which draws its rows.
-    pool = None if data.mel is None else sound_pool(data, args.sound_pool, seed=args.seed + 4)
     return Job(
         cfg=cfg,
-        source=SeededSource(
-            partial(training_batch, data, pool), batch_size=args.batch_size, seed=args.seed
-        ),
-        config={
-            "preset": preset,
-            "modality": args.modality,
-            "world": dataclasses.asdict(data.world),
-            **({"mel": dataclasses.asdict(data.mel)} if data.mel else {}),
-        },
+        source=source(data, args),
+        config={"preset": preset, **run_config(data)},
         curves=("loss",),
         describe=f"{preset} ({rows}x{cols} patches, {cfg.ratio:.0%} masked)",
         context=data,
@@ -275,28 +158,20 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
 
 def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) -> Evaluation:
     cfg, data = job.cfg, job.context
-    fit_x, fit_attrs, fit_unseen = probe_set(data, args.probe_per_class, seed=args.seed + 1)
-    test_x, test_attrs, test_unseen = probe_set(data, args.probe_per_class, seed=args.seed + 2)
-    x = torch.cat([fit_x, test_x])
-    attributes = {
-        name: (torch.cat([labels, test_attrs[name][0]]), classes)
-        for name, (labels, classes) in fit_attrs.items()
-    }
-    unseen = torch.cat([fit_unseen, test_unseen])
-    fitted = torch.arange(len(x)) < len(fit_x)
+    sets = probe_sets(data, args.probe_per_class, seed=args.seed)
     # The random-init encoder is the run's own starting point.
     random_init = fmm.tree.map(lambda t: t.to(device), mae.init(cfg, base_keys(args.seed)["init"]))
-    metrics = probe.compare(
-        probe_tasks(attributes, unseen, fitted),
-        trained=features(params, cfg, x, device),
-        random_init=features(random_init, cfg, x, device),
-        headline=(f"{ATTRIBUTES[data.modality][0]}_heldout",),
+    metrics = probe_report(
+        sets,
+        data.modality,
+        trained=features(params, cfg, sets.inputs, device),
+        random_init=features(random_init, cfg, sets.inputs, device),
         budget=probe.Budget(steps=args.probe_steps),
     )
+    test_x, test_unseen = sets.inputs[sets.test], sets.unseen[sets.test]
     out = reconstructions(params, cfg, test_x, fmm.random.key(args.seed + 3), device)
     metrics["heldout_masked_mse"] = heldout_loss(out, cfg, torch.ones_like(test_unseen))
     metrics["heldout_masked_mse_unseen_combos"] = heldout_loss(out, cfg, test_unseen)
-    metrics["probe_examples"] = {"fit": int((fitted & ~unseen).sum()), "test": len(test_x)}
     # The figure: the first example of every held-out class (at most 4), and of 4 seen
     # classes spread over the label order (so over colours / pitches too).
     firsts = torch.arange(0, len(test_x), args.probe_per_class)

@@ -1,0 +1,88 @@
+"""``python -m train data2vec`` for a few steps per modality: its probe figures, the teacher
+it carries as the loop's model state, and the caption probe set the text probe reads."""
+
+import json
+
+import pytest
+import torch
+
+import fmm
+from models import data2vec
+from models.family import check_batch
+from train.__main__ import main
+from train.loop import load_run
+from train.loop.engine import base_keys
+from train.recipes._ssl import CONTEXT, ROLES, data_for, probe_set, training_batch
+from train.recipes.data2vec import config_for, features
+
+ARGS = ["--steps", "3", "--batch-size", "4", "--probe-per-class", "2", "--probe-steps", "20"]
+ARGS += ["--sound-pool", "8", "--seed", "1"]
+FORM = {"image": "shape", "audio": "timbre", "text": "role"}
+
+
+@pytest.fixture(scope="module", params=["image", "text", "audio"])
+def run_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"data2vec_{request.param}")
+    main(["data2vec", "--modality", request.param, "--out", str(out), *ARGS])
+    return request.param, out
+
+
+def test_recipe_writes_the_probe_figures(run_dir):
+    modality, out = run_dir
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.json", "loss.png", "probes.png", "model_state.safetensors"} <= names
+    metrics = json.loads((out / "metrics.json").read_text())
+    form = FORM[modality]
+    assert metrics["probe_accuracy"] == metrics[f"probe_{form}_heldout"]
+    gain = 100 * (metrics["probe_accuracy"] - metrics["probe_accuracy_random_init"])
+    assert metrics["probe_gain_points"] == pytest.approx(gain, abs=0.02)
+    for split in ("heldout", "iid", "pretrain_heldout"):
+        for suffix in ("", "_random_init"):
+            assert 0.0 <= metrics[f"probe_{form}_{split}{suffix}"] <= 1.0
+    assert metrics["heldout_regression"] > 0
+    assert 0 < metrics["teacher_student_distance"] < 1
+    assert metrics["probe_examples"]["fit"] > 0 and metrics["probe_examples"]["test"] > 0
+
+
+def test_the_teacher_is_an_ema_that_moved_from_the_init_and_lags_the_student(run_dir):
+    modality, out = run_dir
+    run = load_run(out, family="data2vec")
+    assert run.cfg.modality == modality and int(run.model_state["step"]) == 3
+    init = data2vec.init(run.cfg, base_keys(1)["init"])
+    teacher = run.model_state["teacher"]
+    for name in ("transformer", "pos"):
+        t, s, s0 = (flat(p[name]) for p in (teacher, run.params, init))
+        assert not torch.equal(t, s0) and not torch.equal(t, s)
+        # An EMA of the student's path: between its init and where the student is now.
+        assert (t - s0).norm() < (s - s0).norm()
+
+
+def flat(tree) -> torch.Tensor:
+    leaves = fmm.tree.flatten(tree)
+    return torch.cat([leaves[k].flatten() for k in sorted(leaves)])
+
+
+def test_caption_probe_masks_one_content_word_and_labels_its_role():
+    data = data_for("text")
+    tokens, attributes, unseen = probe_set(data, 3, seed=0)
+    labels, classes = attributes["role"]
+    assert tokens.shape == (len(labels), CONTEXT) and classes == len(ROLES)
+    assert ((tokens == data.tokenizer.unk_id).sum(1) == 1).all()
+    assert unseen.any() and not unseen.all() and set(labels.tolist()) == set(range(len(ROLES)))
+    # The masked word is a colour exactly where the caption has no colour word left.
+    colours = torch.tensor([data.tokenizer.encode(c, 3)[0, 1].item() for c in data.world.colors])
+    no_colour = ~torch.isin(tokens, colours).any(1)
+    assert torch.equal(no_colour, labels == ROLES.index("color"))
+
+
+def test_text_batches_fit_the_family_and_features_read_the_masked_position():
+    data = data_for("text")
+    cfg = config_for(data)
+    batch = training_batch(data, None, torch.Generator().manual_seed(0), 3)
+    check_batch(data2vec.batch_fields(cfg), batch, where="training_batch")
+    tokens, _, _ = probe_set(data, 1, seed=0)
+    params = data2vec.init(cfg, base_keys(0)["init"])
+    f = features(params, cfg, tokens[:5], torch.device("cpu"))
+    at = (tokens[:5] == cfg.mask_id).nonzero()[:, 1]
+    h = data2vec.encode(params, tokens[:5], cfg=cfg, valid=tokens[:5] != 0)
+    assert torch.allclose(f, h[torch.arange(5), at])
