@@ -32,7 +32,7 @@ class MDETRConfig:
     ``queries`` learned object queries. ``classes``: the soft-token head's logits less
     the no-object one (token positions a box may name; texts are at most that long).
     ``contrastive_dim``: the contrastive alignment projections (None: no alignment head,
-    the plain ``mdetr_resnet101`` layout). ``image_size``: the largest side a batch's
+    the plain ``mdetr_resnet101`` layout). ``image_size``: the longest side a batch's
     images may have (images in a batch share one padded size, ``image_mask`` says which
     pixels are real). ``max_boxes``: targets per image in a batch.
 
@@ -53,7 +53,7 @@ class MDETRConfig:
     queries: int = 100
     classes: int = 255
     contrastive_dim: int | None = 64
-    image_size: int = 800
+    image_size: int = 1333
     max_boxes: int = 16
     pos_temperature: float = 10000.0
     cost_class: float = 1.0

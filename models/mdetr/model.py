@@ -227,17 +227,21 @@ def match_cost(
 
 
 def batch_fields(cfg: MDETRConfig) -> dict[str, Field]:
-    """The batch :func:`loss` reads: ``images [batch, 3, size, size]`` and optionally
-    ``image_mask [batch, size, size]``; ``tokens [batch, seq]``; per image up to
-    ``max_boxes`` targets: ``boxes [batch, boxes, 4]`` (``cxcywh`` in ``[0, 1]``),
+    """The batch :func:`loss` reads: ``images [batch, 3, height, width]`` (sides up to
+    ``image_size``) and optionally ``image_mask [batch, height, width]``; ``tokens [batch,
+    seq]``; per image up to ``max_boxes`` targets: ``boxes [batch, boxes, 4]`` (``cxcywh`` in ``[0, 1]``),
     ``token_map [batch, boxes, seq]`` (True where a token names the box) and optionally
     ``box_valid [batch, boxes]`` (False = padding; default all real)."""
-    size = {"size": cfg.image_size}
+    size = {"height": cfg.image_size, "width": cfg.image_size}
     targets = {"boxes": cfg.max_boxes, "seq": cfg.max_tokens}
     return {
-        "images": Field("float", ("batch", 3, "size", "size"), limits=size, doc="padded images"),
+        "images": Field("float", ("batch", 3, "height", "width"), limits=size, doc="padded images"),
         "image_mask": Field(
-            "bool", ("batch", "size", "size"), optional=True, limits=size, doc="True = real pixel"
+            "bool",
+            ("batch", "height", "width"),
+            optional=True,
+            limits=size,
+            doc="True = real pixel",
         ),
         "tokens": Field(
             "int",

@@ -122,6 +122,53 @@ def test_apply_equals_torchmultimodal_on_identical_weights(reference_model):
     )
 
 
+def _reference_matching(pred_logits, pred_boxes, targets, target_boxes, cfg):
+    """MDETR's matcher written with torchvision's box ops and scipy's assignment."""
+    ops, optimize = reference("torchvision.ops"), reference("scipy.optimize")
+    indices = []
+    for b in range(pred_logits.shape[0]):
+        prob, boxes = pred_logits[b].softmax(-1), pred_boxes[b]
+        xyxy = (ops.box_convert(x, "cxcywh", "xyxy") for x in (boxes, target_boxes[b]))
+        cost = (
+            -cfg.cost_class * prob @ targets[b].T
+            + cfg.cost_bbox * torch.cdist(boxes, target_boxes[b], p=1)
+            - cfg.cost_giou * ops.generalized_box_iou(*xyxy)
+        )
+        rows, cols = optimize.linear_sum_assignment(cost.numpy())
+        indices.append((torch.as_tensor(rows), torch.as_tensor(cols)))
+    return indices
+
+
+def test_the_loss_equals_torchmultimodals_losses_under_the_reference_matching(reference_model):
+    tmm = reference("torchmultimodal.modules.losses.mdetr")
+    cfg = _config()
+    params = from_torchmultimodal(reference_model.state_dict(), cfg)
+    (images, texts), (padded, tokens, mask) = _inputs()
+    boxes = torch.tensor([[[0.3, 0.4, 0.2, 0.3], [0.6, 0.6, 0.3, 0.2]], [[0.5, 0.5, 0.4, 0.4]] * 2])
+    token_map = torch.zeros(2, 2, tokens.shape[1], dtype=torch.bool)
+    token_map[0, 0, 1:3], token_map[0, 1, 3], token_map[1, 0, 1] = True, True, True
+    valid = torch.tensor([[True, True], [True, False]])
+    batch = {"images": padded, "image_mask": mask, "tokens": tokens, "boxes": boxes}
+    batch |= {"token_map": token_map, "box_valid": valid}
+    _, metrics = loss(params, batch, cfg=cfg, train=False)
+    with torch.no_grad():
+        out = reference_model(images, texts).model_output
+    positive = torch.nn.functional.pad(token_map.float(), (0, CLASSES + 1 - tokens.shape[1]))
+    positive = positive / positive.sum(-1, keepdim=True).clamp(min=1)
+    real = [boxes[b][valid[b]] for b in range(2)]
+    indices = _reference_matching(
+        out.pred_logits, out.pred_boxes, [positive[b][valid[b]] for b in range(2)], real, cfg
+    )
+    n = int(valid.sum())
+    want_ce = tmm.soft_token_prediction_loss(
+        out.pred_logits, [len(r) for r in real], positive[valid], indices, n
+    )
+    want_box = tmm.box_losses(out.pred_boxes, real, indices, n)
+    torch.testing.assert_close(metrics["class"], want_ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["bbox"], want_box.l1_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["giou"], want_box.giou_loss, atol=1e-5, rtol=1e-5)
+
+
 def test_sine_positions_equal_detrs_position_embedding():
     image = reference("torchmultimodal.models.mdetr.image_encoder")
     pad = torch.zeros(2, 5, 7, dtype=torch.bool)
