@@ -215,8 +215,9 @@ def match_cost(
     ``-cost_class * p_q . targets_t + cost_bbox * |box_q - box_t|_1 - cost_giou *
     GIoU(box_q, box_t)``. ``targets: [B, T, classes + 1]`` (:func:`fmm.boxes.token_targets`),
     ``target_boxes: [B, T, 4]`` ``cxcywh``."""
-    prob = out["logits"].softmax(-1)
-    pred = out["boxes"]
+    # In float32 whatever the compute dtype: rounding must not decide the matching.
+    prob, pred = out["logits"].float().softmax(-1), out["boxes"].float()
+    targets, target_boxes = targets.float(), target_boxes.float()
     l1 = (pred[:, :, None] - target_boxes[:, None]).abs().sum(-1)
     giou = boxes.generalized_iou(
         boxes.cxcywh_to_xyxy(pred[:, :, None]), boxes.cxcywh_to_xyxy(target_boxes[:, None])
@@ -295,7 +296,7 @@ def loss(
 
     out, _ = _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)
     targets = boxes.token_targets(token_map, cfg.classes + 1)
-    query_of = matching.match(match_cost(out, targets, target_boxes, cfg=cfg).float(), valid.bool())
+    query_of = matching.match(match_cost(out, targets, target_boxes, cfg=cfg), valid.bool())
     num_boxes = valid.sum().clamp(min=1)
     ce = boxes.soft_token_loss(
         out["logits"].float(), targets, query_of, num_boxes, no_object_weight=cfg.no_object_weight

@@ -296,3 +296,26 @@ def test_the_backbone_strides_by_32_rounding_up():
     params = fmm.nn.resnet.init_resnet(cfg, fmm.random.key(0))
     out = fmm.nn.resnet.resnet(params, torch.rand(2, 3, 65, 96), cfg=cfg)
     assert out.shape == (2, cfg.channels, 3, 3)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_attention_adds_pos_to_queries_and_keys_but_not_values(cross):
+    """``fmm.nn.attention``'s ``pos=`` / ``context_pos=``, which DETR's layers use, against
+    ``nn.MultiheadAttention`` given ``query=x+pos, key=context+context_pos, value=context``."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x, pos, ctx, ctx_pos = (torch.randn(2, n, 8) for n in (3, 3, 5, 5))
+    w, b = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+    out = {"weight": mha.out_proj.weight.detach(), "bias": mha.out_proj.bias.detach()}
+    if cross:
+        cfg = fmm.nn.AttentionConfig(dim=8, heads=2, kv_dim=8)
+        params = {"q": {"weight": w[:8], "bias": b[:8]}, "kv": {"weight": w[8:], "bias": b[8:]}}
+        got = fmm.nn.attention(
+            {**params, "out": out}, x, cfg=cfg, context=ctx, pos=pos, context_pos=ctx_pos
+        )
+        want = mha(x + pos, ctx + ctx_pos, ctx, need_weights=False)[0]
+    else:
+        cfg = fmm.nn.AttentionConfig(dim=8, heads=2)
+        got = fmm.nn.attention({"qkv": {"weight": w, "bias": b}, "out": out}, x, cfg=cfg, pos=pos)
+        want = mha(x + pos, x + pos, x, need_weights=False)[0]
+    torch.testing.assert_close(got, want.detach())
