@@ -53,10 +53,11 @@ def target(
         return noise
     if prediction == "x0":
         return x0
-    return (
+    v = (
         at(schedule.sqrt_alphas_cumprod, t, x0) * noise
         - at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
     )
+    return v.to(x0.dtype)
 
 
 def predict_x0(
@@ -83,7 +84,7 @@ def predict_x0(
         )
     else:
         x0 = out
-    return x0.clamp(-1.0, 1.0) if clip else x0
+    return (x0.clamp(-1.0, 1.0) if clip else x0).to(x_t.dtype)
 
 
 def predict_noise(
@@ -103,14 +104,16 @@ def predict_noise(
         return out
     if prediction == "v" and not clip:
         # Direct, better conditioned than dividing by sqrt(1/ᾱ - 1) near t = 0.
-        return (
+        noise = (
             at(schedule.sqrt_alphas_cumprod, t, x_t) * out
             + at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
         )
+        return noise.to(x_t.dtype)
     x0 = predict_x0(schedule, prediction, out, x_t, t, clip=clip)
-    return (at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / at(
+    noise = (at(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / at(
         schedule.sqrt_recipm1_alphas_cumprod, t, x_t
     )
+    return noise.to(x_t.dtype)
 
 
 def convert(

@@ -132,7 +132,7 @@ def ddim_moments(
     a_prev = at(schedule.alphas_cumprod_prev, idx, x)
     sigma = eta * ((1 - a / a_prev) * (1 - a_prev) / (1 - a)).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-    return mean, sigma.expand_as(x)
+    return mean.to(x.dtype), sigma.expand_as(x).to(x.dtype)
 
 
 def ddim_step(

@@ -180,10 +180,14 @@ def spaced(schedule: Schedule, steps: int | Sequence[int] | torch.Tensor) -> Sch
 
 
 def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[t]`` as ``[B, 1, ..., 1]`` in ``like``'s dtype, to broadcast against ``like:
-    [B, ...]`` (the schedule's float64 is cast before it meets the data, as the data's
-    precision is what the network sees)."""
-    return values[t].to(like.dtype).reshape(-1, *(1,) * (like.ndim - 1))
+    """``values[t]`` as ``[B, 1, ..., 1]``, to broadcast against ``like: [B, ...]``.
+
+    It stays float64: each function here forms its products in float64 and casts its result
+    to the data's dtype (where TorchMultimodal casts too). At large ``t``, ``x0 = sqrt(1/ᾱ)
+    x_t - sqrt(1/ᾱ - 1) ε`` cancels two terms ~300 times the result, so float32
+    coefficients would lose ~1e-5 per step, which a sampler's loop compounds.
+    """
+    return values[t].reshape(-1, *(1,) * (like.ndim - 1))
 
 
 def sample_timesteps(schedule: Schedule, key: torch.Tensor, batch: int) -> torch.Tensor:
@@ -217,7 +221,7 @@ def noised(
     return (
         at(schedule.sqrt_alphas_cumprod, t, x0) * x0
         + at(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-    )
+    ).to(x0.dtype)
 
 
 def q_posterior(
@@ -241,4 +245,4 @@ def q_posterior(
         at(schedule.posterior_mean_x0_coef, t, x_t) * x0
         + at(schedule.posterior_mean_xt_coef, t, x_t) * x_t
     )
-    return mean, log_variance.expand_as(x_t)
+    return mean.to(x_t.dtype), log_variance.expand_as(x_t).to(x_t.dtype)

@@ -25,11 +25,22 @@ def labs(module: str):
     return reference(f"{LABS}.{module}")
 
 
-def init_toy(key: torch.Tensor, in_channels: int = C, out_channels: int = C) -> dict:
-    """Params of the stand-in denoiser (odd sizes, so a transposed weight shows)."""
+def init_toy(
+    key: torch.Tensor, in_channels: int = C, out_channels: int = C, *, near_identity=False
+) -> dict:
+    """Params of the stand-in denoiser (odd sizes, so a transposed weight shows).
+
+    ``near_identity``: the first channels pass ``x_t`` through, a fair guess of the noise,
+    so that a whole sampling loop stays bounded (a random conv's "noise" makes ``x0``
+    explode to ~1e4, where float32's ulp alone exceeds 1e-5).
+    """
     k = fmm.random.split(key, 3)
+    w = fmm.random.normal(k[0], (out_channels, in_channels, 3, 3)) * 0.2
+    if near_identity:
+        w = w * 0.1
+        w[:C, :C, 1, 1] += torch.eye(C)
     return {
-        "w": fmm.random.normal(k[0], (out_channels, in_channels, 3, 3)) * 0.2,
+        "w": w,
         "t": fmm.random.normal(k[1], (T, out_channels)) * 0.1,
         "text": fmm.random.normal(k[2], (D, out_channels)) * 0.3,
     }
@@ -238,9 +249,34 @@ def test_ddim_step_matches_with_the_same_noise(data, eta, clip):
         torch.testing.assert_close(ours, theirs, **TOL)
 
 
-def test_ddim_loop_matches_the_reference_generator(data):
+def noise_per_step(sched, key: torch.Tensor, order: list[int], shape) -> None:
+    # The reference draws once per step, in loop order; hand it fmm's draw for each index.
+    draws = iter(
+        [fmm.random.normal(fmm.random.fold_in(key, torch.tensor(i)), shape) for i in order]
+    )
+    sched.sample_noise = lambda x_like: next(draws)
+
+
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_ddpm_loop_matches_the_reference_sampler(data, learned_variance):
     _, x, _, _, key = data
-    params = init_toy(fmm.random.key(2))
+    out = 2 * C if learned_variance else C
+    params = init_toy(fmm.random.key(1), out_channels=out, near_identity=True)
+    steps = [0, 6, 15, 27, T - 1]
+    ref = _reference_ddpm(params, learned_variance, torch.tensor(steps))
+    s = fd.spaced(fd.gaussian_schedule(fd.cosine_betas(T)), steps)
+    step = functools.partial(fd.ddpm_step, toy, schedule=s, learned_variance=learned_variance)
+    ours = fd.sample(step, params, x, key, steps=s.steps)
+    noise_per_step(ref.schedule, key, list(range(s.steps - 1, -1, -1)), x.shape)
+    with torch.no_grad():
+        theirs = ref(x)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_loop_matches_the_reference_generator(data, eta):
+    _, x, _, _, key = data
+    params = init_toy(fmm.random.key(2), near_identity=True)
     steps = torch.tensor([0, 9, 19, 29, T - 1])
     ref_s = reference_schedule(fd.cosine_betas(T))
     ref = (
@@ -251,15 +287,16 @@ def test_ddim_loop_matches_the_reference_generator(data):
             labs("predictors.noise_predictor").NoisePredictor(ref_s),
             eval_steps=steps,
             progress_bar=False,
-            eta=0.0,
+            eta=eta,
         )
         .eval()
     )
     s = fd.spaced(fd.gaussian_schedule(fd.cosine_betas(T)), steps)
-    step = functools.partial(fd.ddim_step, toy, schedule=s, eta=0.0)
+    step = functools.partial(fd.ddim_step, toy, schedule=s, eta=eta)
     ours = x
     for i in range(s.steps - 1, 0, -1):  # the reference's last x is at step 0, not x0
         ours = step(params, ours, torch.tensor(i), key)
+    noise_per_step(ref_s, key, list(range(s.steps - 1, 0, -1)), x.shape)
     with torch.no_grad():
         theirs = ref(x)
     torch.testing.assert_close(ours, theirs, **TOL)
