@@ -241,3 +241,32 @@ def test_spaced_schedules_keep_the_marginals_and_the_last_step():
         assert fast.steps == n and int(fast.timesteps[-1]) == T - 1
         torch.testing.assert_close(fast.alphas_cumprod, s.alphas_cumprod[fast.timesteps])
     assert int(fd.spaced(s, 2).timesteps[0]) == 0
+
+
+def test_compiled_hybrid_training_loss_equals_eager(params):
+    def doubled(p, x, t, cond):  # a learned-variance output: [B, 2C, H, W]
+        out = linear_toy(p, x, t, cond)
+        return torch.cat([out, 0.1 * out], dim=1)
+
+    s = fd.gaussian_schedule(fd.cosine_betas(T))
+    loss = functools.partial(fd.diffusion_loss, doubled, schedule=s, learned_variance=True)
+    x0 = fmm.random.uniform(fmm.random.key(15), (B, C, H, W), low=-1.0, high=1.0)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got, metrics = compiled(params, x0, fmm.random.key(16))
+    want, _ = loss(params, x0, fmm.random.key(16))
+    torch.testing.assert_close(got, want)
+    assert set(metrics) == {"mse", "vlb"}
+
+
+def test_results_keep_the_data_dtype(params):
+    s = fd.spaced(fd.gaussian_schedule(fd.cosine_betas(T)), 4)
+    x = fmm.random.normal(fmm.random.key(17), (B, C, H, W), dtype=torch.bfloat16)
+    t = torch.tensor([0, 1, 2, 3])
+    x_t, noise = fd.q_sample(s, x, t, fmm.random.key(18))
+    assert x_t.dtype == noise.dtype == torch.bfloat16
+    bf16 = {k: v.to(torch.bfloat16) for k, v in params.items()}
+    for step in (fd.ddpm_step, fd.ddim_step):
+        out = step(linear_toy, bf16, x, torch.tensor(2), fmm.random.key(19), schedule=s)
+        assert out.dtype == torch.bfloat16
+    for kind in fd.PREDICTIONS:
+        assert fd.convert(s, x, x_t, t, source=kind, to="v").dtype == torch.bfloat16
