@@ -333,20 +333,28 @@ def test_hybrid_loss_and_gradients_match(data):
         torch.testing.assert_close(a, b, **TOL, msg=name)
 
 
-def test_classifier_free_guidance_matches_cfguidance(data):
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_classifier_free_guidance_matches_cfguidance(data, learned_variance):
     _, x, t, k, _ = data
-    params = init_toy(fmm.random.key(5))
+    params = init_toy(fmm.random.key(5), out_channels=2 * C if learned_variance else C)
     text = fmm.random.normal(k, (B, D))
     w = 2.5
     ref = (
         labs("modules.adapters.cfguidance")
-        .CFGuidance(Reference(params), {"text": D}, guidance=w, learn_null_emb=False)
+        .CFGuidance(
+            Reference(params, learned_variance), {"text": D}, guidance=w, learn_null_emb=False
+        )
         .eval()
     )
-    guided = fd.classifier_free_guidance(toy, 1 + w, null={"text": torch.zeros(1, D)})
+    null = {"text": torch.zeros(1, D)}
+    guided = fd.classifier_free_guidance(toy, 1 + w, null=null, learned_variance=learned_variance)
+    ours = guided(params, x, t, {"text": text})
     with torch.no_grad():
-        theirs = ref(x, t, {"text": text}).prediction
-    torch.testing.assert_close(guided(params, x, t, {"text": text}), theirs, **TOL)
+        theirs = ref(x, t, {"text": text})
+    pred, value = fd.split_output(ours, learned_variance=learned_variance)
+    torch.testing.assert_close(pred, theirs.prediction, **TOL)
+    if learned_variance:
+        torch.testing.assert_close(value, theirs.variance_value, **TOL)
 
 
 def test_super_resolution_matches_the_adapter(data):
