@@ -16,12 +16,12 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from fmm import checks, random
+from fmm.diffusion.interface import Cond, Denoise
 from fmm.diffusion.predict import reverse_step_moments, split_output, target
 from fmm.diffusion.schedule import Schedule, q_posterior, q_sample, sample_timesteps
 
@@ -33,8 +33,6 @@ __all__ = [
     "simple_loss",
     "vlb_terms",
 ]
-
-Denoise = Callable[[Any, torch.Tensor, torch.Tensor, Mapping | None], torch.Tensor]
 
 
 def normal_kl(
@@ -138,7 +136,7 @@ def diffusion_loss(
     params: Any,
     x0: torch.Tensor,
     key: torch.Tensor,
-    cond: Mapping[str, torch.Tensor] | None = None,
+    cond: Cond = None,
     *,
     schedule: Schedule,
     prediction: str = "noise",

@@ -24,23 +24,20 @@ Example::
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from fmm import checks, random
+from fmm.diffusion.interface import Cond, Denoise, Step
 from fmm.diffusion.predict import predict_noise, predict_x0, reverse_step_moments
 from fmm.diffusion.schedule import Schedule, at
 
 __all__ = ["compile_step", "ddim_moments", "ddim_step", "ddpm_moments", "ddpm_step", "sample"]
 
-Denoise = Callable[[Any, torch.Tensor, torch.Tensor, Mapping | None], torch.Tensor]
-Step = Callable[..., torch.Tensor]
-
 
 def _timesteps(schedule: Schedule, x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """The denoiser's ``t: [B]`` for index ``i`` (0-d or ``[B]``)."""
+    """The denoiser's ``t: [B]`` for the 0-d index ``i``."""
     return schedule.timesteps[i].expand(x.shape[0])
 
 
@@ -57,7 +54,7 @@ def ddpm_moments(
     params: Any,
     x: torch.Tensor,
     i: torch.Tensor,
-    cond: Mapping[str, torch.Tensor] | None = None,
+    cond: Cond = None,
     *,
     schedule: Schedule,
     prediction: str = "noise",
@@ -82,7 +79,7 @@ def ddpm_step(
     x: torch.Tensor,
     i: torch.Tensor,
     key: torch.Tensor,
-    cond: Mapping[str, torch.Tensor] | None = None,
+    cond: Cond = None,
     *,
     schedule: Schedule,
     prediction: str = "noise",
@@ -110,7 +107,7 @@ def ddim_moments(
     params: Any,
     x: torch.Tensor,
     i: torch.Tensor,
-    cond: Mapping[str, torch.Tensor] | None = None,
+    cond: Cond = None,
     *,
     schedule: Schedule,
     prediction: str = "noise",
@@ -141,7 +138,7 @@ def ddim_step(
     x: torch.Tensor,
     i: torch.Tensor,
     key: torch.Tensor,
-    cond: Mapping[str, torch.Tensor] | None = None,
+    cond: Cond = None,
     *,
     schedule: Schedule,
     prediction: str = "noise",
@@ -194,7 +191,7 @@ def sample(
     params: Any,
     x: torch.Tensor,
     key: torch.Tensor,
-    cond: Mapping[str, torch.Tensor] | None = None,
+    cond: Cond = None,
     *,
     steps: int,
 ) -> torch.Tensor:

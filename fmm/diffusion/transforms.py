@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fmm import checks, random
+from fmm.diffusion.interface import Cond, Denoise, Step
 from fmm.diffusion.schedule import Schedule, noised
 
 __all__ = [
@@ -43,9 +44,6 @@ __all__ = [
     "super_resolution",
 ]
 
-Cond = Mapping[str, torch.Tensor] | None
-Denoise = Callable[[Any, torch.Tensor, torch.Tensor, Cond], torch.Tensor]
-Step = Callable[..., torch.Tensor]
 Null = Mapping[str, torch.Tensor] | Callable[[Any], Mapping[str, torch.Tensor]]
 
 
