@@ -27,6 +27,12 @@ sampler step that calls it compiles once with ``fullgraph=True``. A family adapt
 Transforms take a denoiser and return one with the same signature (classifier-free
 guidance, super-resolution conditioning, mask-conditioned inpainting); replacement
 inpainting must also change the sampler's ``x_t``, so it transforms a sampler step.
+
+Modules: ``schedule`` (betas, :class:`Schedule`, ``spaced``, ``q_sample``, ``q_posterior``),
+``predict`` (noise / v / x0 and the learned variance), ``losses`` (simple, hybrid),
+``samplers`` (DDPM, DDIM, ``compile_step``, ``sample``), ``transforms`` (guidance,
+super-resolution, inpainting), ``interface`` (the ``Denoise`` / ``Step`` types). The tour
+is ``docs/diffusion.md``.
 """
 
 from fmm.diffusion.losses import (
