@@ -225,3 +225,27 @@ def test_clip_condition_embeds_images_with_fmm_clip():
     assert not cond["clip_image"].requires_grad
     with pytest.raises(ValueError, match="embed_dim=64 is not the decoder's embed_dim=16"):
         dalle2.clip_condition(clip_params, images, clip_cfg=clip_cfg, cfg=dalle2_tiny(embed_dim=16))
+
+
+def test_a_guided_sampler_step_over_the_unet_compiles_once_and_equals_eager():
+    import torch._dynamo.testing
+
+    from fmm import diffusion as fd
+
+    cfg = dalle2_tiny()
+    params = unet.init(cfg, fmm.random.key(0))
+    s = fd.spaced(unet.schedule(cfg), 3)
+    guided = classifier_free_guidance(
+        functools.partial(unet.apply, cfg=cfg), 4.0, learned_variance=True,
+        null=functools.partial(unet.null_condition, cfg=cfg),
+    )  # fmt: skip
+    eager = functools.partial(fd.ddpm_step, guided, schedule=s, learned_variance=True, clip=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = fd.compile_step(eager, backend=counter)
+    x, key = fmm.random.normal(fmm.random.key(1), (2, 3, 16, 16)), fmm.random.key(2)
+    cond = {cfg.cond_key: torch.randn(2, cfg.embed_dim)}
+    with torch.no_grad():
+        compiled = fd.sample(step, params, x, key, cond, steps=s.steps)
+        want = fd.sample(eager, params, x, key, cond, steps=s.steps)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, want, atol=1e-5, rtol=1e-5)
