@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fmm import checks, random
-from fmm.kv_cache import Cache, DecoderSpec, Params, as_spec, init_cache, run_cached
+from fmm.kv_cache import Cache, DecoderSpec, Params, as_spec, cache_len, init_cache, run_cached
 from fmm.nn.transformer import init_block
 from fmm.sampling import Sampling, greedy, sample, top_k_mask, top_p_mask
 
@@ -66,19 +66,18 @@ def _check_params(params: Params, spec: DecoderSpec) -> None:
         checks.check_params(params, init=spec.init, cfg=spec.config)
         return
     # Without the model's init only the blocks' layout is known here.
-    t = spec.transformer
     try:
         blocks = spec.blocks(params)
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError(
             f"params hold no transformer blocks where the spec reads them: {e!r}"
         ) from None
-    if len(blocks) != t.layers:
+    if len(blocks) != spec.layers:
         raise ValueError(
             f"params have {len(blocks)} transformer blocks but the spec's transformer has "
-            f"layers={t.layers}"
+            f"layers={spec.layers}"
         )
-    for i, bp in enumerate(blocks):
+    for i, (bp, t) in enumerate(zip(blocks, spec.configs)):
         checks.check_params(bp, init=init_block, cfg=t, name=f"params' block {i}")
 
 
@@ -97,10 +96,10 @@ def _check_cache(name: str, tokens: torch.Tensor, cache: Cache, spec: DecoderSpe
             f"{name} have batch {tokens.shape[0]} but the cache was built for batch {b} "
             f"({name} {list(tokens.shape)}, cache pos {list(cache['pos'].shape)})"
         )
-    if len(cache["layers"]) != spec.transformer.layers:
+    if len(cache["layers"]) != spec.layers:
         raise ValueError(
             f"cache has {len(cache['layers'])} layers but the model has "
-            f"{spec.transformer.layers}: build it with init_cache(spec, ...)"
+            f"{spec.layers}: build it with init_cache(spec, ...)"
         )
 
 
@@ -142,7 +141,7 @@ def prefill(
 def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate, last_only):
     # prefill after its param and token checks (generate makes them on its prompt).
     batch, seq = tokens.shape
-    max_len = cache["layers"][0]["k"].shape[2] if cache["layers"] else None
+    max_len = cache_len(cache)
     filled = cache["start"] + cache["pos"]
     fresh = not torch.compiler.is_compiling() and not bool(filled.any())
     if not torch.compiler.is_compiling() and max_len is not None:
@@ -167,12 +166,13 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
     slots = filled[:, None] + torch.arange(seq, device=tokens.device)
     positions = (slots - start[:, None]).clamp(min=0)
 
-    t = spec.transformer
+    cross_dim = spec.cross_dim
     new_cache: Cache = {"start": start}
-    if t.cross_dim is not None and context is not None:
-        want_t = cache["layers"][0]["ck"].shape[2]
+    if cross_dim is not None and context is not None:
+        want_t = cache_len(cache, "ck")
+        like = next(layer["ck"] for layer in cache["layers"] if "ck" in layer)
         checks.check_float(
-            "context", context, (batch, want_t, t.cross_dim), like=cache["layers"][0]["ck"],
+            "context", context, (batch, want_t, cross_dim), like=like,
             hint="batch, the cache's context_len, cross_dim",
         )  # fmt: skip
         cm = torch.ones(batch, want_t, dtype=torch.bool, device=tokens.device)
@@ -180,7 +180,7 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
             checks.check_mask("context_mask", context_mask, (batch, want_t))
             cm = context_mask.bool()
         new_cache["context_mask"] = cm
-    elif t.cross_dim is not None and fresh:
+    elif cross_dim is not None and fresh:
         raise ValueError(
             "context= is missing: a cross-attending model needs context= at the first prefill"
         )
@@ -233,10 +233,9 @@ def decode_step(
 def _decode_step(params: Params, token, cache: Cache, spec: DecoderSpec, donate: bool, active=None):
     # decode_step after its checks; generate's loop feeds it tokens it sampled itself.
     slots = (cache["start"] + cache["pos"])[:, None]
-    if not torch.compiler.is_compiling() and cache["layers"]:
-        max_len = cache["layers"][0]["k"].shape[2]
-        if int(slots.max()) >= max_len:
-            raise ValueError(f"cache is full (max_len={max_len}): no slot for another token")
+    max_len = cache_len(cache)
+    if not torch.compiler.is_compiling() and max_len is not None and int(slots.max()) >= max_len:
+        raise ValueError(f"cache is full (max_len={max_len}): no slot for another token")
     logits, layers = run_cached(
         params, token[:, None], cache, spec, slots, cache["start"], cache["pos"][:, None],
         donate, None,
@@ -341,7 +340,7 @@ def generate(
             f"max_len is too small: a prompt of {seq} tokens plus {max_new_tokens} new ones "
             f"needs max_len >= {need}, got max_len={max_len}"
         )
-    leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"] if spec.transformer.layers else None
+    leaf = spec.blocks(params)[0]["mlp"]["fc1"]["weight"] if spec.layers else None
     dtype = leaf.dtype if leaf is not None else torch.float32
     ctx_len = None if context is None else context.shape[1]
     cache = init_cache(spec, batch, max_len, dtype=dtype, device=prompt.device, context_len=ctx_len)

@@ -33,7 +33,9 @@ class DecoderSpec:
     on it cheaply; build it once per config, e.g. with ``functools.cache``).
 
     ``transformer``: the stack's config; its blocks are :func:`fmm.nn.block`s (pre- or
-    post-norm, optionally cross-attending).
+    post-norm, optionally cross-attending); or a tuple of one config per block for a stack
+    whose blocks differ (CoCa: unimodal blocks, then cross-attending ones), all of one
+    width.
     ``embed(params, tokens [B, S], positions [B, S]) -> [B, S, width]``: token (and position)
     embedding; ``positions`` are per-sequence position ids, 0 at each prompt's first token.
     ``head(params, h [B, S, width]) -> logits [B, S, vocab]``: final norm and output layer.
@@ -45,7 +47,7 @@ class DecoderSpec:
     ``transformer``).
     """
 
-    transformer: TransformerConfig
+    transformer: TransformerConfig | tuple[TransformerConfig, ...]
     embed: Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
     head: Callable[[Params, torch.Tensor], torch.Tensor]
     blocks: Callable[[Params], Sequence[Params]] = _blocks_of
@@ -53,6 +55,31 @@ class DecoderSpec:
     vocab_size: int | None = None
     init: Callable[[Any, torch.Tensor], Params] | None = None
     config: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.transformer, tuple) and len({c.width for c in self.transformer}) > 1:
+            raise ValueError("DecoderSpec: the transformer's block configs differ in width")
+
+    @property
+    def configs(self) -> tuple[TransformerConfig, ...]:
+        """One config per block."""
+        t = self.transformer
+        return t if isinstance(t, tuple) else (t,) * t.layers
+
+    @property
+    def layers(self) -> int:
+        return len(self.configs)
+
+    @property
+    def cross_dim(self) -> int | None:
+        """The context width of the cross-attending blocks (None: no block cross-attends)."""
+        return next((c.cross_dim for c in self.configs if c.cross_dim is not None), None)
+
+
+def cache_len(cache: Cache, entry: str = "k") -> int | None:
+    """Slots of the cache's self-attention buffers (``entry="ck"``: its context length);
+    None when no layer holds that entry."""
+    return next((layer[entry].shape[2] for layer in cache["layers"] if entry in layer), None)
 
 
 def as_spec(cfg: Any) -> DecoderSpec:
@@ -87,7 +114,6 @@ def init_cache(
     Example: ``cache = init_cache(spec, 4, 128)``.
     """
     spec = as_spec(cfg)
-    t = spec.transformer
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if max_len < 1:
@@ -96,21 +122,21 @@ def init_cache(
         raise ValueError(
             f"init_cache: max_len={max_len} exceeds the model's {spec.max_positions} positions"
         )
-    cross = t.cross_dim is not None
+    cross = spec.cross_dim is not None
     if cross and (context_len is None or context_len < 1):
         raise ValueError(
             f"init_cache: a cross-attending model needs context_len >= 1, got {context_len}"
         )
-    head_dim = t.width // t.heads
 
-    def zeros(length: int) -> torch.Tensor:
-        return torch.zeros(batch, t.heads, length, head_dim, dtype=dtype, device=device)
+    def zeros(t: TransformerConfig, length: int) -> torch.Tensor:
+        shape = (batch, t.heads, length, t.width // t.heads)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     layers = []
-    for _ in range(t.layers):
-        layer = {"k": zeros(max_len), "v": zeros(max_len)}
-        if cross:
-            layer["ck"], layer["cv"] = zeros(context_len), zeros(context_len)
+    for t in spec.configs:
+        layer = {} if t.cross_only else {"k": zeros(t, max_len), "v": zeros(t, max_len)}
+        if t.cross_dim is not None:
+            layer["ck"], layer["cv"] = zeros(t, context_len), zeros(t, context_len)
         layers.append(layer)
     cache: Cache = {
         "layers": layers,
@@ -153,12 +179,12 @@ def run_cached(
     ``donate``: write the cache's buffers in place. Returns ``(logits [B, S or 1, vocab],
     new layer caches)``.
     """
-    t = spec.transformer
     x = spec.embed(params, tokens, positions)
-    mask = _self_mask(slots, start, cache["layers"][0]["k"].shape[2]) if t.layers else None
+    max_len = cache_len(cache)
+    mask = None if max_len is None else _self_mask(slots, start, max_len)
     cmask = cache["context_mask"][:, None, None, :] if "context_mask" in cache else None
     x, layers = transformer(
-        {"blocks": spec.blocks(params)}, x, cfg=t, cache=cache["layers"], slots=slots,
+        {"blocks": spec.blocks(params)}, x, cfg=spec.configs, cache=cache["layers"], slots=slots,
         donate=donate, mask=mask, context=context, context_mask=cmask,
     )  # fmt: skip
     # The output layer is often the largest matmul: skip it where no one reads the logits.

@@ -17,6 +17,7 @@ from models import (
     albef,
     bert,
     clip,
+    coca,
     data2vec,
     flava,
     gpt,
@@ -29,7 +30,21 @@ from models import (
 from models.family import Family
 
 # Adding a family: one package under models/ and its module in this tuple.
-_PACKAGES = (clip, bert, gpt, vqvae, mmgpt, flava, albef, omnivore, videogpt, mae, data2vec, adm)
+_PACKAGES = (
+    clip,
+    bert,
+    gpt,
+    vqvae,
+    mmgpt,
+    flava,
+    albef,
+    omnivore,
+    videogpt,
+    mae,
+    data2vec,
+    adm,
+    coca,
+)
 FAMILIES: tuple[Family, ...] = (
     *(package.FAMILY for package in _PACKAGES),
     videogpt.VQVAE_FAMILY,  # the videogpt package's second contract: its video tokenizer
@@ -85,6 +100,7 @@ __all__ = [
     "albef",
     "bert",
     "clip",
+    "coca",
     "data2vec",
     "family_of",
     "flava",

@@ -9,7 +9,7 @@ ViT params (``init_vit``)::
 
     patch                   {weight [width, C, p, p], bias (if cfg.patch_bias)}
                             (video, cfg.frames set: weight [width, C, tubelet, p, p])
-    cls                     [width]            class token, prepended
+    cls                     [width]            class token, prepended (if cfg.cls_token)
     pos                     [cfg.seq, width]   patches + 1 (video: patches times frames/tubelet)
     mask_token              [width]            (if cfg.mask_token) the [MASK] patch of MIM
     norm_pre                layer norm before the stack (if cfg.norm_pre; CLIP's ln_pre)
@@ -83,6 +83,9 @@ class ViTConfig:
     row-major over its :attr:`grid_shape`, each with its own learned position. An int and
     the equal pair build the same tower (same params, same outputs).
 
+    ``cls_token``: False drops the class token (TorchMultimodal's CoCa ViT: an attentional
+    pooler reads the patches instead).
+
     ``embed_std``: std of the class token and positions (``None``: ``width ** -0.5``, as
     CLIP); ``dropout``: on the embeddings in training (the blocks have their own).
 
@@ -104,6 +107,7 @@ class ViTConfig:
     dropout: float = 0.0
     frames: int | None = None
     tubelet: int = 1
+    cls_token: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, list):  # a config.json round trip gives a list
@@ -163,8 +167,9 @@ class ViTConfig:
 
     @property
     def seq(self) -> int:
-        """Tokens out of the tower: the class token and every patch (or tube)."""
-        return self.tubes * self.patches + 1
+        """Tokens out of the tower: the class token (if ``cls_token``) and every patch (or
+        tube)."""
+        return self.tubes * self.patches + int(self.cls_token)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,11 +208,10 @@ def init_vit(cfg: ViTConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.fl
     d, dev = cfg.width, key.device
     k = lambda name: random.fold_in(key, name)
     std = d**-0.5 if cfg.embed_std is None else cfg.embed_std
-    params: Params = {
-        "patch": _init_patch(cfg, k("patch"), dtype),
-        "cls": random.normal(k("cls"), (d,), dtype=dtype) * std,
-        "pos": random.normal(k("pos"), (cfg.seq, d), dtype=dtype) * std,
-    }
+    params: Params = {"patch": _init_patch(cfg, k("patch"), dtype)}
+    if cfg.cls_token:
+        params["cls"] = random.normal(k("cls"), (d,), dtype=dtype) * std
+    params["pos"] = random.normal(k("pos"), (cfg.seq, d), dtype=dtype) * std
     if cfg.mask_token:
         params["mask_token"] = random.normal(k("mask_token"), (d,), dtype=dtype) * std
     if cfg.norm_pre:
@@ -307,8 +311,9 @@ def vit(
         x = patch_embed_3d(params["patch"], images).flatten(1, 3)
     if patch_mask is not None:
         x = torch.where(patch_mask.bool()[..., None], params["mask_token"].to(x.dtype), x)
-    cls = params["cls"].to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + params["pos"]
+    if cfg.cls_token:
+        x = torch.cat([params["cls"].to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+    x = x + params["pos"]
     if cfg.norm_pre:
         x = layer_norm(params["norm_pre"], x, eps=cfg.transformer.norm_eps)
     return encode_embeddings(params, x, cfg=cfg, key=key, train=train, block_fn=block_fn)

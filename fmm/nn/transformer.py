@@ -46,6 +46,10 @@ class TransformerConfig:
     ``norm_first``: pre-norm (True) or post-norm (False) blocks; see the module docstring.
     ``mlp_dim``: the MLP's hidden width, overriding ``int(width * mlp_ratio)`` (checkpoints
     such as BERT's state it as an integer, which a float ratio need not reproduce).
+    ``cross_only``: a block without self-attention (``norm_cross, cross, norm2, mlp``:
+    open_clip's CoCa decoder alternates such blocks with plain ones); it needs ``cross_dim``.
+    ``norm_context``: a layer norm ``norm_context`` over the context before the
+    cross-attention's keys and values (open_clip's ``ln_1_kv``).
     """
 
     width: int
@@ -61,8 +65,12 @@ class TransformerConfig:
     norm_first: bool = True
     mlp_dim: int | None = None
     drop_path: float = 0.0
+    cross_only: bool = False
+    norm_context: bool = False
 
     def __post_init__(self) -> None:
+        if self.cross_dim is None and (self.cross_only or self.norm_context):
+            raise ValueError("TransformerConfig: cross_only and norm_context need cross_dim")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(
                 f"TransformerConfig: drop_path must be in [0, 1), got {self.drop_path}"
@@ -101,18 +109,20 @@ class TransformerConfig:
 
 
 def init_block(cfg: TransformerConfig, key: torch.Tensor, *, dtype=torch.float32) -> Params:
-    """Params of one block: ``norm1, attn, [norm_cross, cross,] norm2, mlp``."""
+    """Params of one block: ``[norm1, attn,] [norm_cross, [norm_context,] cross,] norm2, mlp``."""
     # Residual outputs start small so the sum over layers keeps unit scale (GPT-2's rule).
     out_std = cfg.width**-0.5 * (2 * max(cfg.layers, 1)) ** -0.5
     dev = key.device
-    params: Params = {
-        "norm1": init_layer_norm(cfg.width, device=dev, dtype=dtype),
-        "attn": init_attention(
+    params: Params = {}
+    if not cfg.cross_only:
+        params["norm1"] = init_layer_norm(cfg.width, device=dev, dtype=dtype)
+        params["attn"] = init_attention(
             cfg.self_attention, random.fold_in(key, "attn"), out_std=out_std, dtype=dtype
-        ),
-    }
+        )
     if cfg.cross_dim is not None:
         params["norm_cross"] = init_layer_norm(cfg.width, device=dev, dtype=dtype)
+        if cfg.norm_context:
+            params["norm_context"] = init_layer_norm(cfg.cross_dim, device=dev, dtype=dtype)
         params["cross"] = init_attention(
             cfg.cross_attention, random.fold_in(key, "cross"), out_std=out_std, dtype=dtype
         )
@@ -163,7 +173,8 @@ def block(
     ``key`` is needed only for dropout and drop path (``cfg.drop_path``) in training.
 
     ``cache``: this layer's KV cache (:mod:`fmm.decoding`'s layout: ``{"k", "v": [B, heads,
-    L, head_dim]}``, plus ``"ck", "cv": [B, heads, T, head_dim]`` with cross-attention);
+    L, head_dim]}`` (none in a ``cfg.cross_only`` block), plus ``"ck", "cv": [B, heads, T,
+    head_dim]`` with cross-attention);
     then the block returns ``(y [B, S, width], new_cache)``. The block's keys/values are
     written at ``slots: [B, S]`` and ``mask`` (broadcastable to ``[B, heads, S, L]``) is the
     explicit offset mask over the cache's slots; the context's keys/values are computed
@@ -201,7 +212,9 @@ def block(
     def norm_branch(h, name):
         return layer_norm(params[name], h, eps=eps) if res_post else h
 
-    if window is not None:
+    if cfg.cross_only:
+        h, kv = None, None
+    elif window is not None:
         h, kv = window_attention(
             params["attn"], norm_in(x, "norm1"), cfg=cfg.self_attention, window=window,
             key=sub("attn"), train=train,
@@ -212,9 +225,14 @@ def block(
             cache=_pair(cache, "k", "v"), mask=mask, causal=causal, slots=slots, donate=donate,
             key=sub("attn"), train=train,
         )  # fmt: skip
-    x = norm_out(_residual(x, norm_branch(h, "norm1"), cfg, key, "attn_out", train), "norm1")
-    new_cache = None if cache is None else {**cache, "k": kv["k"], "v": kv["v"]}
+    if not cfg.cross_only:
+        x = norm_out(_residual(x, norm_branch(h, "norm1"), cfg, key, "attn_out", train), "norm1")
+    new_cache = None if cache is None else {**cache}
+    if kv is not None and new_cache is not None:
+        new_cache["k"], new_cache["v"] = kv["k"], kv["v"]
     if cfg.cross_dim is not None:
+        if cfg.norm_context and context is not None:
+            context = layer_norm(params["norm_context"], context, eps=eps)
         h, ckv = _attend(
             params["cross"], norm_in(x, "norm_cross"), cfg=cfg.cross_attention,
             cache=_pair(cache, "ck", "cv"), context=context, mask=context_mask,
@@ -245,7 +263,7 @@ def transformer(
     params: Params,
     x: torch.Tensor,
     *,
-    cfg: TransformerConfig,
+    cfg: TransformerConfig | tuple[TransformerConfig, ...],
     key: torch.Tensor | None = None,
     train: bool = False,
     block_fn: BlockFn | None = None,
@@ -265,17 +283,24 @@ def transformer(
 
     ``cache``: one layer cache per block (``fmm.decoding``'s ``cache["layers"]``); block
     ``i`` gets ``cache=cache[i]`` and the call returns ``(y, new layer caches)``.
+
+    ``cfg``: one config for every block, or a tuple of one per block for a stack whose
+    blocks differ (CoCa's text stack: unimodal blocks, then cross-attending ones); blocks
+    without cross-attention ignore ``context``.
     """
     run = block if block_fn is None else block_fn
     blocks = params["blocks"]
     if cache is not None and len(cache) != len(blocks):
         raise ValueError(f"cache has {len(cache)} layers but the stack has {len(blocks)} blocks")
+    cfgs = cfg if isinstance(cfg, tuple) else (cfg,) * len(blocks)
+    if len(cfgs) != len(blocks):
+        raise ValueError(f"cfg has {len(cfgs)} block configs but the stack has {len(blocks)}")
     new_cache = []
-    for i, bp in enumerate(blocks):
+    for i, (bp, c) in enumerate(zip(blocks, cfgs)):
         k = random.fold_in(key, i) if key is not None else None
         if cache is None:
-            x = run(bp, x, cfg=cfg, key=k, train=train, **block_kwargs)
+            x = run(bp, x, cfg=c, key=k, train=train, **block_kwargs)
         else:
-            x, layer = run(bp, x, cfg=cfg, key=k, train=train, cache=cache[i], **block_kwargs)
+            x, layer = run(bp, x, cfg=c, key=k, train=train, cache=cache[i], **block_kwargs)
             new_cache.append(layer)
     return x if cache is None else (x, new_cache)

@@ -19,6 +19,8 @@ What the one process computes, step ``n`` with base key ``k`` (each rank ``r`` h
   the ranks' gathered ``aux`` holds), so every rank's state is the one process's.
 - **flava**: that mean, with its contrastive term taken over the whole global batch (it
   gathers); its ITM negatives, MLM/MIM masks and MMM terms stay per half.
+- **coca**: that mean, with its contrastive term taken over the whole global batch (it
+  gathers); the captioning term stays per half.
 
 Then clipping to norm 1 and AdamW, twice. Rank 0 writes the differences (loss of each step,
 step-1 grads, params and train state after two steps) to ``OUT/families.json``.
@@ -38,7 +40,7 @@ import models
 from fmm.losses import contrastive_loss
 from fmm.optim import apply_updates, global_norm
 from fmm.step import clip_grads
-from models import clip, flava
+from models import clip, coca, flava
 from models.family import example_batch
 from train import checkpoint
 from train import distributed as D
@@ -55,6 +57,7 @@ GATHERING = {
         text_heads=3, embed_dim=10,
     ),
     "flava": flava.flava_tiny(vocab_size=20, max_positions=8, image_vocab_size=9),
+    "coca": coca.coca_tiny(),
 }  # fmt: skip
 
 
@@ -123,6 +126,11 @@ def objective(name, family, cfg, p, batch, halves, keys, state):
             abs(float(c) - float(m["contrastive"])) for c, (_, m) in zip(local, parts)
         )
         value = value - w * sum(local) / len(local) + w * _contrastive(p, batch, cfg)
+    if name == "coca":
+        # the contrastive term over the global batch, the captioning one per half
+        only = dataclasses.replace(cfg, caption_weight=0.0)
+        term = lambda b: family.loss(p, b, cfg=only, key=None)[0]
+        value = value - sum(term(h) for h in halves) / len(halves) + term(batch)
     return value, [m.get("aux", {}) for _, m in parts], checks
 
 

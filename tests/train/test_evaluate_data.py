@@ -196,8 +196,8 @@ TWO_TOWERS = sorted(
 )
 
 
-def test_the_families_with_two_towers_are_clip_flava_albef():
-    assert TWO_TOWERS == ["albef", "clip", "flava"]
+def test_the_families_with_two_towers_are_clip_flava_albef_coca():
+    assert TWO_TOWERS == ["albef", "clip", "coca", "flava"]
 
 
 @pytest.mark.parametrize("name", TWO_TOWERS)
