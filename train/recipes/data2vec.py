@@ -15,12 +15,12 @@ Evaluation, on one-object scenes / one-sound clips / one-object captions of ever
 - linear probes (:mod:`train.probe`) of the frozen student against the same encoder at its
   random init (the run's own starting params), on the splits the ``mae`` recipe uses:
   ``probe_<attr>_heldout`` / ``_iid`` / ``_pretrain_heldout``. Images: shape (the
-  headline) and colour; audio: timbre (the headline) and pitch; text: the role of a
-  caption's one masked word (``_ssl.caption_probe_set`` says why that task). Features:
-  images and audio the mean patch feature (``--probe-features cls``: the class token),
-  text the feature at the masked position;
+  headline) and colour; audio: timbre (the headline) and pitch; text: shape (the
+  headline) and colour of the first object a two-object caption names
+  (``_ssl.caption_probe_set`` says why that task). Features: the mean patch feature
+  (``--probe-features cls``: the class token), text the mean over the caption's tokens;
 - ``heldout_regression``: the data2vec loss on the second probe set (the teacher's
-  targets, a fixed mask key; text: the captions with their probe word masked), ``teacher_student_distance``: the relative L2 distance of
+  targets, a fixed mask key), ``teacher_student_distance``: the relative L2 distance of
   the teacher from the student (0 would mean the EMA is not lagging);
 - ``probes.png``: every probe's accuracy, trained and at random init.
 """
@@ -67,7 +67,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-features", default="mean", choices=FEATURES,
         help="images, audio: the probe reads the mean patch feature or the class token; "
-        "text always reads the masked position (default: %(default)s)",
+        "text always the mean token (default: %(default)s)",
     )  # fmt: skip
     add_probe_arguments(parser)
 
@@ -97,18 +97,18 @@ def features(
     params, cfg: data2vec.Data2VecConfig, x: torch.Tensor, device, *, kind: str = "mean",
     chunk: int = 256,
 ) -> torch.Tensor:  # fmt: skip
-    """The probe's features ``[N, width]`` (on the CPU) of ``x [N, ...]``: images and audio
-    the mean patch feature of the unmasked input (``kind="cls"``: the class token); text
-    ``[N, seq]`` with one mask id per row: the feature at that position."""
+    """The probe's features ``[N, width]`` (on the CPU) of the unmasked ``x [N, ...]``: the
+    mean patch feature (``kind="cls"``: the class token), text the mean over its valid
+    tokens (:func:`models.data2vec.features`)."""
     out = []
     for i in range(0, len(x), chunk):
         batch = _inputs(cfg, x[i : i + chunk], device)
-        h = data2vec.encode(params, batch.pop(data2vec.INPUTS[cfg.modality]), cfg=cfg, **batch)
-        if cfg.modality == "text":
-            at = (x[i : i + chunk] == cfg.mask_id).to(device)
-            out.append(h[at].cpu())
+        inputs = batch.pop(data2vec.INPUTS[cfg.modality])
+        if cfg.modality == "text" or kind == "mean":
+            f = data2vec.features(params, inputs, cfg=cfg, **batch)
         else:
-            out.append((h[:, 0] if kind == "cls" else h[:, 1:].mean(1)).cpu())
+            f = data2vec.encode(params, inputs, cfg=cfg)[:, 0]
+        out.append(f.cpu())
     return torch.cat(out)
 
 
@@ -153,14 +153,13 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
         random_init=features(random_init, cfg, sets.inputs, device, kind=kind),
         budget=probe.Budget(steps=args.probe_steps),
     )
-    # Text: the captions with their probe word masked (for the teacher too).
     value, _ = data2vec.loss(
         params, _inputs(cfg, sets.inputs[sets.test], device), cfg=cfg, key=fmm.random.key(args.seed + 3),
         train=False, state=model_state,
     )  # fmt: skip
     metrics["heldout_regression"] = round(value.item(), 6)
     metrics["teacher_student_distance"] = _distance(model_state["teacher"], params)
-    metrics["probe_features"] = "masked position" if cfg.modality == "text" else kind
+    metrics["probe_features"] = "mean" if cfg.modality == "text" else kind
     bars = {}
     for name in sets.tasks:
         bars[name] = metrics[f"probe_{name}"]
