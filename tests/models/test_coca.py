@@ -101,7 +101,7 @@ def test_torchmultimodal_greedy_captions_equal_step_by_step_full_forward(tmm):
     # padded to the fixed text length it requires, is the reference.
     cfg, ref, params = tmm
     images, _ = _data(cfg)
-    steps = cfg.context_length - 2
+    steps = 5
     seq = torch.full((len(images), 1), SOT)
     with torch.no_grad():
         for _ in range(steps):
@@ -264,3 +264,23 @@ def test_bad_input_names_the_argument():
         coca.encode_text(params, torch.zeros(2, cfg.context_length, dtype=torch.int64), cfg=cfg)
     with pytest.raises(ValueError, match="images"):
         coca.encode_image(params, torch.zeros(2, 3, 8, 8), cfg=cfg)
+
+
+def test_the_stack_configs_are_checked_at_construction():
+    with pytest.raises(ValueError, match="cross_only and norm_context need cross_dim"):
+        fmm.nn.TransformerConfig(width=8, layers=1, heads=2, cross_only=True)
+    one = fmm.nn.TransformerConfig(width=8, layers=1, heads=2)
+    wide = fmm.nn.TransformerConfig(width=16, layers=1, heads=2)
+    with pytest.raises(ValueError, match="differ in width"):
+        fmm.decoding.DecoderSpec(transformer=(one, wide), embed=None, head=None)
+    stack = fmm.nn.init_transformer(one, fmm.random.key(0))
+    with pytest.raises(ValueError, match="1 block configs but the stack has 2"):
+        fmm.nn.transformer({"blocks": stack["blocks"] * 2}, torch.zeros(1, 3, 8), cfg=(one,))
+
+
+def test_a_cross_only_layer_caches_no_self_attention_keys():
+    cfg = coca.open_clip_style(coca.coca_tiny())
+    cache = fmm.decoding.init_cache(coca.decoder_spec(cfg), 2, 5, context_len=3)
+    kinds = [sorted(layer) for layer in cache["layers"]]
+    uni, plain, cross = ["k", "v"], ["k", "v"], ["ck", "cv"]
+    assert kinds == [uni] * cfg.text_layers + [plain, cross] * cfg.decoder_layers
