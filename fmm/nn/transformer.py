@@ -165,6 +165,8 @@ def block(
     slots: torch.Tensor | None = None,
     donate: bool = False,
     window: Window | None = None,
+    pos: torch.Tensor | None = None,
+    context_pos: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
     """One block (pre- or post-norm by ``cfg.norm_first``).
     ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
@@ -186,10 +188,15 @@ def block(
     then hold ``rel_bias`` too, or ``tau`` and ``cpb`` for a Swin V2 window, whose block
     is res-post-norm: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``).
 
+    ``pos: [B, S, width]`` / ``context_pos: [B, T, cross_dim]``: positional encodings added
+    to the query and key inputs of each attention, never to its values (DETR's layers):
+    ``pos`` to the self-attention's queries and keys and the cross-attention's queries,
+    ``context_pos`` to the cross-attention's keys (:func:`fmm.nn.attention`).
+
     Example: ``y, layer = block(p, x, cfg=cfg, cache=layer, slots=slots, mask=offsets)``.
     """
-    if window is not None and (cache is not None or cfg.cross_dim is not None):
-        raise ValueError("window=: a Swin block has no KV cache and no cross-attention")
+    if window is not None and (cache is not None or cfg.cross_dim is not None or pos is not None):
+        raise ValueError("window=: a Swin block has no KV cache, cross-attention or pos=")
     stochastic = train and (
         cfg.dropout > 0.0 or cfg.attn_dropout > 0.0 or cfg.drop_path > 0.0
         or (window is not None and window.bias_dropout > 0.0)
@@ -223,7 +230,7 @@ def block(
         h, kv = _attend(
             params["attn"], norm_in(x, "norm1"), cfg=cfg.self_attention,
             cache=_pair(cache, "k", "v"), mask=mask, causal=causal, slots=slots, donate=donate,
-            key=sub("attn"), train=train,
+            key=sub("attn"), train=train, pos=pos,
         )  # fmt: skip
     if not cfg.cross_only:
         x = norm_out(_residual(x, norm_branch(h, "norm1"), cfg, key, "attn_out", train), "norm1")
@@ -236,7 +243,7 @@ def block(
         h, ckv = _attend(
             params["cross"], norm_in(x, "norm_cross"), cfg=cfg.cross_attention,
             cache=_pair(cache, "ck", "cv"), context=context, mask=context_mask,
-            key=sub("cross"), train=train,
+            key=sub("cross"), train=train, pos=pos, context_pos=context_pos,
         )  # fmt: skip
         x = norm_out(_residual(x, h, cfg, key, "cross_out", train), "norm_cross")
         if new_cache is not None:
