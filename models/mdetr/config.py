@@ -39,7 +39,9 @@ class MDETRConfig:
     The objective: the Hungarian cost ``cost_class * -p(tokens) + cost_bbox * L1 +
     cost_giou * -GIoU``, the loss ``loss_class * soft-token CE + loss_bbox * L1 +
     loss_giou * (1 - GIoU) + loss_align * contrastive alignment`` (MDETR's 1 / 5 / 2 / 1)
-    with unmatched queries' CE weighted ``no_object_weight``.
+    with unmatched queries' CE weighted ``no_object_weight``. ``aux_loss``: supervise every
+    earlier decoder layer's output too, through the same heads, each matched on its own (the
+    original MDETR does; TorchMultimodal's ``MDETRLoss`` supervises the last layer only).
     """
 
     backbone: ResNetConfig = field(default_factory=ResNetConfig)
@@ -65,6 +67,7 @@ class MDETRConfig:
     loss_align: float = 1.0
     no_object_weight: float = 0.1
     temperature: float = 0.07
+    aux_loss: bool = False
     attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:

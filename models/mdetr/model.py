@@ -125,7 +125,8 @@ def _encode_text(params, tokens, cfg: MDETRConfig, key, train, block_fn):
 
 
 def _forward(params, images, tokens, image_mask, cfg: MDETRConfig, key, train, block_fn):
-    """The unchecked forward: ``(outputs dict, text token validity [B, S])``."""
+    """The unchecked forward: the heads' outputs of each decoder layer, last one last
+    (:func:`apply` returns that one)."""
     features = conv2d(params["image_proj"], resnet(params["backbone"], images, cfg=cfg.backbone))
     if image_mask is None:
         image_mask = torch.ones(
@@ -143,24 +144,34 @@ def _forward(params, images, tokens, image_mask, cfg: MDETRConfig, key, train, b
         params["encoder"], torch.cat((image, text), dim=1), cfg=cfg.encoder, key=k("encoder"),
         train=train, block_fn=block_fn, mask=mask, pos=pos,
     )  # fmt: skip
+    token_embed = None
+    if cfg.contrastive_dim is not None:
+        text_memory = memory[:, image.shape[1] :]
+        token_embed = F.normalize(nn.linear(params["align_text"], text_memory), dim=-1)
     query = params["query"].to(memory.dtype).expand(images.shape[0], -1, -1)
-    hidden = transformer(
-        params["decoder"], torch.zeros_like(query), cfg=cfg.decoder, key=k("decoder"),
-        train=train, block_fn=block_fn, context=memory, context_mask=mask, pos=query,
-        context_pos=pos,
-    )  # fmt: skip
-    hidden = nn.layer_norm(params["decoder"]["norm"], hidden)
+    hidden, outs = torch.zeros_like(query), []
+    # One block per call, so every layer's output is at hand (MDETR's auxiliary losses).
+    for i, layer in enumerate(params["decoder"]["blocks"]):
+        hidden = transformer(
+            {"blocks": [layer]}, hidden, cfg=cfg.decoder, key=k(f"decoder{i}"), train=train,
+            block_fn=block_fn, context=memory, context_mask=mask, pos=query, context_pos=pos,
+        )  # fmt: skip
+        outs.append(_heads(params, nn.layer_norm(params["decoder"]["norm"], hidden), token_embed))
+    return outs
+
+
+def _heads(params, hidden, token_embed):
+    """Each query's predictions from its normalised decoder state ``hidden [B, Q, width]``."""
     box = params["box_head"]
     h = F.relu(nn.linear(box["fc2"], F.relu(nn.linear(box["fc1"], hidden))))
     out = {
         "logits": nn.linear(params["class_head"], hidden),
         "boxes": nn.linear(box["fc3"], h).sigmoid(),
     }
-    if cfg.contrastive_dim is not None:
-        text_memory = memory[:, image.shape[1] :]
+    if token_embed is not None:
         out["query_embed"] = F.normalize(nn.linear(params["align_image"], hidden), dim=-1)
-        out["token_embed"] = F.normalize(nn.linear(params["align_text"], text_memory), dim=-1)
-    return out, text_valid
+        out["token_embed"] = token_embed
+    return out
 
 
 def _check_inputs(
@@ -201,7 +212,7 @@ def apply(
     """
     checks.check_params(params, init=init, cfg=cfg)
     _check_inputs(params, images, tokens, image_mask, cfg)
-    return _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)[0]
+    return _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)[-1]
 
 
 def match_cost(
@@ -273,9 +284,10 @@ def loss(
     """MDETR's grounding loss on ``batch`` (:func:`batch_fields`): queries are matched to
     targets by the Hungarian step (:func:`fmm.matching.match` on :func:`match_cost`, on the
     host), then ``loss_class * soft-token CE + loss_bbox * L1 + loss_giou * (1 - GIoU) +
-    loss_align * contrastive alignment``, each normalised by the number of real targets.
-    ``key`` draws dropout when ``train``. Returns ``(loss [], {"class", "bbox", "giou",
-    "align": []})`` (detached metrics).
+    loss_align * contrastive alignment``, each normalised by the number of real targets;
+    with ``cfg.aux_loss`` the same for every earlier decoder layer (each matched on its own)
+    is added. ``key`` draws dropout when ``train``. Returns ``(loss [], {"class", "bbox",
+    "giou", "align": []})``: the last layer's terms, detached.
     """
     checks.check_keys(batch, ("images", "tokens", "boxes", "token_map"))
     images, tokens, image_mask = batch["images"], batch["tokens"], batch.get("image_mask")
@@ -294,10 +306,23 @@ def loss(
     if train and cfg.dropout > 0 and key is None:
         raise ValueError("key= is missing: MDETR's dropout in training needs key=")
 
-    out, _ = _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)
+    outs = _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)
     targets = boxes.token_targets(token_map, cfg.classes + 1)
-    query_of = matching.match(match_cost(out, targets, target_boxes, cfg=cfg), valid.bool())
     num_boxes = valid.sum().clamp(min=1)
+    total, terms = _matched_loss(outs[-1], targets, target_boxes, token_map, valid, num_boxes, cfg)
+    metrics = {name: value.detach() for name, value in terms.items()}
+    if cfg.aux_loss:
+        for out in outs[:-1]:
+            total = (
+                total
+                + _matched_loss(out, targets, target_boxes, token_map, valid, num_boxes, cfg)[0]
+            )
+    return total, metrics
+
+
+def _matched_loss(out, targets, target_boxes, token_map, valid, num_boxes, cfg: MDETRConfig):
+    """One decoder layer's weighted loss and its terms, under its own matching."""
+    query_of = matching.match(match_cost(out, targets, target_boxes, cfg=cfg), valid.bool())
     ce = boxes.soft_token_loss(
         out["logits"].float(), targets, query_of, num_boxes, no_object_weight=cfg.no_object_weight
     )
@@ -311,4 +336,4 @@ def loss(
         )  # fmt: skip
         terms["align"] = align
         total = total + cfg.loss_align * align
-    return total, {name: value.detach() for name, value in terms.items()}
+    return total, terms

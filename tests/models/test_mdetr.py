@@ -319,3 +319,18 @@ def test_attention_adds_pos_to_queries_and_keys_but_not_values(cross):
         got = fmm.nn.attention({"qkv": {"weight": w, "bias": b}, "out": out}, x, cfg=cfg, pos=pos)
         want = mha(x + pos, x + pos, x, need_weights=False)[0]
     torch.testing.assert_close(got, want.detach())
+
+
+def test_aux_loss_adds_each_earlier_decoder_layers_matched_loss(tiny):
+    cfg, params, batch = tiny
+    value = loss(params, batch, cfg=cfg, train=False)[0]
+    one_layer = dataclasses.replace(cfg, aux_loss=True)  # mdetr_tiny has one decoder layer
+    torch.testing.assert_close(loss(params, batch, cfg=one_layer, train=False)[0], value)
+    two = dataclasses.replace(cfg, decoder_layers=2)
+    p2 = init(two, fmm.random.key(0))
+    plain, metrics = loss(p2, batch, cfg=two, train=False)
+    with_aux, aux_metrics = loss(
+        p2, batch, cfg=dataclasses.replace(two, aux_loss=True), train=False
+    )
+    assert with_aux > plain and metrics.keys() == aux_metrics.keys()
+    assert all(torch.equal(metrics[k], aux_metrics[k]) for k in metrics)  # the last layer's
