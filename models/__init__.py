@@ -22,6 +22,7 @@ from models import (
     flava,
     gpt,
     mae,
+    mdetr,
     mmgpt,
     omnivore,
     videogpt,
@@ -43,6 +44,7 @@ _PACKAGES = (
     mae,
     data2vec,
     adm,
+    mdetr,
     coca,
 )
 FAMILIES: tuple[Family, ...] = (
@@ -108,6 +110,7 @@ __all__ = [
     "get_family",
     "gpt",
     "mae",
+    "mdetr",
     "mmgpt",
     "omnivore",
     "vqvae",
