@@ -16,6 +16,7 @@ from models import (
     adm,
     albef,
     bert,
+    blip2,
     clip,
     coca,
     data2vec,
@@ -44,6 +45,7 @@ _PACKAGES = (
     mae,
     data2vec,
     adm,
+    blip2,
     mdetr,
     coca,
 )
@@ -101,6 +103,7 @@ __all__ = [
     "adm",
     "albef",
     "bert",
+    "blip2",
     "clip",
     "coca",
     "data2vec",

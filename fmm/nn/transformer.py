@@ -50,6 +50,10 @@ class TransformerConfig:
     open_clip's CoCa decoder alternates such blocks with plain ones); it needs ``cross_dim``.
     ``norm_context``: a layer norm ``norm_context`` over the context before the
     cross-attention's keys and values (open_clip's ``ln_1_kv``).
+    ``query_mlp``: a block of BLIP-2's Q-Former. The first ``queries`` tokens of ``x``
+    (:func:`block`'s ``queries=``) are learned queries with an MLP of their own
+    (``norm2_query``, ``mlp_query``); only they cross-attend (with ``cross_dim``); the rest
+    (text) take ``norm2`` and ``mlp``. Self-attention runs over all tokens together.
     """
 
     width: int
@@ -67,6 +71,7 @@ class TransformerConfig:
     drop_path: float = 0.0
     cross_only: bool = False
     norm_context: bool = False
+    query_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.cross_dim is None and (self.cross_only or self.norm_context):
@@ -109,7 +114,8 @@ class TransformerConfig:
 
 
 def init_block(cfg: TransformerConfig, key: torch.Tensor, *, dtype=torch.float32) -> Params:
-    """Params of one block: ``[norm1, attn,] [norm_cross, [norm_context,] cross,] norm2, mlp``."""
+    """Params of one block: ``[norm1, attn,] [norm_cross, [norm_context,] cross,] norm2, mlp``
+    and, with ``cfg.query_mlp``, ``norm2_query, mlp_query``."""
     # Residual outputs start small so the sum over layers keeps unit scale (GPT-2's rule).
     out_std = cfg.width**-0.5 * (2 * max(cfg.layers, 1)) ** -0.5
     dev = key.device
@@ -130,6 +136,11 @@ def init_block(cfg: TransformerConfig, key: torch.Tensor, *, dtype=torch.float32
     params["mlp"] = init_mlp(
         cfg.width, cfg.hidden, random.fold_in(key, "mlp"), out_std=out_std, dtype=dtype
     )
+    if cfg.query_mlp:
+        params["norm2_query"] = init_layer_norm(cfg.width, device=dev, dtype=dtype)
+        params["mlp_query"] = init_mlp(
+            cfg.width, cfg.hidden, random.fold_in(key, "mlp_query"), out_std=out_std, dtype=dtype
+        )
     return params
 
 
@@ -167,6 +178,7 @@ def block(
     window: Window | None = None,
     pos: torch.Tensor | None = None,
     context_pos: torch.Tensor | None = None,
+    queries: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LayerCache]:
     """One block (pre- or post-norm by ``cfg.norm_first``).
     ``x: [B, S, width]``, ``context: [B, T, cross_dim]`` -> ``[B, S, width]``.
@@ -193,10 +205,17 @@ def block(
     ``pos`` to the self-attention's queries and keys and the cross-attention's queries,
     ``context_pos`` to the cross-attention's keys (:func:`fmm.nn.attention`).
 
+    ``queries``: with ``cfg.query_mlp`` (and only then), how many of the ``S`` tokens are
+    learned queries (a Python int in ``[0, S]``): after the shared self-attention
+    ``x[:, :queries]`` cross-attends (with ``cfg.cross_dim``) and takes ``mlp_query``,
+    ``x[:, queries:]`` takes ``mlp`` (BLIP-2's Q-Former; ``mask`` says who sees whom).
+
     Example: ``y, layer = block(p, x, cfg=cfg, cache=layer, slots=slots, mask=offsets)``.
     """
     if window is not None and (cache is not None or cfg.cross_dim is not None or pos is not None):
         raise ValueError("window=: a Swin block has no KV cache, cross-attention or pos=")
+    if cfg.query_mlp != (queries is not None):
+        raise ValueError("queries= is for TransformerConfig(query_mlp=True) blocks, which need it")
     stochastic = train and (
         cfg.dropout > 0.0 or cfg.attn_dropout > 0.0 or cfg.drop_path > 0.0
         or (window is not None and window.bias_dropout > 0.0)
@@ -237,7 +256,12 @@ def block(
     new_cache = None if cache is None else {**cache}
     if kv is not None and new_cache is not None:
         new_cache["k"], new_cache["v"] = kv["k"], kv["v"]
-    if cfg.cross_dim is not None:
+    text = None
+    if cfg.query_mlp:
+        # BLIP-2's Q-Former: after the shared self-attention only the queries cross-attend,
+        # and queries and text each pass through an MLP of their own.
+        x, text = x[:, :queries], x[:, queries:]
+    if cfg.cross_dim is not None and (text is None or queries):
         if cfg.norm_context and context is not None:
             context = layer_norm(params["norm_context"], context, eps=eps)
         h, ckv = _attend(
@@ -248,8 +272,18 @@ def block(
         x = norm_out(_residual(x, h, cfg, key, "cross_out", train), "norm_cross")
         if new_cache is not None:
             new_cache["ck"], new_cache["cv"] = ckv["k"], ckv["v"]
-    h = mlp(params["mlp"], norm_in(x, "norm2"), act=cfg.act)
-    x = norm_out(_residual(x, norm_branch(h, "norm2"), cfg, key, "mlp_out", train), "norm2")
+
+    def feedforward(x, name, norm):
+        h = mlp(params[name], norm_in(x, norm), act=cfg.act)
+        return norm_out(_residual(x, norm_branch(h, norm), cfg, key, f"{name}_out", train), norm)
+
+    if text is None:
+        x = feedforward(x, "mlp", "norm2")
+    else:
+        streams = [feedforward(x, "mlp_query", "norm2_query")] if queries else []
+        if text.shape[1]:
+            streams.append(feedforward(text, "mlp", "norm2"))
+        x = torch.cat(streams, dim=1)
     return x if cache is None else (x, new_cache)
 
 
