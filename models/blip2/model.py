@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fmm import checks, nn, random, tree
+from fmm import checks, nn, random
 from fmm.nn import towers
 from fmm.nn.transformer import BlockFn, block
 from models import gpt
@@ -342,8 +342,14 @@ def image_shape(cfg: Blip2Config) -> tuple[int, int, int]:
 # -- stage two: the queries as a frozen LM's prefix --------------------------------------------
 
 
-def _frozen(part: Params) -> Params:
-    return tree.map(torch.Tensor.detach, part)
+def _frozen(part: Any) -> Any:
+    # Plain dicts and lists of detached leaves: under fmm.adapter a block's params arrive
+    # as a dict subclass bound to its module, which a frozen block must not run through.
+    if isinstance(part, torch.Tensor):
+        return part.detach()
+    if isinstance(part, dict):
+        return {k: _frozen(v) for k, v in part.items()}
+    return [_frozen(v) for v in part]
 
 
 def _lm_logits(params, images, tokens, cfg: Blip2Config, key=None, train=False, block_fn=None):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fmm
+from fmm.adapter import ModelAdapter
 from fmm.convert import ConversionError
 from fmm.nn import TransformerConfig, block, init_block
 from models import blip2 as B
@@ -250,3 +251,18 @@ def test_a_query_block_is_two_plain_blocks_after_one_self_attention():
         block(p, x, cfg=cfg, context=ctx)
     with pytest.raises(ValueError, match="queries="):
         block(as_text, x, cfg=text_cfg, queries=2)
+
+
+def test_stage_two_under_the_adapter_equals_the_pure_loss_and_leaves_the_lm_alone():
+    cfg = B.blip2_gpt_tiny()
+    params = B.init(cfg, fmm.random.key(0))
+    batch = _batch(cfg, cfg.lm.vocab_size, 6)
+    want, _ = B.loss(params, batch, cfg=cfg, key=fmm.random.key(1))
+    fn = lambda p, b, *, block_fn: B.loss(p, b, cfg=cfg, key=fmm.random.key(1), block_fn=block_fn)
+    model = ModelAdapter(fmm.tree.map(torch.clone, params), fn)
+    got, _ = model(batch)
+    _close(got, want)
+    got.backward()
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in B.FROZEN_PARTS:
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
