@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fmm
+import models
 from fmm.convert import ConversionError
 from fmm.diffusion.predict import split_output
 from fmm.diffusion.transforms import classifier_free_guidance
@@ -249,3 +250,19 @@ def test_a_guided_sampler_step_over_the_unet_compiles_once_and_equals_eager():
         want = fd.sample(eager, params, x, key, cond, steps=s.steps)
     assert counter.frame_count == 1
     torch.testing.assert_close(compiled, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["adm_unet", "dalle2_decoder"])
+def test_the_published_presets_have_torchmultimodals_keys_and_shapes(preset):
+    # Built on the meta device on both sides: the 2.2 B-param layouts without the memory.
+    cfg = models.get_config(preset)
+    if preset == "adm_unet":
+        build = reference("torchmultimodal.diffusion_labs.models.adm_unet.adm").adm_unet
+    else:
+        build = reference(
+            "torchmultimodal.diffusion_labs.models.dalle2.dalle2_decoder"
+        ).dalle2_decoder
+    with torch.device("meta"):
+        theirs = build().state_dict()
+    ours = convert.to_torchmultimodal(convert.from_torchmultimodal(theirs, cfg), cfg)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}

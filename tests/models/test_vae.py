@@ -10,7 +10,7 @@ import torch
 import fmm
 from fmm.convert import ConversionError
 from models.adm import convert, vae
-from models.adm.config import VAEConfig, vae_tiny
+from models.adm.config import VAEConfig, ldm_vae_f8, vae_tiny
 from tests.reference import reference
 
 ATOL = 1e-5
@@ -99,3 +99,15 @@ def test_the_loss_is_a_draw_in_training_and_the_mean_in_evaluation():
         vae.encode(params, torch.rand(1, 3, 15, 16), cfg=cfg)
     with pytest.raises(ValueError, match="not divisible by groups=32"):
         VAEConfig(channels=48, image_size=16, multipliers=(1, 2))
+
+
+def test_ldm_vae_f8_has_the_keys_and_shapes_of_latent_diffusions_kl_f8():
+    ldm = reference("torchmultimodal.diffusion_labs.models.vae.vae")
+    cfg = ldm_vae_f8()
+    with torch.device("meta"):
+        theirs = ldm.ldm_variational_autoencoder(
+            embedding_channels=4, in_channels=3, out_channels=3, z_channels=4, channels=128,
+            num_res_blocks=2, channel_multipliers=(1, 2, 4, 4),
+        ).state_dict()  # fmt: skip
+    ours = convert.to_torchmultimodal(convert.from_torchmultimodal(theirs, cfg), cfg)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
