@@ -16,7 +16,15 @@ from models.mdetr.config import (
     roberta_base,
 )
 from models.mdetr.convert import from_torchmultimodal, tmm_rules, to_torchmultimodal
-from models.mdetr.model import apply, batch_fields, init, loss, match_cost, sine_positions
+from models.mdetr.model import (
+    apply,
+    batch_fields,
+    ground,
+    init,
+    loss,
+    match_cost,
+    sine_positions,
+)
 
 FAMILY = Family(
     name="mdetr",
@@ -36,6 +44,7 @@ __all__ = [
     "apply",
     "batch_fields",
     "from_torchmultimodal",
+    "ground",
     "init",
     "loss",
     "match_cost",

@@ -215,6 +215,28 @@ def apply(
     return _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)[-1]
 
 
+def ground(
+    out: dict[str, torch.Tensor], phrase_map: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box of each phrase (MDETR's phrase-grounding read-out): the query whose token
+    distribution puts the most mass on the phrase's tokens.
+
+    ``out``: :func:`apply`'s outputs; ``phrase_map: [B, P, S]`` bool, True where token ``s``
+    belongs to phrase ``p``. Returns ``(boxes [B, P, 4] cxcywh, scores [B, P])``, the score
+    being that query's probability mass on the phrase.
+
+    Example: ``boxes, scores = ground(apply(params, images, tokens, cfg=cfg), phrase_map)``.
+    """
+    logits = out["logits"]
+    dims = (logits.shape[0], "phrases", range(1, logits.shape[-1]))
+    checks.check_mask("phrase_map", phrase_map, dims)
+    prob = logits.float().softmax(-1)[..., : phrase_map.shape[-1]]  # [B, Q, S]
+    mass = phrase_map.float() @ prob.transpose(1, 2)  # [B, P, Q]
+    scores, best = mass.max(-1)
+    index = best[..., None].expand(-1, -1, 4)
+    return out["boxes"].gather(1, index), scores
+
+
 def match_cost(
     out: dict[str, torch.Tensor],
     targets: torch.Tensor,

@@ -19,6 +19,7 @@ from models.mdetr import (
     MDETRConfig,
     apply,
     from_torchmultimodal,
+    ground,
     init,
     loss,
     mdetr_tiny,
@@ -334,3 +335,17 @@ def test_aux_loss_adds_each_earlier_decoder_layers_matched_loss(tiny):
     )
     assert with_aux > plain and metrics.keys() == aux_metrics.keys()
     assert all(torch.equal(metrics[k], aux_metrics[k]) for k in metrics)  # the last layer's
+
+
+def test_ground_picks_the_query_whose_tokens_are_the_phrase():
+    logits = torch.zeros(1, 4, 9)
+    logits[0, 2, 1:3] = 10.0  # query 2 names tokens 1 and 2
+    logits[0, 0, 5] = 10.0  # query 0 names token 5
+    boxes = torch.rand(1, 4, 4)
+    phrases = torch.zeros(1, 2, 6, dtype=torch.bool)
+    phrases[0, 0, 1:3], phrases[0, 1, 5] = True, True
+    got, scores = ground({"logits": logits, "boxes": boxes}, phrases)
+    torch.testing.assert_close(got, boxes[:, [2, 0]])
+    assert (scores > 0.9).all()
+    with pytest.raises(ValueError, match="phrase_map"):
+        ground({"logits": logits, "boxes": boxes}, torch.zeros(1, 2, 12, dtype=torch.bool))
