@@ -40,7 +40,8 @@ Params = dict[str, Any]
 
 
 def _skip_widths(cfg: ADMConfig) -> list[int]:
-    """Widths of the encoder outputs the decoder reads, in the order they are made."""
+    """Widths of the encoder outputs the decoder reads, in the order they are made: one per
+    decoder block (``1 + L * res_blocks + (L - 1)`` for ``L`` levels)."""
     widths = [cfg.channels[0]]
     for level, width in enumerate(cfg.channels):
         widths += [width] * cfg.res_blocks + ([width] if level < cfg.num_resize else [])
@@ -104,7 +105,7 @@ def init(cfg: ADMConfig, key: torch.Tensor, *, dtype: torch.dtype = torch.float3
     for i, level in enumerate(reversed(range(len(cfg.channels)))):
         p, blocks = f"up.{i}", []
         for j in range(cfg.res_blocks + 1):
-            blocks.append(block(width + (skips.pop() if skips else 0), level, f"{p}.stages.{j}"))
+            blocks.append(block(width + skips.pop(), level, f"{p}.stages.{j}"))
             width = cfg.channels[level]
         up.append({"stages": blocks})
         if i < cfg.num_resize:
@@ -170,7 +171,7 @@ def _apply(params, x, t, cond, cfg: ADMConfig, key, train) -> torch.Tensor:
     h = res(mid["res2"], h)
     for level in params["up"]:
         for block in level["stages"]:
-            h = stage(block, torch.cat([h, skips.pop()], dim=1) if skips else h)
+            h = stage(block, torch.cat([h, skips.pop()], dim=1))
         if "up" in level:
             h = res(level["up"], h, "up")
     h = F.silu(group_norm(params["out"]["norm"], h, groups=g, eps=eps))
