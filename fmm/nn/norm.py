@@ -81,9 +81,9 @@ def group_norm(params: Params, x: torch.Tensor, *, groups: int, eps: float = 1e-
     (and every spatial position), then scale and shift per channel. Returns ``x``'s shape and
     dtype.
 
-    The statistics are taken in float32 whatever ``x``'s dtype: a group spans
+    The statistics are taken in at least float32 (float64 stays float64): a group spans
     ``C / groups * H * W`` values, too many to sum in half precision (TorchMultimodal's
-    ``Fp32GroupNorm`` does the same).
+    ``Fp32GroupNorm`` does the same, but casts float64 down too).
 
     Example: ``group_norm(init_group_norm(64), torch.rand(2, 64, 8, 8), groups=32)``.
     """
@@ -93,5 +93,6 @@ def group_norm(params: Params, x: torch.Tensor, *, groups: int, eps: float = 1e-
             f"got {list(x.shape)}"
         )
     w, b = params["weight"], params.get("bias")
-    out = F.group_norm(x.float(), groups, w.float(), None if b is None else b.float(), eps)
+    work = torch.promote_types(x.dtype, torch.float32)
+    out = F.group_norm(x.to(work), groups, w.to(work), None if b is None else b.to(work), eps)
     return out.to(x.dtype)

@@ -141,7 +141,7 @@ def test_timestep_features_equal_torchmultimodal_sinusoids():
         assert torch.equal(layers.timestep_features(t, dim), want)
 
 
-def test_group_norm_normalises_in_float32_per_group():
+def test_group_norm_normalises_per_group_in_at_least_float32():
     x = torch.randn(2, 8, 5, 3)
     p = {"weight": torch.randn(8), "bias": torch.randn(8)}
     torch.testing.assert_close(
@@ -153,6 +153,12 @@ def test_group_norm_normalises_in_float32_per_group():
         half.float(), group_norm(init_group_norm(8), (x * 100).half().float(), groups=2),
         atol=1e-2, rtol=1e-3,
     )  # fmt: skip
+    double = group_norm(p, x.double(), groups=4)  # float64 is kept, not cast down
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(
+        double,
+        torch.nn.functional.group_norm(x.double(), 4, p["weight"].double(), p["bias"].double()),
+    )
     with pytest.raises(ValueError, match="divisible by groups=3"):
         group_norm(p, x, groups=3)
 
