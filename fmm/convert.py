@@ -28,6 +28,7 @@ from fmm import tree
 __all__ = [
     "ConversionError",
     "Rule",
+    "affine",
     "concat",
     "export_state_dict",
     "identity",
@@ -70,6 +71,12 @@ class Rule:
 def same(ours: str, theirs: str) -> Rule:
     """A tensor stored identically on both sides under different names."""
     return Rule(ours, (theirs,))
+
+
+def affine(ours: str, theirs: str) -> list[Rule]:
+    """A layer's ``weight`` and ``bias`` stored identically under two prefixes (a linear
+    map or a norm): ``affine("text.norm", "text.ln_final")``."""
+    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
 
 
 def concat(ours: str, theirs: Sequence[str]) -> Rule:

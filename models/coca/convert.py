@@ -22,6 +22,7 @@ import torch
 from fmm import random
 from fmm.convert import (
     Rule,
+    affine,
     concat,
     export_state_dict,
     import_state_dict,
@@ -32,10 +33,6 @@ from models.coca.config import CoCaConfig
 from models.coca.model import Params, init
 
 __all__ = ["from_open_clip", "from_torchmultimodal", "to_open_clip", "to_torchmultimodal"]
-
-
-def _affine(ours: str, theirs: str) -> list[Rule]:
-    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
 
 
 def _fused(ours: str, theirs: str, parts: tuple[str, ...]) -> list[Rule]:
@@ -59,48 +56,48 @@ def _batched(ours: str, theirs: str, shape: tuple[int, ...]) -> Rule:
 def _tmm_block(o: str, t: str, cross: bool) -> list[Rule]:
     rules = [
         *_fused(f"{o}.attn.qkv", f"{t}.attention", ("q_proj", "k_proj", "v_proj")),
-        *_affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
-        *_affine(f"{o}.norm1", f"{t}.attention_layernorm"),
-        *_affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
-        *_affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
-        *_affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
+        *affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
+        *affine(f"{o}.norm1", f"{t}.attention_layernorm"),
+        *affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
+        *affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
+        *affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
     ]
     if cross:
         rules += [
-            *_affine(f"{o}.cross.q", f"{t}.cross_attention.q_proj"),
+            *affine(f"{o}.cross.q", f"{t}.cross_attention.q_proj"),
             *_fused(f"{o}.cross.kv", f"{t}.cross_attention", ("k_proj", "v_proj")),
-            *_affine(f"{o}.cross.out", f"{t}.cross_attention.output_proj"),
-            *_affine(f"{o}.norm_cross", f"{t}.cross_attention_layernorm"),
+            *affine(f"{o}.cross.out", f"{t}.cross_attention.output_proj"),
+            *affine(f"{o}.norm_cross", f"{t}.cross_attention_layernorm"),
         ]
     return rules
 
 
 def _tmm_vit_block(o: str, t: str) -> list[Rule]:
     return [
-        *_affine(f"{o}.attn.qkv", f"{t}.attention.input_proj"),
-        *_affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
-        *_affine(f"{o}.norm1", f"{t}.attention_layernorm"),
-        *_affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
-        *_affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
-        *_affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
+        *affine(f"{o}.attn.qkv", f"{t}.attention.input_proj"),
+        *affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
+        *affine(f"{o}.norm1", f"{t}.attention_layernorm"),
+        *affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
+        *affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
+        *affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
     ]
 
 
 def _tmm_pooler(o: str, t: str) -> list[Rule]:
     return [
         same(f"{o}.query", f"{t}.query"),
-        *_affine(f"{o}.attn.q", f"{t}.attn.q_proj"),
+        *affine(f"{o}.attn.q", f"{t}.attn.q_proj"),
         *_fused(f"{o}.attn.kv", f"{t}.attn", ("k_proj", "v_proj")),
-        *_affine(f"{o}.attn.out", f"{t}.attn.output_proj"),
-        *_affine(f"{o}.norm_query", f"{t}.ln_q"),
-        *_affine(f"{o}.norm_context", f"{t}.ln_k"),
-        *_affine(f"{o}.norm", f"{t}.ln_post"),
+        *affine(f"{o}.attn.out", f"{t}.attn.output_proj"),
+        *affine(f"{o}.norm_query", f"{t}.ln_q"),
+        *affine(f"{o}.norm_context", f"{t}.ln_k"),
+        *affine(f"{o}.norm", f"{t}.ln_post"),
     ]
 
 
 def _tmm_rules(cfg: CoCaConfig) -> list[Rule]:
     emb, enc = "vision_encoder.embeddings", "vision_encoder.encoder"
-    rules = [*_affine("image.patch", f"{emb}.conv_projection")]
+    rules = [*affine("image.patch", f"{emb}.conv_projection")]
     if not cfg.patch_bias:
         rules = [same("image.patch.weight", f"{emb}.conv_projection.weight")]
     rules.append(_batched("image.pos", f"{emb}.position_embeddings", (1,)))
@@ -121,9 +118,9 @@ def _tmm_rules(cfg: CoCaConfig) -> list[Rule]:
         same("text.token.weight", f"{td}.embeddings.token_embeddings.weight"),
         same("text.pos", f"{td}.embeddings.position_embeddings"),
         same("text.cls", f"{td}.embeddings.cls_embedding"),
-        *_affine("text.norm", f"{td}.ln_final"),
+        *affine("text.norm", f"{td}.ln_final"),
         same("text.proj.weight", f"{td}.text_projection.weight"),
-        *_affine("decoder.norm", f"{mm}.final_layer_norm"),
+        *affine("decoder.norm", f"{mm}.final_layer_norm"),
         same("decoder.head.weight", "multimodal_decoder.output_projection.weight"),
     ]
     rules += [
@@ -182,11 +179,11 @@ def _oc_block(o: str, t: str) -> list[Rule]:
     return [
         same(f"{o}.attn.qkv.weight", f"{t}.attn.in_proj_weight"),
         same(f"{o}.attn.qkv.bias", f"{t}.attn.in_proj_bias"),
-        *_affine(f"{o}.attn.out", f"{t}.attn.out_proj"),
-        *_affine(f"{o}.norm1", f"{t}.ln_1"),
-        *_affine(f"{o}.norm2", f"{t}.ln_2"),
-        *_affine(f"{o}.mlp.fc1", f"{t}.mlp.c_fc"),
-        *_affine(f"{o}.mlp.fc2", f"{t}.mlp.c_proj"),
+        *affine(f"{o}.attn.out", f"{t}.attn.out_proj"),
+        *affine(f"{o}.norm1", f"{t}.ln_1"),
+        *affine(f"{o}.norm2", f"{t}.ln_2"),
+        *affine(f"{o}.mlp.fc1", f"{t}.mlp.c_fc"),
+        *affine(f"{o}.mlp.fc2", f"{t}.mlp.c_proj"),
     ]
 
 
@@ -197,12 +194,12 @@ def _oc_cross_block(o: str, t: str) -> list[Rule]:
         same(f"{o}.cross.q.bias", f"{t}.attn.in_proj_bias:q"),
         same(f"{o}.cross.kv.weight", f"{t}.attn.in_proj_weight:kv"),
         same(f"{o}.cross.kv.bias", f"{t}.attn.in_proj_bias:kv"),
-        *_affine(f"{o}.cross.out", f"{t}.attn.out_proj"),
-        *_affine(f"{o}.norm_cross", f"{t}.ln_1"),
-        *_affine(f"{o}.norm_context", f"{t}.ln_1_kv"),
-        *_affine(f"{o}.norm2", f"{t}.ln_2"),
-        *_affine(f"{o}.mlp.fc1", f"{t}.mlp.c_fc"),
-        *_affine(f"{o}.mlp.fc2", f"{t}.mlp.c_proj"),
+        *affine(f"{o}.cross.out", f"{t}.attn.out_proj"),
+        *affine(f"{o}.norm_cross", f"{t}.ln_1"),
+        *affine(f"{o}.norm_context", f"{t}.ln_1_kv"),
+        *affine(f"{o}.norm2", f"{t}.ln_2"),
+        *affine(f"{o}.mlp.fc1", f"{t}.mlp.c_fc"),
+        *affine(f"{o}.mlp.fc2", f"{t}.mlp.c_proj"),
     ]
 
 
@@ -212,23 +209,23 @@ def _oc_rules(cfg: CoCaConfig) -> list[Rule]:
         same("image.patch.weight", "visual.conv1.weight"),
         same("image.cls", "visual.class_embedding"),
         same("image.pos", "visual.positional_embedding"),
-        *_affine("image.norm_pre", "visual.ln_pre"),
+        *affine("image.norm_pre", "visual.ln_pre"),
         same(f"{p}.query", f"{v}.query"),
         same(f"{p}.attn.q.weight", f"{v}.attn.q_proj_weight"),
         concat(f"{p}.attn.kv.weight", [f"{v}.attn.k_proj_weight", f"{v}.attn.v_proj_weight"]),
         same(f"{p}.attn.q.bias", f"{v}.attn.in_proj_bias:q"),
         same(f"{p}.attn.kv.bias", f"{v}.attn.in_proj_bias:kv"),
-        *_affine(f"{p}.attn.out", f"{v}.attn.out_proj"),
-        *_affine(f"{p}.norm_query", f"{v}.ln_q"),
-        *_affine(f"{p}.norm_context", f"{v}.ln_k"),
-        *_affine(f"{p}.norm", "visual.ln_post"),
+        *affine(f"{p}.attn.out", f"{v}.attn.out_proj"),
+        *affine(f"{p}.norm_query", f"{v}.ln_q"),
+        *affine(f"{p}.norm_context", f"{v}.ln_k"),
+        *affine(f"{p}.norm", "visual.ln_post"),
         Rule("image_proj.weight", ("visual.proj",), to_ours=transpose, to_theirs=transpose),
         same("text.token.weight", "text.token_embedding.weight"),
         same("text.pos", "text.positional_embedding"),
         same("text.cls", "text.cls_emb"),
-        *_affine("text.norm", "text.ln_final"),
+        *affine("text.norm", "text.ln_final"),
         Rule("text.proj.weight", ("text.text_projection",), to_ours=transpose, to_theirs=transpose),
-        *_affine("decoder.norm", "text_decoder.ln_final"),
+        *affine("decoder.norm", "text_decoder.ln_final"),
         Rule("decoder.head.weight", ("text_decoder.text_projection",), to_ours=transpose,
              to_theirs=transpose),
         same("logit_scale", "logit_scale"),

@@ -18,7 +18,7 @@ from models.coca.config import CoCaConfig
 from models.coca.model import Params, _check_images, _image, head, init
 
 
-def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor, *, cfg: CoCaConfig):
+def _embed(params: Params, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     text = params["text"]
     return nn.embed(text["token"], tokens) + text["pos"][positions]
 
@@ -41,7 +41,7 @@ def decoder_spec(cfg: CoCaConfig) -> decoding.DecoderSpec:
     """
     return decoding.DecoderSpec(
         transformer=cfg.causal_blocks,
-        embed=functools.partial(_embed, cfg=cfg),
+        embed=_embed,
         head=functools.partial(head, cfg=cfg),
         blocks=_blocks,
         # The last position belongs to the class token in training.
