@@ -323,10 +323,7 @@ def test_attention_adds_pos_to_queries_and_keys_but_not_values(cross):
 
 
 def test_aux_loss_adds_each_earlier_decoder_layers_matched_loss(tiny):
-    cfg, params, batch = tiny
-    value = loss(params, batch, cfg=cfg, train=False)[0]
-    one_layer = dataclasses.replace(cfg, aux_loss=True)  # mdetr_tiny has one decoder layer
-    torch.testing.assert_close(loss(params, batch, cfg=one_layer, train=False)[0], value)
+    cfg, _, batch = tiny
     two = dataclasses.replace(cfg, decoder_layers=2)
     p2 = init(two, fmm.random.key(0))
     plain, metrics = loss(p2, batch, cfg=two, train=False)
