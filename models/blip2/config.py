@@ -107,6 +107,11 @@ class Blip2Config:
         )  # fmt: skip
 
     @property
+    def blocks(self) -> tuple[TransformerConfig, ...]:
+        """Every Q-Former block's config, in order (:func:`fmm.nn.transformer`'s ``cfg=``)."""
+        return tuple(self.block(i) for i in range(self.layers))
+
+    @property
     def image_tower(self) -> ViTConfig:
         """The frozen image encoder: the shared ViT tower (patch bias, final norm)."""
         return ViTConfig(
@@ -118,11 +123,6 @@ class Blip2Config:
             ),
             embed_std=_INIT_STD,
         )  # fmt: skip
-
-    @property
-    def image_tokens(self) -> int:
-        """Tokens per image out of the encoder: the class token and every patch."""
-        return self.image_tower.seq
 
     def to_dict(self) -> dict:
         """Plain JSON-ready fields (for ``config.json``); inverse of :meth:`from_dict`."""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fmm import checks, nn, random
 from fmm.nn import towers
-from fmm.nn.transformer import BlockFn, block
+from fmm.nn.transformer import BlockFn, transformer
 from models import gpt
 from models.blip2.config import _INIT_STD, Blip2Config
 
@@ -62,8 +62,8 @@ def init(cfg: Blip2Config, key: torch.Tensor, *, dtype: torch.dtype = torch.floa
             "norm_embed": nn.init_layer_norm(w, device=dev, dtype=dtype),
             "transformer": {
                 "blocks": [
-                    nn.init_block(cfg.block(i), random.fold_in(kq, i), dtype=dtype)
-                    for i in range(cfg.layers)
+                    nn.init_block(c, random.fold_in(kq, i), dtype=dtype)
+                    for i, c in enumerate(cfg.blocks)
                 ]
             },
         },
@@ -132,7 +132,8 @@ def encode_image(
 
 
 def _embed(params: Params, batch: int, texts, cfg: Blip2Config, queries: bool, key, train):
-    """``[queries;] word + position of each of ``texts``, normalised together."""
+    """The queries (if ``queries``), then word + position embeddings of each of ``texts``,
+    normalised together: ``[B, (Q +) sum of S, width]``."""
     q = params["qformer"]
     parts = [params["query_tokens"].expand(batch, -1, -1)] if queries else []
     for ids in texts:
@@ -145,15 +146,11 @@ def _embed(params: Params, batch: int, texts, cfg: Blip2Config, queries: bool, k
 
 def _stack(params: Params, x, cfg: Blip2Config, *, queries: int, mask, image_embeds, key, train,
            block_fn) -> torch.Tensor:  # fmt: skip
-    run = block if block_fn is None else block_fn
-    for i, bp in enumerate(params["qformer"]["transformer"]["blocks"]):
-        # Each block its own config: cross-attention only in the cfg.has_cross layers.
-        k = random.fold_in(key, i) if key is not None else None
-        x = run(
-            bp, x, cfg=cfg.block(i), key=k, train=train, mask=mask, context=image_embeds,
-            queries=queries,
-        )  # fmt: skip
-    return x
+    # One config per block: cross-attention only in the cfg.has_cross layers.
+    return transformer(
+        params["qformer"]["transformer"], x, cfg=cfg.blocks, key=key, train=train,
+        block_fn=block_fn, mask=mask, context=image_embeds, queries=queries,
+    )  # fmt: skip
 
 
 def block_mask(rows, cols: torch.Tensor) -> torch.Tensor:
@@ -332,11 +329,6 @@ def temperature(params: Params) -> torch.Tensor:
     """The learned temperature projected into [0.001, 0.5] (BLIP-2's clamp, no edit of params)."""
     checks.check_keys(params, ("log_temp",), name="params")
     return params["log_temp"].exp().clamp(0.001, 0.5)
-
-
-def image_shape(cfg: Blip2Config) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the images the model reads."""
-    return (cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
 # -- stage two: the queries as a frozen LM's prefix --------------------------------------------
