@@ -257,6 +257,8 @@ def loss(
         else sample_posterior(mean, log_variance, random.fold_in(key, "posterior"))
     )
     out = _decode(params, z, cfg, k[1], train)
-    recon = F.mse_loss(out[:, : images.shape[1]].float(), images.float())
-    kl = kl_to_standard_normal(mean.float(), log_variance.float()).mean()
+    # In at least float32: a bf16 run's sums over every pixel and latent would round.
+    work = torch.promote_types(out.dtype, torch.float32)
+    recon = F.mse_loss(out[:, : images.shape[1]].to(work), images.to(work))
+    kl = kl_to_standard_normal(mean.to(work), log_variance.to(work)).mean()
     return recon + cfg.kl_weight * kl, {"recon_mse": recon.detach(), "kl": kl.detach()}
