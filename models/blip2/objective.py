@@ -194,6 +194,8 @@ def _check_batch(params: Params, batch, cfg: Blip2Config) -> None:
     if batch.get(mask_name) is not None:
         checks.check_mask(f"batch[{mask_name!r}]", batch[mask_name], tokens.shape,
                           of="batch['tokens']")  # fmt: skip
+    if cfg.stage == 1 and batch.get("ids") is not None:
+        checks.check_int("batch['ids']", batch["ids"], (tokens.shape[0],), of="batch['tokens']")
     if cfg.stage == 1 and tokens.shape[0] < 2:
         raise ValueError("batch['tokens']: stage one needs a batch of >= 2 pairs (negatives)")
 

@@ -216,6 +216,9 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match="tokens"):
         B.loss(params, {"images": images, "tokens": torch.full((2, 4), 99)}, cfg=cfg,
                key=fmm.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match="ids"):
+        B.loss(params, {"images": images, "tokens": torch.ones(2, 4).long(),
+                        "ids": torch.zeros(3).long()}, cfg=cfg, key=fmm.random.key(0))  # fmt: skip
     with pytest.raises(ValueError, match="key="):
         B.loss(params, {"images": images, "tokens": torch.ones(2, 4).long()}, cfg=cfg)
     with pytest.raises(ValueError, match="image_embeds"):
