@@ -33,7 +33,7 @@ import traceback
 
 from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
-from train.recipes import clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
+from train.recipes import clap, clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import data2vec as data2vec_recipe
 from train.recipes import evaluate as evaluate_recipe
 from train.recipes import flava as flava_recipe
@@ -58,6 +58,7 @@ TASKS = {
     "video-vqvae": (videogpt_recipe.VQVAE_RECIPE, videogpt_recipe.VQVAE_RECIPE.help),
     "videogpt": (videogpt_recipe.RECIPE, videogpt_recipe.RECIPE.help),
     "mae": (mae_recipe.RECIPE, mae_recipe.RECIPE.help),
+    "clap": (clap.RECIPE, clap.RECIPE.help),
     "data2vec": (data2vec_recipe.RECIPE, data2vec_recipe.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
