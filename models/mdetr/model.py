@@ -111,7 +111,7 @@ def _roberta_positions(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 def _encode_text(params, tokens, cfg: MDETRConfig, key, train, block_fn):
     t = cfg.text
     valid = tokens != t.pad_id
-    k = random.fold_in(key, "text") if train else None
+    k = random.fold_in(key, "text") if train and key is not None else None
     hidden = towers.text(
         params["text"], tokens, cfg=t.tower, valid=valid, positions=_roberta_positions(tokens, t.pad_id),
         key=k, train=train, block_fn=block_fn,
@@ -139,7 +139,8 @@ def _forward(params, images, tokens, image_mask, cfg: MDETRConfig, key, train, b
     pos = sine_positions(cells, cfg.width, temperature=cfg.pos_temperature, scale=cfg.pos_scale)
     pos = torch.cat((pos.to(image.dtype), torch.zeros_like(text)), dim=1)
     mask = padding_mask(torch.cat((cells.flatten(1), text_valid), dim=1))
-    k = (lambda name: random.fold_in(key, name)) if train else (lambda name: None)
+    stochastic = train and key is not None
+    k = (lambda name: random.fold_in(key, name)) if stochastic else (lambda name: None)
     memory = transformer(
         params["encoder"], torch.cat((image, text), dim=1), cfg=cfg.encoder, key=k("encoder"),
         train=train, block_fn=block_fn, mask=mask, pos=pos,
@@ -188,6 +189,11 @@ def _check_inputs(
         checks.check_mask(n_mask, image_mask, (images.shape[0], *images.shape[2:]), of=n_img)
 
 
+def _check_key(cfg: MDETRConfig, key, train: bool) -> None:
+    if train and key is None and max(cfg.dropout, cfg.text.dropout, cfg.text.attn_dropout) > 0:
+        raise ValueError("key= is missing: MDETR's dropout in training needs key=")
+
+
 def apply(
     params: Params,
     images: torch.Tensor,
@@ -212,6 +218,7 @@ def apply(
     """
     checks.check_params(params, init=init, cfg=cfg)
     _check_inputs(params, images, tokens, image_mask, cfg)
+    _check_key(cfg, key, train)
     return _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)[-1]
 
 
@@ -325,8 +332,7 @@ def loss(
     if valid is None:
         valid = torch.ones(target_boxes.shape[:2], dtype=torch.bool, device=images.device)
     checks.check_mask("batch['box_valid']", valid, target_boxes.shape[:2])
-    if train and cfg.dropout > 0 and key is None:
-        raise ValueError("key= is missing: MDETR's dropout in training needs key=")
+    _check_key(cfg, key, train)
 
     outs = _forward(params, images, tokens, image_mask, cfg, key, train, block_fn)
     targets = boxes.token_targets(token_map, cfg.classes + 1)
