@@ -26,16 +26,12 @@ from collections.abc import Mapping
 import torch
 
 from fmm import random
-from fmm.convert import Rule, concat, export_state_dict, import_state_dict, same
+from fmm.convert import Rule, affine, concat, export_state_dict, import_state_dict, same
 from models.blip2.config import Blip2Config
 from models.blip2.model import Params, init
 
 _SOURCE = "TorchMultimodal BLIP2"
 _BUFFERS = ("qformer.model.embeddings.position_ids",)
-
-
-def _affine(ours: str, theirs: str) -> list[Rule]:
-    return [same(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in ("weight", "bias")]
 
 
 def _leading(ours: str, theirs: str, lead: int) -> Rule:
@@ -54,20 +50,20 @@ def _projections(ours: str, theirs: str, names: tuple[str, ...]) -> list[Rule]:
 
 def _vision_rules(cfg: Blip2Config, theirs: str = "vision_encoder") -> list[Rule]:
     rules = [
-        *_affine("image.patch", f"{theirs}.embeddings.conv_projection"),
+        *affine("image.patch", f"{theirs}.embeddings.conv_projection"),
         _leading("image.cls", f"{theirs}.embeddings.cls_token", 2),
         _leading("image.pos", f"{theirs}.embeddings.position_embeddings", 1),
-        *_affine("image.norm", f"{theirs}.encoder.final_layer_norm"),
+        *affine("image.norm", f"{theirs}.encoder.final_layer_norm"),
     ]
     for i in range(cfg.image_layers):
         o, t = f"image.transformer.blocks.{i}", f"{theirs}.encoder.layer.{i}"
         rules += [
-            *_affine(f"{o}.attn.qkv", f"{t}.attention.input_proj"),
-            *_affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
-            *_affine(f"{o}.norm1", f"{t}.attention_layernorm"),
-            *_affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
-            *_affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
-            *_affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
+            *affine(f"{o}.attn.qkv", f"{t}.attention.input_proj"),
+            *affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
+            *affine(f"{o}.norm1", f"{t}.attention_layernorm"),
+            *affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
+            *affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
+            *affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
         ]
     return rules
 
@@ -79,30 +75,30 @@ def qformer_rules(cfg: Blip2Config, theirs: str = "") -> list[Rule]:
     rules = [
         same("qformer.token.weight", f"{e}.token_embeddings.weight"),
         same("qformer.pos", f"{e}.position_embeddings.weight"),
-        *_affine("qformer.norm_embed", f"{e}.layernorm"),
-        *_affine("clm_head.dense", f"{theirs}head.linear_1"),
-        *_affine("clm_head.norm", f"{theirs}head.layernorm"),
-        *_affine("clm_head.out", f"{theirs}head.linear_2"),
+        *affine("qformer.norm_embed", f"{e}.layernorm"),
+        *affine("clm_head.dense", f"{theirs}head.linear_1"),
+        *affine("clm_head.norm", f"{theirs}head.layernorm"),
+        *affine("clm_head.out", f"{theirs}head.linear_2"),
     ]
     for i in range(cfg.layers):
         o, t = f"qformer.transformer.blocks.{i}", f"{m}.encoder.layers.{i}"
         rules += [
             *_projections(f"{o}.attn.qkv", f"{t}.self_attention", ("q_proj", "k_proj", "v_proj")),
-            *_affine(f"{o}.attn.out", f"{t}.self_attention.output_proj"),
-            *_affine(f"{o}.norm1", f"{t}.self_attn_layernorm"),
-            *_affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
-            *_affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
-            *_affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
-            *_affine(f"{o}.mlp_query.fc1", f"{t}.feedforward_query.model.0"),
-            *_affine(f"{o}.mlp_query.fc2", f"{t}.feedforward_query.model.2"),
-            *_affine(f"{o}.norm2_query", f"{t}.feedforward_layernorm_query"),
+            *affine(f"{o}.attn.out", f"{t}.self_attention.output_proj"),
+            *affine(f"{o}.norm1", f"{t}.self_attn_layernorm"),
+            *affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
+            *affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2"),
+            *affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
+            *affine(f"{o}.mlp_query.fc1", f"{t}.feedforward_query.model.0"),
+            *affine(f"{o}.mlp_query.fc2", f"{t}.feedforward_query.model.2"),
+            *affine(f"{o}.norm2_query", f"{t}.feedforward_layernorm_query"),
         ]
         if cfg.has_cross(i):
             rules += [
-                *_affine(f"{o}.cross.q", f"{t}.cross_attention.q_proj"),
+                *affine(f"{o}.cross.q", f"{t}.cross_attention.q_proj"),
                 *_projections(f"{o}.cross.kv", f"{t}.cross_attention", ("k_proj", "v_proj")),
-                *_affine(f"{o}.cross.out", f"{t}.cross_attention.output_proj"),
-                *_affine(f"{o}.norm_cross", f"{t}.cross_attn_layernorm"),
+                *affine(f"{o}.cross.out", f"{t}.cross_attention.output_proj"),
+                *affine(f"{o}.norm_cross", f"{t}.cross_attn_layernorm"),
             ]
     return rules
 
@@ -110,12 +106,12 @@ def qformer_rules(cfg: Blip2Config, theirs: str = "") -> list[Rule]:
 def _rules(cfg: Blip2Config) -> list[Rule]:
     return [
         *_vision_rules(cfg),
-        *_affine("ln_vision", "ln_vision"),
+        *affine("ln_vision", "ln_vision"),
         _leading("query_tokens", "query_tokens", 1),
         *qformer_rules(cfg, "qformer."),
-        *_affine("vision_proj", "vision_proj"),
-        *_affine("text_proj", "text_proj"),
-        *_affine("itm_head", "loss.itm_head"),
+        *affine("vision_proj", "vision_proj"),
+        *affine("text_proj", "text_proj"),
+        *affine("itm_head", "loss.itm_head"),
         Rule("log_temp", ("loss.temp",), to_ours=torch.log, to_theirs=torch.exp),
     ]
 
