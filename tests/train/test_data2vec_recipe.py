@@ -13,7 +13,7 @@ from train.__main__ import main
 from train.loop import load_run
 from train.loop.engine import base_keys
 from train.recipes._ssl import CONTEXT, data_for, probe_set, training_batch
-from train.recipes.data2vec import config_for
+from train.recipes.data2vec import config_for, features
 
 ARGS = ["--steps", "3", "--batch-size", "4", "--probe-per-class", "2", "--probe-steps", "20"]
 ARGS += ["--sound-pool", "8", "--seed", "1"]
@@ -86,3 +86,16 @@ def test_text_batches_fit_the_family():
     batch = training_batch(data, None, torch.Generator().manual_seed(0), 3)
     check_batch(data2vec.batch_fields(cfg), batch, where="training_batch")
     assert batch["valid"].sum(1).min() >= 4  # <sot>, at least "a <colour> <shape>", <eot>
+
+
+def test_layer_features_stack_every_block_and_text_has_no_class_token(tmp_path):
+    data = data_for("audio")
+    cfg = config_for(data)
+    params = data2vec.init(cfg, base_keys(0)["init"])
+    x = torch.randn(3, *cfg.input_shape)
+    layers = features(params, cfg, x, torch.device("cpu"), kind="layers")
+    assert layers.shape == (3, cfg.layers * cfg.width)
+    mean = features(params, cfg, x, torch.device("cpu"))
+    assert torch.allclose(mean, data2vec.features(params, x, cfg=cfg))
+    with pytest.raises(ValueError, match="--probe-features cls"):
+        main(["data2vec", "--modality", "text", "--probe-features", "cls", "--out", str(tmp_path)])

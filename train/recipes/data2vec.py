@@ -17,8 +17,8 @@ Evaluation, on one-object scenes / one-sound clips / one-object captions of ever
   ``probe_<attr>_heldout`` / ``_iid`` / ``_pretrain_heldout``. Images: shape (the
   headline) and colour; audio: timbre (the headline) and pitch; text: shape (the
   headline) and colour of the first object a two-object caption names
-  (``_ssl.caption_probe_set`` says why that task). Features: the mean patch feature
-  (``--probe-features cls``: the class token), text the mean over the caption's tokens;
+  (``_ssl.caption_probe_set`` says why that task). Features (``--probe-features``): the
+  mean patch feature (text: token), the class token, or every block's mean output;
 - ``heldout_regression``: the data2vec loss on the second probe set (the teacher's
   targets, a fixed mask key), ``teacher_student_distance``: the relative L2 distance of
   the teacher from the student (0 would mean the EMA is not lagging);
@@ -34,6 +34,7 @@ import torch
 
 import fmm
 import models
+from fmm.nn.transformer import block
 from models import data2vec
 from train import probe
 from train.loop import Defaults, Evaluation, Job, Recipe
@@ -55,7 +56,7 @@ PRESETS = {
     "text": "data2vec_text_tiny",
     "audio": "data2vec_audio_tiny",
 }
-FEATURES = ("mean", "cls")
+FEATURES = ("mean", "cls", "layers")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +67,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--probe-features", default="mean", choices=FEATURES,
-        help="images, audio: the probe reads the mean patch feature or the class token; "
-        "text always the mean token (default: %(default)s)",
+        help="what the probe reads: the mean patch (text: token) feature, the class token "
+        "(images, audio), or every block's mean output side by side (default: %(default)s)",
     )  # fmt: skip
     add_probe_arguments(parser)
 
@@ -92,22 +93,49 @@ def _inputs(cfg, x: torch.Tensor, device) -> dict:
     }  # 0: the word tokenizer's <pad> if cfg.modality == "text" else {name: x}
 
 
+def _block_outputs(params, inputs: torch.Tensor, cfg, **batch) -> list[torch.Tensor]:
+    """Every block's output ``[B, S, width]`` (the residual stream), through the tower's
+    ``block_fn`` seam, as the family's targets read the teacher's."""
+    outputs: list[torch.Tensor] = []
+
+    def record(block_params, x, **kwargs):
+        outputs.append(block(block_params, x, **kwargs))
+        return outputs[-1]
+
+    data2vec.encode(params, inputs, cfg=cfg, block_fn=record, **batch)
+    return outputs
+
+
+def _pool(h: torch.Tensor, cfg, valid: torch.Tensor | None) -> torch.Tensor:
+    """``h [B, S, width]`` -> ``[B, width]``: text the mean over valid tokens, images and
+    audio the mean over the patches (the class token left out)."""
+    if cfg.modality != "text":
+        return h[:, 1:].mean(1)
+    w = valid.to(h.dtype)[..., None]
+    return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 @torch.no_grad()
 def features(
     params, cfg: data2vec.Data2VecConfig, x: torch.Tensor, device, *, kind: str = "mean",
     chunk: int = 256,
 ) -> torch.Tensor:  # fmt: skip
-    """The probe's features ``[N, width]`` (on the CPU) of the unmasked ``x [N, ...]``: the
-    mean patch feature (``kind="cls"``: the class token), text the mean over its valid
-    tokens (:func:`models.data2vec.features`)."""
+    """The probe's features (on the CPU) of the unmasked ``x [N, ...]``, by ``kind``:
+    ``"mean"`` ``[N, width]``, the mean patch feature (text: the mean over its valid tokens;
+    :func:`models.data2vec.features`); ``"cls"`` ``[N, width]``, the class token (images,
+    audio); ``"layers"`` ``[N, layers * width]``, every block's mean patch (token) output
+    side by side."""
     out = []
     for i in range(0, len(x), chunk):
         batch = _inputs(cfg, x[i : i + chunk], device)
         inputs = batch.pop(data2vec.INPUTS[cfg.modality])
-        if cfg.modality == "text" or kind == "mean":
+        if kind == "mean":
             f = data2vec.features(params, inputs, cfg=cfg, **batch)
-        else:
+        elif kind == "cls":
             f = data2vec.encode(params, inputs, cfg=cfg)[:, 0]
+        else:
+            layers = _block_outputs(params, inputs, cfg, **batch)
+            f = torch.cat([_pool(h, cfg, batch.get("valid")) for h in layers], -1)
         out.append(f.cpu())
     return torch.cat(out)
 
@@ -122,6 +150,8 @@ def _distance(teacher, params) -> float:
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
+    if args.modality == "text" and args.probe_features == "cls":
+        raise ValueError("--probe-features cls: the text encoder has no class token (use mean)")
     data = data_for(args.modality)
     cfg = config_for(data)
     what = (
@@ -159,7 +189,7 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
     )  # fmt: skip
     metrics["heldout_regression"] = round(value.item(), 6)
     metrics["teacher_student_distance"] = _distance(model_state["teacher"], params)
-    metrics["probe_features"] = "mean" if cfg.modality == "text" else kind
+    metrics["probe_features"] = kind
     bars = {}
     for name in sets.tasks:
         bars[name] = metrics[f"probe_{name}"]
