@@ -23,8 +23,8 @@ def test_quick_run_agrees_with_torchmultimodal_and_prints_both_races():
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "threads 1" in out and "DDIM sampling: 3 U-Net calls" in out
-    diff = re.search(r"^fmm eager .* max \|diff\| vs torchmultimodal eager (\S+)", out, re.M)
-    assert diff and float(diff[1]) < 1e-5, out
+    diff = re.search(r"^  fmm eager\s+(\S+)\s+vs torchmultimodal eager: (\S+)", out, re.M)
+    assert diff and float(diff[1]) < 1e-5 and float(diff[2]) < 1e-5, out
     losses = re.search(r"same t and noise: fmm loss (\S+), torchmultimodal (\S+)", out)
     assert losses and abs(float(losses[1]) - float(losses[2])) < 1e-5, out
     assert out.count("fmm eager speedup vs fastest reference (torchmultimodal eager)") == 2
