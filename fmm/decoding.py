@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -114,6 +115,7 @@ def prefill(
     context_mask: torch.Tensor | None = None,
     donate: bool = False,
     last_only: bool = False,
+    prefix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache]:
     """Run ``tokens: [B, S]`` through the model, writing their keys/values into the cache.
 
@@ -126,8 +128,14 @@ def prefill(
 
     ``last_only``: compute logits for the last position only (all a generation loop needs).
 
-    Returns ``(logits [B, S, vocab], new_cache)`` (``[B, 1, vocab]`` with ``last_only``);
-    logits at padding slots are meaningless.
+    ``prefix: [B, P, width]`` (first prefill only): embeddings that go before each row's
+    prompt at positions ``0..P-1``, the prompt following from position ``P`` (BLIP-2's
+    projected queries before a frozen LM's text). They are the blocks' inputs as they are:
+    whatever the model's ``embed`` adds to a token (its position embedding) must already be
+    in them. With ``lengths``, each row is ``[padding, prefix, prompt]``.
+
+    Returns ``(logits [B, P + S, vocab], new_cache)`` (``[B, 1, vocab]`` with
+    ``last_only``); logits at padding slots are meaningless.
 
     Example: ``logits, cache = prefill(params, prompt, init_cache(spec, 2, 64), cfg=spec)``.
     """
@@ -135,21 +143,61 @@ def prefill(
     _check_params(params, spec)
     _check_tokens("tokens", tokens, ("batch", "seq"), spec)
     _check_cache("tokens", tokens, cache, spec)
-    return _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate, last_only)
+    return _prefill(
+        params, tokens, cache, spec, lengths, context, context_mask, donate, last_only, prefix
+    )
 
 
-def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate, last_only):
+def _check_prefix(prefix, tokens: torch.Tensor, cache: Cache, spec: DecoderSpec) -> None:
+    like = next((layer["k"] for layer in cache["layers"] if "k" in layer), None)
+    checks.check_float(
+        "prefix", prefix, (tokens.shape[0], "prefix_len", spec.configs[0].width), like=like,
+        hint="the tokens' batch, any length, the model's width",
+    )  # fmt: skip
+
+
+def _with_prefix(spec: DecoderSpec, tokens, prefix, start) -> tuple[DecoderSpec, torch.Tensor]:
+    """A spec whose ``embed`` lays row ``b`` out as ``[padding, prefix, prompt]``, and the
+    tokens in those slots (any real token id at the prefix slots: their embedding is
+    replaced), for a first prefill of ``tokens [B, S]`` after ``prefix [B, P, width]``;
+    ``start [B]``: padding slots per row."""
+    (batch, seq), p = tokens.shape, prefix.shape[1]
+    j = torch.arange(p + seq, device=tokens.device)[None]
+    s = start[:, None]
+    in_prefix = (j >= s) & (j < s + p)
+    # Slot j holds padding token j before the prefix, prompt token j - P after it.
+    token_at = torch.where(j < s, j, (j - p).clamp(min=0)).expand(batch, -1)
+    slot_tokens = tokens.gather(1, torch.where(in_prefix, s, token_at).clamp(max=seq - 1))
+    prefix_at = (j - s).clamp(0, p - 1)[..., None].expand(-1, -1, prefix.shape[2])
+    slot_prefix = prefix.gather(1, prefix_at)
+    embed = spec.embed
+
+    def embed_with_prefix(params, toks, positions):
+        x = embed(params, toks, positions)
+        return torch.where(in_prefix[..., None], slot_prefix.to(x.dtype), x)
+
+    return dataclasses.replace(spec, embed=embed_with_prefix), slot_tokens
+
+
+def _prefill(
+    params, tokens, cache, spec, lengths, context, context_mask, donate, last_only, prefix=None
+):
     # prefill after its param and token checks (generate makes them on its prompt).
     batch, seq = tokens.shape
     max_len = cache_len(cache)
     filled = cache["start"] + cache["pos"]
     fresh = not torch.compiler.is_compiling() and not bool(filled.any())
+    if prefix is not None and not torch.compiler.is_compiling():
+        if not fresh:
+            raise ValueError("prefix= is only allowed on an empty cache (the first prefill)")
+        _check_prefix(prefix, tokens, cache, spec)
+    p = 0 if prefix is None else prefix.shape[1]
     if not torch.compiler.is_compiling() and max_len is not None:
-        end = int(filled.max()) + seq
+        end = int(filled.max()) + p + seq
         if end > max_len:
             raise ValueError(
-                f"tokens need {end} cache slots ({seq} new tokens after {end - seq} cached) "
-                f"but the cache has max_len={max_len}"
+                f"tokens need {end} cache slots ({p + seq} new tokens after {end - p - seq} "
+                f"cached) but the cache has max_len={max_len}"
             )
     if lengths is not None:
         if not fresh:
@@ -163,8 +211,10 @@ def _prefill(params, tokens, cache, spec, lengths, context, context_mask, donate
         start = (seq - lengths).to(torch.int64)
     else:
         start = cache["start"]
-    slots = filled[:, None] + torch.arange(seq, device=tokens.device)
+    slots = filled[:, None] + torch.arange(p + seq, device=tokens.device)
     positions = (slots - start[:, None]).clamp(min=0)
+    if prefix is not None:
+        spec, tokens = _with_prefix(spec, tokens, prefix, start)
 
     cross_dim = spec.cross_dim
     new_cache: Cache = {"start": start}
@@ -301,6 +351,7 @@ def generate(
     max_len: int | None = None,
     context: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
     compile: bool | str = False,
 ) -> Generation:
     """Continue each prompt of ``prompt: [B, S]`` (left-padded; ``lengths: [B]`` real tokens
@@ -313,7 +364,8 @@ def generate(
     ``compile``: ``True`` compiles the decode step with inductor (or name a backend); it
     compiles once per shape and is reused by later calls. The cache is private to the call,
     so ``generate`` can be called any number of times. ``context``/``context_mask``: for
-    cross-attending models (see :func:`prefill`).
+    cross-attending models; ``prefix [B, P, width]``: embeddings before every prompt (see
+    :func:`prefill`; the cache then holds ``P`` more slots).
 
     Returns a :class:`Generation` ``(tokens [B, max_new_tokens], lengths [B])``.
 
@@ -333,19 +385,23 @@ def generate(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature > 0 and key is None:
         raise ValueError("key= is missing: sampling with temperature > 0 needs key=")
-    need = seq + max_new_tokens - 1
+    if prefix is not None:
+        checks.check_float("prefix", prefix, (batch, "prefix_len", spec.configs[0].width))
+    p = 0 if prefix is None else prefix.shape[1]
+    need = p + seq + max_new_tokens - 1
     max_len = need if max_len is None else max_len
     if need > max_len:
+        after = f" after a prefix of {p}" if p else ""
         raise ValueError(
-            f"max_len is too small: a prompt of {seq} tokens plus {max_new_tokens} new ones "
-            f"needs max_len >= {need}, got max_len={max_len}"
+            f"max_len is too small: a prompt of {seq} tokens{after} plus {max_new_tokens} new "
+            f"ones needs max_len >= {need}, got max_len={max_len}"
         )
     leaf = spec.blocks(params)[0]["mlp"]["fc1"]["weight"] if spec.layers else None
     dtype = leaf.dtype if leaf is not None else torch.float32
     ctx_len = None if context is None else context.shape[1]
     cache = init_cache(spec, batch, max_len, dtype=dtype, device=prompt.device, context_len=ctx_len)
     logits, cache = _prefill(
-        params, prompt, cache, spec, lengths, context, context_mask, True, True
+        params, prompt, cache, spec, lengths, context, context_mask, True, True, prefix
     )
     keys = random.split(key if key is not None else random.key(0).to(prompt.device), max_new_tokens)
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
