@@ -31,7 +31,9 @@ class Blip2Config:
 
     Image encoder: a pre-norm ViT (``image_*``, LayerNorm eps ``image_norm_eps``, a final
     norm) whose tokens pass through a trainable LayerNorm (``ln_vision``, eps
-    ``vision_norm_eps``) before the Q-Former reads them.
+    ``vision_norm_eps``) before the Q-Former reads them. ``image_act``,
+    ``image_patch_bias`` and ``image_norm_pre`` (a norm before the stack) make it CLIP's
+    image tower (``act``, no patch bias, ``ln_pre``), so a trained CLIP's tower loads as is.
     """
 
     # Q-Former
@@ -62,6 +64,9 @@ class Blip2Config:
     in_channels: int = 3
     image_norm_eps: float = 1e-6
     vision_norm_eps: float = 1e-5
+    image_act: str = "gelu"
+    image_patch_bias: bool = True
+    image_norm_pre: bool = False
     # stage two
     lm: GPTConfig | None = None
     stage: int = 1
@@ -119,9 +124,9 @@ class Blip2Config:
             transformer=TransformerConfig(
                 width=self.image_width, layers=self.image_layers, heads=self.image_heads,
                 mlp_dim=self.image_mlp_dim, norm_eps=self.image_norm_eps,
-                attn_impl=self.attn_impl,
+                attn_impl=self.attn_impl, act=self.image_act,
             ),
-            embed_std=_INIT_STD,
+            patch_bias=self.image_patch_bias, norm_pre=self.image_norm_pre, embed_std=_INIT_STD,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
