@@ -33,12 +33,14 @@ import traceback
 
 from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
+from train.recipes import blip2 as blip2_recipe
 from train.recipes import clap, clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import data2vec as data2vec_recipe
 from train.recipes import diffusion as diffusion_recipe
 from train.recipes import evaluate as evaluate_recipe
 from train.recipes import flava as flava_recipe
 from train.recipes import mae as mae_recipe
+from train.recipes import mdetr as mdetr_recipe
 from train.recipes import omnivore as omnivore_recipe
 from train.recipes import plan as plan_recipe
 from train.recipes import videogpt as videogpt_recipe
@@ -61,7 +63,9 @@ TASKS = {
     "mae": (mae_recipe.RECIPE, mae_recipe.RECIPE.help),
     "clap": (clap.RECIPE, clap.RECIPE.help),
     "data2vec": (data2vec_recipe.RECIPE, data2vec_recipe.RECIPE.help),
+    "mdetr": (mdetr_recipe.RECIPE, mdetr_recipe.RECIPE.help),
     "diffusion": (diffusion_recipe.RECIPE, diffusion_recipe.RECIPE.help),
+    "blip2": (blip2_recipe.RECIPE, blip2_recipe.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
 
