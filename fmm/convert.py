@@ -31,12 +31,14 @@ __all__ = [
     "affine",
     "concat",
     "export_state_dict",
+    "fused",
     "identity",
     "import_state_dict",
     "mismatch_report",
     "same",
     "strip_prefix",
     "transpose",
+    "unbatched",
 ]
 
 
@@ -73,10 +75,11 @@ def same(ours: str, theirs: str) -> Rule:
     return Rule(ours, (theirs,))
 
 
-def affine(ours: str, theirs: str) -> list[Rule]:
-    """A layer's ``weight`` and ``bias`` stored identically under two prefixes (a linear
-    map or a norm): ``affine("text.norm", "text.ln_final")``."""
-    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
+def affine(ours: str, theirs: str, leaves: Sequence[str] = ("weight", "bias")) -> list[Rule]:
+    """A layer's ``weight`` and ``bias`` (or other ``leaves``: a batch norm's running
+    statistics) stored identically under two prefixes (a linear map or a norm):
+    ``affine("text.norm", "text.ln_final")``."""
+    return [same(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in leaves]
 
 
 def concat(ours: str, theirs: Sequence[str]) -> Rule:
@@ -87,6 +90,28 @@ def concat(ours: str, theirs: Sequence[str]) -> Rule:
         tuple(theirs),
         to_ours=lambda *xs: torch.cat(xs, dim=0),
         to_theirs=lambda x: tuple(x.chunk(n, dim=0)),
+    )
+
+
+def fused(ours: str, theirs: str, parts: Sequence[str]) -> list[Rule]:
+    """Our fused layer's ``weight`` and ``bias`` are the foreign layers ``theirs.<part>``
+    stacked along dim 0: ``fused("attn.qkv", "attention", ("query", "key", "value"))``
+    (``[3*D, D]`` from three ``[D, D]``)."""
+    return [
+        concat(f"{ours}.{leaf}", [f"{theirs}.{p}.{leaf}" for p in parts])
+        for leaf in ("weight", "bias")
+    ]
+
+
+def unbatched(ours: str, theirs: str, lead: int) -> Rule:
+    """Theirs is ours with ``lead`` leading singleton axes, as modules keep a class token
+    ``[1, 1, D]`` (``lead=2``) or positions ``[1, N, D]`` (``lead=1``) that we keep as
+    ``[D]`` / ``[N, D]``."""
+    return Rule(
+        ours,
+        (theirs,),
+        to_ours=lambda x: x.reshape(x.shape[lead:]),
+        to_theirs=lambda x: x.reshape((1,) * lead + tuple(x.shape)),
     )
 
 

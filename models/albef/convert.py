@@ -34,10 +34,12 @@ from fmm import random
 from fmm.convert import (
     ConversionError,
     Rule,
-    concat,
+    affine,
     export_state_dict,
+    fused,
     import_state_dict,
     same,
+    unbatched,
 )
 from models.albef.config import ALBEFConfig
 from models.albef.model import MOMENTUM_PARTS, init
@@ -48,66 +50,46 @@ _QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 _TMM_EMPTY_ID = -100
 
 
-def _affine(ours: str, theirs: str) -> list[Rule]:
-    return [same(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in ("weight", "bias")]
-
-
-def _flat_leading(ours: str, theirs: str, lead: int) -> Rule:
-    return Rule(
-        ours,
-        (theirs,),
-        to_ours=lambda x: x.reshape(x.shape[lead:]),
-        to_theirs=lambda x: x.reshape((1,) * lead + tuple(x.shape)),
-    )
-
-
-def _qkv(ours: str, theirs: str, names: tuple[str, ...]) -> list[Rule]:
-    return [
-        concat(f"{ours}.{leaf}", [f"{theirs}.{n}.{leaf}" for n in names])
-        for leaf in ("weight", "bias")
-    ]
-
-
 def vision_rules(
     cfg: ALBEFConfig, *, ours: str = "image", theirs: str = "vision_encoder"
 ) -> list[Rule]:
     """Our ``image.*`` against an ``ALBEFVisionEncoder`` state dict under ``theirs``."""
     t = f"{theirs}.encoder" if theirs else "encoder"
     rules = [
-        *_affine(f"{ours}.patch", f"{t}.conv_proj"),
-        _flat_leading(f"{ours}.cls", f"{t}.class_token", 2),
-        _flat_leading(f"{ours}.pos", f"{t}.encoder.pos_embedding", 1),
-        *_affine(f"{ours}.norm", f"{t}.encoder.ln"),
+        *affine(f"{ours}.patch", f"{t}.conv_proj"),
+        unbatched(f"{ours}.cls", f"{t}.class_token", 2),
+        unbatched(f"{ours}.pos", f"{t}.encoder.pos_embedding", 1),
+        *affine(f"{ours}.norm", f"{t}.encoder.ln"),
     ]
     for i in range(cfg.image_layers):
         o, ly = f"{ours}.transformer.blocks.{i}", f"{t}.encoder.layers.encoder_layer_{i}"
         rules += [
             same(f"{o}.attn.qkv.weight", f"{ly}.self_attention.in_proj_weight"),
             same(f"{o}.attn.qkv.bias", f"{ly}.self_attention.in_proj_bias"),
-            *_affine(f"{o}.attn.out", f"{ly}.self_attention.out_proj"),
-            *_affine(f"{o}.norm1", f"{ly}.ln_1"),
-            *_affine(f"{o}.norm2", f"{ly}.ln_2"),
-            *_affine(f"{o}.mlp.fc1", f"{ly}.mlp.0"),
-            *_affine(f"{o}.mlp.fc2", f"{ly}.mlp.3"),
+            *affine(f"{o}.attn.out", f"{ly}.self_attention.out_proj"),
+            *affine(f"{o}.norm1", f"{ly}.ln_1"),
+            *affine(f"{o}.norm2", f"{ly}.ln_2"),
+            *affine(f"{o}.mlp.fc1", f"{ly}.mlp.0"),
+            *affine(f"{o}.mlp.fc2", f"{ly}.mlp.3"),
         ]
     return rules
 
 
 def _layer_rules(o: str, ly: str, *, cross: bool, mlp_out: int) -> list[Rule]:
     rules = [
-        *_qkv(f"{o}.attn.qkv", f"{ly}.attention", ("query", "key", "value")),
-        *_affine(f"{o}.attn.out", f"{ly}.attention.output"),
-        *_affine(f"{o}.norm1", f"{ly}.attention_layernorm"),
-        *_affine(f"{o}.mlp.fc1", f"{ly}.feedforward.model.0"),
-        *_affine(f"{o}.mlp.fc2", f"{ly}.feedforward.model.{mlp_out}"),
-        *_affine(f"{o}.norm2", f"{ly}.feedforward_layernorm"),
+        *fused(f"{o}.attn.qkv", f"{ly}.attention", ("query", "key", "value")),
+        *affine(f"{o}.attn.out", f"{ly}.attention.output"),
+        *affine(f"{o}.norm1", f"{ly}.attention_layernorm"),
+        *affine(f"{o}.mlp.fc1", f"{ly}.feedforward.model.0"),
+        *affine(f"{o}.mlp.fc2", f"{ly}.feedforward.model.{mlp_out}"),
+        *affine(f"{o}.norm2", f"{ly}.feedforward_layernorm"),
     ]
     if cross:
         rules += [
-            *_affine(f"{o}.cross.q", f"{ly}.cross_attention.query"),
-            *_qkv(f"{o}.cross.kv", f"{ly}.cross_attention", ("key", "value")),
-            *_affine(f"{o}.cross.out", f"{ly}.cross_attention.output"),
-            *_affine(f"{o}.norm_cross", f"{ly}.cross_attention_layernorm"),
+            *affine(f"{o}.cross.q", f"{ly}.cross_attention.query"),
+            *fused(f"{o}.cross.kv", f"{ly}.cross_attention", ("key", "value")),
+            *affine(f"{o}.cross.out", f"{ly}.cross_attention.output"),
+            *affine(f"{o}.norm_cross", f"{ly}.cross_attention_layernorm"),
         ]
     return rules
 
@@ -127,7 +109,7 @@ def text_rules(
         same(f"{ours}.token.weight", f"{p}embeddings.word_embeddings.weight"),
         same(f"{ours}.pos", f"{p}embeddings.position_embeddings.weight"),
         same(f"{ours}.token_type.weight", f"{p}embeddings.token_type_embeddings.weight"),
-        *_affine(f"{ours}.norm_embed", f"{p}embeddings.layer_norm"),
+        *affine(f"{ours}.norm_embed", f"{p}embeddings.layer_norm"),
     ]
     for i in range(cfg.text.layers):
         rules += _layer_rules(
@@ -157,8 +139,8 @@ def _model_rules(cfg: ALBEFConfig, *, similarity: bool, mlp_out: int | None) -> 
         )
         rules += fusion_rules(cfg, ours=f"{ours}.fusion", theirs=f"{pre}multimodal_encoder{suffix}")
         if similarity:
-            rules += _affine(f"{ours}.vision_proj", f"vision_proj{suffix}")
-            rules += _affine(f"{ours}.text_proj", f"text_proj{suffix}")
+            rules += affine(f"{ours}.vision_proj", f"vision_proj{suffix}")
+            rules += affine(f"{ours}.text_proj", f"text_proj{suffix}")
     if similarity:
         rules.append(Rule("params.log_temp", ("temp",), to_ours=torch.log, to_theirs=torch.exp))
     return rules

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 
 from fmm import random
-from fmm.convert import Rule, concat, export_state_dict, import_state_dict, same, strip_prefix
+from fmm.convert import (
+    Rule,
+    affine,
+    export_state_dict,
+    fused,
+    import_state_dict,
+    same,
+    strip_prefix,
+)
 from models.bert.config import BertConfig
 from models.bert.model import init
 
@@ -45,35 +53,25 @@ _ACTS = {
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def _affine(ours: str, theirs: str) -> list[Rule]:
-    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
-
-
 def hf_rules(cfg: BertConfig) -> list[Rule]:
     """The key map between our params and a bare ``BertModel`` state dict."""
     rules = [
         same("token.weight", "embeddings.word_embeddings.weight"),
         same("pos", "embeddings.position_embeddings.weight"),
         same("token_type.weight", "embeddings.token_type_embeddings.weight"),
-        *_affine("norm_embed", "embeddings.LayerNorm"),
+        *affine("norm_embed", "embeddings.LayerNorm"),
     ]
     for i in range(cfg.layers):
         ours, theirs = f"transformer.blocks.{i}", f"encoder.layer.{i}"
         attn = f"{theirs}.attention"
-        for leaf in ("weight", "bias"):
-            rules.append(
-                concat(
-                    f"{ours}.attn.qkv.{leaf}",
-                    [f"{attn}.self.{p}.{leaf}" for p in ("query", "key", "value")],
-                )
-            )
-        rules += _affine(f"{ours}.attn.out", f"{attn}.output.dense")
-        rules += _affine(f"{ours}.norm1", f"{attn}.output.LayerNorm")
-        rules += _affine(f"{ours}.mlp.fc1", f"{theirs}.intermediate.dense")
-        rules += _affine(f"{ours}.mlp.fc2", f"{theirs}.output.dense")
-        rules += _affine(f"{ours}.norm2", f"{theirs}.output.LayerNorm")
+        rules += fused(f"{ours}.attn.qkv", f"{attn}.self", ("query", "key", "value"))
+        rules += affine(f"{ours}.attn.out", f"{attn}.output.dense")
+        rules += affine(f"{ours}.norm1", f"{attn}.output.LayerNorm")
+        rules += affine(f"{ours}.mlp.fc1", f"{theirs}.intermediate.dense")
+        rules += affine(f"{ours}.mlp.fc2", f"{theirs}.output.dense")
+        rules += affine(f"{ours}.norm2", f"{theirs}.output.LayerNorm")
     if cfg.pooler:
-        rules += _affine("pooler", "pooler.dense")
+        rules += affine("pooler", "pooler.dense")
     return rules
 
 

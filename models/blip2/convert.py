@@ -26,7 +26,15 @@ from collections.abc import Mapping
 import torch
 
 from fmm import random
-from fmm.convert import Rule, affine, concat, export_state_dict, import_state_dict, same
+from fmm.convert import (
+    Rule,
+    affine,
+    export_state_dict,
+    fused,
+    import_state_dict,
+    same,
+    unbatched,
+)
 from models.blip2.config import Blip2Config
 from models.blip2.model import Params, init
 
@@ -34,25 +42,11 @@ _SOURCE = "TorchMultimodal BLIP2"
 _BUFFERS = ("qformer.model.embeddings.position_ids",)
 
 
-def _leading(ours: str, theirs: str, lead: int) -> Rule:
-    return Rule(
-        ours, (theirs,), to_ours=lambda x: x.reshape(x.shape[lead:]),
-        to_theirs=lambda x: x.reshape((1,) * lead + tuple(x.shape)),
-    )  # fmt: skip
-
-
-def _projections(ours: str, theirs: str, names: tuple[str, ...]) -> list[Rule]:
-    return [
-        concat(f"{ours}.{leaf}", [f"{theirs}.{n}.{leaf}" for n in names])
-        for leaf in ("weight", "bias")
-    ]
-
-
 def _vision_rules(cfg: Blip2Config, theirs: str = "vision_encoder") -> list[Rule]:
     rules = [
         *affine("image.patch", f"{theirs}.embeddings.conv_projection"),
-        _leading("image.cls", f"{theirs}.embeddings.cls_token", 2),
-        _leading("image.pos", f"{theirs}.embeddings.position_embeddings", 1),
+        unbatched("image.cls", f"{theirs}.embeddings.cls_token", 2),
+        unbatched("image.pos", f"{theirs}.embeddings.position_embeddings", 1),
         *affine("image.norm", f"{theirs}.encoder.final_layer_norm"),
     ]
     for i in range(cfg.image_layers):
@@ -83,7 +77,7 @@ def qformer_rules(cfg: Blip2Config, theirs: str = "") -> list[Rule]:
     for i in range(cfg.layers):
         o, t = f"qformer.transformer.blocks.{i}", f"{m}.encoder.layers.{i}"
         rules += [
-            *_projections(f"{o}.attn.qkv", f"{t}.self_attention", ("q_proj", "k_proj", "v_proj")),
+            *fused(f"{o}.attn.qkv", f"{t}.self_attention", ("q_proj", "k_proj", "v_proj")),
             *affine(f"{o}.attn.out", f"{t}.self_attention.output_proj"),
             *affine(f"{o}.norm1", f"{t}.self_attn_layernorm"),
             *affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0"),
@@ -96,7 +90,7 @@ def qformer_rules(cfg: Blip2Config, theirs: str = "") -> list[Rule]:
         if cfg.has_cross(i):
             rules += [
                 *affine(f"{o}.cross.q", f"{t}.cross_attention.q_proj"),
-                *_projections(f"{o}.cross.kv", f"{t}.cross_attention", ("k_proj", "v_proj")),
+                *fused(f"{o}.cross.kv", f"{t}.cross_attention", ("k_proj", "v_proj")),
                 *affine(f"{o}.cross.out", f"{t}.cross_attention.output_proj"),
                 *affine(f"{o}.norm_cross", f"{t}.cross_attn_layernorm"),
             ]
@@ -107,7 +101,7 @@ def _rules(cfg: Blip2Config) -> list[Rule]:
     return [
         *_vision_rules(cfg),
         *affine("ln_vision", "ln_vision"),
-        _leading("query_tokens", "query_tokens", 1),
+        unbatched("query_tokens", "query_tokens", 1),
         *qformer_rules(cfg, "qformer."),
         *affine("vision_proj", "vision_proj"),
         *affine("text_proj", "text_proj"),

@@ -23,43 +23,32 @@ from typing import Any
 import torch
 
 from fmm import random
-from fmm.convert import Rule, concat, export_state_dict, import_state_dict, same, strip_prefix
+from fmm.convert import (
+    Rule,
+    affine,
+    export_state_dict,
+    fused,
+    import_state_dict,
+    same,
+    strip_prefix,
+    unbatched,
+)
 from models.flava.config import FLAVAConfig
 from models.flava.model import init_model
 
 Params = dict[str, Any]
 
 
-def _affine(ours: str, theirs: str) -> list[Rule]:
-    return [same(f"{ours}.weight", f"{theirs}.weight"), same(f"{ours}.bias", f"{theirs}.bias")]
-
-
-def _squeezed(ours: str, theirs: str) -> Rule:
-    # Theirs is ours with leading singleton axes ([D] <-> [1, 1, D], [N, D] <-> [1, N, D]).
-    return Rule(
-        ours,
-        (theirs,),
-        to_ours=lambda x: x.reshape(x.shape[-2:] if x.shape[-2] != 1 else x.shape[-1:]),
-        to_theirs=lambda x: x.reshape((1, 1, -1) if x.ndim == 1 else (1, *x.shape)),
-    )
-
-
 def _blocks(ours: str, theirs: str, layers: int, fc2_index: int) -> list[Rule]:
     rules: list[Rule] = []
     for i in range(layers):
         o, t = f"{ours}.blocks.{i}", f"{theirs}.layer.{i}"
-        for leaf in ("weight", "bias"):
-            rules.append(
-                concat(
-                    f"{o}.attn.qkv.{leaf}",
-                    [f"{t}.attention.{p}.{leaf}" for p in ("query", "key", "value")],
-                )
-            )
-        rules += _affine(f"{o}.attn.out", f"{t}.attention.output")
-        rules += _affine(f"{o}.norm1", f"{t}.attention_layernorm")
-        rules += _affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0")
-        rules += _affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.{fc2_index}")
-        rules += _affine(f"{o}.norm2", f"{t}.feedforward_layernorm")
+        rules += fused(f"{o}.attn.qkv", f"{t}.attention", ("query", "key", "value"))
+        rules += affine(f"{o}.attn.out", f"{t}.attention.output")
+        rules += affine(f"{o}.norm1", f"{t}.attention_layernorm")
+        rules += affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0")
+        rules += affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.{fc2_index}")
+        rules += affine(f"{o}.norm2", f"{t}.feedforward_layernorm")
     return rules
 
 
@@ -71,35 +60,35 @@ def tmm_rules(cfg: FLAVAConfig) -> list[Rule]:
     img, txt, mm = "image_encoder", "text_encoder", "mm_encoder"
     emb = f"{img}.embeddings"
     rules = [
-        *_affine("image.patch", f"{emb}.patch_embeddings.projection"),
-        _squeezed("image.cls", f"{emb}.cls_token"),
-        _squeezed("image.pos", f"{emb}.position_embeddings"),
+        *affine("image.patch", f"{emb}.patch_embeddings.projection"),
+        unbatched("image.cls", f"{emb}.cls_token", 2),
+        unbatched("image.pos", f"{emb}.position_embeddings", 1),
     ]
     if cfg.image_masking:
-        rules.append(_squeezed("image.mask_token", f"{emb}.mask_token"))
+        rules.append(unbatched("image.mask_token", f"{emb}.mask_token", 2))
     rules += _blocks("image.transformer", f"{img}.encoder", cfg.image_layers, fc2)
-    rules += _affine("image.norm", f"{img}.layernorm")
-    rules += _affine("image.pooler", f"{img}.pooler.dense")
+    rules += affine("image.norm", f"{img}.layernorm")
+    rules += affine("image.pooler", f"{img}.pooler.dense")
     rules += [
         same("text.token.weight", f"{txt}.embeddings.word_embeddings.weight"),
         same("text.pos", f"{txt}.embeddings.position_embeddings.weight"),
         same("text.token_type.weight", f"{txt}.embeddings.token_type_embeddings.weight"),
-        *_affine("text.norm_embed", f"{txt}.embeddings.layer_norm"),
+        *affine("text.norm_embed", f"{txt}.embeddings.layer_norm"),
     ]
     rules += _blocks("text.transformer", f"{txt}.encoder", cfg.text_layers, fc2)
-    rules += _affine("text.norm", f"{txt}.layernorm")
-    rules += _affine("text.pooler", f"{txt}.pooler.dense")
-    rules.append(_squeezed("mm.cls", f"{mm}.cls_token"))
+    rules += affine("text.norm", f"{txt}.layernorm")
+    rules += affine("text.pooler", f"{txt}.pooler.dense")
+    rules.append(unbatched("mm.cls", f"{mm}.cls_token", 2))
     rules += _blocks("mm.transformer", f"{mm}.encoder", cfg.mm_layers, fc2)
-    rules += _affine("mm.norm", f"{mm}.layernorm")
-    rules += _affine("mm.pooler", f"{mm}.pooler.dense")
+    rules += affine("mm.norm", f"{mm}.layernorm")
+    rules += affine("mm.pooler", f"{mm}.pooler.dense")
     for ours, theirs in (
         ("image_to_mm", "image_to_mm_projection"),
         ("text_to_mm", "text_to_mm_projection"),
         ("image_proj", "image_projection"),
         ("text_proj", "text_projection"),
     ):
-        rules += _affine(ours, theirs)
+        rules += affine(ours, theirs)
     return rules
 
 

@@ -20,7 +20,15 @@ from collections.abc import Mapping
 import torch
 
 from fmm import random
-from fmm.convert import ConversionError, Rule, export_state_dict, import_state_dict, same
+from fmm.convert import (
+    ConversionError,
+    Rule,
+    affine,
+    export_state_dict,
+    import_state_dict,
+    same,
+    unbatched,
+)
 from models.mae.config import MAEConfig
 from models.mae.model import Params, init, positions
 
@@ -31,26 +39,16 @@ _POSITIONS = {
 }
 
 
-def _linear(ours: str, theirs: str) -> list[Rule]:
-    return [same(f"{ours}.{n}", f"{theirs}.{n}") for n in ("weight", "bias")]
-
-
-def _token(ours: str, theirs: str) -> Rule:
-    return Rule(
-        ours, (theirs,), to_ours=lambda x: x.reshape(-1), to_theirs=lambda x: x.view(1, 1, -1)
-    )
-
-
 def _vit_blocks(ours: str, theirs: str, layers: int) -> list[Rule]:
     rules: list[Rule] = []
     for i in range(layers):
         o, t = f"{ours}.blocks.{i}", f"{theirs}.layer.{i}"
-        rules += _linear(f"{o}.attn.qkv", f"{t}.attention.input_proj")
-        rules += _linear(f"{o}.attn.out", f"{t}.attention.output_proj")
-        rules += _linear(f"{o}.norm1", f"{t}.attention_layernorm")
-        rules += _linear(f"{o}.mlp.fc1", f"{t}.feedforward.model.0")
-        rules += _linear(f"{o}.mlp.fc2", f"{t}.feedforward.model.2")
-        rules += _linear(f"{o}.norm2", f"{t}.feedforward_layernorm")
+        rules += affine(f"{o}.attn.qkv", f"{t}.attention.input_proj")
+        rules += affine(f"{o}.attn.out", f"{t}.attention.output_proj")
+        rules += affine(f"{o}.norm1", f"{t}.attention_layernorm")
+        rules += affine(f"{o}.mlp.fc1", f"{t}.feedforward.model.0")
+        rules += affine(f"{o}.mlp.fc2", f"{t}.feedforward.model.2")
+        rules += affine(f"{o}.norm2", f"{t}.feedforward_layernorm")
     return rules
 
 
@@ -59,33 +57,33 @@ def _swin_blocks(ours: str, theirs: str, layers: int) -> list[Rule]:
     for i in range(layers):
         o, t = f"{ours}.blocks.{i}", f"{theirs}.layers.{i}"
         rules.append(same(f"{o}.attn.tau", f"{t}.attn.tau"))
-        rules += _linear(f"{o}.attn.qkv", f"{t}.attn.qkv")
-        rules += _linear(f"{o}.attn.out", f"{t}.attn.proj")
+        rules += affine(f"{o}.attn.qkv", f"{t}.attn.qkv")
+        rules += affine(f"{o}.attn.out", f"{t}.attn.proj")
         # Their bias MLP is Linear, ReLU, Dropout, Linear.
-        rules += _linear(f"{o}.attn.cpb.fc1", f"{t}.attn.meta_mlp.model.0")
-        rules += _linear(f"{o}.attn.cpb.fc2", f"{t}.attn.meta_mlp.model.3")
-        rules += _linear(f"{o}.norm1", f"{t}.norm1")
-        rules += _linear(f"{o}.mlp.fc1", f"{t}.mlp.model.0")
-        rules += _linear(f"{o}.mlp.fc2", f"{t}.mlp.model.2")
-        rules += _linear(f"{o}.norm2", f"{t}.norm2")
+        rules += affine(f"{o}.attn.cpb.fc1", f"{t}.attn.meta_mlp.model.0")
+        rules += affine(f"{o}.attn.cpb.fc2", f"{t}.attn.meta_mlp.model.3")
+        rules += affine(f"{o}.norm1", f"{t}.norm1")
+        rules += affine(f"{o}.mlp.fc1", f"{t}.mlp.model.0")
+        rules += affine(f"{o}.mlp.fc2", f"{t}.mlp.model.2")
+        rules += affine(f"{o}.norm2", f"{t}.norm2")
     return rules
 
 
 def _rules(cfg: MAEConfig) -> list[Rule]:
     rules = [
-        *_linear("patch", "embeddings.conv_projection"),
-        _token("cls", "embeddings.cls_token"),
+        *affine("patch", "embeddings.conv_projection"),
+        unbatched("cls", "embeddings.cls_token", 2),
         *_vit_blocks("transformer", "encoder", cfg.layers),
-        *_linear("norm", "encoder.final_layer_norm"),
-        *_linear("decoder.embed", "decoder_embed.decoder_embed"),
-        _token("decoder.mask_token", "decoder_embed.mask_token"),
+        *affine("norm", "encoder.final_layer_norm"),
+        *affine("decoder.embed", "decoder_embed.decoder_embed"),
+        unbatched("decoder.mask_token", "decoder_embed.mask_token", 2),
     ]
     if cfg.decoder == "vit":
         rules += _vit_blocks("decoder.transformer", "decoder_transformer", cfg.decoder_layers)
     else:
         rules += _swin_blocks("decoder.transformer", "decoder_transformer", cfg.decoder_layers)
-    rules += _linear("decoder.norm", "decoder_transformer.final_layer_norm")
-    rules += _linear("decoder.pred", "decoder_pred")
+    rules += affine("decoder.norm", "decoder_transformer.final_layer_norm")
+    rules += affine("decoder.pred", "decoder_pred")
     return rules
 
 

@@ -23,19 +23,15 @@ from collections.abc import Mapping
 import torch
 
 from fmm import random
-from fmm.convert import Rule, export_state_dict, import_state_dict, same
+from fmm.convert import Rule, affine, export_state_dict, import_state_dict, same
 from models.mdetr.config import MDETRConfig
 from models.mdetr.model import init
 
 SOURCE = "TorchMultimodal MDETR"
 
 
-def _affine(ours: str, theirs: str, leaves=("weight", "bias")) -> list[Rule]:
-    return [same(f"{ours}.{leaf}", f"{theirs}.{leaf}") for leaf in leaves]
-
-
 def _bn(ours: str, theirs: str) -> list[Rule]:
-    return _affine(ours, theirs, ("weight", "bias", "running_mean", "running_var"))
+    return affine(ours, theirs, ("weight", "bias", "running_mean", "running_var"))
 
 
 def _backbone_rules(cfg: MDETRConfig, ours: str, theirs: str) -> list[Rule]:
@@ -61,12 +57,12 @@ def _block_rules(o: str, t: str, *, mlp: tuple[str, str], norms: tuple[str, ...]
     rules = [
         same(f"{o}.attn.qkv.weight", f"{t}.self_attn.in_proj_weight"),
         same(f"{o}.attn.qkv.bias", f"{t}.self_attn.in_proj_bias"),
-        *_affine(f"{o}.attn.out", f"{t}.self_attn.out_proj"),
-        *_affine(f"{o}.mlp.fc1", f"{t}.{mlp[0]}"),
-        *_affine(f"{o}.mlp.fc2", f"{t}.{mlp[1]}"),
+        *affine(f"{o}.attn.out", f"{t}.self_attn.out_proj"),
+        *affine(f"{o}.mlp.fc1", f"{t}.{mlp[0]}"),
+        *affine(f"{o}.mlp.fc2", f"{t}.{mlp[1]}"),
     ]
     for ours, theirs in zip(("norm1", "norm2", "norm_cross"), norms):
-        rules += _affine(f"{o}.{ours}", f"{t}.{theirs}")
+        rules += affine(f"{o}.{ours}", f"{t}.{theirs}")
     return rules
 
 
@@ -77,7 +73,7 @@ def _cross_rules(o: str, t: str) -> list[Rule]:
         same(f"{o}.cross.q.bias", f"{c}.in_proj_bias[q]"),
         same(f"{o}.cross.kv.weight", f"{c}.in_proj_weight[kv]"),
         same(f"{o}.cross.kv.bias", f"{c}.in_proj_bias[kv]"),
-        *_affine(f"{o}.cross.out", f"{c}.out_proj"),
+        *affine(f"{o}.cross.out", f"{c}.out_proj"),
     ]
 
 
@@ -87,16 +83,16 @@ def tmm_rules(cfg: MDETRConfig) -> list[Rule]:
     text = f"{m}text_encoder"
     rules = [
         *_backbone_rules(cfg, "backbone", f"{m}image_backbone.body"),
-        *_affine("image_proj", f"{m}image_projection"),
+        *affine("image_proj", f"{m}image_projection"),
         same("text.token.weight", f"{text}.embeddings.word_embeddings.weight"),
         same("text.pos", f"{text}.embeddings.position_embeddings.weight"),
         same("text.token_type.weight", f"{text}.embeddings.token_type_embeddings.weight"),
-        *_affine("text.norm_embed", f"{text}.embeddings.layer_norm"),
-        *_affine("text_proj.fc", f"{m}text_projection.fc"),
-        *_affine("text_proj.norm", f"{m}text_projection.layer_norm"),
-        *_affine("decoder.norm", f"{m}transformer.decoder.norm"),
+        *affine("text.norm_embed", f"{text}.embeddings.layer_norm"),
+        *affine("text_proj.fc", f"{m}text_projection.fc"),
+        *affine("text_proj.norm", f"{m}text_projection.layer_norm"),
+        *affine("decoder.norm", f"{m}transformer.decoder.norm"),
         same("query", f"{m}query_embed.weight"),
-        *_affine("class_head", f"{m}class_embed"),
+        *affine("class_head", f"{m}class_embed"),
     ]
     for i in range(cfg.text.layers):
         rules += _block_rules(
@@ -116,10 +112,10 @@ def tmm_rules(cfg: MDETRConfig) -> list[Rule]:
         o, t = f"decoder.blocks.{i}", f"{m}transformer.decoder.layers.{i}"
         rules += _block_rules(o, t, mlp=mlp, norms=("norm1", "norm4", "norm3")) + _cross_rules(o, t)
     for j, name in enumerate(("fc1", "fc2", "fc3")):
-        rules += _affine(f"box_head.{name}", f"{m}bbox_embed.model.{2 * j}")
+        rules += affine(f"box_head.{name}", f"{m}bbox_embed.model.{2 * j}")
     if cfg.contrastive_dim is not None:
-        rules += _affine("align_image", "contrastive_alignment_image_projection")
-        rules += _affine("align_text", "contrastive_alignment_text_projection")
+        rules += affine("align_image", "contrastive_alignment_image_projection")
+        rules += affine("align_text", "contrastive_alignment_text_projection")
     return rules
 
 
