@@ -9,7 +9,7 @@ the family's train state, carried by the loop as ALBEF's momentum encoders are
 ``model_state.safetensors``). Text: captions of training scenes in the world's words,
 ``<unk>`` (which captions never produce) as the mask id.
 
-Evaluation, on one-object scenes / one-sound clips / one-object captions of every class
+Evaluation, on one-object scenes / one-sound clips / two-object captions of every class
 (held-out combinations included, which pretraining never saw; :mod:`train.recipes._ssl`):
 
 - linear probes (:mod:`train.probe`) of the frozen student against the same encoder at its
@@ -183,10 +183,9 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
         random_init=features(random_init, cfg, sets.inputs, device, kind=kind),
         budget=probe.Budget(steps=args.probe_steps),
     )
-    value, _ = data2vec.loss(
-        params, _inputs(cfg, sets.inputs[sets.test], device), cfg=cfg, key=fmm.random.key(args.seed + 3),
-        train=False, state=model_state,
-    )  # fmt: skip
+    test = _inputs(cfg, sets.inputs[sets.test], device)
+    key = fmm.random.key(args.seed + 3)
+    value, _ = data2vec.loss(params, test, cfg=cfg, key=key, train=False, state=model_state)
     metrics["heldout_regression"] = round(value.item(), 6)
     metrics["teacher_student_distance"] = _distance(model_state["teacher"], params)
     metrics["probe_features"] = kind
