@@ -24,8 +24,8 @@ Training drops the condition with probability ``--cond-dropout`` (the U-Net's le
 embedding replaces it: ``fmm.diffusion.drop_condition``); evaluation samples
 ``--eval-per-class`` images for "a <colour> <shape>" of every class with DDIM
 (``--sample-steps``, eta 0) under guidance ``--guidance`` (``fmm.diffusion``'s transform;
-1 turns it off), and writes ``samples.png`` (every sample, one row per caption, held-out
-combinations marked) and ``metrics.json``:
+1 turns it off), and writes ``samples.png`` (every sample: a row per colour, a column
+group per shape, the never-seen combinations named in the title) and ``metrics.json``:
 
 - ``consistency`` / ``consistency_unseen_combos``: how often the judge's zero-shot class is
   the caption's, on seen and never-seen combinations (``mmgpt --clip``'s figure);
@@ -227,34 +227,40 @@ def draw(params, cfg: adm.ADMConfig, cond: torch.Tensor, *, key, guidance: float
     return diffusion.sample(step, params, noise, key, {cfg.cond_key: cond}, steps=schedule.steps)
 
 
-def judged(judge_dir: Path, world: WorldConfig, images: torch.Tensor, labels, real, device):
-    """The judge's verdict on ``images [N, 3, S, S]`` in ``[0, 1]`` drawn for ``labels
-    [N]``: :func:`~train.recipes.generate.consistency` of its zero-shot classes and the
-    Fréchet distance of its image embeddings from those of ``real`` scenes."""
-    judge = clip_classifier(judge_dir, world, device=device)
+def judge_of(judge_dir: Path, world: WorldConfig, device):
+    """The ``--judge`` run as ``(classify, embed)``: its zero-shot colour x shape classes
+    (:func:`~train.recipes.generate.clip_classifier`) and its unit-norm image embeddings,
+    both of world pixels ``[N, 3, S, S]`` in ``[0, 1]``."""
     run = load_run(judge_dir, family="clip", device=device)
     embed = lambda x: torch.cat([
         clip.encode_image(run.params, normalize_images(c).to(device), cfg=run.cfg).cpu()
         for c in x.split(256)
     ])  # fmt: skip
-    hits = judge(images) == labels
+    return clip_classifier(judge_dir, world, device=device), embed
+
+
+def judged(judge, world: WorldConfig, images: torch.Tensor, labels, real: torch.Tensor) -> dict:
+    """The judge's verdict on ``images [N, 3, S, S]`` drawn for ``labels [N]``:
+    :func:`~train.recipes.generate.consistency` of its classes, and the Fréchet distance of
+    its embeddings of them from ``real [M, embed]``, its embeddings of real scenes."""
+    classify, embed = judge
+    hits = classify(images) == labels
     return {
         **consistency(hits, is_holdout(world, labels)),
-        "frechet_distance": round(frechet_distance(embed(images), embed(real)), 4),
+        "frechet_distance": round(frechet_distance(embed(images), real), 4),
     }
 
 
-def _mmgpt_figures(path: Path, world, prompts_per_class: int, real, judge_dir, args, device):
+def _mmgpt_figures(path: Path, world, per_class: int, judge, real, seed: int, device) -> dict:
     """``mmgpt_*``: the run drawn as ``mmgpt --clip`` scores it (its own sampling flags, our
     captions and seed), judged as the diffusion samples are."""
     flags = json.loads((path / RUN_FILE).read_text())
     kit = drawing_kit(load_run(path, family="mmgpt", device=device))
-    own = Namespace(eval_per_class=prompts_per_class, seed=args.seed, guidance=flags["guidance"],
+    own = Namespace(eval_per_class=per_class, seed=seed, guidance=flags["guidance"],
                     temperature=flags["temperature"], top_k=flags["top_k"])  # fmt: skip
-    classify = clip_classifier(judge_dir, world, device=device)
-    drawn = mmgpt_recipe.score(classify, world, kit, own, device)
-    labels = torch.arange(len(class_names(world))).repeat_interleave(prompts_per_class)
-    figures = judged(judge_dir, world, drawn["images"], labels, real, device)
+    drawn = mmgpt_recipe.score(judge[0], world, kit, own, device)
+    labels = torch.arange(len(class_names(world))).repeat_interleave(per_class)
+    figures = judged(judge, world, drawn["images"], labels, real)
     return {f"mmgpt_{k}": v for k, v in figures.items()}
 
 
@@ -271,11 +277,12 @@ def evaluate(job: Job, params, model_state, args: Namespace, device) -> Evaluati
     x = draw(params, cfg, cond, key=fmm.random.key(args.seed), guidance=args.guidance,
              steps=args.sample_steps, compiled=compiled)  # fmt: skip
     images = to_world(x.float().cpu(), world.image_size)
-    real, _ = eval_set(world, args.eval_per_class, seed=args.seed + 1)
-    metrics = judged(args.judge, world, images, labels, real, device)
+    judge = judge_of(args.judge, world, device)
+    real = judge[1](eval_set(world, args.eval_per_class, seed=args.seed + 1)[0])
+    metrics = judged(judge, world, images, labels, real)
     again, again_labels = eval_set(world, args.eval_per_class, seed=args.seed + 2)
     resampled = to_world(to_model(again, cfg.image_size), world.image_size)
-    floor = judged(args.judge, world, resampled, again_labels, real, device)
+    floor = judged(judge, world, resampled, again_labels, real)
     metrics |= {
         "judge_on_real_scenes": floor["consistency"],
         "judge_on_real_scenes_unseen_combos": floor["consistency_unseen_combos"],
@@ -286,17 +293,20 @@ def evaluate(job: Job, params, model_state, args: Namespace, device) -> Evaluati
     }
     if args.compare_mmgpt is not None:
         metrics |= _mmgpt_figures(
-            args.compare_mmgpt, world, args.eval_per_class, real, args.judge, args, device
+            args.compare_mmgpt, world, args.eval_per_class, judge, real, args.seed, device
         )
     metrics["sample_seconds"] = round(time.perf_counter() - started, 2)
-    unseen = is_holdout(world, torch.arange(len(names))).tolist()
-    rows = [f"{n} (never seen)" if u else n for n, u in zip(names, unseen)]
+    # One row per colour, each shape's samples side by side under its name.
+    k = args.eval_per_class
+    shapes = [name if j == 0 else "" for name in world.shapes for j in range(k)]
+    never = ", ".join(f"{c} {s}" for c, s in world.holdout)
     title = (
         f"DDIM {args.sample_steps} steps, guidance {args.guidance}: the judge agrees on "
-        f"{metrics['consistency']:.0%} seen, {metrics['consistency_unseen_combos']:.0%} never seen"
+        f"{metrics['consistency']:.0%} seen, {metrics['consistency_unseen_combos']:.0%} never "
+        f"seen ({never})"
     )
-    samples = partial(save_image_grid, images, columns=args.eval_per_class, title=title,
-                      row_labels=rows)  # fmt: skip
+    samples = partial(save_image_grid, images, columns=len(shapes), title=title,
+                      row_labels=list(world.colors), column_labels=shapes)  # fmt: skip
     return Evaluation(
         metrics=metrics,
         headline=(
