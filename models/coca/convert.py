@@ -25,9 +25,11 @@ from fmm.convert import (
     affine,
     concat,
     export_state_dict,
+    fused,
     import_state_dict,
     same,
     transpose,
+    unbatched,
 )
 from models.coca.config import CoCaConfig
 from models.coca.model import Params, init
@@ -35,27 +37,12 @@ from models.coca.model import Params, init
 __all__ = ["from_open_clip", "from_torchmultimodal", "to_open_clip", "to_torchmultimodal"]
 
 
-def _fused(ours: str, theirs: str, parts: tuple[str, ...]) -> list[Rule]:
-    return [
-        concat(f"{ours}.{p}", [f"{theirs}.{name}.{p}" for name in parts])
-        for p in ("weight", "bias")
-    ]
-
-
-def _batched(ours: str, theirs: str, shape: tuple[int, ...]) -> Rule:
-    # TorchMultimodal keeps positions as [1, N, D] and its class token as [1, 1, D].
-    return Rule(
-        ours, (theirs,), to_ours=lambda x: x.reshape(x.shape[len(shape) :]),
-        to_theirs=lambda x: x.reshape(*shape, *x.shape),
-    )  # fmt: skip
-
-
 # --------------------------------------------------------------------------- TorchMultimodal
 
 
 def _tmm_block(o: str, t: str, cross: bool) -> list[Rule]:
     rules = [
-        *_fused(f"{o}.attn.qkv", f"{t}.attention", ("q_proj", "k_proj", "v_proj")),
+        *fused(f"{o}.attn.qkv", f"{t}.attention", ("q_proj", "k_proj", "v_proj")),
         *affine(f"{o}.attn.out", f"{t}.attention.output_proj"),
         *affine(f"{o}.norm1", f"{t}.attention_layernorm"),
         *affine(f"{o}.norm2", f"{t}.feedforward_layernorm"),
@@ -65,7 +52,7 @@ def _tmm_block(o: str, t: str, cross: bool) -> list[Rule]:
     if cross:
         rules += [
             *affine(f"{o}.cross.q", f"{t}.cross_attention.q_proj"),
-            *_fused(f"{o}.cross.kv", f"{t}.cross_attention", ("k_proj", "v_proj")),
+            *fused(f"{o}.cross.kv", f"{t}.cross_attention", ("k_proj", "v_proj")),
             *affine(f"{o}.cross.out", f"{t}.cross_attention.output_proj"),
             *affine(f"{o}.norm_cross", f"{t}.cross_attention_layernorm"),
         ]
@@ -87,7 +74,7 @@ def _tmm_pooler(o: str, t: str) -> list[Rule]:
     return [
         same(f"{o}.query", f"{t}.query"),
         *affine(f"{o}.attn.q", f"{t}.attn.q_proj"),
-        *_fused(f"{o}.attn.kv", f"{t}.attn", ("k_proj", "v_proj")),
+        *fused(f"{o}.attn.kv", f"{t}.attn", ("k_proj", "v_proj")),
         *affine(f"{o}.attn.out", f"{t}.attn.output_proj"),
         *affine(f"{o}.norm_query", f"{t}.ln_q"),
         *affine(f"{o}.norm_context", f"{t}.ln_k"),
@@ -100,9 +87,9 @@ def _tmm_rules(cfg: CoCaConfig) -> list[Rule]:
     rules = [*affine("image.patch", f"{emb}.conv_projection")]
     if not cfg.patch_bias:
         rules = [same("image.patch.weight", f"{emb}.conv_projection.weight")]
-    rules.append(_batched("image.pos", f"{emb}.position_embeddings", (1,)))
+    rules.append(unbatched("image.pos", f"{emb}.position_embeddings", 1))
     if cfg.image_cls:
-        rules.append(_batched("image.cls", f"{emb}.cls_token", (1, 1)))
+        rules.append(unbatched("image.cls", f"{emb}.cls_token", 2))
     rules += [
         r for i in range(cfg.image_layers)
         for r in _tmm_vit_block(f"image.transformer.blocks.{i}", f"{enc}.layer.{i}")
