@@ -51,6 +51,9 @@ from train.recipes.clip import IMAGE_MEAN, IMAGE_STD
 
 TEXT_LEN = 16  # <sot> + the longest caption (12 words) + <eot>, with room
 QA_WORDS = ("what", "colour", "shape", "is", "one")
+# Captions are generated after one of the world's caption openings: an empty prompt may
+# start a question instead (the LM's texts hold both).
+CAPTION_PROMPT = "there is a"
 # Stage one's heads, and the Q-Former's text embeddings and text MLPs: stage two runs the
 # queries alone, so it reads none of them (and must not decay them).
 STAGE_ONE_ONLY = ("itm_head", "text_proj", "vision_proj", "clm_head", "log_temp")
@@ -171,9 +174,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="a trained LM: the lm/ run of an earlier blip2 run (default: train one)")  # fmt: skip
     add("--lm-steps", type=number(at_least=1), default=400,
         help="steps of the LM phase (default: %(default)s)")  # fmt: skip
-    add("--stage1-steps", type=number(at_least=1), default=300,
+    add("--stage1-steps", type=number(at_least=1), default=200,
         help="steps of stage one: ITC + ITM + ITG (default: %(default)s)")  # fmt: skip
-    add("--stage2-steps", type=number(at_least=1), default=400,
+    add("--stage2-steps", type=number(at_least=1), default=900,
         help="steps of stage two: captioning through the frozen LM (default: %(default)s)")  # fmt: skip
     add("--qa-share", type=number(float, at_least=0, at_most=1), default=0.5,
         help="share of LM and stage-two texts that are a question and its answer "
@@ -257,7 +260,8 @@ def score(params, cfg, world, tokenizer, *, n: int, seed: int, device) -> dict:
         prefix = query_prefix(params, _normalise(scenes.images[i : i + 128]).to(device), cfg=cfg)
         colors, shapes = scenes.colors[i : i + 128].tolist(), scenes.shapes[i : i + 128].tolist()
         go = partial(continue_prompts, params, prefix, tokenizer=tokenizer, cfg=cfg)
-        captions += go(["" for _ in colors], max_new=TEXT_LEN - 1)
+        said = go([CAPTION_PROMPT] * len(colors), max_new=TEXT_LEN - 4)
+        captions += [f"{CAPTION_PROMPT} {c}" for c in said]
         pairs = list(zip(colors, shapes))
         colour_answers += go([question(world, *p, "colour")[0] for p in pairs], max_new=2)
         shape_answers += go([question(world, *p, "shape")[0] for p in pairs], max_new=2)
@@ -350,8 +354,12 @@ def run_phases(args: argparse.Namespace) -> dict:
         )
         stage1_params = load_run(tmp / "stage1", family="blip2").params
         cfg2 = blip2_config(clip_run.cfg, tokenizer, lm_run.cfg)
-        fresh = blip2.init(cfg2, fmm.random.fold_in(fmm.random.key(args.seed), "stage2"))
-        init2 = {**stage1_params, "lm_proj": fresh["lm_proj"], "lm": lm_run.params}
+        # The one new part of stage two (blip2.init would build the whole model for it).
+        key2 = fmm.random.fold_in(
+            fmm.random.fold_in(fmm.random.key(args.seed), "stage2"), "lm_proj"
+        )
+        lm_proj = nn.init_linear(cfg2.width, cfg2.lm.width, key2)
+        init2 = {**stage1_params, "lm_proj": lm_proj, "lm": lm_run.params}
         draw2 = partial(stage_two_batch, world, tokenizer, args.qa_share)
         context = (world, tokenizer, phases)
         stage2 = dataclasses.replace(
