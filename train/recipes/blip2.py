@@ -387,11 +387,12 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
     result = score(params, job.cfg, world, tokenizer, n=args.eval_scenes, seed=args.seed + 1,
                    device=device)  # fmt: skip
     images, samples = result.pop("sample_images"), result["samples"]
-    labels = [f"{s['caption']} | Q colour: {s['colour']} | Q shape: {s['shape']}" for s in samples]
+    # Short labels: the plot's margin holds about 35 characters.
+    cut = len(CAPTION_PROMPT) + 1
+    labels = [f"{s['caption'][cut:]} | {s['colour']}, {s['shape']}" for s in samples]
     plot = partial(
         save_image_grid, images, columns=1, row_labels=labels,
-        title=f"held-out scenes: greedy captions (colour+shape exact "
-        f"{result['caption_colour_shape_exact']:.2f}) and VQA answers",
+        title=f"caption | VQA colour, shape\n(exact {result['caption_colour_shape_exact']:.2f})",
     )  # fmt: skip
     return Evaluation(
         metrics={**result, **phases},
