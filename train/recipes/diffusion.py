@@ -185,10 +185,8 @@ def prepare(args: Namespace, device: torch.device) -> Job:
             "unconditional model, learned from the dropped conditions"
         )
     # A wrong run is refused now, before a directory exists or a step is taken.
-    _clip_run(args.judge, "--judge", world)
-    encoder = (
-        _clip_run(args.clip, "--clip", world) if args.clip else load_run(args.judge, family="clip")
-    )
+    judge = _clip_run(args.judge, "--judge", world)
+    encoder = judge if args.clip is None else _clip_run(args.clip, "--clip", world)
     _checked_mmgpt(args.compare_mmgpt, world)
     cfg = model_config(args, encoder.cfg.embed_dim)
     embed = embedder(encoder, args.condition)
