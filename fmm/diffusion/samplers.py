@@ -45,6 +45,14 @@ def _indices(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return i.expand(x.shape[0])
 
 
+def _check_step(schedule: Schedule, x: torch.Tensor, i: torch.Tensor) -> None:
+    # Named here: past this point a bad index fails inside torch's indexing (IndexError)
+    # and a bad x inside the denoiser, under the denoiser's own argument names. Under
+    # compile_step only the static part runs (the range check needs the value).
+    checks.check_float("x", x, ("batch", "channels", "height", "width"))
+    checks.check_ids("i", i, (), high=schedule.steps, hint="the schedule index, a 0-d tensor")
+
+
 def _step_noise(key: torch.Tensor, i: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return random.normal(random.fold_in(key, i), x.shape, dtype=x.dtype)
 
@@ -63,6 +71,7 @@ def ddpm_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation ``[B, C, H, W]`` of DDPM's step from index ``i`` (std 0
     at ``i = 0``: the last step returns the mean)."""
+    _check_step(schedule, x, i)
     idx = _indices(x, i)
     out = denoise(params, x, _timesteps(schedule, x, i), cond)
     mean, log_variance, _ = reverse_step_moments(
@@ -119,6 +128,7 @@ def ddim_moments(
     al.'s eq. 12): ``sqrt(ᾱ') x0 + sqrt(1 - ᾱ' - σ²) ε``, ``σ = eta · sqrt((1 - ᾱ/ᾱ')(1 -
     ᾱ')/(1 - ᾱ))`` with ``ᾱ' = 1`` past the first step. A learned variance's channels are
     ignored (DDIM sets its own)."""
+    _check_step(schedule, x, i)
     idx = _indices(x, i)
     out = denoise(params, x, _timesteps(schedule, x, i), cond)
     if learned_variance:
