@@ -34,6 +34,10 @@ def clip_condition(
     Example: ``batch |= clip_condition(clip_params, pixels, clip_cfg=clip_tiny(), cfg=cfg)``.
     """
     checks.check_type("cfg", cfg, ADMConfig)
+    checks.check_type("clip_cfg", clip_cfg, clip.CLIPConfig)
+    # Named here: clip.encode_image would call them "params".
+    checks.check_params(clip_params, init=clip.init, cfg=clip_cfg, only=("image",),
+                        name="clip_params")  # fmt: skip
     if cfg.embed_dim != clip_cfg.embed_dim:
         raise ValueError(
             f"clip_cfg: its embed_dim={clip_cfg.embed_dim} is not the decoder's "

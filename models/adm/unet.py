@@ -178,7 +178,9 @@ def _apply(params, x, t, cond, cfg: ADMConfig, key, train) -> torch.Tensor:
     return conv.conv2d(params["out"]["conv"], h, padding=1)
 
 
-def _check_inputs(params: Params, x, t, cond, cfg: ADMConfig, name: str = "x_t") -> None:
+def _check_inputs(
+    params: Params, x, t, cond, cfg: ADMConfig, name: str = "x_t", cond_name: str = "cond"
+) -> None:
     like = params["inp"]["weight"]
     checks.check_float(name, x, ("batch", cfg.in_channels, "height", "width"), like=like)
     side = 2**cfg.num_resize
@@ -188,14 +190,17 @@ def _check_inputs(params: Params, x, t, cond, cfg: ADMConfig, name: str = "x_t")
             f"got {list(x.shape)}"
         )
     if t is not None:
-        checks.check_int("t", t, (x.shape[0],), of=name)
+        # The sinusoids would take any integer, but a t outside [0, timesteps) is no step
+        # the U-Net was trained on (a sampler passes schedule.timesteps[i], never past T).
+        checks.check_ids("t", t, (x.shape[0],), high=cfg.timesteps, of=name)
     if cfg.embed_dim is not None and cond is not None and cond.get(cfg.cond_key) is not None:
         checks.check_float(
-            f"cond[{cfg.cond_key!r}]", cond[cfg.cond_key], (x.shape[0], cfg.embed_dim), like=like
-        )
+            f"{cond_name}[{cfg.cond_key!r}]", cond[cfg.cond_key], (x.shape[0], cfg.embed_dim),
+            like=like,
+        )  # fmt: skip
     elif cfg.embed_dim is not None and not cfg.null_embedding:
         raise ValueError(
-            f"cond must hold {cfg.cond_key!r}: [batch, {cfg.embed_dim}] (this U-Net has no "
+            f"{cond_name} must hold {cfg.cond_key!r}: [batch, {cfg.embed_dim}] (this U-Net has no "
             "null embedding to stand in for a missing condition)"
         )
 
@@ -287,7 +292,7 @@ def loss(
     checks.check_params(params, init=init, cfg=cfg)
     images = batch["images"]
     cond = {k: v for k, v in batch.items() if k == cfg.cond_key}
-    _check_inputs(params, images, None, cond, cfg, name="batch['images']")
+    _check_inputs(params, images, None, cond, cfg, name="batch['images']", cond_name="batch")
     if cfg.cond_dropout > 0.0 and train and cond:
         null = null_condition(params, cfg=cfg)
         cond = drop_condition(random.fold_in(key, "cond"), cond, null, cfg.cond_dropout)

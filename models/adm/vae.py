@@ -174,8 +174,10 @@ def sample_posterior(
     mean: torch.Tensor, log_variance: torch.Tensor, key: torch.Tensor
 ) -> torch.Tensor:
     """A reparameterised draw ``mean + exp(log_variance / 2) * noise`` (noise from ``key``);
-    differentiable in both moments. Shapes as ``mean``."""
-    checks.check_same_batch(("mean", mean), ("log_variance", log_variance))
+    differentiable in both moments. ``mean``, ``log_variance``: ``[B, ...]`` of one shape
+    (:func:`encode`'s ``[B, C, h, w]``, or any) -> that shape."""
+    checks.check_float("mean", mean, ("batch", *("size",) * (getattr(mean, "ndim", 1) - 1)))
+    checks.check_float("log_variance", log_variance, tuple(mean.shape), hint="mean's shape")
     noise = random.normal(key, mean.shape, dtype=mean.dtype)
     return mean + (0.5 * log_variance).exp() * noise
 
