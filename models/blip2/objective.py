@@ -48,11 +48,9 @@ def itc_similarities(
 
     Example: ``sim_i2t, sim_t2i = itc_similarities(img, txt, 0.07)``.
     """
-    if image_feats.ndim != 3 or text_feats.ndim != 2 or image_feats.shape[2] != text_feats.shape[1]:
-        raise ValueError(
-            f"itc_similarities: image_feats must be [batch, queries, embed] and text_feats "
-            f"[batch, embed], got {list(image_feats.shape)} and {list(text_feats.shape)}"
-        )
+    checks.check_float("image_feats", image_feats, ("batch", "queries", "embed"))
+    embed = image_feats.shape[2]
+    checks.check_float("text_feats", text_feats, ("texts", embed), hint="image_feats' embed")
     sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_feats).amax(-1) / temp
     return sim_i2t, sim_i2t.T
 

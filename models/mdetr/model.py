@@ -255,8 +255,12 @@ def match_cost(
     ``-cost_class * p_q . targets_t + cost_bbox * |box_q - box_t|_1 - cost_giou *
     GIoU(box_q, box_t)``. ``targets: [B, T, classes + 1]`` (:func:`fmm.boxes.token_targets`),
     ``target_boxes: [B, T, 4]`` ``cxcywh``."""
+    checks.check_keys(out, ("logits", "boxes"), name="out")
+    logits = out["logits"]
+    checks.check_float("targets", targets, (logits.shape[0], "targets", logits.shape[-1]))
+    checks.check_float("target_boxes", target_boxes, (*targets.shape[:2], 4), hint="cxcywh")
     # In float32 whatever the compute dtype: rounding must not decide the matching.
-    prob, pred = out["logits"].float().softmax(-1), out["boxes"].float()
+    prob, pred = logits.float().softmax(-1), out["boxes"].float()
     targets, target_boxes = targets.float(), target_boxes.float()
     l1 = (pred[:, :, None] - target_boxes[:, None]).abs().sum(-1)
     giou = boxes.generalized_iou(
