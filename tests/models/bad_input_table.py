@@ -3,7 +3,8 @@
 ``ENTRIES`` lists each public function of every family (and ``fmm.decoding``'s entry points)
 with good arguments on a tiny preset (built once, in :func:`world`) and an :class:`Arg` per
 argument saying what it is, so ``test_bad_input`` knows how to spoil it. A new family adds
-its entries here.
+its entries here, or in ``bad_input_families`` (blip2, mdetr, adm, vae, clap and
+``fmm.diffusion``; imported at the end, so this file stays readable).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 import fmm
 from fmm import checks, decoding, tree
-from models import albef, bert, clip, flava, gpt, mmgpt, vqvae
+from models import adm, albef, bert, blip2, clip, flava, gpt, mdetr, mmgpt, vqvae
 
 
 def random_params(init: Callable, cfg: Any, device: str = "cpu") -> dict:
@@ -62,7 +63,11 @@ CLIP, GPT, BERT = clip.clip_tiny(), gpt.gpt_tiny(), bert.bert_tiny()
 VQ, FLAVA = vqvae.vqvae_shapes(), flava.flava_tiny()
 MM = mmgpt.mmgpt_shapes(text_len=5, image_len=6)  # short, so generating images is quick
 ALBEF = albef.albef_tiny(num_answers=3)
+BLIP2, MDETR = blip2.blip2_tiny(), mdetr.mdetr_tiny()
+DALLE2, VAE = adm.dalle2_tiny(), adm.vae_tiny()  # the conditioned U-Net: every input it reads
 B = 2
+# More of the world (bad_input_families' data): each part takes the world so far.
+WORLD_PARTS: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
 
 
 @functools.cache
@@ -86,6 +91,8 @@ def world() -> dict[str, Any]:
     w["gpt_cache"] = decoding.prefill(
         w["gpt"], w["gpt_tokens"], decoding.init_cache(spec, B, 12), cfg=spec
     )[1]
+    for part in WORLD_PARTS:
+        w.update(part(w))
     return w
 
 
@@ -97,6 +104,10 @@ FAMILIES = [
     ("mmgpt", mmgpt, MM),
     ("flava", flava, FLAVA),
     ("albef", albef, ALBEF),
+    ("blip2", blip2, BLIP2),
+    ("mdetr", mdetr, MDETR),
+    ("adm", adm.unet, DALLE2),
+    ("vae", adm.vae, VAE),
 ]
 
 
@@ -124,6 +135,12 @@ OTHER = {
     "flava.image": _other(flava.init, flava.flava_model(), "image"),
     "flava.text": _other(flava.init, flava.flava_model(), "text"),
     "albef": _other(albef.init, albef.albef_base(num_answers=3)),
+    # Small neighbours: the published sizes cost seconds of meta init each, and any other
+    # shapes make the point (blip2_tiny has no knobs: a replaced config).
+    "blip2": _other(blip2.init, dataclasses.replace(BLIP2, queries=4, image_width=32)),
+    "mdetr": _other(mdetr.init, mdetr.mdetr_tiny(vocab_size=32)),
+    "adm": _other(adm.unet.init, adm.dalle2_tiny(embed_dim=32)),
+    "vae": _other(adm.vae.init, adm.vae_tiny(res_blocks=2)),
 }
 
 
@@ -506,3 +523,6 @@ entry(
     **albef_batch, **{"batch['answers']": _ids(3, batch_of="batch['images']")},
     params=albef_params,
 )  # fmt: skip
+
+
+from tests.models import bad_input_families  # noqa: E402, F401  (appends its entries)
