@@ -1,8 +1,8 @@
 """Train a tiny MDETR on the shapes world for phrase grounding: a phrase in, its box out.
 
-``python -m train mdetr --out runs/mdetr`` trains ``mdetr_tiny`` (from scratch: every
-backbone stage trains, as none is pretrained) with MDETR's loss, Hungarian matching
-inside, on scenes of 1-3 objects from :func:`train.data.grounding.sample_grounding`. Each
+``python -m train mdetr --out runs/mdetr`` trains ``mdetr_tiny`` at 64 pixels (from
+scratch: every backbone stage trains, as none is pretrained; no dropout) with MDETR's
+loss, Hungarian matching inside, on scenes of 1-3 objects from :func:`train.data.grounding.sample_grounding`. Each
 scene comes with a phrase naming one object, by colour and shape ("the red circle") or by
 a relation to another ("the red circle left of the blue square"); every object the phrase
 mentions is a target, its box tied to the tokens of its colour and shape words (the
@@ -21,6 +21,8 @@ words):
   (``ap50_relation_heldout``, ...), and for relation phrases whose target has a twin of the
   same colour and shape (``_twin``: only the relation tells them apart);
 - ``grounding.png``: held-out scenes with the true (green) and predicted (red) box.
+
+Measured with the defaults: AP@0.5 0.742, top-box accuracy 0.787 (docs/mdetr.md, Recipe).
 """
 
 from __future__ import annotations
