@@ -34,7 +34,7 @@ import traceback
 from train.loop import Recipe, config_defaults
 from train.recipes import albef as albef_recipe
 from train.recipes import blip2 as blip2_recipe
-from train.recipes import clap, clip, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
+from train.recipes import clap, clip, coca, export_shapes, generate, mmgpt, serve, vqvae, zeroshot
 from train.recipes import data2vec as data2vec_recipe
 from train.recipes import diffusion as diffusion_recipe
 from train.recipes import evaluate as evaluate_recipe
@@ -66,6 +66,7 @@ TASKS = {
     "mdetr": (mdetr_recipe.RECIPE, mdetr_recipe.RECIPE.help),
     "diffusion": (diffusion_recipe.RECIPE, diffusion_recipe.RECIPE.help),
     "blip2": (blip2_recipe.RECIPE, blip2_recipe.RECIPE.help),
+    "coca": (coca.RECIPE, coca.RECIPE.help),
 }
 USER_ERRORS = (ValueError, OSError)
 

@@ -83,7 +83,7 @@ def test_every_training_recipe_declares_the_shared_flags_once():
     recipes = {name: task for name, (task, _) in TASKS.items() if isinstance(task, Recipe)}
     assert set(recipes) == {
         "clip", "flava", "albef", "vqvae", "mmgpt", "omnivore", "video-vqvae", "videogpt",
-        "mae", "data2vec", "clap", "mdetr", "diffusion", "blip2",
+        "mae", "data2vec", "clap", "mdetr", "diffusion", "blip2", "coca",
     }  # fmt: skip
     for name, recipe in recipes.items():
         parser = argparse.ArgumentParser()
