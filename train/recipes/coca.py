@@ -164,7 +164,7 @@ RECIPE = Recipe(
     help="train a tiny CoCa on the shapes world: held-out captions and zero-shot",
     family=coca.FAMILY,
     defaults=Defaults(
-        steps=600, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=50, min_batch_size=2
+        steps=3000, batch_size=128, lr=1e-3, weight_decay=0.1, warmup=50, min_batch_size=2
     ),
     prepare=prepare,
     evaluate=evaluate,
