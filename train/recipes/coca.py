@@ -13,7 +13,7 @@ scenes (every combination, never-seen ones included):
   (:func:`train.evaluate.zero_shot_accuracy`, as the clip recipe ranks them);
 - with ``--judge RUN`` (a ``python -m train clip`` run): ``consistency`` /
   ``consistency_unseen_combos``, how often that CLIP's zero-shot class of the image is the
-  colour and shape the caption names (:func:`train.recipes.generate.clip_classifier`).
+  colour and shape the caption names (:func:`train.recipes.generate.caption_judge`).
 
 Besides the files of every run it writes ``tokenizer.json`` and ``captions.png`` (sample
 scenes with their generated captions).
@@ -29,15 +29,22 @@ from pathlib import Path
 import torch
 
 from models import coca
-from train.data import WordTokenizer, WorldConfig, class_names, is_holdout, sample_scenes
+from train.data import (
+    WordTokenizer,
+    WorldConfig,
+    class_names,
+    is_holdout,
+    prompt_templates,
+    sample_scenes,
+)
 from train.evaluate import zero_shot_accuracy
 from train.evaluate_data import embedder_for
-from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
+from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.plots_generation import save_image_grid
 from train.recipes import number
 from train.recipes.blip2 import _first, _rates
 from train.recipes.clip import captioned_scenes, normalize_images
-from train.recipes.generate import clip_classifier, consistency, prompt_classes
+from train.recipes.generate import caption_judge, consistency, prompt_classes
 
 SAMPLES = 8  # scenes in captions.png and in metrics.json's "samples"
 
@@ -59,13 +66,20 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _judge(path: Path | None, world: WorldConfig):
-    """The ``--judge`` run's zero-shot class of images, refused by name if it is not one."""
+    """The ``--judge`` run's zero-shot class of images ``[N, 3, H, W] -> [N]``; a run that is
+    not an image CLIP of this world is refused by name."""
     if path is None:
         return None
     try:
-        return clip_classifier(path, world)
+        run = load_run(path, family="clip")
     except (ValueError, OSError) as e:
         raise ValueError(f"--judge {path}: {e}") from None
+    if run.cfg.frames is not None or run.cfg.image_size != world.image_size:
+        raise ValueError(f"--judge {path}: not an image CLIP of the shapes world's images")
+    if "data" in run.config:
+        raise ValueError(f"--judge {path}: trained on --data, not the shapes world")
+    names = class_names(world)
+    return caption_judge(run.params, run.cfg, run.tokenizer, names, templates=prompt_templates())
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> Job:
