@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 from functools import partial
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
         n_per_class=args.eval_per_class, seed=args.seed + 1,
     )  # fmt: skip
     plot = partial(
-        save_image_grid, images, columns=1, row_labels=result["samples"],
+        save_image_grid, images, columns=1,
+        # The plot's margin holds about 35 characters a line.
+        row_labels=[textwrap.fill(c, 30) for c in result["samples"]],
         title=f"greedy captions of held-out scenes\n(colour+shape exact "
         f"{result['caption_colour_shape_exact']:.2f})",
     )  # fmt: skip
