@@ -153,7 +153,7 @@ def _launch(args: argparse.Namespace) -> dist_.Env:
         raise SystemExit(str(e)) from e
 
 
-def _check_out(args: argparse.Namespace, name: str) -> Path:
+def check_out(args: argparse.Namespace, name: str) -> Path:
     """``--out`` (or ``runs/<name>-<time>``), refused when it holds a run this one would
     silently overwrite; nothing is created here."""
     out = args.out or Path("runs") / time.strftime(f"{name}-%Y%m%d-%H%M%S")
@@ -196,7 +196,7 @@ def _modular(args: argparse.Namespace) -> bool:
 
 def _check(args: argparse.Namespace, recipe: Recipe, env: dist_.Env) -> tuple[Path, bool]:
     """``(out, compiled)``, after the checks that need no work done."""
-    out = _check_out(args, recipe.name)
+    out = check_out(args, recipe.name)
     if args.batch_size % env.world_size:
         raise SystemExit(
             f"--batch-size {args.batch_size} does not split evenly over {env.world_size} ranks: "

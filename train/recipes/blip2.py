@@ -44,10 +44,11 @@ from models import blip2, gpt
 from train.data import WordTokenizer, WorldConfig, is_holdout, sample_scenes, vocabulary
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.loop import run as loop_run
-from train.loop.run import _check_out
+from train.loop.run import check_out
 from train.plots_generation import save_image_grid
 from train.recipes import number
 from train.recipes.clip import IMAGE_MEAN, IMAGE_STD
+from train.recipes.generate import first_word, split_rates
 
 TEXT_LEN = 16  # <sot> + the longest caption (12 words) + <eot>, with room
 QA_WORDS = ("what", "colour", "shape", "is", "one")
@@ -236,19 +237,6 @@ def continue_prompts(params, prefix, prompts: list[str], tokenizer, cfg, max_new
     return tokenizer.decode(out.tokens.cpu())
 
 
-def _first(words: list[str], names: tuple[str, ...]) -> str | None:
-    return next((w for w in words if w in names), None)
-
-
-def _rates(hits: torch.Tensor, unseen: torch.Tensor, name: str) -> dict:
-    hits = hits.float()
-    return {
-        name: round(hits.mean().item(), 4),
-        f"{name}_seen": round(hits[~unseen].mean().item(), 4),
-        f"{name}_unseen": round(hits[unseen].mean().item(), 4),
-    }
-
-
 def score(params, cfg, world, tokenizer, *, n: int, seed: int, device) -> dict:
     """Captions and answers for ``n`` held-out single-object scenes (every combination,
     never-seen ones included): exact-match rates, and the first 8 scenes' outputs."""
@@ -267,18 +255,18 @@ def score(params, cfg, world, tokenizer, *, n: int, seed: int, device) -> dict:
         shape_answers += go([question(world, *p, "shape")[0] for p in pairs], max_new=2)
     true_c = [world.colors[c] for c in scenes.colors.tolist()]
     true_s = [world.shapes[s] for s in scenes.shapes.tolist()]
-    said_c = [_first(c.split(), world.colors) for c in captions]
-    said_s = [_first(c.split(), world.shapes) for c in captions]
+    said_c = [first_word(c.split(), world.colors) for c in captions]
+    said_s = [first_word(c.split(), world.shapes) for c in captions]
     hit = lambda said, true: torch.tensor([a == b for a, b in zip(said, true)])
     colour_ok, shape_ok = hit(said_c, true_c), hit(said_s, true_s)
     vqa_c = hit([(a.split() or [None])[0] for a in colour_answers], true_c)
     vqa_s = hit([(a.split() or [None])[0] for a in shape_answers], true_s)
     return {
-        **_rates(colour_ok & shape_ok, unseen, "caption_colour_shape_exact"),
-        **_rates(colour_ok, unseen, "caption_colour"),
-        **_rates(shape_ok, unseen, "caption_shape"),
-        **_rates(vqa_c, unseen, "vqa_colour"),
-        **_rates(vqa_s, unseen, "vqa_shape"),
+        **split_rates(colour_ok & shape_ok, unseen, "caption_colour_shape_exact"),
+        **split_rates(colour_ok, unseen, "caption_colour"),
+        **split_rates(shape_ok, unseen, "caption_shape"),
+        **split_rates(vqa_c, unseen, "vqa_colour"),
+        **split_rates(vqa_s, unseen, "vqa_shape"),
         "eval_scenes": n,
         "eval_unseen_scenes": int(unseen.sum()),
         "samples": [
@@ -308,7 +296,7 @@ def run_phases(args: argparse.Namespace) -> dict:
         raise SystemExit(
             "blip2 runs its phases on one process from scratch: drop --dist / --resume"
         )
-    args.out = _check_out(args, "blip2")
+    args.out = check_out(args, "blip2")
     world = WorldConfig()
     tokenizer = tokenizer_for(world)
     clip_run = _clip_run(args.clip)

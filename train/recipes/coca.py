@@ -43,9 +43,14 @@ from train.evaluate_data import embedder_for
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.plots_generation import save_image_grid
 from train.recipes import number
-from train.recipes.blip2 import _first, _rates
 from train.recipes.clip import captioned_scenes, normalize_images
-from train.recipes.generate import caption_judge, consistency, prompt_classes
+from train.recipes.generate import (
+    caption_judge,
+    consistency,
+    first_word,
+    prompt_classes,
+    split_rates,
+)
 
 SAMPLES = 8  # scenes in captions.png and in metrics.json's "samples"
 
@@ -116,14 +121,14 @@ def caption_scores(params, cfg, world, tokenizer, *, n: int, seed: int, device, 
         captions += tokenizer.decode(out.tokens.cpu())
 
     def matches(names: tuple[str, ...], truth: torch.Tensor) -> torch.Tensor:
-        said = [_first(c.split(), names) for c in captions]
+        said = [first_word(c.split(), names) for c in captions]
         return torch.tensor([w == names[t] for w, t in zip(said, truth.tolist())])
 
     colour_ok, shape_ok = matches(world.colors, scenes.colors), matches(world.shapes, scenes.shapes)
     result = {
-        **_rates(colour_ok & shape_ok, unseen, "caption_colour_shape_exact"),
-        **_rates(colour_ok, unseen, "caption_colour"),
-        **_rates(shape_ok, unseen, "caption_shape"),
+        **split_rates(colour_ok & shape_ok, unseen, "caption_colour_shape_exact"),
+        **split_rates(colour_ok, unseen, "caption_colour"),
+        **split_rates(shape_ok, unseen, "caption_shape"),
         "eval_scenes": n,
         "eval_unseen_scenes": int(unseen.sum()),
     }

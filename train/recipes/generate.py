@@ -194,6 +194,26 @@ def consistency(hits: torch.Tensor, unseen: torch.Tensor) -> dict[str, float]:
     return {"consistency": share(~unseen), "consistency_unseen_combos": share(unseen)}
 
 
+def split_rates(hits: torch.Tensor, unseen: torch.Tensor, name: str) -> dict[str, float]:
+    """``hits [N]`` bool as rates: ``{name: all, name_seen: ..., name_unseen: ...}``, split by
+    ``unseen [N]`` bool (a combination held out of training); NaN where a split is empty.
+
+    Example: ``split_rates(said == truth, is_holdout(world, labels), "caption_colour")``.
+    """
+    hits = hits.float()
+    rate = lambda x: round(x.mean().item(), 4)
+    return {
+        name: rate(hits),
+        f"{name}_seen": rate(hits[~unseen]),
+        f"{name}_unseen": rate(hits[unseen]),
+    }
+
+
+def first_word(words: list[str], names: tuple[str, ...]) -> str | None:
+    """The first of ``words`` that is one of ``names`` (a caption's colour or shape), or None."""
+    return next((w for w in words if w in names), None)
+
+
 def prompt_classes(prompt: str, world: WorldConfig) -> list[int]:
     """Class ids of the (colour, shape) pairs a prompt names, in order: "a red circle above a
     blue square" -> [red circle, blue square]. A shape takes the last colour before it."""
