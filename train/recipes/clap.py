@@ -49,7 +49,7 @@ from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource
 from train.plots_generation import save_image_grid
 from train.recipes import number
 from train.recipes._ssl import SOUND_MEL, SOUND_SECONDS, spectrograms
-from train.recipes.mae import pictures  # spectrograms drawn as the MAE's figure draws them
+from train.recipes.mae import as_pictures  # spectrograms drawn as the MAE's figure draws them
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
@@ -232,7 +232,7 @@ def evaluate(job: Job, params, model_state, args: argparse.Namespace, device) ->
         f"'a {names[picked[i]]}'"
     )
     strips = partial(
-        save_image_grid, pictures(images[firsts], "audio"), columns=1,
+        save_image_grid, as_pictures(images[firsts], "audio"), columns=1,
         row_labels=[label(i) for i in firsts.tolist()],
         title=f"one clip per class, the prompt ranked first\n(top-1 "
         f"{metrics['zero_shot_top1']:.3f} of {len(names)})",

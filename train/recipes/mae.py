@@ -120,7 +120,7 @@ def heldout_loss(out: mae.Reconstruction, cfg: mae.MAEConfig, rows: torch.Tensor
     return round(value.item(), 6)
 
 
-def pictures(x: torch.Tensor, modality: str) -> torch.Tensor:
+def as_pictures(x: torch.Tensor, modality: str) -> torch.Tensor:
     """Inputs ``[N, C, H, W]`` as RGB pictures in [0, 1]: images as they are, spectrograms
     (normalised log-mels) grey, time to the right and low frequencies at the bottom.
     Blanked (``nan``) pixels are painted :data:`MASK_FILL`."""
@@ -134,9 +134,9 @@ def figure(inputs: torch.Tensor, out: mae.Reconstruction, cfg, modality: str, ti
     """``write(path)``: rows of 8 held-out inputs, the same masked, their reconstructions."""
     blank = torch.where(out.mask.bool()[..., None], torch.nan, out.target)
     rows = [inputs, mae.unpatchify(blank, cfg), mae.composite(out, cfg)]
-    pictures = torch.cat([pictures(r, modality) for r in rows])
+    grid = torch.cat([as_pictures(r, modality) for r in rows])
     return partial(
-        save_image_grid, pictures, columns=len(inputs),
+        save_image_grid, grid, columns=len(inputs),
         row_labels=["input", f"{cfg.ratio:.0%} masked", "reconstruction"], title=title,
     )  # fmt: skip
 
