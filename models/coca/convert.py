@@ -190,6 +190,24 @@ def _oc_cross_block(o: str, t: str) -> list[Rule]:
     ]
 
 
+def _pool_packed(cfg: CoCaConfig) -> bool:
+    # nn.MultiheadAttention keeps q/k/v in one in_proj_weight when the attended width equals
+    # its own (here: a text width equal to the image width), separate ones otherwise.
+    return cfg.text_width == cfg.image_width
+
+
+def _oc_pool_weights(cfg: CoCaConfig, p: str, v: str) -> list[Rule]:
+    if _pool_packed(cfg):
+        return [
+            same(f"{p}.attn.q.weight", f"{v}.attn.in_proj_weight:q"),
+            same(f"{p}.attn.kv.weight", f"{v}.attn.in_proj_weight:kv"),
+        ]
+    return [
+        same(f"{p}.attn.q.weight", f"{v}.attn.q_proj_weight"),
+        concat(f"{p}.attn.kv.weight", [f"{v}.attn.k_proj_weight", f"{v}.attn.v_proj_weight"]),
+    ]
+
+
 def _oc_rules(cfg: CoCaConfig) -> list[Rule]:
     p, v = "pool.caption", "visual.attn_pool"
     rules = [
@@ -198,8 +216,7 @@ def _oc_rules(cfg: CoCaConfig) -> list[Rule]:
         same("image.pos", "visual.positional_embedding"),
         *affine("image.norm_pre", "visual.ln_pre"),
         same(f"{p}.query", f"{v}.query"),
-        same(f"{p}.attn.q.weight", f"{v}.attn.q_proj_weight"),
-        concat(f"{p}.attn.kv.weight", [f"{v}.attn.k_proj_weight", f"{v}.attn.v_proj_weight"]),
+        *_oc_pool_weights(cfg, p, v),
         same(f"{p}.attn.q.bias", f"{v}.attn.in_proj_bias:q"),
         same(f"{p}.attn.kv.bias", f"{v}.attn.in_proj_bias:kv"),
         *affine(f"{p}.attn.out", f"{v}.attn.out_proj"),
@@ -235,6 +252,8 @@ def _oc_rules(cfg: CoCaConfig) -> list[Rule]:
 def _packed(cfg: CoCaConfig) -> list[str]:
     """open_clip's packed q/k/v tensors our params keep as separate q and kv."""
     names = ["visual.attn_pool.attn.in_proj_bias"]
+    if _pool_packed(cfg):
+        names.append("visual.attn_pool.attn.in_proj_weight")
     for i in range(cfg.decoder_layers):
         t = f"text_decoder.cross_attn.{i}.attn"
         names += [f"{t}.in_proj_weight", f"{t}.in_proj_bias"]

@@ -227,6 +227,23 @@ def test_open_clip_round_trip(oc):
     assert all(torch.equal(sd[k], want[k]) for k in sd)
 
 
+def test_open_clip_packs_the_pooler_when_text_and_image_widths_are_equal():
+    # nn.MultiheadAttention keeps one in_proj_weight when kdim equals its width (as the
+    # benchmark's "small" size has), three projections otherwise (the fixture above).
+    cfg = coca.open_clip_style(
+        _tiny(image_width=20, image_mlp_dim=80, text_mlp_dim=80, decoder_mlp_dim=80)
+    )
+    ref = _oc_model(cfg)
+    params = coca.from_open_clip(ref.state_dict(), cfg)
+    sd = coca.to_open_clip(params, cfg)
+    assert "visual.attn_pool.attn.in_proj_weight" in sd
+    assert all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
+    images, tokens = _data(cfg)
+    with torch.no_grad():
+        want = ref(images, tokens[:, :-1])["image_features"]
+    torch.testing.assert_close(coca.encode_image(params, images, cfg=cfg), want, **TOL)
+
+
 def test_converters_refuse_the_other_layout():
     with pytest.raises(ValueError, match="open_clip_style"):
         coca.from_open_clip({}, coca.coca_tiny())
