@@ -60,10 +60,12 @@ def smallest(name: str) -> str:
 class Case:
     """A family's smallest preset, its params, state and an example batch."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, preset: str | None = None, cfg=None):
+        """``name``'s smallest preset, or ``preset`` with ``cfg`` (that preset narrowed, so
+        a family test can run the laws below on another of its presets quickly)."""
         self.family = family = FAMILIES[name]
-        self.preset = smallest(name)
-        self.cfg = cfg = family.presets[self.preset]()
+        self.preset = preset or smallest(name)
+        self.cfg = cfg = cfg or family.presets[self.preset]()
         self.params = family.init(cfg, fmm.random.key(0))
         self.state = (
             family.init_state(cfg, self.params, fmm.random.key(1))

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fmm
 from models import clip
-from models.family import example_batch
 
 # The contract's laws, collected here again against the `case` fixture below.
 from tests.test_family_contract import (  # noqa: F401
@@ -30,13 +28,9 @@ SMALL = dict(image_width=32, image_layers=1, image_heads=2, text_width=32, text_
 @pytest.fixture(scope="module")
 def case() -> Case:
     """The contract's case on ``clip_video_tiny``, its towers narrowed so the laws run fast."""
-    made = Case.__new__(Case)
-    made.family, made.preset = clip.FAMILY, "clip_video_tiny"
-    made.cfg = cfg = clip.CLIPConfig(**(clip.clip_video_tiny().to_dict() | SMALL))
-    made.params = clip.init(cfg, fmm.random.key(0))
-    made.state = None
-    made.batch = example_batch(clip.batch_fields(cfg), fmm.random.key(2))
-    return made
+    return Case(
+        "clip", "clip_video_tiny", clip.CLIPConfig(**(clip.clip_video_tiny().to_dict() | SMALL))
+    )
 
 
 def test_the_video_tower_takes_clips_and_gives_one_token_per_tube(case):
