@@ -82,10 +82,18 @@ def prefill_slots(
     cfg: Any,
     lengths: Sequence[int] | None = None,
     last_only: bool = True,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed ``tokens: [n, S]`` to the pool's ``slots`` (``n`` of them, in place), each row
     after what its slot holds: a prompt's first chunk or its next one. Returns each row's
     last logits ``[n, vocab]``.
+
+    ``context: [1 or n, T, cross_dim]`` (cross-attending models, with a first chunk; ``1``:
+    the same for every row) and ``context_mask: [1 or n, T]``: each slot's own
+    cross-attention keys/values and mask, written into its rows of the pool's
+    ``ck``/``cv``/``context_mask`` once, so every later decode step of the slot reads them
+    (a CoCa slot's image queries, :func:`models.coca.generate.decoder_spec`).
 
     ``lengths: [n]``: real tokens of each row of a left-padded first chunk (the slots must
     be free, :func:`free_slot`); the padding takes slots but is never attended to. One call
@@ -107,27 +115,54 @@ def prefill_slots(
     index = torch.tensor(slots, device=cache["pos"].device)
     # Consecutive slots are a view the donated prefill writes through; others are gathered.
     view = rows(cache, len(slots), slots[0]) if packed else _map_rows(cache, lambda t: t[index])
+    context, context_mask = (_per_row(t, len(slots)) for t in (context, context_mask))
     logits, out = decoding.prefill(
         params, tokens, view, cfg=spec, donate=True, last_only=last_only,
         lengths=None if lengths is None else torch.tensor(lengths, device=tokens.device),
+        context=context, context_mask=context_mask,
     )  # fmt: skip
     if packed:
-        view["pos"].copy_(out["pos"])
-        view["start"].copy_(out["start"])
+        # The donated prefill wrote k/v through the view; what it made anew (positions, and
+        # with a context the cross keys/values and mask) is copied in.
+        def put(dst: torch.Tensor, src: torch.Tensor) -> None:
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
     else:
-        for dst, src in zip(cache["layers"], out["layers"]):
-            for name, value in src.items():
-                dst[name].index_copy_(0, index, value)
-        cache["pos"].index_copy_(0, index, out["pos"])
-        cache["start"].index_copy_(0, index, out["start"])
+        view = cache
+
+        def put(dst: torch.Tensor, src: torch.Tensor) -> None:
+            dst.index_copy_(0, index, src)
+
+    for dst, src in zip(view["layers"], out["layers"]):
+        for name, value in src.items():
+            put(dst[name], value)
+    for name in ("pos", "start", "context_mask"):
+        if name in out:
+            put(view[name], out[name])
     return logits[:, -1]
 
 
+def _per_row(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    # A context (or mask) given once for n rows: the same tensor for each, as a view.
+    if t is None or t.dim() < 1 or t.shape[0] != 1 or n == 1:
+        return t
+    return t.expand(n, *t.shape[1:])
+
+
 def prefill_slot(
-    params: Params, tokens: torch.Tensor, cache: Cache, slot: int, *, cfg: Any
+    params: Params,
+    tokens: torch.Tensor,
+    cache: Cache,
+    slot: int,
+    *,
+    cfg: Any,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed ``tokens: [S]`` to slot ``slot`` of the pool ``cache`` (in place) after what it
     holds: its prompt, or the next chunk of it. Returns the last token's logits ``[vocab]``.
+    ``context: [1, T, cross_dim]``, ``context_mask: [1, T]``: the slot's cross-attention
+    input, with its first chunk (see :func:`prefill_slots`).
 
     A new sequence starts from a free slot (:func:`free_slot`). The slot is computed alone
     (batch 1), so its result is the same whatever the other slots hold.
@@ -137,12 +172,15 @@ def prefill_slot(
     checks.check_int("tokens", tokens, ("seq",))
     if not 0 <= slot < cache["pos"].shape[0]:
         raise ValueError(f"slot must be in [0, {cache['pos'].shape[0]}), got {slot}")
-    return prefill_slots(params, tokens[None], cache, [slot], cfg=cfg)[0]
+    return prefill_slots(
+        params, tokens[None], cache, [slot], cfg=cfg, context=context, context_mask=context_mask
+    )[0]
 
 
 def move_slot(cache: Cache, src: int, dst: int) -> None:
     """Move the sequence in slot ``src`` to the free slot ``dst`` (in place; ``src`` is then
-    free). A bit-exact copy: the sequence continues in ``dst`` as it would have in ``src``."""
+    free). A bit-exact copy of every row tensor (cross-attention ``ck``/``cv`` and
+    ``context_mask`` too): the sequence continues in ``dst`` as it would have in ``src``."""
     for t in _tensors(cache):
         t[dst] = t[src]
     free_slot(cache, src)
@@ -167,7 +205,8 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
 
 def free_slot(cache: Cache, slot: int) -> None:
     """Mark slot ``slot`` empty (position 0), in place; its stale keys/values are never seen
-    again: a new sequence's queries see only the slots it has written."""
+    again: a new sequence's queries see only the slots it has written, and a cross-attending
+    model's first prefill of the slot must give its context, which replaces the old one."""
     cache["pos"][slot] = 0
     cache["start"][slot] = 0
 
