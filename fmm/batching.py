@@ -228,13 +228,20 @@ def _probe_ids(n: int, length: int, vocab: int | None, seed: int) -> torch.Tenso
 
 
 def invariant_buckets(
-    step: Callable, params: Params, cache: Cache, sizes: Sequence[int], *, cfg: Any
+    step: Callable,
+    params: Params,
+    cache: Cache,
+    sizes: Sequence[int],
+    *,
+    cfg: Any,
+    context: torch.Tensor | None = None,
 ) -> tuple[list[int], list[str]]:
     """Which row counts of ``sizes`` (ascending; the last is the pool's rows) give every row
     of the decode ``step`` bitwise the logits it gets in the whole pool, measured with this
     ``step`` (:func:`compiled_decode`'s signature; compiled, the probe compiles it at each
     size it tries) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
     (alternating, so equal rows must also agree across slots) and leaves it empty.
+    ``context: [1, T, cross_dim]``: every probe row's context (cross-attending models).
 
     Returns ``(usable sizes, reasons)``: the sizes whose rows equal the pool's (always the
     pool itself), tried from the largest down to the first that differs, and why the
@@ -247,7 +254,7 @@ def invariant_buckets(
     m = sizes[-1]
     prompts, fed = _probe_ids(2, 3, spec.vocab_size, 0), _probe_ids(1, 2, spec.vocab_size, 1)[0]
     for s in range(m):
-        prefill_slot(params, prompts[s % 2], cache, s, cfg=spec)
+        prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
     tokens, idle = fed[torch.arange(m) % 2], torch.zeros(m, dtype=torch.bool)
     # Idle rows keep their position: every size computes the same next token on the same
     # cache (each rewrites the slot it reads back first).
@@ -286,11 +293,13 @@ def invariant_prefill(
     *,
     cfg: Any,
     most: int = 8,
+    context: torch.Tensor | None = None,
 ) -> dict[int, list[int]]:
     """For each chunk length ``P`` of ``lengths``: the row counts ``n`` (powers of two,
     ``n * P <= budget`` tokens, at most ``most`` and the pool's rows) at which :func:`prefill_slots` of
     ``n`` rows gives every row bitwise the logits it gets alone, for a left-padded first
     chunk and for the chunk after it (``last_only=False``, see :func:`prefill_slots`). ``cache``: the pool, empty (left empty).
+    ``context: [1, T, cross_dim]``: every probe row's context (cross-attending models).
 
     Returns ``{P: [1, ...]}`` (1: alone is always allowed). Example:
     ``invariant_prefill(params, pool, [4, 8, 16], 64, cfg=spec)`` -> ``{4: [1], 8: [1],
@@ -306,19 +315,20 @@ def invariant_prefill(
             continue
         ids = _probe_ids(counts[-1], 2 * p, spec.vocab_size, p)
         real = [max(1, p - i % 2) for i in range(counts[-1])]
-        alone = torch.cat([_two_chunks(params, cache, ids, real, p, range(i, i + 1), spec)
-                           for i in range(counts[-1])])  # fmt: skip
+        alone = torch.cat([_two_chunks(params, cache, ids, real, p, range(i, i + 1), spec,
+                                       context) for i in range(counts[-1])])  # fmt: skip
         allowed[p] += [n for n in counts[1:]
-                       if torch.equal(_two_chunks(params, cache, ids, real, p, range(n), spec),
-                                      alone[:n])]  # fmt: skip
+                       if torch.equal(_two_chunks(params, cache, ids, real, p, range(n), spec,
+                                                  context), alone[:n])]  # fmt: skip
     return allowed
 
 
-def _two_chunks(params, cache, ids, real, p, slots: range, spec) -> torch.Tensor:
+def _two_chunks(params, cache, ids, real, p, slots: range, spec, context=None) -> torch.Tensor:
     # Rows ``slots`` of ``ids`` prefilled together in two chunks of p (the first left-padded
     # to ``real`` tokens) into those slots, then freed: their logits [n, 2, vocab].
     first = prefill_slots(params, ids[slots, :p], cache, slots, cfg=spec,
-                          lengths=real[slots.start : slots.stop], last_only=False)  # fmt: skip
+                          lengths=real[slots.start : slots.stop], last_only=False,
+                          context=context)  # fmt: skip
     second = prefill_slots(params, ids[slots, p:], cache, slots, cfg=spec, last_only=False)
     for s in slots:
         free_slot(cache, s)

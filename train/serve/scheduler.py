@@ -69,6 +69,8 @@ class _Row:
     chunks: list[tuple[list[int], int]]  # the prompt's chunks: (tokens, real tokens)
     fed: int = 0  # chunks prefilled so far
     last: torch.Tensor | None = None  # the prompt's last logits [vocab], once all fed
+    context: torch.Tensor | None = None  # [1, T, cross_dim]: cross-attending models
+    context_mask: torch.Tensor | None = None  # [1, T] bool, None: all real
 
 
 class Scheduler:
@@ -84,7 +86,9 @@ class Scheduler:
     ``follow_occupancy``: step over the smallest bucket that holds the live slots (where
     the start-up probe finds it exact); ``False``: always the whole pool.
     ``batch_prefill``: prefill prompts' chunks together (where the probe finds it exact);
-    ``False``: each alone. ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
+    ``False``: each alone. ``context_len``: the context length ``T`` of every request of a
+    cross-attending model (each :meth:`submit` gives its own ``context``; CoCa: its
+    ``caption_queries``). ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
     (after start-up, ``slots.buckets`` holds the row counts in use and
     ``slots.batched_prefill`` the ``{chunk length: row counts}`` prefilled together).
     """
@@ -103,6 +107,7 @@ class Scheduler:
         guided_from: int = 0,
         follow_occupancy: bool = True,
         batch_prefill: bool = True,
+        context_len: int | None = None,
     ):
         self.spec = spec = as_spec(cfg)
         for name, value in (("max_slots", max_slots), ("prefill_chunk", prefill_chunk),
@@ -115,12 +120,21 @@ class Scheduler:
         self.params, self.max_slots, self.prefill_chunk = params, max_slots, prefill_chunk
         self.eos_id, self.max_waiting, self.guided_from = eos_id, max_waiting, guided_from
         self.backend = compile or None
+        cross = spec.cross_dim is not None
+        if cross != (context_len is not None) or (cross and context_len < 1):
+            raise ValueError(
+                f"Scheduler: context_len must be an int >= 1 for a cross-attending model and "
+                f"None otherwise, got {context_len!r}"
+            )
+        self.context_len = context_len
         self.slots = SlotPool(
             params, spec, max_slots=max_slots, max_len=self.max_len, prefill_chunk=prefill_chunk,
             backend=self.backend, follow_occupancy=follow_occupancy, batch_prefill=batch_prefill,
+            context_len=context_len,
         )  # fmt: skip
         self.device, self.vocab = self.slots.device, spec.vocab_size
         self._waiting: collections.deque[Handle] = collections.deque()
+        self._contexts: dict[Handle, tuple] = {}  # waiting requests' (context, context_mask)
         self._prefilling: list[list[_Row]] = []  # a request's rows (two when guided)
         self._running: list[list[_Row]] = []
         self._cv = threading.Condition()
@@ -143,9 +157,15 @@ class Scheduler:
         guidance: float = 1.0,
         null_ids: Sequence[int] | None = None,
         keep_logits: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> Handle:
         """Queue one generation of up to ``max_new_tokens`` after ``prompt_ids``; returns its
         :class:`Handle` at once. ``stop``: token ids that end it (like ``eos_id``).
+        ``context: [context_len, cross_dim]`` (cross-attending models only, then required)
+        and ``context_mask: bool [context_len]``: what the request's slot cross-attends
+        (CoCa: one image's ``image_queries``), its keys and values computed once at its
+        prefill.
         ``ValueError`` for bad options, :class:`Overloaded` when ``max_waiting`` requests
         already wait, :class:`~train.serve.engine.EngineClosed` after :meth:`close`."""
         prompt = self._ids("prompt_ids", prompt_ids)
@@ -157,6 +177,7 @@ class Scheduler:
                 f"the {self.max_len} positions of a slot"
             )
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)  # checks them
+        contexts = self._context(context, context_mask)
         if guidance != 1.0:
             if null_ids is None:
                 raise ValueError(f"null_ids is missing: guidance={guidance} needs null_ids")
@@ -185,6 +206,8 @@ class Scheduler:
                     f"{self.max_waiting}); retry later"
                 )
             self._waiting.append(handle)
+            if contexts is not None:
+                self._contexts[handle] = contexts
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fmm-scheduler", daemon=True)
                 self._thread.start()
@@ -198,6 +221,27 @@ class Scheduler:
         if self.vocab is not None and not all(0 <= t < self.vocab for t in out):
             raise ValueError(f"{name}: every id must be in [0, {self.vocab})")
         return out
+
+    def _context(self, context, context_mask) -> tuple | None:
+        # A request's context as [1, T, cross_dim] (and mask [1, T]) on the pool's device.
+        if self.context_len is None:
+            if context is not None or context_mask is not None:
+                raise ValueError("context: this model does not cross-attend; give none")
+            return None
+        want = (self.context_len, self.spec.cross_dim)
+        if not isinstance(context, torch.Tensor) or tuple(context.shape) != want:
+            got = "none" if context is None else f"{tuple(getattr(context, 'shape', ()))}"
+            raise ValueError(f"context: a [{want[0]}, {want[1]}] float tensor is needed, got {got}")
+        if not context.is_floating_point() or not bool(torch.isfinite(context).all()):
+            raise ValueError("context: must be a finite float tensor")
+        if context_mask is not None:
+            if not isinstance(context_mask, torch.Tensor) or tuple(context_mask.shape) != want[:1]:
+                raise ValueError(f"context_mask: a bool tensor [{want[0]}] is needed")
+            if not bool(context_mask.any()):
+                raise ValueError("context_mask: at least one position must be real")
+            context_mask = context_mask.bool()[None].to(self.device)
+        dtype = self.slots.cache["layers"][-1]["ck"].dtype
+        return context[None].to(self.device, dtype), context_mask
 
     def warmup(self) -> None:
         """Probe and compile now, on the idle pool, so that no request waits for it: which
@@ -244,6 +288,7 @@ class Scheduler:
         with self._cv:
             waiting = [[_Row(h, -1, [])] for h in self._waiting]
             self._waiting.clear()
+            self._contexts.clear()
         return waiting
 
     def _fail(self, requests: list[list[_Row]], error: BaseException) -> None:
@@ -275,14 +320,16 @@ class Scheduler:
             handle = self._waiting[0]
             if handle._cancelled:
                 self._waiting.popleft()
+                self._contexts.pop(handle, None)
                 self._finish(handle, [], "cancelled")
                 continue
             prompts = [handle.prompt] + ([handle.null_ids] if handle.guidance != 1.0 else [])
             if len(self.slots.free) < len(prompts):
                 return
             self._waiting.popleft()
-            new = handle.max_new_tokens
-            rows = [_Row(handle, self.slots.take(), self.slots.chunks(p, new)) for p in prompts]
+            new, (context, mask) = handle.max_new_tokens, self._contexts.pop(handle, (None, None))
+            rows = [_Row(handle, self.slots.take(), self.slots.chunks(p, new), context=context,
+                         context_mask=mask) for p in prompts]  # fmt: skip
             self._prefilling.append(rows)
 
     def _drop_cancelled(self) -> None:

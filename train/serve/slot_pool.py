@@ -9,7 +9,9 @@ live rows packed below the bucket that holds them (:meth:`SlotPool.compact`), pr
 waiting prompts' chunks of one length together (:meth:`SlotPool.prefill`) and runs the
 decode step over that bucket (:meth:`SlotPool.step`). The scheduler owns the requests;
 a *row* here is any object with ``slot``, ``chunks`` (``[(tokens, real tokens)]``),
-``fed`` (chunks prefilled) and ``last`` (its last logits) attributes.
+``fed`` (chunks prefilled) and ``last`` (its last logits) attributes, and for a
+cross-attending model ``context [1, T, cross_dim]`` and ``context_mask [1, T]`` (or
+``None``: all real), written into its slot with its first chunk.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fmm import batching
+from fmm import batching, random
 from fmm.kv_cache import DecoderSpec, init_cache
 
 __all__ = ["SlotPool"]
@@ -32,7 +34,8 @@ class SlotPool:
     """``max_slots`` sequences of ``max_len`` positions for ``params``/``spec``, the decode
     step compiled with ``backend`` (``None``: eager). ``follow_occupancy``: step over the
     smallest exact bucket (``False``: the whole pool); ``batch_prefill``: prefill prompts
-    together where exact (``False``: each alone). After :meth:`calibrate`, ``buckets`` holds
+    together where exact (``False``: each alone). ``context_len``: each slot's context
+    length ``T`` (cross-attending models only). After :meth:`calibrate`, ``buckets`` holds
     the row counts in use and ``batched_prefill`` ``{chunk length: row counts}``."""
 
     def __init__(
@@ -46,6 +49,7 @@ class SlotPool:
         backend: Any,
         follow_occupancy: bool = True,
         batch_prefill: bool = True,
+        context_len: int | None = None,
     ):
         self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
         self.prefill_chunk = prefill_chunk
@@ -54,8 +58,11 @@ class SlotPool:
         self.device = leaf.device
         with torch.inference_mode():  # the step's inputs, as the probe's (no recompile)
             self.cache = init_cache(spec, max_slots, max_len, dtype=leaf.dtype,
-                                    device=self.device)  # fmt: skip
+                                    device=self.device, context_len=context_len)  # fmt: skip
             self.next_token = torch.zeros(max_slots, dtype=torch.int64)
+        # The probes' rows cross-attend one random context (any context shows the rounding).
+        self.probe_context = None if spec.cross_dim is None else random.normal(
+            random.key(0), (1, context_len, spec.cross_dim)).to(self.device, leaf.dtype)  # fmt: skip
         self.decode = batching.compiled_decode(backend)
         self.noise = batching.compiled_noise(backend)
         self.buckets: list[int] | None = None
@@ -76,14 +83,16 @@ class SlotPool:
         m, spec = self.max_slots, self.spec
         sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
         buckets, reasons = batching.invariant_buckets(self.decode, self.params, self.cache,
-                                                      sizes, cfg=spec)  # fmt: skip
+                                                      sizes, cfg=spec,
+                                                      context=self.probe_context)  # fmt: skip
         if reasons:
             log.warning("decode buckets %s of %s (a row rounds differently at: %s)", buckets,
                         sizes, "; ".join(reasons))  # fmt: skip
         if self.batch_prefill:
             c = self.prefill_chunk
             lengths = [1 << i for i in range(c.bit_length()) if 1 << i < c]
-            counts = batching.invariant_prefill(self.params, self.cache, lengths, c, cfg=spec)
+            counts = batching.invariant_prefill(self.params, self.cache, lengths, c, cfg=spec,
+                                                context=self.probe_context)  # fmt: skip
             self.batched_prefill = {p: n for p, n in counts.items() if len(n) > 1}
         for n in buckets:
             keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
@@ -148,13 +157,20 @@ class SlotPool:
 
     def _prefill_rows(self, group: list, p: int, fresh: bool) -> None:
         chunks = [row.chunks[row.fed] for row in group]
+        context = mask = None
+        if fresh and self.spec.cross_dim is not None:
+            context = torch.cat([row.context for row in group])
+            t = context.shape[1]
+            mask = torch.cat([torch.ones(1, t, dtype=torch.bool, device=self.device)
+                              if row.context_mask is None else row.context_mask
+                              for row in group])  # fmt: skip
         logits = batching.prefill_slots(
             self.params, torch.tensor([c[0] for c in chunks], device=self.device), self.cache,
             [row.slot for row in group], cfg=self.spec,
             lengths=[c[1] for c in chunks] if fresh else None,
             # Lengths prefilled in batches run the output layer on every position, alone
             # too (see fmm.batching.prefill_slots): the choice follows the length only.
-            last_only=p not in self.batched_prefill,
+            last_only=p not in self.batched_prefill, context=context, context_mask=mask,
         )  # fmt: skip
         for row, last in zip(group, logits):
             row.last, row.fed = last, row.fed + 1

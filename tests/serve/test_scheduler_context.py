@@ -1,0 +1,72 @@
+"""train.serve.scheduler with a per-request cross-attention context: CoCa captions of
+images submitted at different times through one Scheduler equal each image's captions
+alone (greedy tokens identical, logits within 1e-5); bad contexts are refused."""
+
+import time
+
+import pytest
+import torch
+
+import models.coca as coca
+from tests.fmm.test_batching_context import (
+    CFG,
+    IMAGES,
+    PARAMS,
+    QUERIES,
+    SOT,
+    SPEC,
+    STEPS,
+    TOL,
+    _alone,
+)
+from train.serve.scheduler import Scheduler
+
+
+def _scheduler(**kw) -> Scheduler:
+    return Scheduler(PARAMS, SPEC, max_slots=4, prefill_chunk=4, compile=None,
+                     context_len=CFG.caption_queries, **kw)  # fmt: skip
+
+
+def test_captions_through_the_scheduler_equal_each_image_alone():
+    scheduler = _scheduler()
+    scheduler.warmup()
+    try:
+        handles = []
+        for i in range(3):
+            # Image 1 also masks its last two queries: the mask travels with its request.
+            mask = None if i != 1 else torch.arange(CFG.caption_queries) < CFG.caption_queries - 2
+            handles.append(scheduler.submit([SOT], max_new_tokens=STEPS, context=QUERIES[i],
+                                            context_mask=mask, keep_logits=True))  # fmt: skip
+            time.sleep(0.02)  # later requests join a pool that is already decoding
+        results = [h.result() for h in handles]
+    finally:
+        scheduler.close()
+    captions = coca.generate_captions(PARAMS, IMAGES, cfg=CFG, sot_id=SOT, max_new_tokens=STEPS)
+    for i in (0, 2):
+        tokens, logits = _alone(i)
+        assert results[i] == tokens.tolist() == captions.tokens[i].tolist()
+        torch.testing.assert_close(torch.stack(handles[i].logits), logits, **TOL)
+    masked = torch.arange(CFG.caption_queries) < CFG.caption_queries - 2
+    tokens, logits = _alone(1, context_mask=masked[None])
+    assert results[1] == tokens.tolist()
+    torch.testing.assert_close(torch.stack(handles[1].logits), logits, **TOL)
+
+
+def test_bad_contexts_are_refused_naming_the_argument():
+    scheduler = _scheduler()
+    try:
+        for bad, name in [
+            (dict(), "context"),
+            (dict(context=QUERIES[0, :3]), "context"),
+            (dict(context=QUERIES[0].long()), "context"),
+            (dict(context=QUERIES[0] * float("nan")), "context"),
+            (dict(context=QUERIES[0], context_mask=torch.zeros(3, dtype=torch.bool)), "mask"),
+            (dict(context=QUERIES[0], context_mask=torch.zeros(CFG.caption_queries,
+                                                               dtype=torch.bool)), "mask"),
+        ]:  # fmt: skip
+            with pytest.raises(ValueError, match=name):
+                scheduler.submit([SOT], max_new_tokens=2, **bad)
+    finally:
+        scheduler.close()
+    with pytest.raises(ValueError, match="context_len"):
+        Scheduler(PARAMS, SPEC, max_slots=2, compile=None)
