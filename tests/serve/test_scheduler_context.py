@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
+import fmm
 import models.coca as coca
+from models import gpt
 from tests.fmm.test_batching_context import (
     CFG,
     IMAGES,
@@ -20,6 +22,9 @@ from tests.fmm.test_batching_context import (
     _alone,
 )
 from train.serve.scheduler import Scheduler
+
+GPT = gpt.GPTConfig(vocab_size=97, context_length=16, width=32, layers=1, heads=4)
+GPT_PARAMS = gpt.init(GPT, fmm.random.key(0))
 
 
 def _scheduler(**kw) -> Scheduler:
@@ -70,3 +75,12 @@ def test_bad_contexts_are_refused_naming_the_argument():
         scheduler.close()
     with pytest.raises(ValueError, match="context_len"):
         Scheduler(PARAMS, SPEC, max_slots=2, compile=None)
+    # A token-only model refuses a context, and a context length.
+    gpt_scheduler = Scheduler(GPT_PARAMS, gpt.decoder_spec(GPT), max_slots=2, compile=None)
+    try:
+        with pytest.raises(ValueError, match="context"):
+            gpt_scheduler.submit([1], max_new_tokens=2, context=QUERIES[0])
+    finally:
+        gpt_scheduler.close()
+    with pytest.raises(ValueError, match="context_len"):
+        Scheduler(GPT_PARAMS, gpt.decoder_spec(GPT), max_slots=2, compile=None, context_len=8)
