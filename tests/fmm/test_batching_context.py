@@ -18,16 +18,16 @@ SOT, STEPS, SLOTS = 1, 6, 4
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _alone(i: int, context_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens [STEPS] and their logits [STEPS, vocab] of image i, batch 1 (fmm.decoding);
+def _alone(i: int, context_mask=None, steps=STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens [steps] and their logits [steps, vocab] of image i, batch 1 (fmm.decoding);
     ``context_mask [1, T]``: its real queries."""
-    cache = decoding.init_cache(SPEC, 1, STEPS, context_len=CFG.caption_queries)
+    cache = decoding.init_cache(SPEC, 1, steps, context_len=CFG.caption_queries)
     logits, cache = decoding.prefill(
         PARAMS, torch.tensor([[SOT]]), cache, cfg=SPEC, context=QUERIES[i : i + 1],
         context_mask=context_mask,
     )  # fmt: skip
     out = [logits[0, -1]]
-    for _ in range(STEPS - 1):
+    for _ in range(steps - 1):
         step, cache = decoding.decode_step(PARAMS, out[-1].argmax()[None], cache, cfg=SPEC)
         out.append(step[0])
     logits = torch.stack(out)
