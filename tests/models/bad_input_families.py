@@ -1,6 +1,6 @@
 """The bad-input table's entries for blip2, mdetr, adm (the U-Net, DALL-E 2's CLIP
 condition), vae, clap (CLIP's audio preset) and ``fmm.diffusion``'s entry points that take
-a user's tensors.
+a user's tensors, and coca.
 
 One entry per distinct boundary: where two public functions run the same check helper under
 the same names (blip2's ``itm_logits`` / ``clm_logits`` / ``qformer``, ``ddpm_step`` /
@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from fmm import diffusion as fd
-from models import adm, blip2, clip, mdetr
+from models import adm, blip2, clip, coca, mdetr
 from tests.models.bad_input_table import (
     BLIP2,
     CLIP,
+    COCA,
     DALLE2,
     GPT,
     KEY,
@@ -57,6 +58,7 @@ def _part(w: dict[str, Any]) -> dict[str, Any]:
         "clap": random_params(clip.init, CLAP),
         "blip2_lm": random_params(blip2.init, BLIP2_LM),
         "spectrograms": torch.randn(B, 1, *CLAP.image_size, generator=g),
+        "coca_tokens": ids(COCA.vocab_size, 7, low=1),  # no pad_id (0)
         "blip2_ids": ids(BLIP2.vocab_size, 7, low=2),  # no pad_id (0): every row has text
         "lm_tokens": ids(BLIP2_LM.lm.vocab_size, 5),
         "mdetr_ids": ids(MDETR.text.vocab_size, 6, low=2),  # no pad_id (1)
@@ -78,6 +80,40 @@ entry(
     "clap.encode_image", _w("params=clap", "images=spectrograms"),
     lambda a: clip.encode_image(a["params"], a["images"], cfg=CLAP),
     images=_image(), params=Arg("params", other=OTHER["clip"]),
+)  # fmt: skip
+
+# --- CoCa
+coca_params = Arg("params", other=OTHER["coca"])
+entry(
+    "coca.encode_image", _w("params=coca", "images=images32"),
+    lambda a: coca.encode_image(a["params"], a["images"], cfg=COCA),
+    images=_image(), params=coca_params,
+)  # fmt: skip
+entry(
+    "coca.encode_text", _w("params=coca", "tokens=coca_tokens"),
+    lambda a: coca.encode_text(a["params"], a["tokens"], cfg=COCA),
+    tokens=_ids(COCA.vocab_size, COCA.context_length - 1), params=coca_params,
+)  # fmt: skip
+entry(
+    "coca.apply", _w("params=coca", "images=images32", "tokens=coca_tokens"),
+    lambda a: coca.apply(a["params"], a["images"], a["tokens"], cfg=COCA),
+    images=_image(), tokens=_ids(COCA.vocab_size, COCA.context_length - 1, batch_of="images"),
+    params=coca_params,
+)  # fmt: skip
+entry(
+    "coca.loss", _w("params=coca", "batch['images']=images32", "batch['tokens']=coca_tokens"),
+    lambda a: coca.loss(a["params"], {"images": a["batch['images']"],
+                                      "tokens": a["batch['tokens']"]}, cfg=COCA),
+    **{"batch['images']": _image(),
+       "batch['tokens']": _ids(COCA.vocab_size, COCA.context_length,
+                               batch_of="batch['images']")},
+    params=coca_params,
+)  # fmt: skip
+entry(
+    "coca.generate_captions", _w("params=coca", "images=images32"),
+    lambda a: coca.generate_captions(a["params"], a["images"], cfg=COCA, sot_id=1,
+                                     max_new_tokens=2),
+    images=_image(), params=coca_params,
 )  # fmt: skip
 
 # --- BLIP-2

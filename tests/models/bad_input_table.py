@@ -18,7 +18,7 @@ import torch
 
 import fmm
 from fmm import checks, decoding, tree
-from models import adm, albef, bert, blip2, clip, flava, gpt, mdetr, mmgpt, vqvae
+from models import adm, albef, bert, blip2, clip, coca, flava, gpt, mdetr, mmgpt, vqvae
 
 
 def random_params(init: Callable, cfg: Any, device: str = "cpu") -> dict:
@@ -64,6 +64,7 @@ VQ, FLAVA = vqvae.vqvae_shapes(), flava.flava_tiny()
 MM = mmgpt.mmgpt_shapes(text_len=5, image_len=6)  # short, so generating images is quick
 ALBEF = albef.albef_tiny(num_answers=3)
 BLIP2, MDETR = blip2.blip2_tiny(), mdetr.mdetr_tiny()
+COCA = coca.coca_tiny()
 DALLE2, VAE = adm.dalle2_tiny(), adm.vae_tiny()  # the conditioned U-Net: every input it reads
 B = 2
 # More of the world (bad_input_families' data): each part takes the world so far.
@@ -105,6 +106,7 @@ FAMILIES = [
     ("flava", flava, FLAVA),
     ("albef", albef, ALBEF),
     ("blip2", blip2, BLIP2),
+    ("coca", coca, COCA),
     ("mdetr", mdetr, MDETR),
     ("adm", adm.unet, DALLE2),
     ("vae", adm.vae, VAE),
@@ -139,6 +141,7 @@ OTHER = {
     # shapes make the point (blip2_tiny has no knobs: a replaced config).
     "blip2": _other(blip2.init, dataclasses.replace(BLIP2, queries=4, image_width=32)),
     "mdetr": _other(mdetr.init, mdetr.mdetr_tiny(vocab_size=32)),
+    "coca": _other(coca.init, coca.coca_tiny(vocab_size=32, image_width=32)),
     "adm": _other(adm.unet.init, adm.dalle2_tiny(embed_dim=32)),
     "vae": _other(adm.vae.init, adm.vae_tiny(res_blocks=2)),
 }
