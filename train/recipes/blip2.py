@@ -47,7 +47,7 @@ from train.loop import run as loop_run
 from train.loop.run import check_out
 from train.plots_generation import save_image_grid
 from train.recipes import number
-from train.recipes.clip import IMAGE_MEAN, IMAGE_STD
+from train.recipes.clip import normalize_images  # as `python -m train clip` trained the tower
 from train.recipes.generate import first_word, split_rates
 
 TEXT_LEN = 16  # <sot> + the longest caption (12 words) + <eot>, with room
@@ -107,15 +107,11 @@ def lm_batch(world, tokenizer, queries: int, qa_share: float, generator, batch_s
     return {"tokens": tokens, "mask": mask}
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    return (images - IMAGE_MEAN) / IMAGE_STD  # as `python -m train clip` trained the tower
-
-
 def stage_one_batch(world, tokenizer, generator, batch_size: int):
     """Stage one: captioned scenes, ``images`` and Q-Former ``tokens`` (<sot> as [CLS])."""
     scenes = sample_scenes(world, batch_size, generator=generator)
     return {
-        "images": _normalise(scenes.images),
+        "images": normalize_images(scenes.images),
         "tokens": tokenizer.encode(scenes.captions, TEXT_LEN),
     }
 
@@ -124,7 +120,11 @@ def stage_two_batch(world, tokenizer, qa_share: float, generator, batch_size: in
     """Stage two: scenes with captions or question-answer texts as LM ``tokens`` and ``mask``."""
     images, texts = _texts(world, qa_share, generator, batch_size)
     tokens = tokenizer.encode(texts, TEXT_LEN)
-    return {"images": _normalise(images), "tokens": tokens, "mask": tokens != tokenizer.pad_id}
+    return {
+        "images": normalize_images(images),
+        "tokens": tokens,
+        "mask": tokens != tokenizer.pad_id,
+    }
 
 
 def blip2_config(clip_cfg, tokenizer: WordTokenizer, lm_cfg=None) -> blip2.Blip2Config:
@@ -245,7 +245,9 @@ def score(params, cfg, world, tokenizer, *, n: int, seed: int, device) -> dict:
     unseen = is_holdout(world, labels)
     captions, colour_answers, shape_answers = [], [], []
     for i in range(0, n, 128):
-        prefix = query_prefix(params, _normalise(scenes.images[i : i + 128]).to(device), cfg=cfg)
+        prefix = query_prefix(
+            params, normalize_images(scenes.images[i : i + 128]).to(device), cfg=cfg
+        )
         colors, shapes = scenes.colors[i : i + 128].tolist(), scenes.shapes[i : i + 128].tolist()
         go = partial(continue_prompts, params, prefix, tokenizer=tokenizer, cfg=cfg)
         said = go([CAPTION_PROMPT] * len(colors), max_new=TEXT_LEN - 4)

@@ -55,7 +55,14 @@ import fmm
 from fmm import diffusion
 from models import adm, clip
 from models.adm import unet
-from train.data import WorldConfig, class_names, eval_set, is_holdout, sample_scenes
+from train.data import (
+    WorldConfig,
+    class_names,
+    eval_set,
+    is_holdout,
+    prompt_templates,
+    sample_scenes,
+)
 from train.evaluate import frechet_distance
 from train.loop import Defaults, Evaluation, Job, Recipe, SeededSource, load_run
 from train.loop.flags import RUN_FILE
@@ -63,7 +70,7 @@ from train.plots_generation import save_image_grid
 from train.recipes import mmgpt as mmgpt_recipe
 from train.recipes import number
 from train.recipes.clip import normalize_images
-from train.recipes.generate import clip_classifier, consistency, drawing_kit, world_from_dict
+from train.recipes.generate import caption_judge, consistency, drawing_kit, world_from_dict
 
 CONDITIONS = ("text", "image")
 COND_KEYS = {"text": "clip_text", "image": "clip_image"}
@@ -227,14 +234,22 @@ def draw(params, cfg: adm.ADMConfig, cond: torch.Tensor, *, key, guidance: float
 
 def judge_of(judge_dir: Path, world: WorldConfig, device):
     """The ``--judge`` run as ``(classify, embed)``: its zero-shot colour x shape classes
-    (:func:`~train.recipes.generate.clip_classifier`) and its unit-norm image embeddings,
-    both of world pixels ``[N, 3, S, S]`` in ``[0, 1]``."""
+    (:func:`~train.recipes.generate.clip_classifier`'s) and its unit-norm image embeddings,
+    both of world pixels ``[N, 3, S, S]`` in ``[0, 1]``, from one load of the run."""
     run = load_run(judge_dir, family="clip", device=device)
     embed = lambda x: torch.cat([
         clip.encode_image(run.params, normalize_images(c).to(device), cfg=run.cfg).cpu()
         for c in x.split(256)
     ])  # fmt: skip
-    return clip_classifier(judge_dir, world, device=device), embed
+    classify = caption_judge(
+        run.params,
+        run.cfg,
+        run.tokenizer,
+        class_names(world),
+        templates=prompt_templates(),
+        device=device,
+    )  # clip_classifier's judge, of the run already loaded
+    return classify, embed
 
 
 def judged(judge, world: WorldConfig, images: torch.Tensor, labels, real: torch.Tensor) -> dict:
