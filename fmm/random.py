@@ -108,6 +108,13 @@ def _data_words(data: int | str | torch.Tensor, device: torch.device) -> torch.T
     )
 
 
+def _meta_keys(batch_shape: Sequence[int]) -> torch.Tensor:
+    # A meta key has no values to hash, only a shape. Deriving one through the ~70 integer
+    # ops of the hash costs ~5 ms on meta (their meta kernels are Python refs), which made
+    # meta init of a large preset take seconds; the shape alone is all a meta key carries.
+    return torch.empty((*batch_shape, 2), dtype=torch.int64, device="meta")
+
+
 def fold_in(k: torch.Tensor, data: int | str | torch.Tensor) -> torch.Tensor:
     """A new key derived from ``k`` and ``data`` (an int, a name, or a 0-d integer tensor).
 
@@ -119,6 +126,8 @@ def fold_in(k: torch.Tensor, data: int | str | torch.Tensor) -> torch.Tensor:
     """
     _check_key(k)
     d = _data_words(data, k.device)
+    if k.device.type == "meta":
+        return _meta_keys(torch.broadcast_shapes(k.shape[:-1], d.shape[:-1]))
     a = _mix(k[..., 0] ^ _mix(d[..., 0] ^ 0x85EBCA6B))
     b = _mix(k[..., 1] ^ _mix(d[..., 1] ^ a))
     return torch.stack([a, _mix(a ^ b)], dim=-1)
@@ -129,6 +138,8 @@ def split(k: torch.Tensor, num: int = 2) -> torch.Tensor:
     _check_key(k)
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    if k.device.type == "meta":
+        return _meta_keys((*k.shape[:-1], num))
     counter = torch.arange(num, dtype=torch.int64, device=k.device)
     a = _bits(k.unsqueeze(-2), counter)
     b = _bits(k.unsqueeze(-2), counter ^ 0x5BD1E995)

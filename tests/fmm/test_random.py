@@ -111,6 +111,26 @@ def test_dropout_identities():
     assert torch.equal(random.dropout(k, x, 0.3), random.dropout(k, x, 0.3))
 
 
+def test_meta_keys_derive_with_the_shapes_of_real_keys():
+    def derive(k):
+        return [
+            random.fold_in(k, "blocks.0.w"),
+            random.fold_in(k, 7),
+            random.fold_in(k, torch.tensor(3)),
+            random.fold_in(random.split(k, 4), "w"),
+            random.split(k),
+            random.split(random.split(k, 4), 3),
+        ]
+
+    real, meta = derive(random.key(0)), derive(random.key(0).to("meta"))
+    assert all(m.device.type == "meta" for m in meta)
+    assert [(m.shape, m.dtype) for m in meta] == [(r.shape, r.dtype) for r in real]
+    with pytest.raises(ValueError, match="num"):
+        random.split(random.key(0).to("meta"), 0)
+    with pytest.raises(TypeError, match="fold_in data"):
+        random.fold_in(random.key(0).to("meta"), 1.5)
+
+
 def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="seed"):
         random.key(1.5)
