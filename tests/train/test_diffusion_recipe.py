@@ -8,6 +8,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+import fmm
 from models import adm
 from models.family import check_batch
 from tests.reference import reference
@@ -16,6 +17,7 @@ from train.__main__ import UsageError, main
 from train.data import WorldConfig
 from train.evaluate import frechet_distance
 from train.loop import load_run
+from train.loop.load import MODEL_STATE_FILE
 from train.recipes import diffusion
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -51,6 +53,23 @@ def test_recipe_writes_samples_and_judged_figures_beside_mmgpt(runs):
     run = load_run(out, family="adm")
     assert run.cfg.cond_key == "clip_text" and run.cfg.image_size == 16
     assert run.config["condition"] == "text" and run.config["clip_run"] == str(runs / "clip")
+    assert metrics["sampled_from"] == "ema"
+    # The EMA is saved beside the params: three updates in, it has moved off them.
+    state = run.more_params(MODEL_STATE_FILE, like=diffusion.init_ema(run.cfg, run.params))
+    assert state["step"].item() == 3
+    gaps = fmm.tree.map(lambda e, p: (e - p).abs().max(), state["ema"], run.params)
+    assert 0.0 < max(g.item() for g in fmm.tree.leaves(gaps)) < 1.0
+
+
+def test_the_ema_follows_its_warmup_then_its_decay():
+    params = {"w": torch.zeros(3)}
+    _, state = diffusion.update_ema(
+        diffusion.init_ema(None, params), {"w": torch.ones(3)}, cfg=None
+    )
+    # The first update weighs the new params by 1 - 1/10: a short run forgets its init.
+    assert torch.allclose(state["ema"]["w"], torch.full((3,), 0.9))
+    assert state["step"].item() == 1 and params["w"].eq(0).all()  # inputs untouched
+    assert diffusion.ema_decay(torch.tensor(10**6)).item() == pytest.approx(diffusion.EMA_DECAY)
 
 
 @pytest.mark.parametrize("condition", diffusion.CONDITIONS)
@@ -75,6 +94,7 @@ def test_training_batches_fit_the_family_with_either_condition(runs, condition):
         (["--sample-steps", "0"], UsageError, "--sample-steps"),
         (["--cond-dropout", "1"], UsageError, "--cond-dropout"),
         (["--condition", "audio"], UsageError, "--condition"),
+        (["--sample-from", "teacher"], UsageError, "--sample-from"),
         (["--width", "12"], SystemExit, "--width"),
         (["--cond-dropout", "0"], SystemExit, "--cond-dropout > 0"),
         (["--clip", "VQVAE"], checkpoint.CheckpointError, "not a run of the 'clip' family"),

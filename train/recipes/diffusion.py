@@ -36,6 +36,11 @@ group per shape, the never-seen combinations named in the title) and ``metrics.j
   that of a second real set brought to ``--image-size`` (the floor);
 - with ``--compare-mmgpt RUN``: the same figures for that multimodal GPT run on the same
   captions and judge (drawn with the flags it was trained with), as ``mmgpt_*``.
+
+The samples are drawn from an exponential moving average of the U-Net's weights
+(``--sample-from ema``, the default; ``params`` for the trained weights themselves), carried
+as the family's train state the way data2vec carries its teacher (:data:`FAMILY`), and
+saved as the run's ``model_state.safetensors``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import fmm
 from fmm import diffusion
 from models import adm, clip
 from models.adm import unet
+from models.data2vec import ema_update
 from train.data import (
     WorldConfig,
     class_names,
@@ -75,6 +81,8 @@ from train.recipes.generate import caption_judge, consistency, drawing_kit, worl
 CONDITIONS = ("text", "image")
 COND_KEYS = {"text": "clip_text", "image": "clip_image"}
 GUIDANCE = 3.0  # as mmgpt's default scale, so the two recipes' figures compare like for like
+EMA_DECAY = 0.999
+SAMPLE_FROM = ("ema", "params")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,8 +112,53 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         help="DDIM steps per sample (default: %(default)s)")  # fmt: skip
     add("--eval-per-class", type=number(at_least=1), default=4,
         help="samples per colour x shape caption (default: %(default)s)")  # fmt: skip
+    add("--sample-from", choices=SAMPLE_FROM, default="ema",
+        help="draw the samples with the EMA of the U-Net's weights or with the trained "
+        "weights themselves (default: %(default)s)")  # fmt: skip
     add("--compare-mmgpt", type=Path, default=None,
         help="a `python -m train mmgpt` run scored beside the samples on the same captions")  # fmt: skip
+
+
+def ema_decay(step: torch.Tensor) -> torch.Tensor:
+    """The EMA's decay after ``step`` updates: ``(1 + step) / (10 + step)`` up to
+    :data:`EMA_DECAY`, so that early on the average is not dominated by the random init
+    (a short run's EMA would otherwise still be mostly its first steps)."""
+    s = step.float()
+    return ((1 + s) / (10 + s)).clamp(max=EMA_DECAY)
+
+
+def init_ema(cfg: adm.ADMConfig, params, key=None) -> dict:
+    """The train state at step 0: ``{"ema": a copy of params, "step": 0}``."""
+    del cfg, key  # the contract's; nothing is drawn
+    device = fmm.tree.leaves(params)[0].device
+    return {
+        "ema": fmm.tree.map(lambda x: x.detach().clone(), params),
+        "step": torch.zeros((), dtype=torch.int64, device=device),
+    }
+
+
+def update_ema(state: dict, params, aux=None, *, cfg: adm.ADMConfig, key=None):
+    """After an optimizer step: move the EMA toward the new ``params`` by :func:`ema_decay`.
+    Returns ``(params, new_state)``, ``params`` unchanged."""
+    del aux, cfg, key  # the contract's: the average needs only the new params
+    ema = ema_update(state["ema"], params, ema_decay(state["step"]))
+    return params, {"ema": ema, "step": state["step"] + 1}
+
+
+def loss_with_ema(params, batch, *, cfg: adm.ADMConfig, key=None, train: bool = True,
+                  block_fn=None, state=None):  # fmt: skip
+    """``unet.loss``; the EMA (``state``) does not enter the loss, only the samples."""
+    del state  # see the docstring
+    value, metrics = unet.loss(params, batch, cfg=cfg, key=key, train=train, block_fn=block_fn)
+    return value, {**metrics, "aux": {}}
+
+
+# The adm family with the EMA of its weights as train state (the loop carries, checkpoints
+# and saves it); the registered family stays as it is, so a saved run loads as any adm run.
+FAMILY = dataclasses.replace(
+    adm.FAMILY, loss=loss_with_ema, loss_extras=("state",), init_state=init_ema,
+    update_state=update_ema,
+)  # fmt: skip
 
 
 def _clip_run(path: Path, flag: str, world: WorldConfig):
@@ -278,8 +331,9 @@ def _mmgpt_figures(path: Path, world, per_class: int, judge, real, seed: int, de
 
 
 def evaluate(job: Job, params, model_state, args: Namespace, device) -> Evaluation:
-    del model_state  # the U-Net has none
     world, encoder = job.context
+    if args.sample_from == "ema":
+        params = model_state["ema"]
     cfg, names = job.cfg, class_names(world)
     started = time.perf_counter()
     labels = torch.arange(len(names)).repeat_interleave(args.eval_per_class)
@@ -303,6 +357,7 @@ def evaluate(job: Job, params, model_state, args: Namespace, device) -> Evaluati
         "sampled_images": len(labels),
         "sample_steps": args.sample_steps,
         "guidance": args.guidance,
+        "sampled_from": args.sample_from,
     }
     if args.compare_mmgpt is not None:
         metrics |= _mmgpt_figures(
@@ -334,7 +389,7 @@ def evaluate(job: Job, params, model_state, args: Namespace, device) -> Evaluati
 RECIPE = Recipe(
     name="diffusion",
     help="train a CLIP-conditioned ADM U-Net caption -> image on the shapes world (DDIM, guidance)",
-    family=adm.FAMILY,
+    family=FAMILY,
     defaults=Defaults(steps=3000, batch_size=64, lr=1e-3, weight_decay=0.0, warmup=50),
     prepare=prepare,
     evaluate=evaluate,
