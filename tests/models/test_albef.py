@@ -1,5 +1,5 @@
-"""ALBEF: parity with TorchMultimodal's encoders, pure momentum/queue state, loss laws,
-hard negatives without host syncs, retrieval and VQA heads, errors."""
+"""ALBEF's laws: pure momentum/queue state, loss laws, hard negatives without host syncs,
+retrieval and VQA heads, errors. Parity with TorchMultimodal: test_albef_convert.py."""
 
 import dataclasses
 import json
@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fmm
-from fmm.convert import ConversionError
 from models import albef as A
-from models.albef import convert as C
 from models.bert import BertConfig
 
-META = fmm.random.key(0).to("meta")
 W, HEADS, MLP, VOCAB = 24, 3, 40, 50
 TEXT = BertConfig(
     vocab_size=VOCAB, width=W, layers=2, heads=HEADS, mlp_dim=MLP, max_positions=16,
@@ -27,44 +24,13 @@ CFG = A.ALBEFConfig(
 )  # fmt: skip
 
 
-def _tmm_model(dropout: float):
-    from tests.reference import reference
-
-    ie = reference("torchmultimodal.models.albef.image_encoder")
-    me = reference("torchmultimodal.models.albef.multimodal_encoder")
-    bt = reference("torchmultimodal.modules.encoders.bert_text_encoder")
-    mm = reference("torchmultimodal.models.albef.model")
-    torch.manual_seed(0)
-    model = mm.ALBEFModel(
-        ie.ALBEFVisionEncoder(
-            image_size=20, patch_size=5, num_hidden_layers=2, num_attention_heads=HEADS,
-            hidden_size=W, mlp_dim=MLP,
-        ),
-        bt.bert_text_encoder(
-            hidden_size=W, num_hidden_layers=2, num_attention_heads=HEADS,
-            intermediate_size=MLP, vocab_size=VOCAB, max_position_embeddings=16, dropout=dropout,
-        ),
-        me.ALBEFMultimodalEncoder(
-            hidden_size=W, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=MLP
-        ),
-    )  # fmt: skip
-    with torch.no_grad():  # random weights everywhere, norms included, so nothing hides
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval(), mm
-
-
-@pytest.fixture(scope="module")
-def tmm():
-    return _tmm_model(dropout=0.1)
-
-
 @pytest.fixture(scope="module")
 def params():
     return A.init(CFG, fmm.random.key(0))
 
 
-def _inputs(b=3, s=9, seed=0):
+def inputs(b=3, s=9, seed=0):
+    """``images [b, 3, 20, 20]``, ``ids`` and ``mask [b, s]``, row 1 padded after 6 tokens."""
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(b, 3, 20, 20, generator=g)
     ids = torch.randint(1, VOCAB, (b, s), generator=g)
@@ -72,74 +38,6 @@ def _inputs(b=3, s=9, seed=0):
     mask[1, 6:] = 0
     ids[1, 6:] = 0
     return images, ids, mask
-
-
-def test_encoders_match_torchmultimodal_albef_on_identical_random_weights(tmm):
-    model, _ = tmm
-    parts = C.from_torchmultimodal(model.state_dict(), CFG)
-    params = {**A.init(CFG, fmm.random.key(1)), **parts["params"]}
-    images, ids, mask = _inputs()
-    with torch.no_grad():
-        want = model(images, ids, mask)
-    got = A.apply(params, images, ids, cfg=CFG, attention_mask=mask)
-    # TorchMultimodal steps its momentum encoders inside forward; ours is the pure update.
-    momentum = A.momentum_update(parts["momentum"], params, m=0.995)
-    got_m = A.apply(momentum, images, ids, cfg=CFG, attention_mask=mask)
-    real = mask.bool()  # padded positions are computed but meaningless on both sides
-    for ours, theirs in ((got, ""), (got_m, "_m")):
-        torch.testing.assert_close(
-            ours["image"], getattr(want, f"image_embeddings{theirs}"), atol=1e-5, rtol=0
-        )
-        for name, field in (("text", "text_embeddings"), ("fused", "multimodal_embeddings")):
-            torch.testing.assert_close(
-                ours[name][real], getattr(want, field + theirs)[real], atol=1e-5, rtol=0
-            )
-
-
-def test_state_dict_round_trips_exactly_with_and_without_similarity(tmm):
-    model, mm = tmm
-    sd = model.state_dict()
-    parts = C.from_torchmultimodal(sd, CFG)
-    back = C.to_torchmultimodal(
-        {**A.init(CFG, META), **parts["params"]}, CFG, momentum=parts["momentum"], text_mlp_out=3
-    )
-    assert back.keys() == sd.keys()
-    for k in sd:
-        assert torch.equal(back[k], sd[k]), k
-
-    sim = mm.ALBEFModelWithSimilarity(
-        model, torch.nn.Linear(W, 8), torch.nn.Linear(W, 8), embed_size=8, queue_size=12
-    )
-    sim.queue_ptr[0] = 5
-    sim.idx_queue[0, :5] = torch.arange(5)
-    sd = sim.state_dict()
-    parts = C.from_torchmultimodal(sd, CFG)
-    assert parts["queue"]["ptr"].item() == 5 and parts["queue"]["idx"][5].item() == -1
-    torch.testing.assert_close(parts["queue"]["image"], sd["image_queue"].T)
-    back = C.to_torchmultimodal(
-        {**A.init(CFG, META), **parts["params"]},
-        CFG,
-        momentum=parts["momentum"],
-        queue=parts["queue"],
-        text_mlp_out=3,
-    )
-    assert back.keys() == sd.keys()
-    for k in sd:  # temp travels as its log: exact up to float rounding
-        if k == "temp":
-            torch.testing.assert_close(back[k], sd[k], atol=0, rtol=1e-6)
-        else:
-            assert torch.equal(back[k].to(sd[k].dtype), sd[k]), k
-
-
-def test_a_bad_state_dict_lists_every_missing_and_mis_shaped_key(tmm):
-    sd = dict(tmm[0].state_dict())
-    del sd["multimodal_encoder.layer.1.cross_attention.key.bias"]
-    sd["vision_encoder.encoder.class_token"] = torch.zeros(1, 1, W + 1)
-    with pytest.raises(ConversionError) as err:
-        C.from_torchmultimodal(sd, CFG)
-    msg = str(err.value)
-    assert "missing: multimodal_encoder.layer.1.cross_attention.key.bias" in msg
-    assert "mismatched vision_encoder.encoder.class_token" in msg
 
 
 def test_momentum_update_is_a_pure_ema_that_leaves_the_old_state_untouched(params):
@@ -237,7 +135,7 @@ def test_a_batch_of_one_id_falls_back_to_any_other_row():
 
 
 def _pretrain_batch(b=4):
-    images, ids, mask = _inputs(b=b, s=9, seed=1)
+    images, ids, mask = inputs(b=b, s=9, seed=1)
     ids[:, 0] = 2
     return dict(images=images, tokens=ids, attention_mask=mask.bool(), idx=torch.arange(b))
 
@@ -370,7 +268,7 @@ def test_the_loss_compiles_as_one_graph_with_its_state(params):
     torch.testing.assert_close(got_metrics, want_metrics)
 
 
-def test_batch_fields_name_each_tasks_inputs():
+def test_batch_fields_name_each_tasksinputs():
     assert set(A.batch_fields(CFG)) == {"images", "tokens", "attention_mask", "idx"}
     vqa = A.batch_fields(CFG, task="vqa")
     assert set(vqa) == {"images", "tokens", "attention_mask", "answers"}
@@ -382,7 +280,7 @@ def test_batch_fields_name_each_tasks_inputs():
 
 
 def test_retrieval_embeddings_are_the_projected_class_tokens(params):
-    images, ids, mask = _inputs(b=3)
+    images, ids, mask = inputs(b=3)
     img = A.embed_image(params, images, cfg=CFG)
     txt = A.embed_text(params, ids, cfg=CFG, attention_mask=mask)
     torch.testing.assert_close(
@@ -395,7 +293,7 @@ def test_retrieval_embeddings_are_the_projected_class_tokens(params):
 
 
 def test_outputs_are_independent_across_the_batch(params):
-    images, ids, mask = _inputs(b=3)
+    images, ids, mask = inputs(b=3)
     full = A.apply(params, images, ids, cfg=CFG, attention_mask=mask)
     one = A.apply(params, images[2:], ids[2:], cfg=CFG, attention_mask=mask[2:])
     for k in full:
@@ -403,7 +301,7 @@ def test_outputs_are_independent_across_the_batch(params):
 
 
 def test_rank_texts_reranks_the_contrastive_top_k_by_itm(params):
-    images, ids, mask = _inputs(b=3)
+    images, ids, mask = inputs(b=3)
     scores = A.rank_texts(params, images, ids, cfg=CFG, attention_mask=mask, k=2)
     sim = (
         A.image_embedding(params, A.encode_image(params, images, cfg=CFG))
@@ -419,7 +317,7 @@ def test_rank_texts_reranks_the_contrastive_top_k_by_itm(params):
 
 
 def test_a_batch_with_answers_trains_the_answer_head(params):
-    images, ids, mask = _inputs(b=3)
+    images, ids, mask = inputs(b=3)
     batch = dict(images=images, tokens=ids, attention_mask=mask, answers=torch.tensor([0, 4, 2]))
     loss, metrics = A.loss(params, batch, cfg=CFG)
     assert torch.isfinite(loss) and 0 <= metrics["vqa_accuracy"] <= 1 and metrics["aux"] == {}
