@@ -4,7 +4,7 @@ a user's tensors, and coca.
 
 One entry per distinct boundary: where two public functions run the same check helper under
 the same names (blip2's ``itm_logits`` / ``clm_logits`` / ``qformer``, ``ddpm_step`` /
-``ddim_step``), one stands for both. Imported by ``bad_input_table`` once its helpers exist.
+``ddim_step``), one stands for both. Imported by ``bad_input_table``, which holds them all.
 
 Inputs of a fully convolutional network (the U-Net, the VAE, MDETR's padded images) take
 any height and width (divisible by the downsampling), so their ``Arg`` is not ``sized``: a
@@ -21,7 +21,7 @@ import torch
 
 from fmm import diffusion as fd
 from models import adm, blip2, clip, coca, mdetr
-from tests.models.bad_input_table import (
+from tests.models.bad_input_world import (
     BLIP2,
     CLIP,
     COCA,

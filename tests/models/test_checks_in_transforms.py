@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fmm
 from fmm import decoding, quant
 from models import clip, gpt
-from tests.models.bad_input_table import CLIP, GPT, OTHER, B, meta_params, random_params, world
+from tests.models.bad_input_world import CLIP, GPT, OTHER, B, meta_params, random_params, world
 
 
 def test_params_of_another_preset_name_both_shapes_and_the_expected_preset():
