@@ -138,8 +138,8 @@ OTHER = {
     "flava.image": _other(flava.init, flava.flava_model(), "image"),
     "flava.text": _other(flava.init, flava.flava_model(), "text"),
     "albef": _other(albef.init, albef.albef_base(num_answers=3)),
-    # Small neighbours: the published sizes cost seconds of meta init each, and any other
-    # shapes make the point (blip2_tiny has no knobs: a replaced config).
+    # Small neighbours: any other shapes make the point (blip2_tiny has no knobs: a
+    # replaced config).
     "blip2": _other(blip2.init, dataclasses.replace(BLIP2, queries=4, image_width=32)),
     "mdetr": _other(mdetr.init, mdetr.mdetr_tiny(vocab_size=32)),
     "coca": _other(coca.init, coca.coca_tiny(vocab_size=32, image_width=32)),
