@@ -130,6 +130,19 @@ def _condition(params: Params, cond: dict | None, batch: int, cfg: ADMConfig):
     return c
 
 
+def _join(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """A decoder block's input ``[B, C_h + C_skip, H, W]``: ``h`` and the encoder's ``skip``.
+
+    Compiled, the concatenation is pinned channels-last: inductor lays a CPU graph's
+    convolutions out channels-last but writes a channel concatenation contiguous, so each
+    decoder convolution would read a transposed input.
+    """
+    out = torch.cat([h, skip], dim=1)
+    if torch.compiler.is_compiling():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def _apply(params, x, t, cond, cfg: ADMConfig, key, train) -> torch.Tensor:
     g, eps, heads = cfg.groups, cfg.eps, cfg.heads
     p = params["time"]
@@ -171,7 +184,7 @@ def _apply(params, x, t, cond, cfg: ADMConfig, key, train) -> torch.Tensor:
     h = res(mid["res2"], h)
     for level in params["up"]:
         for block in level["stages"]:
-            h = stage(block, torch.cat([h, skips.pop()], dim=1))
+            h = stage(block, _join(h, skips.pop()))
         if "up" in level:
             h = res(level["up"], h, "up")
     h = F.silu(group_norm(params["out"]["norm"], h, groups=g, eps=eps))

@@ -163,6 +163,25 @@ def test_group_norm_normalises_per_group_in_at_least_float32():
         group_norm(p, x, groups=3)
 
 
+def test_group_norm_compiled_takes_per_channel_statistics_to_the_same_values():
+    # Compiled, group_norm reduces per channel and averages groups by a matmul (inductor's
+    # channels-last layout); values and gradients match F.group_norm's, bias or none.
+    x = (torch.randn(2, 8, 5, 3) * 3 + 2).requires_grad_()
+    p = {"weight": torch.randn(8), "bias": torch.randn(8)}
+    for params in (p, {"weight": p["weight"]}):
+        compiled = torch.compile(
+            lambda x, params=params: group_norm(params, x, groups=4), backend="aot_eager"
+        )
+        want = torch.nn.functional.group_norm(x, 4, params["weight"], params.get("bias"))
+        got = compiled(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+        (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(grad_got, grad_want, atol=1e-5, rtol=1e-5)
+    half = torch.compile(lambda x: group_norm(p, x, groups=2), backend="aot_eager")
+    assert half(x.detach().half()).dtype == torch.float16
+
+
 def test_conditioned_attention_sees_the_tokens_and_the_tokens_see_nothing():
     # Each pixel attends over [tokens; pixels]: with tokens whose values dominate, the output
     # moves; the same block without tokens is plain self-attention over the pixels.
