@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fmm  # noqa: E402
-from fmm import batching  # noqa: E402
+from fmm import batching, probes  # noqa: E402
 from fmm.kv_cache import init_cache  # noqa: E402
 from models import gpt  # noqa: E402
 
@@ -96,22 +96,22 @@ def prefill_rows(shapes, chunks: list[int], most: int) -> None:
 
 
 def decode_steps(cfg, sizes: list[int], chunks: list[int], backend) -> None:
-    """The scheduler's own start-up probes (:func:`fmm.batching.invariant_buckets`, and
-    :func:`fmm.batching.invariant_prefill` at a budget of the largest chunk) on random
+    """The scheduler's own start-up probes (:func:`fmm.probes.invariant_buckets`, and
+    :func:`fmm.probes.invariant_prefill` at a budget of the largest chunk) on random
     weights, in a pool of ``max(sizes)`` slots of 64 positions."""
     spec = gpt.decoder_spec(cfg)
     params = gpt.init(cfg, fmm.random.key(0))
     pool = init_cache(spec, max(sizes), 64)
     started = time.perf_counter()
     step = batching.compiled_decode(backend)
-    buckets, reasons = batching.invariant_buckets(step, params, pool, sizes, cfg=spec)
+    buckets, reasons = probes.invariant_buckets(step, params, pool, sizes, cfg=spec)
     print(f"  {cfg.layers} layers x {cfg.width}, vocab {cfg.vocab_size}, {backend or 'eager'} "
           f"step: exact buckets {buckets} ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     for reason in reasons:
         print(f"    {reason}")
     if backend is None:  # the prefill is eager
         started = time.perf_counter()
-        allowed = batching.invariant_prefill(params, pool, chunks, max(chunks), cfg=spec)
+        allowed = probes.invariant_prefill(params, pool, chunks, max(chunks), cfg=spec)
         print(f"    prefill, {{chunk length: row counts exact}}: {allowed} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
 

@@ -205,7 +205,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--max-slots", type=int, default=64, help="the scheduler's pool")
+    p.add_argument("--max-slots", type=int, default=32, help="the scheduler's pool")
+    p.add_argument(
+        "--linears",
+        nargs="+",
+        choices=("columns", "rows"),
+        default=["columns"],
+        help="the scheduler's linear layers (serve --linears); each its own rows",
+    )
     p.add_argument("--slot-len", type=int, default=256, help="positions per slot")
     p.add_argument("--compile-step", default="inductor", help="inductor | aot_eager | none")
     p.add_argument(
@@ -228,19 +235,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def served(model_dir: Path, args, *, scheduled: bool):
-    """The GPT-2 directory as ``serve`` loads it: through a warmed-up scheduler, or alone."""
+def served(model_dir: Path, args, *, linears: str | None):
+    """The GPT-2 directory as ``serve`` loads it: through a warmed-up scheduler whose
+    linear layers are ``linears``, or (``None``) each request alone."""
     backend = None if args.compile_step == "none" else args.compile_step
-    batching = serve.Batching(max_slots=args.max_slots, max_len=args.slot_len, compile=backend)
-    return serve.load_model(model_dir, batching=batching if scheduled else None)
+    batching = serve.Batching(max_slots=args.max_slots, max_len=args.slot_len, compile=backend,
+                              linears=linears or "columns")  # fmt: skip
+    return serve.load_model(model_dir, batching=batching if linears else None)
 
 
-HEADER = (f"{'method':<28}{'clients':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}"
+def scheduler_name(linears: str) -> str:
+    return "scheduler" if linears == "columns" else f"scheduler, {linears} linears"
+
+
+HEADER = (f"{'method':<32}{'clients':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}"
           f"{'gap p50 ms':>12}{'gap p99 ms':>12}")  # fmt: skip
 
 
 def line(r: Row) -> str:
-    return (f"{r.method:<28}{r.clients:>8}{r.tokens_per_s:>10.1f}{r.ttft_ms:>13.1f}"
+    return (f"{r.method:<32}{r.clients:>8}{r.tokens_per_s:>10.1f}{r.ttft_ms:>13.1f}"
             f"{r.gap_p50_ms:>12.1f}{r.gap_p99_ms:>12.1f}")  # fmt: skip
 
 
@@ -282,13 +295,15 @@ def main() -> None:
         alone_tps, step_ms = single_stream(params, cfg, args)
         print(f"single stream, fmm.decoding.generate: {alone_tps:.1f} tokens/s, a step "
               f"{step_ms:.1f} ms", flush=True)  # fmt: skip
-        started = time.perf_counter()
-        scheduled = served(model_dir, args, scheduled=True)
-        print(
-            f"scheduler ready (warmed up) in {time.perf_counter() - started:.1f} s; "
-            f"{args.max_slots} slots of {args.slot_len}, step {args.compile_step}"
-        )
-        per_request = served(model_dir, args, scheduled=False)
+        schedulers = []
+        for linears in args.linears:
+            started = time.perf_counter()
+            schedulers.append((scheduler_name(linears), served(model_dir, args, linears=linears)))
+            print(
+                f"{schedulers[-1][0]} ready (warmed up) in {time.perf_counter() - started:.1f} "
+                f"s; {args.max_slots} slots of {args.slot_len}, step {args.compile_step}"
+            )
+        per_request = served(model_dir, args, linears=None)
         room = 4 * max(args.concurrency)  # no 503s: every client is let in
         print(f"{args.layers} layers x {args.width}, vocab {args.vocab}, prompts of "
               f"{args.prompt_len}, {args.new_tokens} new tokens each, greedy")  # fmt: skip
@@ -301,7 +316,7 @@ def main() -> None:
 
         for clients in args.concurrency:
             batch = prompts(args, clients, clients)
-            contenders = [("scheduler", scheduled)]
+            contenders = list(schedulers)
             if clients <= args.baseline_up_to:
                 contenders.insert(0, ("per-request", per_request))
             for name, model in contenders:
@@ -311,7 +326,7 @@ def main() -> None:
                 add(summarise(name, timed, args.new_tokens))
                 asyncio.run(service.aclose())
                 http = not args.no_http and (
-                    name == "scheduler" or clients <= args.baseline_http_up_to
+                    name.startswith("scheduler") or clients <= args.baseline_http_up_to
                 )
                 if http:  # a server's own Service (closed with the server)
                     service = Service(model, max_generations=room)

@@ -13,18 +13,22 @@ The pieces here are what a token-level scheduler (``train.serve.scheduler``) run
   at the start of the pool and the step runs over the smallest bucket that holds them;
 - :func:`slot_noise` and :func:`sample_slots`: each row's token with its own sampling
   options and key;
-- :func:`invariant_buckets` and :func:`invariant_prefill`: the probes that say, on this
-  machine, which row counts give a row bitwise the same result.
+- :func:`rows` with ``length``: a step that attends over the first ``length`` positions,
+  the window its live sequences need (:func:`window_sizes`);
+- the probes that say, on this machine, which row counts, windows and prefill shapes give a
+  row bitwise the same result are in :mod:`fmm.probes`.
 
 **Why a result does not depend on the batch.** A matmul's row ``i`` reads row ``i`` of
 its input, but the kernel (and with it the reduction order) is chosen from the shape: at a
 fixed row count the result of a row does not depend on the other rows' values or on
 which row it is (``tests/fmm/test_batching.py`` pins this), across row counts it may (on
 MKL with AVX-512, GPT-2 small's matmuls round one way at 1 row, another at 2-15 rows and
-a third at 16-64: ``benchmarks/batch_invariance.py`` measures it). So the row counts a
-scheduler uses are the ones :func:`invariant_buckets` finds bitwise equal, on its own
-hardware and compiled step, to the whole pool; prompts are batched only at the
-``(chunk, count)`` shapes :func:`invariant_prefill` finds equal to the prompt alone, in
+a third at 16-64: ``benchmarks/batch_invariance.py`` measures it; under
+:class:`fmm.invariance.ColumnLinears`, which computes each linear layer with the rows as
+the product's columns, they round alike from 1 row to over 32). So the row counts a
+scheduler uses are the ones :func:`fmm.probes.invariant_buckets` finds bitwise equal, on
+its own hardware and compiled step, to the whole pool; prompts are batched only at the
+``(chunk, count)`` shapes :func:`fmm.probes.invariant_prefill` finds equal to the prompt alone, in
 chunks whose bounds and padding depend on the prompt only. Attention, norms and sampling
 are per row. Each row's key is the one its request would use at that token
 (``fmm.random.split(key, max_new_tokens)[i]`` for token ``i``, as
@@ -52,12 +56,13 @@ from typing import Any
 import torch
 
 from fmm import checks, decoding, random
+from fmm.invariance import ColumnLinears
 from fmm.kv_cache import Cache, Params, as_spec
 from fmm.sampling import top_k_mask, top_p_mask
 
 __all__ = ["bucket_for", "bucket_sizes", "compiled_decode", "compiled_noise", "decode_slots",
-           "free_slot", "invariant_buckets", "invariant_prefill", "move_slot", "prefill_slot",
-           "prefill_slots", "rows", "sample_slots", "slot_noise"]  # fmt: skip
+           "free_slot", "move_slot", "prefill_slot", "prefill_slots", "rows", "sample_slots",
+           "slot_noise", "window_sizes"]  # fmt: skip
 
 
 def _map_rows(cache: Cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> Cache:
@@ -67,10 +72,31 @@ def _map_rows(cache: Cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> Cache
     }
 
 
-def rows(cache: Cache, n: int, first: int = 0) -> Cache:
+def rows(cache: Cache, n: int, first: int = 0, length: int | None = None) -> Cache:
     """The pool's rows ``[first, first + n)`` as a cache of batch ``n``: views, so a donated
-    step or prefill on it writes into the pool. Example: ``rows(pool, 4)`` (a bucket)."""
-    return _map_rows(cache, lambda t: t[first : first + n])
+    step or prefill on it writes into the pool. ``length``: the self-attention keys and
+    values cut to their first ``length`` positions (every row's sequence ends before it),
+    marked dynamic along that dimension so that a compiled step compiles one graph for
+    every length; the step then reads and masks ``length`` positions, not the slot's whole
+    ``max_len``. Example: ``rows(pool, 4)`` (a bucket), ``rows(pool, 4, length=128)``."""
+    view = _map_rows(cache, lambda t: t[first : first + n])
+    if length is None:
+        return view
+    for layer in view["layers"]:
+        for name in ("k", "v"):
+            if name in layer:
+                layer[name] = layer[name][:, :, :length]
+                torch._dynamo.mark_dynamic(layer[name], 2)
+    return view
+
+
+def window_sizes(max_len: int, least: int = 64, most: int = 512) -> list[int]:
+    """The key lengths a pool of ``max_len`` positions may attend over: powers of two from
+    ``least`` below ``min(most, max_len)``, and ``max_len``. Why at most 512: up to there
+    CPU flash attention reads a row's keys as one block, so the masked tail only adds
+    zeros. Example: ``window_sizes(1024)`` -> ``[64, 128, 256, 512, 1024]``."""
+    sizes = [w for w in (least << i for i in range(max_len.bit_length())) if w < max_len]
+    return [w for w in sizes if w <= most] + [max_len]
 
 
 def prefill_slots(
@@ -98,7 +124,7 @@ def prefill_slots(
     ``lengths: [n]``: real tokens of each row of a left-padded first chunk (the slots must
     be free, :func:`free_slot`); the padding takes slots but is never attended to. One call
     computes the rows together: a row's result equals its prefill alone only at the shapes
-    :func:`invariant_prefill` finds, and only with ``last_only=False`` (the output layer
+    :func:`fmm.probes.invariant_prefill` finds, and only with ``last_only=False`` (the output layer
     then runs on all ``n * S`` positions, as the blocks do; with ``last_only`` it runs on
     ``n`` rows, and 1 row never rounds as 2 do).
 
@@ -223,130 +249,25 @@ def decode_slots(
     return decoding.decode_step(params, tokens, cache, cfg=cfg, donate=True, active=active)
 
 
-def _probe_ids(n: int, length: int, vocab: int | None, seed: int) -> torch.Tensor:
-    return (random.uniform(random.key(seed), (n, length)) * (vocab or 2)).long()
-
-
-def invariant_buckets(
-    step: Callable,
-    params: Params,
-    cache: Cache,
-    sizes: Sequence[int],
-    *,
-    cfg: Any,
-    context: torch.Tensor | None = None,
-) -> tuple[list[int], list[str]]:
-    """Which row counts of ``sizes`` (ascending; the last is the pool's rows) give every row
-    of the decode ``step`` bitwise the logits it gets in the whole pool, measured with this
-    ``step`` (:func:`compiled_decode`'s signature; compiled, the probe compiles it at each
-    size it tries) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
-    (alternating, so equal rows must also agree across slots) and leaves it empty.
-    ``context: [1, T, cross_dim]``: every probe row's context (cross-attending models).
-
-    Returns ``(usable sizes, reasons)``: the sizes whose rows equal the pool's (always the
-    pool itself), tried from the largest down to the first that differs, and why the
-    others are left out. Example::
-
-        sizes, why = invariant_buckets(compiled_decode("inductor"), params, pool,
-                                       bucket_sizes(32), cfg=spec)   # e.g. [16, 32]
-    """
-    spec = as_spec(cfg)
-    m = sizes[-1]
-    prompts, fed = _probe_ids(2, 3, spec.vocab_size, 0), _probe_ids(1, 2, spec.vocab_size, 1)[0]
-    for s in range(m):
-        prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
-    tokens, idle = fed[torch.arange(m) % 2], torch.zeros(m, dtype=torch.bool)
-    # Idle rows keep their position: every size computes the same next token on the same
-    # cache (each rewrites the slot it reads back first).
-    dev = cache["pos"].device
-
-    def logits(n: int) -> torch.Tensor:
-        return step(params, tokens[:n].to(dev), rows(cache, n), idle[:n].to(dev), spec)[0]
-
-    ref, usable, reasons = logits(m).clone(), [m], []
-    # A row's logits depending on its slot: no row count is safe, nor moving a sequence.
-    by_slot = not all(torch.equal(ref[s], ref[s % 2]) for s in range(m))
-    if by_slot:
-        reasons.append(f"at {m} rows a row's logits depend on its slot")
-    # Downwards, stopping at the first that rounds otherwise: a kernel changes at a row
-    # count, and each size probed is a compile.
-    for n in sorted(sizes[:-1], reverse=True):
-        if by_slot:
-            break
-        got = logits(n)
-        if not torch.equal(got, ref[:n]):
-            gap = float((got - ref[:n]).abs().max())
-            reasons.append(f"{n} rows: logits differ from the pool of {m} by up to {gap:.1e} "
-                           f"(fewer not tried)")  # fmt: skip
-            break
-        usable.insert(0, n)
-    for s in range(m):
-        free_slot(cache, s)
-    return usable, reasons
-
-
-def invariant_prefill(
-    params: Params,
-    cache: Cache,
-    lengths: Sequence[int],
-    budget: int,
-    *,
-    cfg: Any,
-    most: int = 8,
-    context: torch.Tensor | None = None,
-) -> dict[int, list[int]]:
-    """For each chunk length ``P`` of ``lengths``: the row counts ``n`` (powers of two,
-    ``n * P <= budget`` tokens, at most ``most`` and the pool's rows) at which :func:`prefill_slots` of
-    ``n`` rows gives every row bitwise the logits it gets alone, for a left-padded first
-    chunk and for the chunk after it (``last_only=False``, see :func:`prefill_slots`). ``cache``: the pool, empty (left empty).
-    ``context: [1, T, cross_dim]``: every probe row's context (cross-attending models).
-
-    Returns ``{P: [1, ...]}`` (1: alone is always allowed). Example:
-    ``invariant_prefill(params, pool, [4, 8, 16], 64, cfg=spec)`` -> ``{4: [1], 8: [1],
-    16: [1, 2, 4]}`` (GPT-2 small on MKL: 16 rows and more round alike).
-    """
-    spec = as_spec(cfg)
-    m, max_len, allowed = cache["pos"].shape[0], cache["layers"][0]["k"].shape[2], {}
-    for p in lengths:
-        counts = [1 << i for i in range(budget.bit_length()) if (1 << i) * p <= budget
-                  and 1 << i <= min(m, most)]  # fmt: skip
-        allowed[p] = [1]
-        if len(counts) < 2 or 2 * p > max_len:
-            continue
-        ids = _probe_ids(counts[-1], 2 * p, spec.vocab_size, p)
-        real = [max(1, p - i % 2) for i in range(counts[-1])]
-        alone = torch.cat([_two_chunks(params, cache, ids, real, p, range(i, i + 1), spec,
-                                       context) for i in range(counts[-1])])  # fmt: skip
-        allowed[p] += [n for n in counts[1:]
-                       if torch.equal(_two_chunks(params, cache, ids, real, p, range(n), spec,
-                                                  context), alone[:n])]  # fmt: skip
-    return allowed
-
-
-def _two_chunks(params, cache, ids, real, p, slots: range, spec, context=None) -> torch.Tensor:
-    # Rows ``slots`` of ``ids`` prefilled together in two chunks of p (the first left-padded
-    # to ``real`` tokens) into those slots, then freed: their logits [n, 2, vocab].
-    first = prefill_slots(params, ids[slots, :p], cache, slots, cfg=spec,
-                          lengths=real[slots.start : slots.stop], last_only=False,
-                          context=context)  # fmt: skip
-    second = prefill_slots(params, ids[slots, p:], cache, slots, cfg=spec, last_only=False)
-    for s in slots:
-        free_slot(cache, s)
-    return torch.stack([first, second], dim=1)
-
-
 def _decode(params: Params, tokens, cache: Cache, active, spec) -> tuple[torch.Tensor, Cache]:
     return decoding._decode_step(params, tokens, cache, spec, True, active)
 
 
-def compiled_decode(backend: Any = "inductor") -> Callable:
+def _decode_columns(params: Params, tokens, cache: Cache, active, spec):
+    with ColumnLinears():  # entered inside: a compiled step traces the mode into its graph
+        return decoding._decode_step(params, tokens, cache, spec, True, active)
+
+
+def compiled_decode(backend: Any = "inductor", *, columns: bool = False) -> Callable:
     """:func:`decode_slots` compiled with ``backend`` (a name or a dynamo backend callable),
     as ``step(params, tokens, cache, active, spec) -> (logits, cache)``; ``backend=None``:
     the unchecked eager step. The step's inputs keep their shapes from step to step, so it
-    compiles once per pool shape.
+    compiles once per pool shape. ``columns``: its linear layers under
+    :class:`fmm.invariance.ColumnLinears` (a row rounds alike at every row count).
 
     Each call gives a new compiled function (:func:`_compile_own`)."""
-    return _decode if backend is None else _compile_own(_decode, backend)
+    fn = _decode_columns if columns else _decode
+    return fn if backend is None else _compile_own(fn, backend)
 
 
 def _compile_own(fn: Callable, backend: Any) -> Callable:

@@ -8,7 +8,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import fmm
-from fmm import batching, decoding
+from fmm import batching, decoding, probes
 from fmm.sampling import sample
 from models import gpt
 
@@ -137,7 +137,7 @@ def test_bad_arguments_are_refused_in_one_line():
 
 def test_prompts_prefilled_together_in_any_slots_equal_each_alone_where_the_probe_allows():
     pool = decoding.init_cache(SPEC, 8, CFG.context_length)
-    allowed = batching.invariant_prefill(PARAMS, pool, [2, 4, 8], 16, cfg=SPEC)
+    allowed = probes.invariant_prefill(PARAMS, pool, [2, 4, 8], 16, cfg=SPEC)
     assert set(allowed) == {2, 4, 8} and all(n[0] == 1 for n in allowed.values())
     assert int(pool["pos"].abs().sum() + pool["start"].abs().sum()) == 0  # left empty
     ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(5))
@@ -160,7 +160,7 @@ def test_prompts_prefilled_together_in_any_slots_equal_each_alone_where_the_prob
 
 def test_a_moved_sequence_continues_bit_for_bit_and_the_probe_keeps_exact_buckets():
     pool = decoding.init_cache(SPEC, 4, CFG.context_length)
-    buckets, reasons = batching.invariant_buckets(
+    buckets, reasons = probes.invariant_buckets(
         batching.compiled_decode(None), PARAMS, pool, batching.bucket_sizes(4), cfg=SPEC
     )
     assert buckets == [4 >> i for i in range(len(buckets))][::-1]  # the largest ones

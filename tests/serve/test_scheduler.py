@@ -154,6 +154,8 @@ def test_async_iteration_and_refusals():
             scheduler.submit([1, 2], **bad)
     with pytest.raises(ValueError, match="prompt_ids"):
         scheduler.submit([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="linears"):
+        Scheduler(PARAMS, SPEC, max_slots=1, compile=None, linears="diagonal")
     blocker = scheduler.submit([1], max_new_tokens=40)
     next(blocker.stream(timeout=30))  # it holds the only slot now
     scheduler.submit([1], max_new_tokens=2)
@@ -183,18 +185,49 @@ def test_occupancy_changes_compile_nothing_beyond_one_graph_per_bucket():
     scheduler.close()
 
 
-def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool():
+def test_steps_attend_over_the_window_that_holds_the_live_rows_and_change_no_token():
+    cfg = gpt.GPTConfig(vocab_size=97, context_length=160, width=32, layers=2, heads=4)
+    spec, params = gpt.decoder_spec(cfg), gpt.init(cfg, fmm.random.key(2))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    windowed = Scheduler(params, spec, max_slots=4, prefill_chunk=16, compile=counter)
+    windowed.warmup()
+    assert windowed.slots.windows == [64, 128, 160]
+    compiled = counter.frame_count
+    g = pyrandom.Random(11)
+    shapes = [(3, 20), (40, 60), (70, 85), (70, 20), (3, 85), (40, 60)]  # up to 155 of 160
+    requests = [([g.randrange(97) for _ in range(p)], n) for p, n in shapes]
+    handles = [windowed.submit(p, max_new_tokens=n, keep_logits=True, temperature=0.9, seed=i)
+               for i, (p, n) in enumerate(requests)]  # fmt: skip
+    for h in handles:
+        h.result(timeout=120)
+    assert set(windowed.slots.window_steps) == {64, 128, 160}  # each window served steps
+    assert counter.frame_count == compiled  # none after start-up, whatever the lengths
+    whole = Scheduler(params, spec, max_slots=4, prefill_chunk=16, compile=None,
+                      follow_length=False)  # fmt: skip
+    for (prompt, new), h in zip(requests, handles):
+        alone = whole.submit(prompt, max_new_tokens=new, keep_logits=True, temperature=0.9,
+                             seed=handles.index(h))  # fmt: skip
+        assert alone.result(timeout=120) == h.tokens
+        assert all(torch.equal(a, b) for a, b in zip(alone.logits, h.logits))
+    assert set(whole.slots.window_steps) == {160}
+    windowed.close()
+    whole.close()
+
+
+@pytest.mark.parametrize("linears", ["columns", "rows"])
+def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool(linears):
     g = pyrandom.Random(7)
     request = ([g.randrange(97) for _ in range(5)], {"temperature": 0.9, "seed": 3})
     others = [([g.randrange(97) for _ in range(g.choice([2, 9]))], {"seed": i}) for i in range(15)]
-    bucketed = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None)
+    bucketed = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None,
+                         linears=linears)  # fmt: skip
     lone = bucketed.submit(request[0], max_new_tokens=12, keep_logits=True, **request[1])
     lone.result(timeout=60)
     assert set(bucketed.slots.bucket_steps) == {
         bucketed.slots.buckets[0]
     }  # the smallest bucket kept
     full = Scheduler(PARAMS, SPEC, max_slots=16, prefill_chunk=8, compile=None,
-                     follow_occupancy=False)  # fmt: skip
+                     follow_occupancy=False, linears=linears)  # fmt: skip
     crowd = [full.submit(p, max_new_tokens=20, **o) for p, o in others[:8]]
     again = full.submit(request[0], max_new_tokens=12, keep_logits=True, **request[1])
     crowd += [full.submit(p, max_new_tokens=20, **o) for p, o in others[8:]]

@@ -15,7 +15,7 @@ def test_serve_generate_quick_prints_every_row_and_goal(monkeypatch, capsys):
     for method in ("per-request", "per-request, HTTP", "scheduler", "scheduler, HTTP",
                    "transformers CB"):  # fmt: skip
         for clients in (1, 4):
-            assert f"{method:<28}{clients:>8}" in text, (method, clients, text)
+            assert f"{method:<32}{clients:>8}" in text, (method, clients, text)
     for goal in ("scheduler / per-request tokens/s", "scheduler / transformers CB tokens/s",
                  "gap p99 / single-stream step, 4 clients", "1 client / fmm.decoding.generate",
                  "single stream, fmm.decoding.generate:"):  # fmt: skip

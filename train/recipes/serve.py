@@ -113,10 +113,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "4 x --max-slots; 2 with --no-batching)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-slots", type=number(at_least=1), default=15,
+        "--max-slots", type=number(at_least=1), default=32,
         help="generations decoded together, one token each per step, in one shared cache "
-        "(continuous batching) (default: %(default)s: on MKL a matmul rounds one way at "
-        "2-15 rows and another from 16, so a 15-row pool keeps the small buckets exact)",
+        "(continuous batching) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--linears", choices=("columns", "rows"), default="columns",
+        help="how the batched step computes linear layers: columns (each row rounds alike "
+        "at every row count, so the step follows the live rows down to one) or rows (plain "
+        "F.linear: on MKL exact only within 1, 2-15 and 16+ rows, so small pools or full "
+        "steps) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--prefill-chunk", type=number(at_least=1), default=64,
@@ -125,8 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--slot-len", type=number(at_least=1), default=None,
-        help="positions per slot, prompt and new tokens (a step reads every slot's whole "
-        "length: keep it near the longest request) (default: the model's context)",
+        help="positions per slot, prompt and new tokens (a step reads the smallest window "
+        "of 64 ... 512 positions, or all, that holds its live sequences) (default: the "
+        "model's context)",
     )  # fmt: skip
     parser.add_argument(
         "--compile-step", choices=("inductor", "aot_eager", "none"), default="inductor",
@@ -228,12 +235,14 @@ class Batching:
     """How generations share the model: ``max_slots`` sequences in one pool,
     ``prefill_chunk`` prompt tokens per iteration, ``max_len`` positions per slot (``None``:
     the model's context), the decode step compiled with ``compile`` (a dynamo backend name,
-    or ``None``: eager). See :class:`train.serve.scheduler.Scheduler`."""
+    or ``None``: eager), its linear layers ``linears`` (``"columns"`` or ``"rows"``). See
+    :class:`train.serve.scheduler.Scheduler`."""
 
-    max_slots: int = 15  # see --max-slots: the 2-15 row group keeps buckets 2, 4, 8, 15
+    max_slots: int = 32
     prefill_chunk: int = 64
     max_len: int | None = None
     compile: str | None = "inductor"
+    linears: str = "columns"
 
     def scheduler(self, params: dict, spec: Any, **kw: Any) -> Any:
         """A warmed-up :class:`~train.serve.scheduler.Scheduler` over ``params``."""
@@ -241,7 +250,7 @@ class Batching:
 
         scheduler = Scheduler(
             params, spec, max_slots=self.max_slots, prefill_chunk=self.prefill_chunk,
-            max_len=self.max_len, compile=self.compile, **kw,
+            max_len=self.max_len, compile=self.compile, linears=self.linears, **kw,
         )  # fmt: skip
         scheduler.warmup()
         return scheduler
@@ -388,7 +397,7 @@ def build_service(args: argparse.Namespace) -> Service:
         backend = None if args.compile_step == "none" else args.compile_step
         batching = Batching(
             max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
-            max_len=args.slot_len, compile=backend,
+            max_len=args.slot_len, compile=backend, linears=args.linears,
         )  # fmt: skip
     model = load_model(args.ckpt, quantize=args.quantize, device=device, batching=batching)
     generations = args.max_generations

@@ -14,17 +14,17 @@ A request's tokens are the same whatever else runs (see :mod:`fmm.batching` for 
 start-up (:meth:`Scheduler.warmup`, or before the first request) the scheduler measures,
 with its own compiled step on this machine, which buckets (powers of two up to
 ``max_slots``) give every row bitwise the logits of the whole pool
-(:func:`fmm.batching.invariant_buckets`), and steps over those only (one compiled graph
+(:func:`fmm.probes.invariant_buckets`), and steps over those only (one compiled graph
 each, none after start-up); at worst the whole pool, always, with the reason logged. It
 batches prompts only at the chunk shapes whose rows
-:func:`fmm.batching.invariant_prefill` finds bitwise equal to the prompt alone (others are
+:func:`fmm.probes.invariant_prefill` finds bitwise equal to the prompt alone (others are
 prefilled alone), and a prompt's chunks (and its left padding) depend on the prompt and
 the server only. Token ``i`` of a request is drawn with ``fmm.random.split(fmm.random.key(seed),
 max_new_tokens)[i]``, what ``fmm.decoding.generate`` draws for it alone.
 
 Submitting and reading (from an event loop or from any thread)::
 
-    scheduler = Scheduler(params, spec, max_slots=15, prefill_chunk=64, eos_id=50256)
+    scheduler = Scheduler(params, spec, max_slots=32, prefill_chunk=64, eos_id=50256)
     handle = scheduler.submit(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=40,
                               top_p=0.9, seed=0, stop=[198])
     async for token in handle:          # ints as they are drawn (or: for token in handle.stream())
@@ -88,7 +88,12 @@ class Scheduler:
     ``batch_prefill``: prefill prompts' chunks together (where the probe finds it exact);
     ``False``: each alone. ``context_len``: the context length ``T`` of every request of a
     cross-attending model (each :meth:`submit` gives its own ``context``; CoCa: its
-    ``caption_queries``). ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
+    ``caption_queries``). ``linears``: ``"columns"`` (the linear layers computed so that a
+    row rounds alike at every row count: :class:`fmm.invariance.ColumnLinears`) or
+    ``"rows"`` (plain; fewer buckets prove exact). ``follow_length``: attend over the
+    smallest window of positions (64, 128, ... up to 512, then the slot) that holds the live
+    sequences, where the probe finds it exact; ``False``: always the slot's ``max_len``.
+    ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
     (after start-up, ``slots.buckets`` holds the row counts in use and
     ``slots.batched_prefill`` the ``{chunk length: row counts}`` prefilled together).
     """
@@ -98,7 +103,7 @@ class Scheduler:
         params: Any,
         cfg: Any,
         *,
-        max_slots: int = 15,
+        max_slots: int = 32,
         prefill_chunk: int = 64,
         max_len: int | None = None,
         eos_id: int | None = None,
@@ -108,6 +113,8 @@ class Scheduler:
         follow_occupancy: bool = True,
         batch_prefill: bool = True,
         context_len: int | None = None,
+        linears: str = "columns",
+        follow_length: bool = True,
     ):
         self.spec = spec = as_spec(cfg)
         for name, value in (("max_slots", max_slots), ("prefill_chunk", prefill_chunk),
@@ -130,7 +137,7 @@ class Scheduler:
         self.slots = SlotPool(
             params, spec, max_slots=max_slots, max_len=self.max_len, prefill_chunk=prefill_chunk,
             backend=self.backend, follow_occupancy=follow_occupancy, batch_prefill=batch_prefill,
-            context_len=context_len,
+            context_len=context_len, linears=linears, follow_length=follow_length,
         )  # fmt: skip
         self.device, self.vocab = self.slots.device, spec.vocab_size
         self._waiting: collections.deque[Handle] = collections.deque()

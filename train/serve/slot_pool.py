@@ -3,8 +3,8 @@
 
 A :class:`SlotPool` probes at start-up (:meth:`SlotPool.calibrate`) which buckets of rows
 and which batched prefill shapes give a row bitwise what it gets in the whole pool or
-alone, on this machine with this step (:func:`fmm.batching.invariant_buckets`,
-:func:`fmm.batching.invariant_prefill`), then: hands out the lowest free slots, keeps the
+alone, on this machine with this step (:func:`fmm.probes.invariant_buckets`,
+:func:`fmm.probes.invariant_prefill`), then: hands out the lowest free slots, keeps the
 live rows packed below the bucket that holds them (:meth:`SlotPool.compact`), prefills
 waiting prompts' chunks of one length together (:meth:`SlotPool.prefill`) and runs the
 decode step over that bucket (:meth:`SlotPool.step`). The scheduler owns the requests;
@@ -17,12 +17,14 @@ cross-attending model ``context [1, T, cross_dim]`` and ``context_mask [1, T]`` 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from typing import Any
 
 import torch
 
-from fmm import batching, random
+from fmm import batching, probes, random
+from fmm.invariance import ColumnLinears
 from fmm.kv_cache import DecoderSpec, init_cache
 
 __all__ = ["SlotPool"]
@@ -35,7 +37,10 @@ class SlotPool:
     step compiled with ``backend`` (``None``: eager). ``follow_occupancy``: step over the
     smallest exact bucket (``False``: the whole pool); ``batch_prefill``: prefill prompts
     together where exact (``False``: each alone). ``context_len``: each slot's context
-    length ``T`` (cross-attending models only). After :meth:`calibrate`, ``buckets`` holds
+    length ``T`` (cross-attending models only). ``linears``: ``"columns"`` runs the step and
+    the prefills under :class:`fmm.invariance.ColumnLinears` (a row rounds alike at any row
+    count, so every bucket is exact: a lone sequence steps at 1 row in any pool);
+    ``"rows"``: the plain linear layers, exact only within their row-count groups. After :meth:`calibrate`, ``buckets`` holds
     the row counts in use and ``batched_prefill`` ``{chunk length: row counts}``."""
 
     def __init__(
@@ -50,8 +55,13 @@ class SlotPool:
         follow_occupancy: bool = True,
         batch_prefill: bool = True,
         context_len: int | None = None,
+        linears: str = "columns",
+        follow_length: bool = True,
     ):
+        if linears not in ("columns", "rows"):
+            raise ValueError(f"SlotPool: linears must be 'columns' or 'rows', got {linears!r}")
         self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
+        self.follow_length = follow_length
         self.prefill_chunk = prefill_chunk
         self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
         leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
@@ -63,11 +73,17 @@ class SlotPool:
         # The probes' rows cross-attend one random context (any context shows the rounding).
         self.probe_context = None if spec.cross_dim is None else random.normal(
             random.key(0), (1, context_len, spec.cross_dim)).to(self.device, leaf.dtype)  # fmt: skip
-        self.decode = batching.compiled_decode(backend)
+        self.linears = linears
+        # The eager parts (prefills, the probes' fills) run under the mode the compiled step
+        # traces inside itself, so a prompt's keys round as the steps that read them.
+        self._mode = ColumnLinears if linears == "columns" else contextlib.nullcontext
+        self.decode = batching.compiled_decode(backend, columns=linears == "columns")
         self.noise = batching.compiled_noise(backend)
         self.buckets: list[int] | None = None
+        self.windows: list[int] = [max_len]
         self.batched_prefill: dict[int, list[int]] = {}
         self.bucket_steps: collections.Counter[int] = collections.Counter()  # metrics, tests
+        self.window_steps: collections.Counter[int] = collections.Counter()
         self.free = list(range(max_slots))  # ascending
 
     def calibrate(self) -> None:
@@ -81,25 +97,38 @@ class SlotPool:
 
     def _calibrate(self) -> None:
         m, spec = self.max_slots, self.spec
+        probe = {"cfg": spec, "context": self.probe_context, "columns": self.linears == "columns"}
+        windows = batching.window_sizes(self.max_len) if self.follow_length else [self.max_len]
+        if len(windows) > 1:
+            windows, why = probes.invariant_windows(self.decode, self.params, self.cache,
+                                                      windows, **probe)  # fmt: skip
+            if why:
+                log.warning("key lengths %s (a row rounds differently at: %s)", windows,
+                            "; ".join(why))  # fmt: skip
         sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
-        buckets, reasons = batching.invariant_buckets(self.decode, self.params, self.cache,
-                                                      sizes, cfg=spec,
-                                                      context=self.probe_context)  # fmt: skip
+        buckets, reasons = probes.invariant_buckets(self.decode, self.params, self.cache,
+                                                      sizes, **probe)  # fmt: skip
+        if len(windows) > 1:  # a shorter window is its own graph (a strided view): probe it
+            short, why = probes.invariant_buckets(self.decode, self.params, self.cache,
+                                                    sizes, length=windows[0], **probe)  # fmt: skip
+            buckets, reasons = [b for b in buckets if b in short], reasons + why
+        self.windows = windows
         if reasons:
             log.warning("decode buckets %s of %s (a row rounds differently at: %s)", buckets,
                         sizes, "; ".join(reasons))  # fmt: skip
         if self.batch_prefill:
             c = self.prefill_chunk
             lengths = [1 << i for i in range(c.bit_length()) if 1 << i < c]
-            counts = batching.invariant_prefill(self.params, self.cache, lengths, c, cfg=spec,
-                                                context=self.probe_context)  # fmt: skip
+            with self._mode():
+                counts = probes.invariant_prefill(self.params, self.cache, lengths, c,
+                                                    cfg=spec, context=self.probe_context)  # fmt: skip
             self.batched_prefill = {p: n for p, n in counts.items() if len(n) > 1}
         for n in buckets:
             keys = torch.zeros(n, 2, dtype=torch.int64, device=self.device)
             self.noise(keys, spec.vocab_size)
         self.buckets = buckets
-        log.info("decode step over %s rows; prompts prefilled together {chunk length: rows}: "
-                 "%s", buckets, self.batched_prefill)  # fmt: skip
+        log.info("decode step over %s rows and %s positions; prompts prefilled together "
+                 "{chunk length: rows}: %s", buckets, windows, self.batched_prefill)  # fmt: skip
 
     def chunks(self, prompt: list[int], max_new_tokens: int) -> list[tuple[list[int], int]]:
         """A prompt's chunks ``(tokens, real tokens)``, from the prompt and the server only:
@@ -164,14 +193,15 @@ class SlotPool:
             mask = torch.cat([torch.ones(1, t, dtype=torch.bool, device=self.device)
                               if row.context_mask is None else row.context_mask
                               for row in group])  # fmt: skip
-        logits = batching.prefill_slots(
-            self.params, torch.tensor([c[0] for c in chunks], device=self.device), self.cache,
-            [row.slot for row in group], cfg=self.spec,
-            lengths=[c[1] for c in chunks] if fresh else None,
-            # Lengths prefilled in batches run the output layer on every position, alone
-            # too (see fmm.batching.prefill_slots): the choice follows the length only.
-            last_only=p not in self.batched_prefill, context=context, context_mask=mask,
-        )  # fmt: skip
+        with self._mode():
+            logits = batching.prefill_slots(
+                self.params, torch.tensor([c[0] for c in chunks], device=self.device),
+                self.cache, [row.slot for row in group], cfg=self.spec,
+                lengths=[c[1] for c in chunks] if fresh else None,
+                # Lengths prefilled in batches run the output layer on every position,
+                # alone too (see fmm.batching.prefill_slots): the choice follows the length.
+                last_only=p not in self.batched_prefill, context=context, context_mask=mask,
+            )  # fmt: skip
         for row, last in zip(group, logits):
             row.last, row.fed = last, row.fed + 1
 
@@ -181,10 +211,15 @@ class SlotPool:
 
     def step(self, active: torch.Tensor) -> torch.Tensor:
         """One decode step over the first ``m`` rows, ``active: bool [m]`` (``m`` a bucket),
-        each fed its ``next_token``; returns the logits ``[m, vocab]``."""
-        m, rows = active.shape[0], batching.rows(self.cache, active.shape[0])
+        each fed its ``next_token``, attending over the smallest window of positions that
+        holds every row's sequence; returns the logits ``[m, vocab]``."""
+        m = active.shape[0]
+        need = int((self.cache["start"][:m] + self.cache["pos"][:m]).max()) + 1
+        window = batching.bucket_for(need, self.windows)
+        rows = batching.rows(self.cache, m, length=None if window == self.max_len else window)
         logits, out = self.decode(self.params, self.next_token[:m].to(self.device), rows,
                                   active.to(self.device), self.spec)  # fmt: skip
         rows["pos"].copy_(out["pos"])  # the blocks wrote their keys/values in place
         self.bucket_steps[m] += 1
+        self.window_steps[window] += 1
         return logits

@@ -1,0 +1,90 @@
+"""Linear layers whose every row rounds the same whatever the number of rows.
+
+A BLAS picks its kernel, and with it the order in which a dot product is summed, from the
+shape of the whole product. On this project's CPUs (MKL), ``F.linear(x, w)`` over
+``n`` rows sums a row one way for ``n = 1``, another for ``2 <= n <= 15`` and a third from
+16 rows up (``benchmarks/batch_invariance.py``), so a decode step over 2 rows and one over
+32 give a row logits that differ in the last bits, and a sampled token can differ with
+them. Computed the other way round, as ``(w @ x.T).T``, the rows become the columns of the
+product and the kernel's blocking runs along them: a row rounds the same at every row
+count from 2 up (measured to 40 rows and at every width of GPT-2 small). One row alone is
+computed as two (itself twice), so it rounds as the others too.
+
+:class:`ColumnLinears` is a ``TorchFunctionMode`` that computes every product of a batch of
+rows with one matrix that way: ``F.linear`` and ``matmul(x, m)`` with ``m`` 2-D (what
+``fmm.nn.linear`` and the tied output heads call); products of two batches (attention's
+``q @ k.T``) are left alone. It changes no result beyond float rounding (~1e-6 relative),
+traces under ``torch.compile(fullgraph=True)`` when entered inside the compiled function,
+and is what the serving pool's decode step and prefills run under
+(:class:`train.serve.slot_pool.SlotPool`), whose start-up probe still measures which row
+counts are exact rather than trusting this. Example::
+
+    with ColumnLinears():
+        logits = gpt.apply(params, ids, cfg=cfg)   # each row as it would be in any batch
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ColumnLinears", "column_linears", "columns_matmul"]
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+def columns_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x @ m`` computed as ``(m.T @ x.T).T``: ``x: [..., k]``, ``m: [k, out]`` ->
+    ``[..., out]``; a single row is computed as two. Example:
+    ``torch.allclose(columns_matmul(x, w.T), x @ w.T, atol=1e-5)``."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n == 1:
+        rows = torch.cat([rows, rows])
+    # Back to rows in memory: the transposed view would make every op after it (the bias,
+    # attention's views of q, k, v) follow that layout, and SDPA leaves its fused kernel,
+    # and its rounding, for a strided head dimension.
+    # torch.mm, not @: an enclosing ColumnLinears must not turn this product back.
+    out = torch.mm(m.t(), rows.t()).t()[:n].contiguous()
+    return out.reshape(*x.shape[:-1], m.shape[1])
+
+
+def _tensor(t: Any) -> bool:
+    # fmm.quant's int8 weights are tensor-like leaves with a kernel of their own: not ours.
+    return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
+
+
+class ColumnLinears(TorchFunctionMode):
+    """While active (thread-local, as every torch mode), ``F.linear(x, w, b)`` and
+    ``matmul(x, m)`` for a 2-D ``m`` are computed by :func:`columns_matmul`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _tensor(x) and _tensor(w) and x.dim() >= 1:
+                y = columns_matmul(x, w.t())
+                return y if b is None else y + b.to(y.dtype)
+        elif func in _MATMULS and len(args) == 2 and not kwargs:
+            x, m = args
+            if _tensor(x) and _tensor(m) and x.dim() >= 2 and m.dim() == 2:
+                return columns_matmul(x, m)
+        return func(*args, **kwargs)
+
+
+def column_linears(fn: Callable) -> Callable:
+    """``fn`` run under :class:`ColumnLinears` (inside it, so a compiled ``fn`` traces the
+    mode into its graph). Example: ``step = torch.compile(column_linears(decode))``."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with ColumnLinears():
+            return fn(*args, **kwargs)
+
+    return run

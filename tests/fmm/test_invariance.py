@@ -1,0 +1,88 @@
+"""fmm.invariance: ColumnLinears computes linear layers with the rows as the product's
+columns: the same numbers up to rounding, the same layout, nothing else touched, nestable,
+traceable into one compiled graph; and a row's result the same at every row count where
+the BLAS allows it (what the serving probe measures, not assumed here)."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+import fmm
+from fmm import quant
+from fmm.invariance import ColumnLinears, column_linears, columns_matmul
+from models import gpt
+
+CFG = gpt.GPTConfig(vocab_size=97, context_length=16, width=32, layers=2, heads=4)
+PARAMS = gpt.init(CFG, fmm.random.key(0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), k=st.integers(1, 40),
+       out=st.integers(1, 40), seed=st.integers(0, 99))  # fmt: skip
+def test_columns_matmul_is_the_matmul_up_to_rounding(lead, k, out, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, m = torch.randn(*lead, k, generator=g), torch.randn(k, out, generator=g)
+    got = columns_matmul(x, m)
+    assert got.shape == (*lead, out) and got.is_contiguous()
+    torch.testing.assert_close(got, x @ m, rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_row_is_computed_as_two_and_rounds_as_they_do():
+    torch.manual_seed(0)
+    w, x = torch.randn(300, 96), torch.randn(1, 96)
+    assert torch.equal(columns_matmul(x, w.t()), columns_matmul(torch.cat([x, x]), w.t())[:1])
+
+
+def test_the_model_under_the_mode_matches_plain_and_keeps_its_layout():
+    ids = torch.randint(0, 97, (3, 7))
+    plain = gpt.apply(PARAMS, ids, cfg=CFG)
+    with ColumnLinears():
+        cols = gpt.apply(PARAMS, ids, cfg=CFG)
+        bias = F.linear(torch.randn(4, 32), torch.randn(8, 32), torch.randn(8))
+    torch.testing.assert_close(cols, plain, rtol=1e-5, atol=1e-5)
+    assert cols.is_contiguous() and bias.is_contiguous() and bias.shape == (4, 8)
+
+
+def test_products_of_two_batches_and_int8_weights_are_left_alone():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8)
+    w = quant.quantize_weight(torch.randn(64, 32))
+    x = torch.randn(3, 32)
+    with ColumnLinears():
+        scores, int8 = q @ k.transpose(-1, -2), F.linear(x, w)
+    assert torch.equal(scores, q @ k.transpose(-1, -2))
+    assert torch.equal(int8, F.linear(x, w))
+
+
+def test_nesting_the_mode_does_not_turn_the_product_back():
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 96), torch.randn(200, 96)
+    with ColumnLinears():
+        once = F.linear(x, w)
+        with ColumnLinears():
+            twice = F.linear(x, w)
+    assert torch.equal(once, twice)
+    assert torch.equal(once, columns_matmul(x, w.t()))
+
+
+def test_the_mode_traces_into_one_compiled_graph_with_the_eager_numbers():
+    ids = torch.randint(0, 97, (2, 5))
+    run = column_linears(lambda p, i: gpt.apply(p, i, cfg=CFG))
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(PARAMS, ids), run(PARAMS, ids))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_at_a_fixed_row_count_a_row_does_not_depend_on_the_others(n):
+    # The law the pool's exactness rests on, kept under the mode.
+    torch.manual_seed(n)
+    w, x = torch.randn(300, 96), torch.randn(96)
+    rows = []
+    for slot in range(n):
+        batch = torch.randn(n, 96)
+        batch[slot] = x
+        with ColumnLinears():
+            rows.append(F.linear(batch, w)[slot])
+    assert all(torch.equal(rows[0], r) for r in rows)
