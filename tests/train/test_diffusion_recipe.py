@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
     main(["mmgpt", "--out", str(root / "mmgpt"), "--vqvae", str(root / "vqvae"),
           "--width", "32", "--layers", "1", *TINY])  # fmt: skip
     main(["diffusion", "--out", str(root / "diffusion"), "--judge", str(root / "clip"),
-          "--compare-mmgpt", str(root / "mmgpt"), *DIFFUSION])  # fmt: skip
+          "--compare-mmgpt", str(root / "mmgpt"), "--sample-from", "ema", *DIFFUSION])  # fmt: skip
     return root
 
 
