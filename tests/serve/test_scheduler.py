@@ -192,6 +192,8 @@ def test_steps_attend_over_the_window_that_holds_the_live_rows_and_change_no_tok
     windowed = Scheduler(params, spec, max_slots=4, prefill_chunk=16, compile=counter)
     windowed.warmup()
     assert windowed.slots.windows == [64, 128, 160]
+    kept = len(windowed.slots.buckets)  # one graph a bucket serves every window
+    assert counter.frame_count == 2 * kept + (kept < len(batching.bucket_sizes(4)))
     compiled = counter.frame_count
     g = pyrandom.Random(11)
     shapes = [(3, 20), (40, 60), (70, 85), (70, 20), (3, 85), (40, 60)]  # up to 155 of 160

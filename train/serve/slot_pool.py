@@ -69,6 +69,9 @@ class SlotPool:
         with torch.inference_mode():  # the step's inputs, as the probe's (no recompile)
             self.cache = init_cache(spec, max_slots, max_len, dtype=leaf.dtype,
                                     device=self.device, context_len=context_len)  # fmt: skip
+            self.windows = batching.window_sizes(max_len) if follow_length else [max_len]
+            if len(self.windows) > 1:
+                self._pad_keys()
             self.next_token = torch.zeros(max_slots, dtype=torch.int64)
         # The probes' rows cross-attend one random context (any context shows the rounding).
         self.probe_context = None if spec.cross_dim is None else random.normal(
@@ -80,7 +83,6 @@ class SlotPool:
         self.decode = batching.compiled_decode(backend, columns=linears == "columns")
         self.noise = batching.compiled_noise(backend)
         self.buckets: list[int] | None = None
-        self.windows: list[int] = [max_len]
         self.batched_prefill: dict[int, list[int]] = {}
         self.bucket_steps: collections.Counter[int] = collections.Counter()  # metrics, tests
         self.window_steps: collections.Counter[int] = collections.Counter()
@@ -95,10 +97,21 @@ class SlotPool:
         with torch._dynamo.config.patch(recompile_limit=1024):
             self._calibrate()
 
+    def _pad_keys(self) -> None:
+        # Each layer's keys and values as the first max_len positions of a buffer one
+        # position longer: every window, the whole slot included, is then the same kind of
+        # view (strided), so a bucket compiles one graph for all its windows, not a second
+        # for the slot's whole, contiguous, length.
+        for layer in self.cache["layers"]:
+            for name in ("k", "v"):
+                if name in layer:
+                    t = layer[name]
+                    room = t.new_zeros(*t.shape[:2], t.shape[2] + 1, t.shape[3])
+                    layer[name] = room[:, :, : t.shape[2]]
+
     def _calibrate(self) -> None:
-        m, spec = self.max_slots, self.spec
+        m, spec, windows = self.max_slots, self.spec, self.windows
         probe = {"cfg": spec, "context": self.probe_context, "columns": self.linears == "columns"}
-        windows = batching.window_sizes(self.max_len) if self.follow_length else [self.max_len]
         if len(windows) > 1:
             windows, why = probes.invariant_windows(self.decode, self.params, self.cache,
                                                       windows, **probe)  # fmt: skip
@@ -106,12 +119,11 @@ class SlotPool:
                 log.warning("key lengths %s (a row rounds differently at: %s)", windows,
                             "; ".join(why))  # fmt: skip
         sizes = batching.bucket_sizes(m) if self.follow_occupancy else [m]
+        # With windows every step is a window's view (the whole slot's too): one graph a
+        # bucket, which the window probe has shown exact at every window kept.
+        length = windows[0] if len(windows) > 1 else None
         buckets, reasons = probes.invariant_buckets(self.decode, self.params, self.cache,
-                                                      sizes, **probe)  # fmt: skip
-        if len(windows) > 1:  # a shorter window is its own graph (a strided view): probe it
-            short, why = probes.invariant_buckets(self.decode, self.params, self.cache,
-                                                    sizes, length=windows[0], **probe)  # fmt: skip
-            buckets, reasons = [b for b in buckets if b in short], reasons + why
+                                                    sizes, length=length, **probe)  # fmt: skip
         self.windows = windows
         if reasons:
             log.warning("decode buckets %s of %s (a row rounds differently at: %s)", buckets,
@@ -216,7 +228,7 @@ class SlotPool:
         m = active.shape[0]
         need = int((self.cache["start"][:m] + self.cache["pos"][:m]).max()) + 1
         window = batching.bucket_for(need, self.windows)
-        rows = batching.rows(self.cache, m, length=None if window == self.max_len else window)
+        rows = batching.rows(self.cache, m, length=window if len(self.windows) > 1 else None)
         logits, out = self.decode(self.params, self.next_token[:m].to(self.device), rows,
                                   active.to(self.device), self.spec)  # fmt: skip
         rows["pos"].copy_(out["pos"])  # the blocks wrote their keys/values in place
