@@ -14,7 +14,8 @@ computed as two (itself twice), so it rounds as the others too.
 rows with one matrix that way: ``F.linear`` and ``matmul(x, m)`` with ``m`` 2-D (what
 ``fmm.nn.linear`` and the tied output heads call); products of two batches (attention's
 ``q @ k.T``) are left alone. It changes no result beyond float rounding (~1e-6 relative),
-traces under ``torch.compile(fullgraph=True)`` when entered inside the compiled function,
+runs as one opaque op (``torch.ops.fmm.columns_mm``, with its gradient), traces under
+``torch.compile(fullgraph=True)`` when entered inside the compiled function,
 and is what the serving pool's decode step and prefills run under
 (:class:`train.serve.slot_pool.SlotPool`), whose start-up probe still measures which row
 counts are exact rather than trusting this. Example::
@@ -40,18 +41,39 @@ _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 def columns_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x @ m`` computed as ``(m.T @ x.T).T``: ``x: [..., k]``, ``m: [k, out]`` ->
-    ``[..., out]``; a single row is computed as two. Example:
+    ``[..., out]``, contiguous; a single row is computed as two. Example:
     ``torch.allclose(columns_matmul(x, w.T), x @ w.T, atol=1e-5)``."""
     rows = x.reshape(-1, x.shape[-1])
+    return torch.ops.fmm.columns_mm(rows, m).reshape(*x.shape[:-1], m.shape[1])
+
+
+# One opaque op, not a product and a transpose: compiled, inductor would fuse the transpose
+# into the ops that read the product and loop over them in its [out, rows] layout, and for
+# a few rows a layer norm's reduction then runs split across threads: it rounds otherwise.
+@torch.library.custom_op("fmm::columns_mm", mutates_args=())
+def _columns_mm(rows: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     n = rows.shape[0]
     if n == 1:
         rows = torch.cat([rows, rows])
-    # Back to rows in memory: the transposed view would make every op after it (the bias,
-    # attention's views of q, k, v) follow that layout, and SDPA leaves its fused kernel,
-    # and its rounding, for a strided head dimension.
     # torch.mm, not @: an enclosing ColumnLinears must not turn this product back.
-    out = torch.mm(m.t(), rows.t()).t()[:n].contiguous()
-    return out.reshape(*x.shape[:-1], m.shape[1])
+    return torch.mm(m.t(), rows.t()).t()[:n].contiguous()
+
+
+@_columns_mm.register_fake
+def _(rows: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], m.shape[1])
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, m = ctx.saved_tensors
+    return grad @ m.t(), rows.t() @ grad
+
+
+def _save(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+_columns_mm.register_autograd(_backward, setup_context=_save)
 
 
 def _tensor(t: Any) -> bool:

@@ -86,3 +86,11 @@ def test_at_a_fixed_row_count_a_row_does_not_depend_on_the_others(n):
         with ColumnLinears():
             rows.append(F.linear(batch, w)[slot])
     assert all(torch.equal(rows[0], r) for r in rows)
+
+
+def test_gradients_flow_through_the_column_product():
+    torch.manual_seed(0)
+    x, m = torch.randn(3, 4, 8, requires_grad=True), torch.randn(8, 5, requires_grad=True)
+    gx, gm = torch.autograd.grad(columns_matmul(x, m).square().sum(), (x, m))
+    wx, wm = torch.autograd.grad((x @ m).square().sum(), (x, m))
+    torch.testing.assert_close((gx, gm), (wx, wm), rtol=1e-5, atol=1e-5)
