@@ -227,12 +227,7 @@ def run_train(cfg, params, args, *, compile: bool) -> None:
         ),
     }
     if compile:
-        # The loss compiled (its backward compiled with it by AOTAutograd), the optimizer
-        # eager: the reference's own split. Compiling the whole step as one graph
-        # (--whole-step) adds a kernel per optimizer update, each a C++ build: minutes more.
-        builders["fmm compiled"] = lambda: pure_step(torch.compile(loss), params, compile=False)
-        if args.whole_step:
-            builders["fmm compiled whole step"] = lambda: pure_step(loss, params, compile=True)
+        builders["fmm compiled"] = lambda: pure_step(loss, params, compile=True)
         builders["torchmultimodal compiled"] = lambda: module_step(
             *torchmultimodal_trainer(cfg, params), compile=True
         )
@@ -255,10 +250,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--only", choices=("sample", "train"), help="run one race")
-    parser.add_argument(
-        "--whole-step", action="store_true",
-        help="also time fmm's train step compiled whole (make_train_step(compile=True))",
-    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="8 px, widths 32-64, 3 steps, eager")
     args = parser.parse_args()
     if args.quick:
