@@ -45,6 +45,10 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     Signed overflow is undefined in the C++ that inductor emits, so the 32x32-bit product
     is built from two 32x16-bit halves that each fit in 48 bits.
     """
+    if c < 2**31:
+        # The product stays below 2**63. One use of x, not two: inductor re-traces each
+        # use through the whole inlined hash, so uses multiply its codegen time.
+        return (x * c) & _MASK32
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
 
