@@ -209,8 +209,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--linears",
         nargs="+",
-        choices=("columns", "rows"),
-        default=["columns"],
+        choices=("packed", "columns", "rows"),
+        default=["packed"],
         help="the scheduler's linear layers (serve --linears); each its own rows",
     )
     p.add_argument("--slot-len", type=int, default=256, help="positions per slot")
@@ -240,12 +240,12 @@ def served(model_dir: Path, args, *, linears: str | None):
     linear layers are ``linears``, or (``None``) each request alone."""
     backend = None if args.compile_step == "none" else args.compile_step
     batching = serve.Batching(max_slots=args.max_slots, max_len=args.slot_len, compile=backend,
-                              linears=linears or "columns")  # fmt: skip
+                              linears=linears)  # fmt: skip
     return serve.load_model(model_dir, batching=batching if linears else None)
 
 
 def scheduler_name(linears: str) -> str:
-    return "scheduler" if linears == "columns" else f"scheduler, {linears} linears"
+    return "scheduler" if linears == "packed" else f"scheduler, {linears} linears"
 
 
 HEADER = (f"{'method':<32}{'clients':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}"

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from fmm import checks, decoding, random
-from fmm.invariance import ColumnLinears
+from fmm.invariance import ColumnLinears, PackedLinears
 from fmm.kv_cache import Cache, Params, as_spec
 from fmm.sampling import top_k_mask, top_p_mask
 
@@ -258,15 +258,24 @@ def _decode_columns(params: Params, tokens, cache: Cache, active, spec):
         return decoding._decode_step(params, tokens, cache, spec, True, active)
 
 
-def compiled_decode(backend: Any = "inductor", *, columns: bool = False) -> Callable:
+def _decode_packed(params: Params, tokens, cache: Cache, active, spec):
+    with PackedLinears():
+        return decoding._decode_step(params, tokens, cache, spec, True, active)
+
+
+def compiled_decode(
+    backend: Any = "inductor", *, columns: bool = False, linears: str | None = None
+) -> Callable:
     """:func:`decode_slots` compiled with ``backend`` (a name or a dynamo backend callable),
     as ``step(params, tokens, cache, active, spec) -> (logits, cache)``; ``backend=None``:
     the unchecked eager step. The step's inputs keep their shapes from step to step, so it
-    compiles once per pool shape. ``columns``: its linear layers under
-    :class:`fmm.invariance.ColumnLinears` (a row rounds alike at every row count).
+    compiles once per pool shape. ``linears``: ``"packed"`` (its linear layers under
+    :class:`fmm.invariance.PackedLinears`), ``"columns"`` (:class:`~fmm.invariance.
+    ColumnLinears`; ``columns=True`` says the same) or ``"rows"`` (plain).
 
     Each call gives a new compiled function (:func:`_compile_own`)."""
-    fn = _decode_columns if columns else _decode
+    linears = linears or ("columns" if columns else "rows")
+    fn = {"packed": _decode_packed, "columns": _decode_columns, "rows": _decode}[linears]
     return fn if backend is None else _compile_own(fn, backend)
 
 

@@ -26,7 +26,9 @@ counts are exact rather than trusting this. Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ColumnLinears", "column_linears", "columns_matmul"]
+__all__ = [
+    "LINEARS",
+    "ColumnLinears",
+    "PackedLinears",
+    "column_linears",
+    "columns_matmul",
+    "linears_mode",
+    "packed_available",
+]
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
@@ -98,6 +108,89 @@ class ColumnLinears(TorchFunctionMode):
             if _tensor(x) and _tensor(m) and x.dim() >= 2 and m.dim() == 2:
                 return columns_matmul(x, m)
         return func(*args, **kwargs)
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+_PACKED: dict[int, tuple[Any, int, torch.Tensor]] = {}  # id(weight): (ref, version, packed)
+
+
+def _packed(w: torch.Tensor) -> torch.Tensor:
+    # One oneDNN copy per weight, packed for no particular row count: kept while the
+    # weight lives (a server's weights live as long as it), rebuilt if it is written.
+    # Keyed by identity (a weak reference checks it is still that tensor).
+    key = id(w)
+    got = _PACKED.get(key)
+    if got is None or got[0]() is not w or got[1] != w._version:
+        ref = weakref.ref(w, functools.partial(_forget, key))
+        got = _PACKED[key] = (ref, w._version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+    return got[2]
+
+
+def _forget(key: int, _ref: Any) -> None:
+    _PACKED.pop(key, None)
+
+
+@torch.library.custom_op("fmm::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    root = _root(w)  # the weight itself, where w is a view of it (x @ w.t(), compiled)
+    weight = root if root.shape == w.shape and root.stride() == w.stride() else w
+    out = torch.ops.mkldnn._linear_pointwise(rows, _packed(weight), b, "none", [], "")
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+@_packed_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def packed_available() -> bool:
+    """Whether this torch has oneDNN (``torch.backends.mkldnn``) for :class:`PackedLinears`."""
+    return torch.backends.mkldnn.is_available()
+
+
+class PackedLinears(TorchFunctionMode):
+    """While active, float32 CPU ``F.linear(x, w, b)`` (and ``fmm.nn.linear``'s compiled
+    ``x @ w.t()``) run through oneDNN over ``w`` packed once for any row count
+    (``torch.ops.fmm.packed_linear``, an opaque op): a row rounds alike at every row count
+    from 1 (measured to 40 at GPT-2 small's widths), and small batches read the weights
+    about as fast as a matrix-vector product. Inference only (no gradient); other
+    products pass through."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _eligible(x, w) and (b is None or _tensor(b)):
+                return torch.ops.fmm.packed_linear(x, w, b)
+        elif func in _MATMULS and len(args) == 2 and not kwargs:
+            x, m = args
+            if _tensor(m) and m.dim() == 2 and _eligible(x, m.t()):
+                return torch.ops.fmm.packed_linear(x, m.t(), None)
+        return func(*args, **kwargs)
+
+
+def _eligible(x: Any, w: Any) -> bool:
+    return (
+        _tensor(x) and _tensor(w) and x.dim() >= 1 and w.dim() == 2
+        and x.device.type == w.device.type == "cpu"
+        and x.dtype == w.dtype == torch.float32
+    )  # fmt: skip
+
+
+LINEARS = ("packed", "columns", "rows")
+
+
+def linears_mode(linears: str) -> Callable[[], Any]:
+    """The mode a pool's step and prefills run under for ``linears`` (``"packed"``:
+    :class:`PackedLinears`, ``"columns"``: :class:`ColumnLinears`, ``"rows"``: none)."""
+    if linears not in LINEARS:
+        raise ValueError(f"linears must be one of {LINEARS}, got {linears!r}")
+    return {"packed": PackedLinears, "columns": ColumnLinears}.get(linears, contextlib.nullcontext)
 
 
 def column_linears(fn: Callable) -> Callable:

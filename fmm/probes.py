@@ -23,7 +23,6 @@ Each leaves the pool's cache empty. Example::
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 
 from fmm import random
 from fmm.batching import free_slot, prefill_slot, prefill_slots, rows
-from fmm.invariance import ColumnLinears
+from fmm.invariance import linears_mode
 from fmm.kv_cache import Cache, Params, as_spec, cache_len
 
 __all__ = ["invariant_buckets", "invariant_prefill", "invariant_windows"]
@@ -51,6 +50,7 @@ def invariant_buckets(
     context: torch.Tensor | None = None,
     columns: bool = False,
     length: int | None = None,
+    linears: str | None = None,
 ) -> tuple[list[int], list[str]]:
     """Which row counts of ``sizes`` (ascending; the last is the pool's rows) give every row
     of the decode ``step`` bitwise the logits it gets in the whole pool, measured with this
@@ -58,9 +58,9 @@ def invariant_buckets(
     size it tries) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
     (alternating, so equal rows must also agree across slots) and leaves it empty.
     ``context: [1, T, cross_dim]``: every probe row's context (cross-attending models).
-    ``columns``: the probe rows' prompts prefilled under :class:`ColumnLinears`, as for a
-    ``step`` of ``compiled_decode(columns=True)`` (which enters the mode itself: the step
-    is never called under it, or a compiled one would recompile outside). ``length``: the
+    ``columns`` / ``linears``: the probe rows' prompts prefilled under the mode of a
+    ``step`` of ``compiled_decode(linears=...)`` (``columns=True``: ``"columns"``), which
+    enters it itself: the step is never called under it, or it would recompile outside. ``length``: the
     step attends over that many positions (:func:`rows`), the whole slot by default.
 
     Returns ``(usable sizes, reasons)``: the sizes whose rows equal the pool's (always the
@@ -77,7 +77,7 @@ def invariant_buckets(
     plen = max(1, min(32, (length or cache_len(cache) or 34) - 2))
     prompts = _probe_ids(2, plen, spec.vocab_size, 0)
     fed = _probe_ids(1, 2, spec.vocab_size, 1)[0]
-    with ColumnLinears() if columns else contextlib.nullcontext():
+    with linears_mode(linears or ("columns" if columns else "rows"))():
         for s in range(m):
             prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
     tokens, idle = fed[torch.arange(m) % 2], torch.zeros(m, dtype=torch.bool)
@@ -120,6 +120,7 @@ def invariant_windows(
     cfg: Any,
     context: torch.Tensor | None = None,
     columns: bool = False,
+    linears: str | None = None,
 ) -> tuple[list[int], list[str]]:
     """Which key lengths of ``windows`` (ascending; the last is the pool's ``max_len``)
     give every row of the decode ``step`` over the whole pool bitwise the logits it gets
@@ -132,7 +133,7 @@ def invariant_windows(
     m, full = cache["pos"].shape[0], windows[-1]
     length = max(1, min(windows[0], full) - 2)
     prompts = _probe_ids(2, length, spec.vocab_size, 2)
-    with ColumnLinears() if columns else contextlib.nullcontext():
+    with linears_mode(linears or ("columns" if columns else "rows"))():
         for s in range(m):
             prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
     tokens = _probe_ids(1, 2, spec.vocab_size, 3)[0][torch.arange(m) % 2]

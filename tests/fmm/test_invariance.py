@@ -11,7 +11,13 @@ from hypothesis import given, settings
 
 import fmm
 from fmm import quant
-from fmm.invariance import ColumnLinears, column_linears, columns_matmul
+from fmm.invariance import (
+    ColumnLinears,
+    PackedLinears,
+    column_linears,
+    columns_matmul,
+    packed_available,
+)
 from models import gpt
 
 CFG = gpt.GPTConfig(vocab_size=97, context_length=16, width=32, layers=2, heads=4)
@@ -94,3 +100,44 @@ def test_gradients_flow_through_the_column_product():
     gx, gm = torch.autograd.grad(columns_matmul(x, m).square().sum(), (x, m))
     wx, wm = torch.autograd.grad((x @ m).square().sum(), (x, m))
     torch.testing.assert_close((gx, gm), (wx, wm), rtol=1e-5, atol=1e-5)
+
+
+needs_onednn = pytest.mark.skipif(not packed_available(), reason="this torch has no oneDNN")
+
+
+@needs_onednn
+def test_packed_linears_match_plain_ones_eager_and_compiled():
+    ids = torch.randint(0, 97, (3, 7))
+    plain = gpt.apply(PARAMS, ids, cfg=CFG)
+
+    def run(p, i):
+        with PackedLinears():
+            return gpt.apply(p, i, cfg=CFG)
+
+    with torch.inference_mode():
+        eager = run(PARAMS, ids)
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(PARAMS, ids)
+    torch.testing.assert_close(eager, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled, eager)
+
+
+@needs_onednn
+def test_a_packed_weight_is_packed_again_once_it_is_written():
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 32), torch.randn(16, 32)
+    with torch.inference_mode(), PackedLinears():
+        before = F.linear(x, w)
+        w.mul_(2)  # a new version: the packed copy of the old values must not serve it
+        after = F.linear(x, w)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_linears_leave_other_dtypes_and_int8_weights_alone():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
+    q, xf = quant.quantize_weight(torch.randn(64, 32)), torch.randn(3, 32)
+    want = F.linear(x, w), F.linear(xf, q)
+    with PackedLinears():
+        got = F.linear(x, w), F.linear(xf, q)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -216,7 +216,7 @@ def test_steps_attend_over_the_window_that_holds_the_live_rows_and_change_no_tok
     whole.close()
 
 
-@pytest.mark.parametrize("linears", ["columns", "rows"])
+@pytest.mark.parametrize("linears", ["packed", "columns", "rows"])
 def test_a_lone_request_in_its_small_bucket_equals_itself_in_a_full_pool(linears):
     g = pyrandom.Random(7)
     request = ([g.randrange(97) for _ in range(5)], {"temperature": 0.9, "seed": 3})

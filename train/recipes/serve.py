@@ -118,11 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(continuous batching) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--linears", choices=("columns", "rows"), default="columns",
-        help="how the batched step computes linear layers: columns (each row rounds alike "
-        "at every row count, so the step follows the live rows down to one) or rows (plain "
-        "F.linear: on MKL exact only within 1, 2-15 and 16+ rows, so small pools or full "
-        "steps) (default: %(default)s)",
+        "--linears", choices=("packed", "columns", "rows"), default=None,
+        help="how the batched step computes linear layers: packed (oneDNN over weights "
+        "packed once: a row rounds alike at every row count, and few rows cost about one "
+        "row), columns ((W @ x.T).T on the BLAS: alike from 2 rows, slower at few rows) or "
+        "rows (plain F.linear: on MKL exact only within 1, 2-15 and 16+ rows) (default: "
+        "packed on CPU where this torch has oneDNN, else columns)",
     )  # fmt: skip
     parser.add_argument(
         "--prefill-chunk", type=number(at_least=1), default=64,
@@ -235,14 +236,15 @@ class Batching:
     """How generations share the model: ``max_slots`` sequences in one pool,
     ``prefill_chunk`` prompt tokens per iteration, ``max_len`` positions per slot (``None``:
     the model's context), the decode step compiled with ``compile`` (a dynamo backend name,
-    or ``None``: eager), its linear layers ``linears`` (``"columns"`` or ``"rows"``). See
+    or ``None``: eager), its linear layers ``linears`` (``"packed"``, ``"columns"`` or ``"rows"``; ``None``: the
+    scheduler's default). See
     :class:`train.serve.scheduler.Scheduler`."""
 
     max_slots: int = 32
     prefill_chunk: int = 64
     max_len: int | None = None
     compile: str | None = "inductor"
-    linears: str = "columns"
+    linears: str | None = None
 
     def scheduler(self, params: dict, spec: Any, **kw: Any) -> Any:
         """A warmed-up :class:`~train.serve.scheduler.Scheduler` over ``params``."""

@@ -88,7 +88,8 @@ class Scheduler:
     ``batch_prefill``: prefill prompts' chunks together (where the probe finds it exact);
     ``False``: each alone. ``context_len``: the context length ``T`` of every request of a
     cross-attending model (each :meth:`submit` gives its own ``context``; CoCa: its
-    ``caption_queries``). ``linears``: ``"columns"`` (the linear layers computed so that a
+    ``caption_queries``). ``linears``: ``"packed"`` (the default on CPU with oneDNN:
+    :class:`fmm.invariance.PackedLinears`), ``"columns"`` (the linear layers computed so that a
     row rounds alike at every row count: :class:`fmm.invariance.ColumnLinears`) or
     ``"rows"`` (plain; fewer buckets prove exact). ``follow_length``: attend over the
     smallest window of positions (64, 128, ... up to 512, then the slot) that holds the live
@@ -113,7 +114,7 @@ class Scheduler:
         follow_occupancy: bool = True,
         batch_prefill: bool = True,
         context_len: int | None = None,
-        linears: str = "columns",
+        linears: str | None = None,
         follow_length: bool = True,
     ):
         self.spec = spec = as_spec(cfg)

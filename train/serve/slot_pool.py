@@ -17,14 +17,13 @@ cross-attending model ``context [1, T, cross_dim]`` and ``context_mask [1, T]`` 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 from typing import Any
 
 import torch
 
 from fmm import batching, probes, random
-from fmm.invariance import ColumnLinears
+from fmm.invariance import LINEARS, linears_mode, packed_available
 from fmm.kv_cache import DecoderSpec, init_cache
 
 __all__ = ["SlotPool"]
@@ -37,7 +36,9 @@ class SlotPool:
     step compiled with ``backend`` (``None``: eager). ``follow_occupancy``: step over the
     smallest exact bucket (``False``: the whole pool); ``batch_prefill``: prefill prompts
     together where exact (``False``: each alone). ``context_len``: each slot's context
-    length ``T`` (cross-attending models only). ``linears``: ``"columns"`` runs the step and
+    length ``T`` (cross-attending models only). ``linears``: ``"packed"`` (the default on
+    CPU where oneDNN is there) runs the step and the prefills under
+    :class:`fmm.invariance.PackedLinears`; ``"columns"`` runs the step and
     the prefills under :class:`fmm.invariance.ColumnLinears` (a row rounds alike at any row
     count, so every bucket is exact: a lone sequence steps at 1 row in any pool);
     ``"rows"``: the plain linear layers, exact only within their row-count groups. After :meth:`calibrate`, ``buckets`` holds
@@ -55,11 +56,16 @@ class SlotPool:
         follow_occupancy: bool = True,
         batch_prefill: bool = True,
         context_len: int | None = None,
-        linears: str = "columns",
+        linears: str | None = None,
         follow_length: bool = True,
     ):
-        if linears not in ("columns", "rows"):
-            raise ValueError(f"SlotPool: linears must be 'columns' or 'rows', got {linears!r}")
+        if linears is None:  # oneDNN where this torch has it, on CPU
+            cpu = spec.blocks(params)[0]["attn"]["qkv"]["weight"].device.type == "cpu"
+            linears = "packed" if cpu and packed_available() else "columns"
+        if linears not in LINEARS:
+            raise ValueError(f"SlotPool: linears must be one of {LINEARS}, got {linears!r}")
+        if linears == "packed" and not packed_available():
+            raise ValueError("SlotPool: linears='packed' needs oneDNN (torch.backends.mkldnn)")
         self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
         self.follow_length = follow_length
         self.prefill_chunk = prefill_chunk
@@ -79,8 +85,8 @@ class SlotPool:
         self.linears = linears
         # The eager parts (prefills, the probes' fills) run under the mode the compiled step
         # traces inside itself, so a prompt's keys round as the steps that read them.
-        self._mode = ColumnLinears if linears == "columns" else contextlib.nullcontext
-        self.decode = batching.compiled_decode(backend, columns=linears == "columns")
+        self._mode = linears_mode(linears)
+        self.decode = batching.compiled_decode(backend, linears=linears)
         self.noise = batching.compiled_noise(backend)
         self.buckets: list[int] | None = None
         self.batched_prefill: dict[int, list[int]] = {}
@@ -111,7 +117,7 @@ class SlotPool:
 
     def _calibrate(self) -> None:
         m, spec, windows = self.max_slots, self.spec, self.windows
-        probe = {"cfg": spec, "context": self.probe_context, "columns": self.linears == "columns"}
+        probe = {"cfg": spec, "context": self.probe_context, "linears": self.linears}
         if len(windows) > 1:
             windows, why = probes.invariant_windows(self.decode, self.params, self.cache,
                                                       windows, **probe)  # fmt: skip
