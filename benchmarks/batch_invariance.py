@@ -7,8 +7,8 @@ the smallest bucket of rows that covers the live slots, and its prefill batches 
 prompts' chunks, so a request's tokens stay those it gets alone only if a row's arithmetic
 does not change with the row count. For each shape the script prints the row counts grouped by
 the bits of their rows ({1} {2..15} {16..64}: three ways of rounding a row), for the plain
-``F.linear`` (``--linears rows``) and for ``fmm.invariance.ColumnLinears`` (``columns``, the
-server's default: one group, as far as this BLAS allows).
+``F.linear`` (``--linears rows``), for ``fmm.invariance.ColumnLinears`` (``columns``) and for
+``PackedLinears`` (``packed``, the server's default on CPU: one group, where oneDNN allows).
 
 Run from the repo root (about two minutes on 2 cores, most of it inductor compiles)::
 
@@ -19,7 +19,6 @@ Run from the repo root (about two minutes on 2 cores, most of it inductor compil
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import fmm  # noqa: E402
 from fmm import batching, probes  # noqa: E402
-from fmm.invariance import ColumnLinears, column_linears  # noqa: E402
+from fmm.invariance import linears_mode  # noqa: E402
 from fmm.kv_cache import init_cache  # noqa: E402
 from models import gpt  # noqa: E402
 
@@ -63,7 +62,7 @@ def classes(fn, x: torch.Tensor, sizes: list[int]) -> list[list[int]]:
 
 def matmuls(shapes, sizes: list[int], compiled: bool, linears: str) -> None:
     g = torch.Generator().manual_seed(0)
-    plain = F.linear if linears == "rows" else column_linears(F.linear)
+    plain = _under(linears, F.linear)
     for name, k, n in shapes:
         w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
         x = torch.randn(max(sizes), k, generator=g)
@@ -72,6 +71,16 @@ def matmuls(shapes, sizes: list[int], compiled: bool, linears: str) -> None:
         linear = torch.compile(plain, dynamic=False) if compiled else plain
         groups = classes(functools.partial(_affine, linear, w, b), x, sizes)
         print(f"  {name:<9} {k:>5} -> {n:<6} rows alike at {_ranges(groups)}", flush=True)
+
+
+def _under(linears: str, fn):
+    """``fn`` run under the pool's mode for ``linears`` (none for "rows")."""
+
+    def run(*args):
+        with linears_mode(linears)():
+            return fn(*args)
+
+    return run
 
 
 def _affine(linear, w, b, x):
@@ -87,7 +96,7 @@ def _ranges(groups: list[list[int]]) -> str:
 def prefill_rows(shapes, chunks: list[int], most: int, linears: str) -> None:
     """A batched prefill's matmul is ``[n * chunk, k]``: rows against ``n = 1`` (alone)."""
     g = torch.Generator().manual_seed(1)
-    linear = F.linear if linears == "rows" else column_linears(F.linear)
+    linear = _under(linears, F.linear)
     for name, k, n in shapes:
         w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
         for c in chunks:
@@ -110,10 +119,9 @@ def decode_steps(cfg, sizes: list[int], chunks: list[int], backend, linears: str
     params = gpt.init(cfg, fmm.random.key(0))
     pool = init_cache(spec, max(sizes), 64)
     started = time.perf_counter()
-    columns = linears == "columns"
-    step = batching.compiled_decode(backend, columns=columns)
+    step = batching.compiled_decode(backend, linears=linears)
     buckets, reasons = probes.invariant_buckets(step, params, pool, sizes, cfg=spec,
-                                                columns=columns)  # fmt: skip
+                                                linears=linears)  # fmt: skip
     print(f"  {cfg.layers} layers x {cfg.width}, vocab {cfg.vocab_size}, {backend or 'eager'} "
           f"step, {linears} linears: exact buckets {buckets} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
@@ -121,7 +129,7 @@ def decode_steps(cfg, sizes: list[int], chunks: list[int], backend, linears: str
         print(f"    {reason}")
     if backend is None:  # the prefill is eager
         started = time.perf_counter()
-        with ColumnLinears() if columns else contextlib.nullcontext():
+        with linears_mode(linears)():
             allowed = probes.invariant_prefill(params, pool, chunks, max(chunks), cfg=spec)
         print(f"    prefill, {{chunk length: row counts exact}}: {allowed} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
@@ -137,9 +145,9 @@ def main() -> None:
     p.add_argument(
         "--linears",
         nargs="+",
-        choices=("rows", "columns"),
-        default=["rows", "columns"],
-        help="plain F.linear, and fmm.invariance.ColumnLinears (the server's default)",
+        choices=("rows", "columns", "packed"),
+        default=["rows", "columns", "packed"],
+        help="plain F.linear, fmm.invariance.ColumnLinears, PackedLinears (the server's default)",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
