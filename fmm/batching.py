@@ -92,9 +92,11 @@ def rows(cache: Cache, n: int, first: int = 0, length: int | None = None) -> Cac
 
 def window_sizes(max_len: int, least: int = 64, most: int = 512) -> list[int]:
     """The key lengths a pool of ``max_len`` positions may attend over: powers of two from
-    ``least`` below ``min(most, max_len)``, and ``max_len``. Why at most 512: up to there
-    CPU flash attention reads a row's keys as one block, so the masked tail only adds
-    zeros. Example: ``window_sizes(1024)`` -> ``[64, 128, 256, 512, 1024]``."""
+    ``least`` below ``min(most, max_len)``, and ``max_len``. Why none between 512 and the
+    slot: PyTorch's CPU flash attention reads keys in blocks of at most 512 (as we read its
+    kernel), so a window up to there keeps a row's real keys in one block and its masked
+    tail only adds zeros; past it a window could move a block's bounds. The probe
+    (:func:`fmm.probes.invariant_windows`) checks each window anyway. Example: ``window_sizes(1024)`` -> ``[64, 128, 256, 512, 1024]``."""
     sizes = [w for w in (least << i for i in range(max_len.bit_length())) if w < max_len]
     return [w for w in sizes if w <= most] + [max_len]
 
