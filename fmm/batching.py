@@ -265,18 +265,15 @@ def _decode_packed(params: Params, tokens, cache: Cache, active, spec):
         return decoding._decode_step(params, tokens, cache, spec, True, active)
 
 
-def compiled_decode(
-    backend: Any = "inductor", *, columns: bool = False, linears: str | None = None
-) -> Callable:
+def compiled_decode(backend: Any = "inductor", *, linears: str = "rows") -> Callable:
     """:func:`decode_slots` compiled with ``backend`` (a name or a dynamo backend callable),
     as ``step(params, tokens, cache, active, spec) -> (logits, cache)``; ``backend=None``:
     the unchecked eager step. The step's inputs keep their shapes from step to step, so it
     compiles once per pool shape. ``linears``: ``"packed"`` (its linear layers under
-    :class:`fmm.invariance.PackedLinears`), ``"columns"`` (:class:`~fmm.invariance.
-    ColumnLinears`; ``columns=True`` says the same) or ``"rows"`` (plain).
+    :class:`fmm.invariance.PackedLinears`), ``"columns"``
+    (:class:`~fmm.invariance.ColumnLinears`) or ``"rows"`` (plain).
 
     Each call gives a new compiled function (:func:`_compile_own`)."""
-    linears = linears or ("columns" if columns else "rows")
     fn = {"packed": _decode_packed, "columns": _decode_columns, "rows": _decode}[linears]
     return fn if backend is None else _compile_own(fn, backend)
 

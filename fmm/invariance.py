@@ -91,6 +91,12 @@ def _tensor(t: Any) -> bool:
     return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
 
 
+def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    # F.linear's (input, weight, bias), however the caller passed them.
+    w = args[1] if len(args) > 1 else kwargs["weight"]
+    return args[0], w, args[2] if len(args) > 2 else kwargs.get("bias")
+
+
 class ColumnLinears(TorchFunctionMode):
     """While active (thread-local, as every torch mode), ``F.linear(x, w, b)`` and
     ``matmul(x, m)`` for a 2-D ``m`` are computed by :func:`columns_matmul`."""
@@ -98,8 +104,7 @@ class ColumnLinears(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            x, w, b = _linear_args(args, kwargs)
             if _tensor(x) and _tensor(w) and x.dim() >= 1:
                 y = columns_matmul(x, w.t())
                 return y if b is None else y + b.to(y.dtype)
@@ -114,18 +119,19 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
 
 
-_PACKED: dict[int, tuple[Any, int, torch.Tensor]] = {}  # id(weight): (ref, version, packed)
+_PACKED: dict[int, tuple[Any, int | None, torch.Tensor]] = {}  # id: (ref, version, packed)
 
 
 def _packed(w: torch.Tensor) -> torch.Tensor:
     # One oneDNN copy per weight, packed for no particular row count: kept while the
     # weight lives (a server's weights live as long as it), rebuilt if it is written.
     # Keyed by identity (a weak reference checks it is still that tensor).
-    key = id(w)
+    # An inference tensor keeps no version counter: a write to it in place goes unseen.
+    key, version = id(w), None if w.is_inference() else w._version
     got = _PACKED.get(key)
-    if got is None or got[0]() is not w or got[1] != w._version:
+    if got is None or got[0]() is not w or got[1] != version:
         ref = weakref.ref(w, functools.partial(_forget, key))
-        got = _PACKED[key] = (ref, w._version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+        got = _PACKED[key] = (ref, version, torch.ops.mkldnn._reorder_linear_weight(w, None))
     return got[2]
 
 
@@ -163,8 +169,7 @@ class PackedLinears(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            x, w, b = _linear_args(args, kwargs)
             if _eligible(x, w) and (b is None or _tensor(b)):
                 return torch.ops.fmm.packed_linear(x, w, b)
         elif func in _MATMULS and len(args) == 2 and not kwargs:

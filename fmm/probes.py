@@ -16,9 +16,9 @@ found exact:
 
 Each leaves the pool's cache empty. Example::
 
-    step = batching.compiled_decode("inductor", columns=True)
+    step = batching.compiled_decode("inductor", linears="packed")
     sizes, why = invariant_buckets(step, params, pool, batching.bucket_sizes(32), cfg=spec,
-                                   columns=True)   # e.g. [1, 2, 4, 8, 16, 32], []
+                                   linears="packed")   # e.g. [2, 4, 8, 16, 32], [...]
 """
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ def _probe_ids(n: int, length: int, vocab: int | None, seed: int) -> torch.Tenso
     return (random.uniform(random.key(seed), (n, length)) * (vocab or 2)).long()
 
 
+def _fill(params, cache: Cache, prompts: torch.Tensor, m: int, spec, context, linears: str):
+    # Slots 0..m-1 prefilled with the two prompts in turn (so equal rows must also agree
+    # across slots), under the step's mode.
+    with linears_mode(linears)():
+        for s in range(m):
+            prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
+
+
 def invariant_buckets(
     step: Callable,
     params: Params,
@@ -48,9 +56,8 @@ def invariant_buckets(
     *,
     cfg: Any,
     context: torch.Tensor | None = None,
-    columns: bool = False,
     length: int | None = None,
-    linears: str | None = None,
+    linears: str = "rows",
 ) -> tuple[list[int], list[str]]:
     """Which row counts of ``sizes`` (ascending; the last is the pool's rows) give every row
     of the decode ``step`` bitwise the logits it gets in the whole pool, measured with this
@@ -58,10 +65,10 @@ def invariant_buckets(
     size it tries) on this machine. ``cache``: the pool, empty; the probe fills rows with two prompts
     (alternating, so equal rows must also agree across slots) and leaves it empty.
     ``context: [1, T, cross_dim]``: every probe row's context (cross-attending models).
-    ``columns`` / ``linears``: the probe rows' prompts prefilled under the mode of a
-    ``step`` of ``compiled_decode(linears=...)`` (``columns=True``: ``"columns"``), which
-    enters it itself: the step is never called under it, or it would recompile outside. ``length``: the
-    step attends over that many positions (:func:`rows`), the whole slot by default.
+    ``linears``: the probe rows' prompts prefilled under the mode of a ``step`` of
+    ``compiled_decode(linears=...)``, which enters it itself: the step is never called
+    under it, or it would recompile outside. ``length``: the step attends over that many
+    positions (:func:`rows`), the whole slot by default.
 
     Returns ``(usable sizes, reasons)``: the sizes whose rows equal the pool's (always the
     pool itself), tried from the largest down to the first that differs, and why the
@@ -77,9 +84,7 @@ def invariant_buckets(
     plen = max(1, min(32, (length or cache_len(cache) or 34) - 2))
     prompts = _probe_ids(2, plen, spec.vocab_size, 0)
     fed = _probe_ids(1, 2, spec.vocab_size, 1)[0]
-    with linears_mode(linears or ("columns" if columns else "rows"))():
-        for s in range(m):
-            prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
+    _fill(params, cache, prompts, m, spec, context, linears)
     tokens, idle = fed[torch.arange(m) % 2], torch.zeros(m, dtype=torch.bool)
     # Idle rows keep their position: every size computes the same next token on the same
     # cache (each rewrites the slot it reads back first).
@@ -119,23 +124,19 @@ def invariant_windows(
     *,
     cfg: Any,
     context: torch.Tensor | None = None,
-    columns: bool = False,
-    linears: str | None = None,
+    linears: str = "rows",
 ) -> tuple[list[int], list[str]]:
     """Which key lengths of ``windows`` (ascending; the last is the pool's ``max_len``)
     give every row of the decode ``step`` over the whole pool bitwise the logits it gets
     attending over all ``max_len`` positions (:func:`rows`' ``length``). The rows are
     filled with prompts as long as the smallest window allows, so each real key sits
-    before the masked tail that the lengths differ by. ``cache``, ``context``, ``columns``:
+    before the masked tail that the lengths differ by. ``cache``, ``context``, ``linears``:
     as :func:`invariant_buckets`. Returns ``(usable lengths, reasons)``, always the last.
     """
     spec = as_spec(cfg)
     m, full = cache["pos"].shape[0], windows[-1]
-    length = max(1, min(windows[0], full) - 2)
-    prompts = _probe_ids(2, length, spec.vocab_size, 2)
-    with linears_mode(linears or ("columns" if columns else "rows"))():
-        for s in range(m):
-            prefill_slot(params, prompts[s % 2], cache, s, cfg=spec, context=context)
+    prompts = _probe_ids(2, max(1, min(windows[0], full) - 2), spec.vocab_size, 2)
+    _fill(params, cache, prompts, m, spec, context, linears)
     tokens = _probe_ids(1, 2, spec.vocab_size, 3)[0][torch.arange(m) % 2]
     idle, dev = torch.zeros(m, dtype=torch.bool), cache["pos"].device
 

@@ -141,3 +141,14 @@ def test_packed_linears_leave_other_dtypes_and_int8_weights_alone():
     with PackedLinears():
         got = F.linear(x, w), F.linear(xf, q)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@needs_onednn
+def test_packed_linears_take_weights_made_in_inference_mode():
+    # Such a weight keeps no version counter; it is packed all the same.
+    with torch.inference_mode():
+        x, w, b = torch.randn(3, 32), torch.randn(8, 32), torch.randn(8)
+        want = F.linear(x, w, b)
+        with PackedLinears():
+            got = F.linear(x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--linears", choices=("packed", "columns", "rows"), default=None,
         help="how the batched step computes linear layers: packed (oneDNN over weights "
         "packed once: a row rounds alike at every row count, and few rows cost about one "
-        "row), columns ((W @ x.T).T on the BLAS: alike from 2 rows, slower at few rows) or "
+        "row), columns ((W @ x.T).T on the BLAS: also alike at every row count, but twice "
+        "the cost at a few rows) or "
         "rows (plain F.linear: on MKL exact only within 1, 2-15 and 16+ rows) (default: "
         "packed on CPU where this torch has oneDNN, else columns)",
     )  # fmt: skip

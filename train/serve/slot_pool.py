@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fmm import batching, probes, random
-from fmm.invariance import LINEARS, linears_mode, packed_available
+from fmm.invariance import linears_mode, packed_available
 from fmm.kv_cache import DecoderSpec, init_cache
 
 __all__ = ["SlotPool"]
@@ -59,18 +59,15 @@ class SlotPool:
         linears: str | None = None,
         follow_length: bool = True,
     ):
+        leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
         if linears is None:  # oneDNN where this torch has it, on CPU
-            cpu = spec.blocks(params)[0]["attn"]["qkv"]["weight"].device.type == "cpu"
-            linears = "packed" if cpu and packed_available() else "columns"
-        if linears not in LINEARS:
-            raise ValueError(f"SlotPool: linears must be one of {LINEARS}, got {linears!r}")
+            linears = "packed" if leaf.device.type == "cpu" and packed_available() else "columns"
+        self._mode = linears_mode(linears)  # refuses an unknown name
         if linears == "packed" and not packed_available():
             raise ValueError("SlotPool: linears='packed' needs oneDNN (torch.backends.mkldnn)")
         self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
-        self.follow_length = follow_length
         self.prefill_chunk = prefill_chunk
         self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
-        leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
         self.device = leaf.device
         with torch.inference_mode():  # the step's inputs, as the probe's (no recompile)
             self.cache = init_cache(spec, max_slots, max_len, dtype=leaf.dtype,
@@ -82,10 +79,10 @@ class SlotPool:
         # The probes' rows cross-attend one random context (any context shows the rounding).
         self.probe_context = None if spec.cross_dim is None else random.normal(
             random.key(0), (1, context_len, spec.cross_dim)).to(self.device, leaf.dtype)  # fmt: skip
-        self.linears = linears
         # The eager parts (prefills, the probes' fills) run under the mode the compiled step
-        # traces inside itself, so a prompt's keys round as the steps that read them.
-        self._mode = linears_mode(linears)
+        # traces inside itself (self._mode), so a prompt's keys round as the steps that read
+        # them.
+        self.linears = linears
         self.decode = batching.compiled_decode(backend, linears=linears)
         self.noise = batching.compiled_noise(backend)
         self.buckets: list[int] | None = None
