@@ -17,8 +17,11 @@ after a random prompt of ``--prompt-len`` ids, all at once. Rows:
 Both fmm rows run in process (``train.serve.Service``, as the HTTP routes call it) and over
 HTTP (``POST /v1/completions`` with ``"stream": true`` to a uvicorn server in this
 process: the client shares the process and its 2 cores, so the HTTP figures are
-pessimistic). Per row: total tokens/s, time to first token (p50) and the gap between a
-request's tokens (inter-token p50/p99, all requests' gaps together). Then the goals, each a
+pessimistic). Every method but ``fmm.decoding.generate`` decodes on a thread of its own,
+and before each timed run the main thread hands back its idle OpenMP workers
+(:mod:`train.serve.openmp`: while they live, libgomp throttles every other thread's), so
+each method has the cores to itself. Per row: total tokens/s, time to first token (p50)
+and the gap between a request's tokens (inter-token p50/p99, all requests' gaps together). Then the goals, each a
 ratio against a baseline measured in this run: scheduler >= 5x per-request and >= 1.5x
 transformers in tokens/s at 32 clients; inter-token p99 <= 2x the single-stream step
 (``fmm.decoding.generate`` compiled, batch 1: ``(t(n) - t(1)) / (n - 1)``); one client no
@@ -59,6 +62,7 @@ from tests.serve._runs import running  # noqa: E402
 from train.recipes import serve  # noqa: E402
 from train.serve import Service, percentile  # noqa: E402
 from train.serve.app import create_app  # noqa: E402
+from train.serve.openmp import release_workers  # noqa: E402
 
 
 @dataclass
@@ -322,6 +326,7 @@ def main() -> None:
             for name, model in contenders:
                 service = Service(model, max_generations=room)
                 asyncio.run(in_process(service, batch[:1], 2))  # threads started, untimed
+                release_workers()  # this thread's OpenMP workers would slow every method's
                 timed = asyncio.run(in_process(service, batch, args.new_tokens))
                 add(summarise(name, timed, args.new_tokens))
                 asyncio.run(service.aclose())
@@ -332,9 +337,11 @@ def main() -> None:
                     service = Service(model, max_generations=room)
                     with running(create_app(service)) as url:
                         asyncio.run(over_http(url, batch[:1], 2))
+                        release_workers()
                         timed = asyncio.run(over_http(url, batch, args.new_tokens))
                     add(summarise(f"{name}, HTTP", timed, args.new_tokens))
             if not args.no_transformers:
+                release_workers()  # its generation thread gets the cores as ours does
                 timed = transformers_cb(hf, batch, args.new_tokens)
                 add(summarise("transformers CB", timed, args.new_tokens))
         goals(rows, alone_tps, step_ms)

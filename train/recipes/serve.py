@@ -422,6 +422,7 @@ def build_service(args: argparse.Namespace) -> Service:
 def run(args: argparse.Namespace) -> None:
     """Load the run and serve it until interrupted."""
     from train.serve.app import create_app
+    from train.serve.openmp import release_workers
     from train.serve.server import make_server, somaxconn
 
     limits = limits_of(args)
@@ -436,6 +437,7 @@ def run(args: argparse.Namespace) -> None:
     if cap is not None and cap < limits.backlog:
         print(f"note: the kernel caps the listen backlog at net.core.somaxconn={cap} "
               f"(--backlog {limits.backlog})")  # fmt: skip
+    release_workers()  # loading ran here; from now on this thread only serves HTTP
     try:
         make_server(app, host=args.host, port=args.port, limits=limits, log_level="info").run()
     finally:

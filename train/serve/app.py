@@ -38,6 +38,7 @@ from typing import Any
 from train.serve import bodies, images, openai_routes, schemas, server
 from train.serve.engine import Overloaded
 from train.serve.front_door import FrontDoor, HttpLimits
+from train.serve.openmp import releasing
 from train.serve.service import NotServed, Service
 
 _log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def create_app(
                     decoded[field] = decode(value, field)
             return body, decoded
 
-        return await asyncio.get_running_loop().run_in_executor(parse_pool, work)
+        return await asyncio.get_running_loop().run_in_executor(parse_pool, releasing(work))
 
     def decode(payload: str | list, name: str) -> Any:
         if isinstance(payload, str):

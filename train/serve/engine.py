@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from train.serve.metrics import Metrics
+from train.serve.openmp import releasing
 
 _log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class Batcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         self.metrics.observe_batch(self.name, len(batch))
         try:
-            results = await loop.run_in_executor(self._executor, self._call, batch)
+            results = await loop.run_in_executor(self._executor, releasing(self._call), batch)
         except Exception as e:  # fn's failure belongs to the requests of this batch
             for p in batch:
                 if not p.future.done():

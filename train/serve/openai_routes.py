@@ -48,6 +48,7 @@ from train.serve.openai_schemas import (
     error_body,
     openai_request_models,
 )
+from train.serve.openmp import releasing
 from train.serve.service import NotServed, Service
 
 _RETRY = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
@@ -162,7 +163,7 @@ def mount(app: Any, service: Service, parse_pool: Any) -> None:
             body = bodies.parse_body(cls, raw, budgets[cls])
             return body, then(body)
 
-        return await asyncio.get_running_loop().run_in_executor(parse_pool, work)
+        return await asyncio.get_running_loop().run_in_executor(parse_pool, releasing(work))
 
     def prompt_ids(body: Any) -> list[list[int]]:
         # One list of ids per prompt; their length plus max_tokens must fit the context.

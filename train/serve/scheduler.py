@@ -57,6 +57,7 @@ from fmm.kv_cache import as_spec
 from fmm.sampling import Sampling
 from train.serve.engine import EngineClosed, Overloaded
 from train.serve.handle import Handle
+from train.serve.openmp import release_workers
 from train.serve.slot_pool import SlotPool
 
 __all__ = ["Handle", "Scheduler"]
@@ -261,6 +262,7 @@ class Scheduler:
             raise RuntimeError("warmup() must run before the first submit")
         with torch.inference_mode():
             self.slots.calibrate()
+        release_workers()  # this thread's idle workers would slow every step (see openmp)
 
     @property
     def load(self) -> dict:
@@ -309,6 +311,7 @@ class Scheduler:
     def _iterate(self) -> bool:
         with self._cv:
             while not (self._closed or self._waiting or self._prefilling or self._running):
+                release_workers()  # idle: other threads' work gets the cores (see openmp)
                 self._cv.wait()
             if self._closed:
                 return False

@@ -24,6 +24,7 @@ import torch
 from fmm.templates import check_template, fill_template
 from train.serve.engine import Engine, Overloaded
 from train.serve.metrics import Metrics
+from train.serve.openmp import releasing
 
 
 class NotServed(LookupError):
@@ -276,7 +277,7 @@ class Service:
             finally:
                 loop.call_soon_threadsafe(events.put_nowait, end)
 
-        worker = loop.run_in_executor(self._gen_pool, produce)
+        worker = loop.run_in_executor(self._gen_pool, releasing(produce))
         try:
             while (event := await events.get()) is not end:
                 if isinstance(event, Exception):
