@@ -284,7 +284,14 @@ def _compile_own(fn: Callable, backend: Any) -> Callable:
     with it), and a process holding several pools or models (a test suite) never runs one
     pool into the limit with another's graphs."""
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
-    return torch.compile(own, fullgraph=True, dynamic=False, backend=backend)
+    options = _ROW_COUNT_BLIND if backend == "inductor" else None
+    return torch.compile(own, fullgraph=True, dynamic=False, backend=backend, options=options)
+
+
+# Inductor computes a small variance (a layer norm's) in two passes when there are several
+# rows and by Welford's method when there is one: a lone row would then round otherwise
+# than in any batch. Welford always, so that one row steps as one of many.
+_ROW_COUNT_BLIND = {"cpp.use_two_step_variance_threshold": 0}
 
 
 def _noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -142,10 +142,13 @@ def _forget(key: int, _ref: Any) -> None:
 @torch.library.custom_op("fmm::packed_linear", mutates_args=())
 def _packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
+    n = rows.shape[0]
+    if n == 1:  # oneDNN sums a lone row of a long one (GPT-2's 3072 -> 768) otherwise
+        rows = torch.cat([rows, rows])
     root = _root(w)  # the weight itself, where w is a view of it (x @ w.t(), compiled)
     weight = root if root.shape == w.shape and root.stride() == w.stride() else w
     out = torch.ops.mkldnn._linear_pointwise(rows, _packed(weight), b, "none", [], "")
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return out[:n].reshape(*x.shape[:-1], w.shape[0])
 
 
 @_packed_linear.register_fake
@@ -162,7 +165,8 @@ class PackedLinears(TorchFunctionMode):
     """While active, float32 CPU ``F.linear(x, w, b)`` (and ``fmm.nn.linear``'s compiled
     ``x @ w.t()``) run through oneDNN over ``w`` packed once for any row count
     (``torch.ops.fmm.packed_linear``, an opaque op): a row rounds alike at every row count
-    from 1 (measured to 40 at GPT-2 small's widths), and small batches read the weights
+    from 2 (measured to 40 at GPT-2 small's widths; a lone row is computed as two, since
+    oneDNN sums one row of a 3072-long product otherwise), and small batches read the weights
     about as fast as a matrix-vector product. Inference only (no gradient); other
     products pass through."""
 

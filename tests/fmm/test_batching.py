@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fmm
 from fmm import batching, decoding, probes
+from fmm.invariance import PackedLinears, packed_available
 from fmm.sampling import sample
 from models import gpt
 
@@ -178,3 +179,24 @@ def test_a_moved_sequence_continues_bit_for_bit_and_the_probe_keeps_exact_bucket
     b, _ = batching.decode_slots(PARAMS, feed, moved, active & torch.tensor([1, 0, 0, 0]).bool(),
                                  cfg=SPEC)  # fmt: skip
     assert torch.equal(a[3], b[0])
+
+
+@pytest.mark.skipif(not packed_available(), reason="this torch has no oneDNN")
+def test_a_lone_row_of_the_compiled_packed_step_rounds_as_in_a_batch():
+    # GPT-2 small's widths, one layer: where inductor's layer norm and oneDNN's 3072-long
+    # product would sum a single row otherwise than a row of a batch.
+    cfg = gpt.GPTConfig(vocab_size=97, context_length=32, width=768, layers=1, heads=12)
+    params, spec = gpt.init(cfg, fmm.random.key(1)), gpt.decoder_spec(cfg)
+    step = batching.compiled_decode("inductor", linears="packed")
+    with torch.inference_mode():
+        pool = decoding.init_cache(spec, 2, cfg.context_length)
+        with PackedLinears():
+            for s in range(2):
+                batching.prefill_slot(params, torch.arange(5) + 7 * s, pool, s, cfg=spec)
+        out = {}
+        for n in (1, 2):
+            rows = batching.rows(fmm.tree.map(torch.clone, pool), n)
+            logits, _ = step(params, torch.full((n,), 3), rows, torch.ones(n, dtype=torch.bool),
+                             spec)  # fmt: skip
+            out[n] = logits[0]
+    assert torch.equal(out[1], out[2])
