@@ -36,7 +36,7 @@ State = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["Optimizer", "Schedule", "adamw", "apply_updates", "chain", "clip_by_global_norm"]
-__all__ += ["constant_schedule", "cosine_schedule", "global_norm", "sgd"]
+__all__ += ["constant_schedule", "cosine_schedule", "ema_update", "global_norm", "sgd"]
 
 
 class Optimizer(NamedTuple):
@@ -287,3 +287,24 @@ def chain(*optimizers: Optimizer) -> Optimizer:
         return grads, tuple(new_state)
 
     return Optimizer(init, update)
+
+
+def ema_update(average: Params, params: Params, decay: torch.Tensor | float) -> Params:
+    """An exponential moving average of weights, one step: ``decay * average + (1 - decay)
+    * params`` leafwise over ``average``'s parts (``params`` may hold more: a student's
+    head that its teacher lacks), as new detached tensors in ``average``'s dtypes, computed
+    in at least float32 (inputs untouched). ``decay``: a float or a 0-d tensor (a compiled
+    step's changing decay, no recompile). Keep the average in float32: a bfloat16 one
+    cannot resolve steps of ``1 - decay``. What data2vec's teacher and a diffusion
+    recipe's sampling weights are.
+
+    Example: ``ema = ema_update(state["ema"], params, 0.999)``.
+    """
+    current = {k: params[k] for k in average}
+
+    def mix(t, s):
+        wide = torch.promote_types(t.dtype, torch.float32)
+        d = torch.as_tensor(decay, device=t.device).to(wide)
+        return (t.detach().to(wide) * d + s.detach().to(wide) * (1.0 - d)).to(t.dtype)
+
+    return tree.map(mix, average, current)

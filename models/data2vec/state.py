@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fmm import checks, tree
+from fmm.optim import ema_update
 from models.data2vec import model as M
 from models.data2vec.config import Data2VecConfig
 
@@ -32,23 +33,6 @@ def ema_decay(cfg: Data2VecConfig, step: torch.Tensor) -> torch.Tensor:
     if cfg.tau_steps == 0:
         done = torch.ones_like(done)
     return cfg.tau_start + (cfg.tau_end - cfg.tau_start) * done
-
-
-def ema_update(teacher: Tree, params: Tree, decay: torch.Tensor | float) -> Tree:
-    """``decay * teacher + (1 - decay) * params`` leafwise over the teacher's parts, as new
-    detached tensors in the teacher's dtypes, computed in at least float32 (inputs untouched). Keep
-    the teacher in float32: a bfloat16 one cannot resolve steps of ``1 - decay``.
-
-    Example: ``teacher = ema_update(state["teacher"], params, ema_decay(cfg, state["step"]))``.
-    """
-    current = {k: params[k] for k in teacher}
-
-    def mix(t, s):
-        wide = torch.promote_types(t.dtype, torch.float32)
-        d = torch.as_tensor(decay, device=t.device).to(wide)
-        return (t.detach().to(wide) * d + s.detach().to(wide) * (1.0 - d)).to(t.dtype)
-
-    return tree.map(mix, teacher, current)
 
 
 def init_state(cfg: Data2VecConfig, params: Tree, key: torch.Tensor | None = None) -> Tree:

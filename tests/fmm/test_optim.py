@@ -17,6 +17,7 @@ from fmm.optim import (
     clip_by_global_norm,
     constant_schedule,
     cosine_schedule,
+    ema_update,
     global_norm,
     sgd,
 )
@@ -320,3 +321,20 @@ def test_vmap_over_ensemble_equals_loop(opt):
 def test_bad_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@given(decay=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_ema_update_mixes_over_the_averages_parts_in_their_dtypes(decay, seed):
+    g = torch.Generator().manual_seed(seed)
+    average = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g).double()}
+    params = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g).double(),
+              "head": torch.randn(2)}  # fmt: skip
+    before = {k: v.clone() for k, v in average.items()}
+    out = ema_update(average, params, torch.tensor(decay))
+    assert set(out) == {"w", "b"} and out["b"].dtype == torch.float64
+    for k in out:
+        want = decay * before[k] + (1 - decay) * params[k]
+        torch.testing.assert_close(out[k], want.to(out[k].dtype), atol=1e-6, rtol=1e-6)
+        assert torch.equal(average[k], before[k])  # the input is untouched
+    assert torch.equal(ema_update(average, params, 1.0)["w"], average["w"])
+    assert torch.equal(ema_update(average, params, 0.0)["w"], params["w"])

@@ -59,9 +59,9 @@ import torch.nn.functional as F
 
 import fmm
 from fmm import diffusion
+from fmm.optim import ema_update
 from models import adm, clip
 from models.adm import unet
-from models.data2vec import ema_update
 from train.data import (
     WorldConfig,
     class_names,
