@@ -420,3 +420,19 @@ def test_a_served_gpt2_promises_no_more_new_tokens_than_a_slot_holds(tmp_path):
         tmp_path, batching=serve.Batching(max_slots=2, max_len=20, compile=None)
     )
     assert (context, slotted.generate_limits["max_new_tokens"][1]) == (48, 20)
+
+
+def test_the_command_line_says_what_the_start_up_does_and_found(tmp_path, capsys):
+    from tests.serve.test_gpt_serving import write_gpt2_dir
+    from train.recipes import serve
+
+    write_gpt2_dir(tmp_path)
+    model = serve.load_model(
+        tmp_path, batching=serve.Batching(max_slots=2, max_len=20, compile=None, announce=True)
+    )
+    said = capsys.readouterr().out.splitlines()
+    assert (
+        said[0] == "scheduler: probing and compiling the decode step for 2 slots of 20 positions..."
+    )
+    assert said[1].startswith("scheduler: ready in ") and "rows and [20] key positions" in said[1]
+    assert model.generate is not None

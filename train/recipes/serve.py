@@ -15,6 +15,7 @@ with the tokens streamed likewise. Routes and status codes: :mod:`train.serve.ap
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,14 +239,15 @@ class Batching:
     ``prefill_chunk`` prompt tokens per iteration, ``max_len`` positions per slot (``None``:
     the model's context), the decode step compiled with ``compile`` (a dynamo backend name,
     or ``None``: eager), its linear layers ``linears`` (``"packed"``, ``"columns"`` or ``"rows"``; ``None``: the
-    scheduler's default). See
-    :class:`train.serve.scheduler.Scheduler`."""
+    scheduler's default). ``announce``: say on stdout what the start-up does and what it
+    found (the command line's). See :class:`train.serve.scheduler.Scheduler`."""
 
     max_slots: int = 32
     prefill_chunk: int = 64
     max_len: int | None = None
     compile: str | None = "inductor"
     linears: str | None = None
+    announce: bool = False
 
     def scheduler(self, params: dict, spec: Any, **kw: Any) -> Any:
         """A warmed-up :class:`~train.serve.scheduler.Scheduler` over ``params``."""
@@ -255,7 +257,16 @@ class Batching:
             params, spec, max_slots=self.max_slots, prefill_chunk=self.prefill_chunk,
             max_len=self.max_len, compile=self.compile, linears=self.linears, **kw,
         )  # fmt: skip
+        if self.announce:  # the probes and compiles take a minute or so on a small CPU
+            print(f"scheduler: probing and compiling the decode step for {self.max_slots} "
+                  f"slots of {scheduler.max_len} positions...", flush=True)  # fmt: skip
+        started = time.perf_counter()
         scheduler.warmup()
+        if self.announce:
+            pool = scheduler.slots
+            print(f"scheduler: ready in {time.perf_counter() - started:.0f} s; steps over "
+                  f"{pool.buckets} rows and {pool.windows} key positions, "
+                  f"{pool.linears} linears", flush=True)  # fmt: skip
         return scheduler
 
 
@@ -400,7 +411,7 @@ def build_service(args: argparse.Namespace) -> Service:
         backend = None if args.compile_step == "none" else args.compile_step
         batching = Batching(
             max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
-            max_len=args.slot_len, compile=backend, linears=args.linears,
+            max_len=args.slot_len, compile=backend, linears=args.linears, announce=True,
         )  # fmt: skip
     model = load_model(args.ckpt, quantize=args.quantize, device=device, batching=batching)
     generations = args.max_generations
