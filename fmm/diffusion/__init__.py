@@ -39,6 +39,7 @@ from fmm.diffusion.losses import (
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     hybrid_loss,
+    min_snr_weights,
     normal_kl,
     simple_loss,
     vlb_terms,
@@ -71,6 +72,7 @@ from fmm.diffusion.schedule import (
     quadratic_betas,
     sample_timesteps,
     sigmoid_betas,
+    snr,
     spaced,
 )
 from fmm.diffusion.transforms import (
@@ -87,6 +89,7 @@ __all__ += ["q_posterior", "q_sample", "quadratic_betas", "sample_timesteps", "s
 __all__ += ["PREDICTIONS", "convert", "predict_noise", "predict_x0", "spaced"]
 __all__ += ["reverse_step_moments", "split_output", "target"]
 __all__ += ["diffusion_loss", "discretized_gaussian_log_likelihood", "hybrid_loss"]
+__all__ += ["min_snr_weights", "snr"]
 __all__ += ["normal_kl", "simple_loss", "vlb_terms"]
 __all__ += ["compile_step", "ddim_moments", "ddim_step", "ddpm_moments", "ddpm_step", "sample"]
 __all__ += ["classifier_free_guidance", "drop_condition", "inpaint", "inpaint_conditioning"]

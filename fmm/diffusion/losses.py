@@ -4,8 +4,10 @@
 Nichol & Dhariwal's variational bound (eq. 16): the KL between the true posterior and the
 model's reverse step (the discretised decoder likelihood at ``t = 0``), in bits per
 dimension, weighted by ``vlb_weight``; it trains only the learned variance (the mean's
-gradient is stopped in it). :func:`diffusion_loss` runs the whole training draw as one pure
-function of a key.
+gradient is stopped in it). :func:`min_snr_weights` is Hang et al.'s Min-SNR-γ weighting
+("Efficient Diffusion Training via Min-SNR Weighting Strategy"), which both losses take as
+``snr_gamma``. :func:`diffusion_loss` runs the whole training draw as one pure function of
+a key.
 
 Example::
 
@@ -23,12 +25,13 @@ import torch
 from fmm import checks, random
 from fmm.diffusion.interface import Cond, Denoise
 from fmm.diffusion.predict import reverse_step_moments, split_output, target
-from fmm.diffusion.schedule import Schedule, q_posterior, q_sample, sample_timesteps
+from fmm.diffusion.schedule import Schedule, q_posterior, q_sample, sample_timesteps, snr
 
 __all__ = [
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "hybrid_loss",
+    "min_snr_weights",
     "normal_kl",
     "simple_loss",
     "vlb_terms",
@@ -88,6 +91,29 @@ def vlb_terms(
     return torch.where(t == 0, nll, kl) / math.log(2.0)
 
 
+def min_snr_weights(
+    schedule: Schedule, prediction: str, t: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """``float64 [B]``: Min-SNR-γ loss weights of rows at steps ``t: [B]`` for a
+    ``prediction`` model's squared error.
+
+    Every prediction's squared error is that of ``x0`` times a weight of the step: ``SNR``
+    for noise, 1 for ``x0``, ``SNR + 1`` for ``v``. Min-SNR-γ makes that effective weight
+    ``min(SNR, γ)``, so the nearly clean steps (``SNR`` up to ~1e4), easy but loud, no longer
+    outweigh the noisy ones where the layout of the image is decided; the weights here
+    divide each prediction's own factor out. Hang et al. use ``γ = 5``.
+    Example: ``min_snr_weights(s, "noise", torch.tensor([0, 500, 999]), 5.0)``.
+    """
+    if not gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+    ratio = snr(schedule, t)
+    effective = ratio.clamp(max=gamma)
+    own = {"noise": ratio, "x0": torch.ones_like(ratio), "v": ratio + 1.0}
+    if prediction not in own:
+        raise ValueError(f"prediction must be one of {tuple(own)}, got {prediction!r}")
+    return effective / own[prediction]
+
+
 def simple_loss(
     schedule: Schedule,
     out: torch.Tensor,
@@ -97,11 +123,17 @@ def simple_loss(
     *,
     prediction: str = "noise",
     learned_variance: bool = False,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the prediction channels of ``out`` and the ``prediction``
-    target built from ``x0`` and ``noise`` (all ``[B, C, H, W]``): a scalar."""
+    target built from ``x0`` and ``noise`` (all ``[B, C, H, W]``): a scalar. ``snr_gamma``:
+    each row's error weighted by :func:`min_snr_weights` (None: unweighted)."""
     pred, _ = split_output(out, learned_variance=learned_variance)
-    return ((pred - target(schedule, prediction, x0, noise, t)) ** 2).mean()
+    error = (pred - target(schedule, prediction, x0, noise, t)) ** 2
+    if snr_gamma is None:
+        return error.mean()
+    weights = min_snr_weights(schedule, prediction, t, snr_gamma).to(error.dtype)
+    return (error.flatten(1).mean(1) * weights).mean()
 
 
 def hybrid_loss(
@@ -115,14 +147,16 @@ def hybrid_loss(
     prediction: str = "noise",
     vlb_weight: float = 1e-3,
     clip: bool = False,
+    snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``simple + vlb_weight * mean(vlb)`` for a learned-variance output ``out: [B, 2C, H, W]``.
 
     The bound sees the prediction through a stop-gradient, so only the variance channels
-    learn from it (the MSE trains the mean). Returns ``(loss, {"mse", "vlb"})``.
+    learn from it (the MSE, weighted by ``snr_gamma`` as in :func:`simple_loss`, trains the
+    mean). Returns ``(loss, {"mse", "vlb"})``.
     """
     pred, value = out.chunk(2, dim=1)
-    mse = simple_loss(schedule, pred, x0, noise, t, prediction=prediction)
+    mse = simple_loss(schedule, pred, x0, noise, t, prediction=prediction, snr_gamma=snr_gamma)
     frozen = torch.cat([pred.detach(), value], dim=1)
     mean, log_variance, _ = reverse_step_moments(
         schedule, frozen, x_t, t, prediction=prediction, learned_variance=True, clip=clip
@@ -142,11 +176,13 @@ def diffusion_loss(
     prediction: str = "noise",
     learned_variance: bool = False,
     vlb_weight: float = 1e-3,
+    snr_gamma: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training draw: steps and noise from ``key``, ``x_t``, the denoiser, the loss.
 
     ``x0: [B, C, H, W]`` in ``[-1, 1]``. The loss is :func:`hybrid_loss` with a learned
-    variance, :func:`simple_loss` otherwise. Returns ``(loss, {"mse", ...})``.
+    variance, :func:`simple_loss` otherwise; ``snr_gamma`` weights its MSE by
+    :func:`min_snr_weights`. Returns ``(loss, {"mse", ...})``.
     """
     checks.check_float("x0", x0, ("batch", "channels", "height", "width"))
     k_t, k_noise = random.split(key)
@@ -155,7 +191,8 @@ def diffusion_loss(
     out = denoise(params, x_t, t, cond)
     if learned_variance:
         return hybrid_loss(
-            schedule, out, x0, x_t, noise, t, prediction=prediction, vlb_weight=vlb_weight
-        )
-    mse = simple_loss(schedule, out, x0, noise, t, prediction=prediction)
+            schedule, out, x0, x_t, noise, t, prediction=prediction, vlb_weight=vlb_weight,
+            snr_gamma=snr_gamma,
+        )  # fmt: skip
+    mse = simple_loss(schedule, out, x0, noise, t, prediction=prediction, snr_gamma=snr_gamma)
     return mse, {"mse": mse.detach()}

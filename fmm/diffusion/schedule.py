@@ -36,6 +36,7 @@ __all__ = [
     "quadratic_betas",
     "sample_timesteps",
     "sigmoid_betas",
+    "snr",
     "spaced",
 ]
 
@@ -188,6 +189,13 @@ def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     coefficients would lose ~1e-5 per step, which a sampler's loop compounds.
     """
     return values[t].reshape(-1, *(1,) * (like.ndim - 1))
+
+
+def snr(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+    """``float64 [B]``: the signal-to-noise ratio ``ᾱ_t / (1 - ᾱ_t)`` of ``x_t`` at steps
+    ``t: [B]`` (it falls from ~1e4 at ``t = 0`` to ~0 at the last step of a cosine schedule)."""
+    ac = schedule.alphas_cumprod[t]
+    return ac / (1.0 - ac)
 
 
 def sample_timesteps(schedule: Schedule, key: torch.Tensor, batch: int) -> torch.Tensor:

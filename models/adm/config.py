@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from fmm.diffusion.predict import PREDICTIONS
+
 
 def _positive(owner: str, **sizes: int) -> None:
     for name, value in sizes.items():
@@ -42,6 +44,12 @@ class ADMConfig:
     interpolation value ``v`` of the learned variance, mapped to ``[0, 1]`` as
     ``(v + 1) / 2`` (TorchMultimodal's ``adm_unet``). ``dropout``: before each residual
     block's second convolution. ``timesteps``: the diffusion steps the loss draws ``t`` from.
+
+    Training choices the output's meaning depends on: ``prediction``, what the prediction
+    channels estimate (``"noise"``, ``"v"`` or ``"x0"``: ``fmm.diffusion.predict``; a sampler
+    must be told it), and ``snr_gamma``, the loss's Min-SNR-γ weighting
+    (``fmm.diffusion.min_snr_weights``; None: the plain MSE). TorchMultimodal's ADM predicts
+    noise unweighted, the defaults.
     """
 
     image_size: int = 64
@@ -62,6 +70,8 @@ class ADMConfig:
     dropout: float = 0.1
     learned_variance: bool = True
     timesteps: int = 1000
+    prediction: str = "noise"
+    snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -88,6 +98,12 @@ class ADMConfig:
             )
         if self.embed_dim is not None:
             _positive(owner, embed_dim=self.embed_dim)
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(
+                f"{owner}: prediction must be one of {PREDICTIONS}, got {self.prediction!r}"
+            )
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"{owner}: snr_gamma must be > 0 or None, got {self.snr_gamma!r}")
         if self.null_embedding and self.embed_dim is None:
             raise ValueError(f"{owner}: null_embedding needs embed_dim (a condition to replace)")
         if not 0.0 <= self.cond_dropout < 1.0 or (self.cond_dropout and not self.null_embedding):

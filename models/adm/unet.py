@@ -290,8 +290,8 @@ def loss(
     block_fn: BlockFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The diffusion loss of ``batch`` (:func:`batch_fields`) on the cosine
-    :func:`schedule`: ``fmm.diffusion.losses.diffusion_loss`` with a noise prediction (and
-    the hybrid loss with a learned variance). ``key`` draws the timesteps, the noise, the
+    :func:`schedule`: ``fmm.diffusion.losses.diffusion_loss`` of ``cfg.prediction`` under
+    ``cfg.snr_gamma`` (and the hybrid loss with a learned variance). ``key`` draws the timesteps, the noise, the
     dropped conditions and the dropout; it is required (the loss is a draw). ``block_fn``
     is the contract's: the U-Net has no transformer stack.
 
@@ -316,5 +316,6 @@ def loss(
 
     return diffusion_loss(
         denoise, params, images, random.fold_in(key, "diffusion"), cond or None,
-        schedule=schedule(cfg), prediction="noise", learned_variance=cfg.learned_variance,
+        schedule=schedule(cfg), prediction=cfg.prediction, learned_variance=cfg.learned_variance,
+        snr_gamma=cfg.snr_gamma,
     )  # fmt: skip

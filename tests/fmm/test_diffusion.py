@@ -270,3 +270,32 @@ def test_results_keep_the_data_dtype(params):
         assert out.dtype == torch.bfloat16
     for kind in fd.PREDICTIONS:
         assert fd.convert(s, x, x_t, t, source=kind, to="v").dtype == torch.bfloat16
+
+
+def test_min_snr_weighting_is_one_weight_of_the_x0_error_whatever_the_prediction():
+    s = fd.gaussian_schedule(fd.cosine_betas(T))
+    k = fmm.random.split(fmm.random.key(13), 3)
+    x0 = fmm.random.uniform(k[0], (B, C, H, W), low=-1.0, high=1.0, dtype=torch.float64)
+    t = torch.tensor([0, 3, 12, T - 1])
+    x_t, noise = fd.q_sample(s, x0, t, k[1])
+    guess = x0 + 0.3 * fmm.random.normal(k[2], x0.shape, dtype=torch.float64)  # one x0 estimate
+    gamma = 5.0
+    ratio = fd.snr(s, t)
+    assert ratio[0] > gamma > ratio[-1]  # both sides of the clamp are exercised
+    for row in range(B):
+        i = slice(row, row + 1)
+        x0_error = ((guess[i] - x0[i]) ** 2).mean()
+        want = min(float(ratio[row]), gamma) * x0_error
+        for prediction in fd.PREDICTIONS:
+            out = fd.convert(s, guess[i], x_t[i], t[i], source="x0", to=prediction)
+            got = fd.simple_loss(s, out, x0[i], noise[i], t[i], prediction=prediction,
+                                 snr_gamma=gamma)  # fmt: skip
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    # A gamma above every step's SNR leaves a noise prediction's MSE unweighted.
+    out = fmm.random.normal(k[2], x0.shape, dtype=torch.float64)
+    torch.testing.assert_close(
+        fd.simple_loss(s, out, x0, noise, t, snr_gamma=float(ratio.max()) * 2),
+        fd.simple_loss(s, out, x0, noise, t),
+    )
+    with pytest.raises(ValueError, match=r"^snr_gamma must be > 0"):
+        fd.min_snr_weights(s, "noise", t, 0.0)

@@ -5,6 +5,7 @@ lists, and the laws of the pieces (timestep features, group norm, conditioned at
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import fmm
 import models
 from fmm.convert import ConversionError
+from fmm.diffusion.losses import diffusion_loss
 from fmm.diffusion.predict import split_output
 from fmm.diffusion.transforms import classifier_free_guidance
 from fmm.nn.norm import group_norm, init_group_norm
@@ -227,6 +229,26 @@ def test_bad_inputs_are_refused_by_name():
         unet.loss(params, {"images": x, "context": c}, cfg=cfg)
     with pytest.raises(ValueError, match="not divisible by groups"):
         ADMConfig(channels=(48, 64), attention=(False, True), image_size=16)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        adm_tiny(prediction="eps")
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        adm_tiny(snr_gamma=0.0)
+
+
+def test_loss_trains_the_configured_prediction_under_its_weighting():
+    cfg = adm_tiny(embed_dim=16, learned_variance=False, dropout=0.0)
+    params = unet.init(cfg, fmm.random.key(0))
+    x, _, c = _inputs(cfg)
+    batch, key = {"images": x.clamp(-1, 1), "context": c}, fmm.random.key(3)
+    for prediction, gamma in (("noise", None), ("v", 5.0), ("x0", 1.0)):
+        chosen = dataclasses.replace(cfg, prediction=prediction, snr_gamma=gamma)
+        got, _ = unet.loss(params, batch, cfg=chosen, key=key, train=False)
+        want, _ = diffusion_loss(
+            functools.partial(unet.apply, cfg=chosen), params, batch["images"],
+            fmm.random.fold_in(key, "diffusion"), {"context": c}, schedule=unet.schedule(cfg),
+            prediction=prediction, snr_gamma=gamma,
+        )  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_loss_drops_conditions_only_in_training():

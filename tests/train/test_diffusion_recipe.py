@@ -33,7 +33,8 @@ def runs(tmp_path_factory):
     main(["mmgpt", "--out", str(root / "mmgpt"), "--vqvae", str(root / "vqvae"),
           "--width", "32", "--layers", "1", *TINY])  # fmt: skip
     main(["diffusion", "--out", str(root / "diffusion"), "--judge", str(root / "clip"),
-          "--compare-mmgpt", str(root / "mmgpt"), "--sample-from", "ema", *DIFFUSION])  # fmt: skip
+          "--compare-mmgpt", str(root / "mmgpt"), "--sample-from", "ema",
+          "--prediction", "x0", "--snr-gamma", "2.5", *DIFFUSION])  # fmt: skip
     return root
 
 
@@ -52,6 +53,7 @@ def test_recipe_writes_samples_and_judged_figures_beside_mmgpt(runs):
     assert 0.0 <= metrics["frechet_real_scenes"] < metrics["frechet_distance"]
     run = load_run(out, family="adm")
     assert run.cfg.cond_key == "clip_text" and run.cfg.image_size == 16
+    assert run.cfg.prediction == "x0" and run.cfg.snr_gamma == 2.5
     assert run.config["condition"] == "text" and run.config["clip_run"] == str(runs / "clip")
     assert metrics["sampled_from"] == "ema"
     # The EMA is saved beside the params: three updates in, it has moved off them.
@@ -75,8 +77,10 @@ def test_the_ema_follows_its_warmup_then_its_decay():
 @pytest.mark.parametrize("condition", diffusion.CONDITIONS)
 def test_training_batches_fit_the_family_with_either_condition(runs, condition):
     encoder = load_run(runs / "clip", family="clip")
-    args = Namespace(width=8, image_size=16, cond_dropout=0.1, condition=condition)
+    args = Namespace(width=8, image_size=16, cond_dropout=0.1, condition=condition,
+                     prediction="noise", snr_gamma=5.0, plain_mse=True)  # fmt: skip
     cfg = diffusion.model_config(args, encoder.cfg.embed_dim)
+    assert cfg.prediction == "noise" and cfg.snr_gamma is None
     embed = diffusion.embedder(encoder, condition)
     batch = diffusion.scenes_and_conditions(
         WorldConfig(), embed, cfg, condition, torch.Generator().manual_seed(0), 3
@@ -95,6 +99,9 @@ def test_training_batches_fit_the_family_with_either_condition(runs, condition):
         (["--cond-dropout", "1"], UsageError, "--cond-dropout"),
         (["--condition", "audio"], UsageError, "--condition"),
         (["--sample-from", "teacher"], UsageError, "--sample-from"),
+        (["--prediction", "eps"], UsageError, "--prediction"),
+        (["--snr-gamma", "0"], UsageError, "--snr-gamma"),
+        (["--snr-gamma", "5", "--plain-mse"], UsageError, "not allowed with argument"),
         (["--width", "12"], SystemExit, "--width"),
         (["--cond-dropout", "0"], SystemExit, "--cond-dropout > 0"),
         (["--clip", "VQVAE"], checkpoint.CheckpointError, "not a run of the 'clip' family"),
