@@ -21,11 +21,11 @@ pessimistic). Every method but ``fmm.decoding.generate`` decodes on a thread of 
 and before each timed run the main thread hands back its idle OpenMP workers
 (:mod:`train.serve.openmp`: while they live, libgomp throttles every other thread's), so
 each method has the cores to itself. Per row: total tokens/s, time to first token (p50)
-and the gap between a request's tokens (inter-token p50/p99, all requests' gaps together). Then the goals, each a
-ratio against a baseline measured in this run: scheduler >= 5x per-request and >= 1.5x
-transformers in tokens/s at 32 clients; inter-token p99 <= 2x the single-stream step
-(``fmm.decoding.generate`` compiled, batch 1: ``(t(n) - t(1)) / (n - 1)``); one client no
-slower than ``fmm.decoding.generate`` alone.
+and the gap between a request's tokens (inter-token p50/p99, all requests' gaps
+together). Then the goals, each a ratio against a baseline measured in this run:
+scheduler >= 5x per-request and >= 1.5x transformers in tokens/s at 32 clients;
+inter-token p99 <= 2x the single-stream step (``fmm.decoding.generate`` compiled, batch 1:
+``(t(n) - t(1)) / (n - 1)``); one client no slower than ``fmm.decoding.generate`` alone.
 
 Run from the repo root (the default takes ~20 minutes on 2 cores; the per-request rows are
 the slow ones: ``--baseline-up-to`` / ``--baseline-http-up-to`` cap their concurrency)::

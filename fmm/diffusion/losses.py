@@ -24,7 +24,7 @@ import torch
 
 from fmm import checks, random
 from fmm.diffusion.interface import Cond, Denoise
-from fmm.diffusion.predict import reverse_step_moments, split_output, target
+from fmm.diffusion.predict import _check_prediction, reverse_step_moments, split_output, target
 from fmm.diffusion.schedule import Schedule, q_posterior, q_sample, sample_timesteps, snr
 
 __all__ = [
@@ -106,12 +106,10 @@ def min_snr_weights(
     """
     if not gamma > 0:
         raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+    _check_prediction(prediction)
     ratio = snr(schedule, t)
-    effective = ratio.clamp(max=gamma)
-    own = {"noise": ratio, "x0": torch.ones_like(ratio), "v": ratio + 1.0}
-    if prediction not in own:
-        raise ValueError(f"prediction must be one of {tuple(own)}, got {prediction!r}")
-    return effective / own[prediction]
+    own = {"noise": ratio, "x0": torch.ones_like(ratio), "v": ratio + 1.0}[prediction]
+    return ratio.clamp(max=gamma) / own
 
 
 def simple_loss(

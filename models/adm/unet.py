@@ -291,9 +291,9 @@ def loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The diffusion loss of ``batch`` (:func:`batch_fields`) on the cosine
     :func:`schedule`: ``fmm.diffusion.losses.diffusion_loss`` of ``cfg.prediction`` under
-    ``cfg.snr_gamma`` (and the hybrid loss with a learned variance). ``key`` draws the timesteps, the noise, the
-    dropped conditions and the dropout; it is required (the loss is a draw). ``block_fn``
-    is the contract's: the U-Net has no transformer stack.
+    ``cfg.snr_gamma`` (and the hybrid loss with a learned variance). ``key`` draws the
+    timesteps, the noise, the dropped conditions and the dropout; it is required (the loss
+    is a draw). ``block_fn`` is the contract's: the U-Net has no transformer stack.
 
     Returns ``(loss [], {"mse", ...})``.
     Example: ``value, metrics = loss(params, {"images": x}, cfg=adm_tiny(), key=key(0))``.
