@@ -2,13 +2,15 @@
 
 A BLAS picks its kernel, and with it the order in which a dot product is summed, from the
 shape of the whole product. On this project's CPUs (MKL), ``F.linear(x, w)`` over
-``n`` rows sums a row one way for ``n = 1``, another for ``2 <= n <= 15`` and a third from
-16 rows up (``benchmarks/batch_invariance.py``), so a decode step over 2 rows and one over
-32 give a row logits that differ in the last bits, and a sampled token can differ with
-them. Computed the other way round, as ``(w @ x.T).T``, the rows become the columns of the
-product and the kernel's blocking runs along them: a row rounds the same at every row
-count from 2 up (measured to 40 rows and at every width of GPT-2 small). One row alone is
-computed as two (itself twice), so it rounds as the others too.
+``n`` rows sums a row one way for ``n = 1`` and otherwise in two more groups (``2-15`` and
+``16+`` on an Intel CPU with AVX2, ``2-3`` and ``4+`` on an AMD EPYC with AVX-512:
+``benchmarks/batch_invariance.py``), so a decode step over 2 rows and one over 32 give a
+row logits that differ in the last bits, and a sampled token can differ with them.
+Computed the other way round, as ``(w @ x.T).T``, the rows become the columns of the
+product and the kernel's blocking runs along them: a row rounds alike over many row
+counts (on the Intel CPU 1 to over 40; on the AMD one 1-8, then 9-40), the columns padded
+to a multiple of 4 so that no row falls in the kernel's tail. oneDNN over weights packed
+once (:class:`PackedLinears`) sums a row alike from 1 to 40 rows on both.
 
 :class:`ColumnLinears` is a ``TorchFunctionMode`` that computes every product of a batch of
 rows with one matrix that way: ``F.linear`` and ``matmul(x, m)`` with ``m`` 2-D (what
@@ -27,7 +29,9 @@ counts are exact rather than trusting this. Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +47,7 @@ __all__ = [
     "column_linears",
     "columns_matmul",
     "linears_mode",
+    "mkl_reproducible",
     "packed_available",
 ]
 
@@ -51,7 +56,7 @@ _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 def columns_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x @ m`` computed as ``(m.T @ x.T).T``: ``x: [..., k]``, ``m: [k, out]`` ->
-    ``[..., out]``, contiguous; a single row is computed as two. Example:
+    ``[..., out]``, contiguous; the rows padded to a multiple of 4 columns. Example:
     ``torch.allclose(columns_matmul(x, w.T), x @ w.T, atol=1e-5)``."""
     rows = x.reshape(-1, x.shape[-1])
     return torch.ops.fmm.columns_mm(rows, m).reshape(*x.shape[:-1], m.shape[1])
@@ -63,10 +68,17 @@ def columns_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fmm::columns_mm", mutates_args=())
 def _columns_mm(rows: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     n = rows.shape[0]
-    if n == 1:
-        rows = torch.cat([rows, rows])
+    # Columns padded to a multiple of 4: MKL with AVX-512 computes the last n % 4 columns
+    # by another kernel (seen on an AMD EPYC: a row then rounded by its place at 5-7 and
+    # 9-11 rows), and a lone row would be a matrix-vector product.
+    pad = -n % _COLUMN_BLOCK
+    if pad:
+        rows = torch.cat([rows, rows[:1].expand(pad, -1)])
     # torch.mm, not @: an enclosing ColumnLinears must not turn this product back.
     return torch.mm(m.t(), rows.t()).t()[:n].contiguous()
+
+
+_COLUMN_BLOCK = 4
 
 
 @_columns_mm.register_fake
@@ -165,8 +177,9 @@ class PackedLinears(TorchFunctionMode):
     """While active, float32 CPU ``F.linear(x, w, b)`` (and ``fmm.nn.linear``'s compiled
     ``x @ w.t()``) run through oneDNN over ``w`` packed once for any row count
     (``torch.ops.fmm.packed_linear``, an opaque op): a row rounds alike at every row count
-    from 2 (measured to 40 at GPT-2 small's widths; a lone row is computed as two, since
-    oneDNN sums one row of a 3072-long product otherwise), and small batches read the weights
+    (measured from 1 to 40 at GPT-2 small's widths on an Intel and an AMD CPU; a lone row is
+    computed as two, since oneDNN sums one row of a 3072-long product otherwise on the
+    Intel one), and small batches read the weights
     about as fast as a matrix-vector product. Inference only (no gradient); other
     products pass through."""
 
@@ -189,6 +202,25 @@ def _eligible(x: Any, w: Any) -> bool:
         and x.device.type == w.device.type == "cpu"
         and x.dtype == w.dtype == torch.float32
     )  # fmt: skip
+
+
+def mkl_reproducible() -> bool | None:
+    """Whether MKL's conditional numerical reproducibility is on in this process (``None``:
+    this torch has no MKL to ask). Off, MKL may sum a product differently by the memory
+    alignment of its operands, so equal rows of one batch can round differently (torch's CPU
+    flash attention calls MKL on each thread's own buffers). ``import fmm`` turns it on
+    (``MKL_CBWR=AUTO``) unless MKL has computed already: import fmm before anything computes,
+    or set ``MKL_CBWR`` in the environment."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        branch = lib.mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    return branch(_MKL_CBWR_BRANCH) != _MKL_CBWR_BRANCH_OFF
+
+
+# mkl_service.h: mkl_cbwr_get(MKL_CBWR_BRANCH) answers MKL_CBWR_BRANCH_OFF when it is off.
+_MKL_CBWR_BRANCH = _MKL_CBWR_BRANCH_OFF = 1
 
 
 LINEARS = ("packed", "columns", "rows")

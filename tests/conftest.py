@@ -5,6 +5,8 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
+import fmm  # noqa: F401  (before any test computes: it turns on MKL's reproducibility)
+
 settings.register_profile(
     "ci",
     max_examples=15,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fmm import batching, probes, random
-from fmm.invariance import linears_mode, packed_available
+from fmm.invariance import linears_mode, mkl_reproducible, packed_available
 from fmm.kv_cache import DecoderSpec, init_cache
 
 __all__ = ["SlotPool"]
@@ -114,6 +114,10 @@ class SlotPool:
 
     def _calibrate(self) -> None:
         m, spec, windows = self.max_slots, self.spec, self.windows
+        if self.device.type == "cpu" and mkl_reproducible() is False:  # the probes can't see it
+            log.warning("MKL's reproducibility is off (MKL computed before fmm was imported): "
+                        "equal rows may round by their memory alignment, so a request's tokens "
+                        "may depend on its slot; import fmm first or set MKL_CBWR=AUTO")  # fmt: skip
         probe = {"cfg": spec, "context": self.probe_context, "linears": self.linears}
         if len(windows) > 1:
             windows, why = probes.invariant_windows(self.decode, self.params, self.cache,
