@@ -5,6 +5,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from fmm.invariance import packed_available
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_generate.py"
 
 
@@ -20,3 +22,5 @@ def test_serve_generate_quick_prints_every_row_and_goal(monkeypatch, capsys):
                  "gap p99 / single-stream step, 4 clients", "1 client / fmm.decoding.generate",
                  "single stream, fmm.decoding.generate:"):  # fmt: skip
         assert goal in text, (goal, text)
+    if packed_available():  # generate is timed under the scheduler's linear layers too
+        assert "single stream, fmm.decoding.generate, packed linears:" in text, text
