@@ -218,7 +218,9 @@ def test_generation_streams_the_greedy_codes_as_events(tmp_path):
     from train.recipes.generate import drawing_kit
 
     run_dir = tiny_mmgpt_run(tmp_path / "mmgpt")
-    service = serve.build_service(_args("--ckpt", str(run_dir)))
+    # aot_eager: the scheduler's path without inductor's minute of start-up compiles
+    # (tests/serve/test_scheduler.py checks the inductor step).
+    service = serve.build_service(_args("--ckpt", str(run_dir), "--compile-step", "aot_eager"))
     with running(create_app(service)) as url, httpx.Client(base_url=url, timeout=30) as client:
         body = {"prompt": "a red circle", "temperature": 0}
         with client.stream("POST", "/v1/generate", json=body) as r:
