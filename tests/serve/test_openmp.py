@@ -2,6 +2,7 @@
 parallel op builds them again."""
 
 import ctypes
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -17,19 +18,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-_NAME = b"fmm-omp-test"
+_NAMES = itertools.count()
+_name = threading.local()  # each test thread's own name: an ended one's workers may linger
 
 
 def _threads() -> int:
     # The OS threads named as the test's thread: itself and the OpenMP workers it started
     # (a new thread takes its creator's name), whatever other tests' threads do meanwhile.
     tasks = Path("/proc/self/task")
-    return sum(_named(t) for t in tasks.iterdir())
+    return sum(_named(t, _name.value) for t in tasks.iterdir())
 
 
-def _named(task: Path) -> bool:
+def _named(task: Path, name: bytes) -> bool:
     try:
-        return (task / "comm").read_bytes().strip() == _NAME
+        return (task / "comm").read_bytes().strip() == name
     except FileNotFoundError:  # it ended while we looked
         return False
 
@@ -50,7 +52,8 @@ def _in_thread(fn):
     out = {}
 
     def run():
-        ctypes.CDLL(None).prctl(15, _NAME, 0, 0, 0)  # PR_SET_NAME, for _threads
+        _name.value = f"fmm-omp-{next(_NAMES)}".encode()
+        ctypes.CDLL(None).prctl(15, _name.value, 0, 0, 0)  # PR_SET_NAME, for _threads
         out["value"] = fn()
 
     t = threading.Thread(target=run)
