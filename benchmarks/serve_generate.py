@@ -225,6 +225,14 @@ def parse_args() -> argparse.Namespace:
         default=["packed"],
         help="the scheduler's linear layers (serve --linears); each its own rows",
     )
+    p.add_argument(
+        "--step-attention",
+        nargs="+",
+        choices=("math", "sdpa"),
+        default=["math"],
+        help="the scheduler's decode attention (serve --step-attention); each after the "
+        "first its own rows, with the first --linears",
+    )
     p.add_argument("--slot-len", type=int, default=256, help="positions per slot")
     p.add_argument("--compile-step", default="inductor", help="inductor | aot_eager | none")
     p.add_argument(
@@ -247,17 +255,28 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def served(model_dir: Path, args, *, linears: str | None):
+def served(model_dir: Path, args, *, linears: str | None, attention: str = "math"):
     """The GPT-2 directory as ``serve`` loads it: through a warmed-up scheduler whose
-    linear layers are ``linears``, or (``None``) each request alone."""
+    linear layers are ``linears`` and whose step attends by ``attention``, or (``linears``
+    ``None``) each request alone."""
     backend = None if args.compile_step == "none" else args.compile_step
     batching = serve.Batching(max_slots=args.max_slots, max_len=args.slot_len, compile=backend,
-                              linears=linears)  # fmt: skip
+                              linears=linears, step_attention=attention)  # fmt: skip
     return serve.load_model(model_dir, batching=batching if linears else None)
 
 
-def scheduler_name(linears: str) -> str:
-    return "scheduler" if linears == "packed" else f"scheduler, {linears} linears"
+def scheduler_variants(args) -> list[tuple[str, str, str]]:
+    """``(row name, linears, attention)`` of every scheduler raced: each ``--linears`` with
+    the first ``--step-attention``, then each other attention with the first linears."""
+    first = args.step_attention[0]
+    variants = [(linears, first) for linears in args.linears]
+    variants += [(args.linears[0], a) for a in args.step_attention[1:]]
+    names = []
+    for linears, attention in variants:
+        parts = [f"{linears} linears"] * (linears != "packed")
+        parts += [f"{attention} attention"] * (attention != "math")
+        names.append(("scheduler" + "".join(f", {p}" for p in parts), linears, attention))
+    return names
 
 
 HEADER = (f"{'method':<32}{'clients':>8}{'tokens/s':>10}{'TTFT p50 ms':>13}"
@@ -312,9 +331,10 @@ def main() -> None:
             print(f"single stream, fmm.decoding.generate{', packed linears' if packed else ''}: "
                   f"{tps:.1f} tokens/s, a step {ms:.1f} ms", flush=True)  # fmt: skip
         schedulers = []
-        for linears in args.linears:
+        for name, linears, attention in scheduler_variants(args):
             started = time.perf_counter()
-            schedulers.append((scheduler_name(linears), served(model_dir, args, linears=linears)))
+            model = served(model_dir, args, linears=linears, attention=attention)
+            schedulers.append((name, model))
             print(
                 f"{schedulers[-1][0]} ready (warmed up) in {time.perf_counter() - started:.1f} "
                 f"s; {args.max_slots} slots of {args.slot_len}, step {args.compile_step}"

@@ -128,6 +128,26 @@ def test_the_compiled_step_compiles_once_whatever_the_occupancy():
     assert counter.frame_count == 1
 
 
+def test_the_math_attention_step_matches_the_sdpa_step_for_every_block():
+    from models import coca  # a stack of two kinds of block (a tuple of configs)
+
+    coca_spec = batching.with_attention(coca.decoder_spec(coca.coca_tiny()), "math")
+    assert {c.attn_impl for c in coca_spec.transformer} == {"math"}
+    math = batching.with_attention(SPEC, "math")
+    assert math.transformer.attn_impl == "math" and SPEC.transformer.attn_impl == "sdpa"
+    pools = [decoding.init_cache(SPEC, 3, CFG.context_length) for _ in range(2)]
+    for s, prompt in enumerate(([1, 2, 3], [4], [5, 6, 7, 8, 9])):
+        for pool in pools:
+            batching.prefill_slot(PARAMS, torch.tensor(prompt), pool, s, cfg=SPEC)
+    feed, active = torch.tensor([10, 11, 12]), torch.tensor([True, False, True])
+    for _ in range(3):
+        want, pools[0] = batching.decode_slots(PARAMS, feed, pools[0], active, cfg=SPEC)
+        got, pools[1] = batching.decode_slots(PARAMS, feed, pools[1], active, cfg=math)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="impl must be 'sdpa' or 'math', got 'flash'"):
+        batching.with_attention(SPEC, "flash")
+
+
 def test_bad_arguments_are_refused_in_one_line():
     pool = decoding.init_cache(SPEC, 2, CFG.context_length)
     with pytest.raises(ValueError, match="slot must be in"):

@@ -435,4 +435,5 @@ def test_the_command_line_says_what_the_start_up_does_and_found(tmp_path, capsys
         said[0] == "scheduler: probing and compiling the decode step for 2 slots of 20 positions..."
     )
     assert said[1].startswith("scheduler: ready in ") and "rows and [20] key positions" in said[1]
+    assert said[1].endswith("linears, math attention")
     assert model.generate is not None

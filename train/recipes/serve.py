@@ -120,6 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "packed on CPU where this torch has oneDNN, else columns)",
     )  # fmt: skip
     parser.add_argument(
+        "--step-attention", choices=("math", "sdpa"), default="math",
+        help="how the batched decode step attends: math (matmul, softmax, matmul: the faster "
+        "for one query on CPU) or sdpa (torch's fused kernels) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--prefill-chunk", type=number(at_least=1), default=64,
         help="most prompt tokens prefilled between two decode steps, so that a long prompt "
         "does not stall the running generations (default: %(default)s)",
@@ -178,7 +183,8 @@ def build_service(args: argparse.Namespace) -> Service:
         backend = None if args.compile_step == "none" else args.compile_step
         batching = Batching(
             max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
-            max_len=args.slot_len, compile=backend, linears=args.linears, announce=True,
+            max_len=args.slot_len, compile=backend, linears=args.linears,
+            step_attention=args.step_attention, announce=True,
         )  # fmt: skip
     model = load_model(args.ckpt, quantize=args.quantize, device=device, batching=batching)
     generations = args.max_generations

@@ -111,8 +111,9 @@ class Batching:
     """How generations share the model: ``max_slots`` sequences in one pool,
     ``prefill_chunk`` prompt tokens per iteration, ``max_len`` positions per slot (``None``:
     the model's context), the decode step compiled with ``compile`` (a dynamo backend name,
-    or ``None``: eager), its linear layers ``linears`` (``"packed"``, ``"columns"`` or ``"rows"``; ``None``: the
-    scheduler's default). ``announce``: say on stdout what the start-up does and what it
+    or ``None``: eager), its linear layers ``linears`` (``"packed"``, ``"columns"`` or
+    ``"rows"``; ``None``: the scheduler's default), its attention ``step_attention``
+    (``"math"`` or ``"sdpa"``). ``announce``: say on stdout what the start-up does and what it
     found (the command line's). See :class:`train.serve.scheduler.Scheduler`."""
 
     max_slots: int = 32
@@ -120,6 +121,7 @@ class Batching:
     max_len: int | None = None
     compile: str | None = "inductor"
     linears: str | None = None
+    step_attention: str = "math"
     announce: bool = False
 
     def scheduler(self, params: dict, spec: Any, **kw: Any) -> Any:
@@ -128,7 +130,8 @@ class Batching:
 
         scheduler = Scheduler(
             params, spec, max_slots=self.max_slots, prefill_chunk=self.prefill_chunk,
-            max_len=self.max_len, compile=self.compile, linears=self.linears, **kw,
+            max_len=self.max_len, compile=self.compile, linears=self.linears,
+            step_attention=self.step_attention, **kw,
         )  # fmt: skip
         if self.announce:  # the probes and compiles take a minute or so on a small CPU
             print(f"scheduler: probing and compiling the decode step for {self.max_slots} "
@@ -139,7 +142,8 @@ class Batching:
             pool = scheduler.slots
             print(f"scheduler: ready in {time.perf_counter() - started:.0f} s; steps over "
                   f"{pool.buckets} rows and {pool.windows} key positions, "
-                  f"{pool.linears} linears", flush=True)  # fmt: skip
+                  f"{pool.linears} linears, {pool.step_attention} attention",
+                  flush=True)  # fmt: skip
         return scheduler
 
 

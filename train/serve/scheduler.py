@@ -95,7 +95,8 @@ class Scheduler:
     ``"rows"`` (plain; fewer buckets prove exact). ``follow_length``: attend over the
     smallest window of positions (64, 128, ... up to 512, then the slot) that holds the live
     sequences, where the probe finds it exact; ``False``: always the slot's ``max_len``.
-    ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
+    ``step_attention``: the decode step's attention, ``"math"`` (the default: faster for one
+    query on CPU) or ``"sdpa"``. ``slots``: its :class:`~train.serve.slot_pool.SlotPool`
     (after start-up, ``slots.buckets`` holds the row counts in use and
     ``slots.batched_prefill`` the ``{chunk length: row counts}`` prefilled together).
     """
@@ -117,6 +118,7 @@ class Scheduler:
         context_len: int | None = None,
         linears: str | None = None,
         follow_length: bool = True,
+        step_attention: str = "math",
     ):
         self.spec = spec = as_spec(cfg)
         for name, value in (("max_slots", max_slots), ("prefill_chunk", prefill_chunk),
@@ -140,6 +142,7 @@ class Scheduler:
             params, spec, max_slots=max_slots, max_len=self.max_len, prefill_chunk=prefill_chunk,
             backend=self.backend, follow_occupancy=follow_occupancy, batch_prefill=batch_prefill,
             context_len=context_len, linears=linears, follow_length=follow_length,
+            step_attention=step_attention,
         )  # fmt: skip
         self.device, self.vocab = self.slots.device, spec.vocab_size
         self._waiting: collections.deque[Handle] = collections.deque()

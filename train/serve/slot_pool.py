@@ -41,8 +41,11 @@ class SlotPool:
     :class:`fmm.invariance.PackedLinears`; ``"columns"`` runs the step and
     the prefills under :class:`fmm.invariance.ColumnLinears` (a row rounds alike at any row
     count, so every bucket is exact: a lone sequence steps at 1 row in any pool);
-    ``"rows"``: the plain linear layers, exact only within their row-count groups. After :meth:`calibrate`, ``buckets`` holds
-    the row counts in use and ``batched_prefill`` ``{chunk length: row counts}``."""
+    ``"rows"``: the plain linear layers, exact only within their row-count groups.
+    ``step_attention``: the decode step's attention, ``"math"`` (matmul, softmax, matmul; the
+    faster for one query on CPU) or ``"sdpa"`` (:func:`fmm.batching.with_attention`).
+    After :meth:`calibrate`, ``buckets`` holds the row counts in use and
+    ``batched_prefill`` ``{chunk length: row counts}``."""
 
     def __init__(
         self,
@@ -58,6 +61,7 @@ class SlotPool:
         context_len: int | None = None,
         linears: str | None = None,
         follow_length: bool = True,
+        step_attention: str = "math",
     ):
         leaf = spec.blocks(params)[0]["attn"]["qkv"]["weight"]
         if linears is None:  # oneDNN where this torch has it, on CPU
@@ -66,6 +70,11 @@ class SlotPool:
         if linears == "packed" and not packed_available():
             raise ValueError("SlotPool: linears='packed' needs oneDNN (torch.backends.mkldnn)")
         self.params, self.spec, self.max_slots, self.max_len = params, spec, max_slots, max_len
+        # The decode step's attention (and its probes'). Prompts are prefilled with the
+        # model's own: a left-padded prompt's padding rows see no key, and SDPA gives them
+        # zeros where the math path's softmax would give NaN keys to the layers above.
+        self.step_spec = batching.with_attention(spec, step_attention)
+        self.step_attention = step_attention
         self.prefill_chunk = prefill_chunk
         self.follow_occupancy, self.batch_prefill = follow_occupancy, batch_prefill
         self.device = leaf.device
@@ -118,7 +127,7 @@ class SlotPool:
             log.warning("MKL's reproducibility is off (MKL computed before fmm was imported): "
                         "equal rows may round by their memory alignment, so a request's tokens "
                         "may depend on its slot; import fmm first or set MKL_CBWR=AUTO")  # fmt: skip
-        probe = {"cfg": spec, "context": self.probe_context, "linears": self.linears}
+        probe = {"cfg": self.step_spec, "context": self.probe_context, "linears": self.linears}
         if len(windows) > 1:
             windows, why = probes.invariant_windows(self.decode, self.params, self.cache,
                                                       windows, **probe)  # fmt: skip
@@ -237,7 +246,7 @@ class SlotPool:
         window = batching.bucket_for(need, self.windows)
         rows = batching.rows(self.cache, m, length=window if len(self.windows) > 1 else None)
         logits, out = self.decode(self.params, self.next_token[:m].to(self.device), rows,
-                                  active.to(self.device), self.spec)  # fmt: skip
+                                  active.to(self.device), self.step_spec)  # fmt: skip
         rows["pos"].copy_(out["pos"])  # the blocks wrote their keys/values in place
         self.bucket_steps[m] += 1
         self.window_steps[window] += 1
