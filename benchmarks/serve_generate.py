@@ -234,6 +234,8 @@ def parse_args() -> argparse.Namespace:
         "first its own rows, with the first --linears",
     )
     p.add_argument("--slot-len", type=int, default=256, help="positions per slot")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="the scheduler's most prompt tokens per iteration (serve's)")  # fmt: skip
     p.add_argument("--compile-step", default="inductor", help="inductor | aot_eager | none")
     p.add_argument(
         "--baseline-up-to",
@@ -261,7 +263,8 @@ def served(model_dir: Path, args, *, linears: str | None, attention: str = "math
     ``None``) each request alone."""
     backend = None if args.compile_step == "none" else args.compile_step
     batching = serve.Batching(max_slots=args.max_slots, max_len=args.slot_len, compile=backend,
-                              linears=linears, step_attention=attention)  # fmt: skip
+                              prefill_chunk=args.prefill_chunk, linears=linears,
+                              step_attention=attention)  # fmt: skip
     return serve.load_model(model_dir, batching=batching if linears else None)
 
 
