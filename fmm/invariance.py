@@ -62,6 +62,9 @@ def columns_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.ops.fmm.columns_mm(rows, m).reshape(*x.shape[:-1], m.shape[1])
 
 
+_COLUMN_BLOCK = 4  # the column product's padding (see _columns_mm)
+
+
 # One opaque op, not a product and a transpose: compiled, inductor would fuse the transpose
 # into the ops that read the product and loop over them in its [out, rows] layout, and for
 # a few rows a layer norm's reduction then runs split across threads: it rounds otherwise.
@@ -76,9 +79,6 @@ def _columns_mm(rows: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         rows = torch.cat([rows, rows[:1].expand(pad, -1)])
     # torch.mm, not @: an enclosing ColumnLinears must not turn this product back.
     return torch.mm(m.t(), rows.t()).t()[:n].contiguous()
-
-
-_COLUMN_BLOCK = 4
 
 
 @_columns_mm.register_fake

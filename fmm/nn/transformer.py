@@ -89,6 +89,8 @@ class TransformerConfig:
         if self.mlp_dim is not None and self.mlp_dim < 1:
             raise ValueError(f"TransformerConfig: mlp_dim must be positive, got {self.mlp_dim}")
         activation(self.act)  # fail at construction, not at the first forward
+        # AttentionConfig refuses a bad attn_impl: at construction, as pool.py's config does.
+        AttentionConfig(dim=self.width, heads=self.heads, impl=self.attn_impl)
 
     @property
     def self_attention(self) -> AttentionConfig:
